@@ -1,0 +1,113 @@
+"""Small helpers that compose experiment configs (no framework imports: a config reads without building anything)."""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# Arithmetic task tokenizer size (framework.tasks.tokenizer.VOCAB_SIZE; checked at validation time).
+ARITH_VOCAB_SIZE = 24
+
+# Model sizes trained on the arithmetic task. `tiny` is for tests and notebooks, `small` for the quickstart,
+# `base` for studies (and the train-step benchmark).
+MODEL_SIZES = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=192),
+    "small": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384),
+    "base": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32, d_ff=768),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses a `key=value,key=value` config argument (the part after `:` in `--config=file.py:arg`)."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
+        out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+    return ml_collections.ConfigDict(out)
+
+
+def model_config(size: str = "small", **overrides) -> ml_collections.ConfigDict:
+    """The decoder LM config (fields of framework.models.lm.LMConfig) for a named size."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"model size {size!r} is not one of {sorted(MODEL_SIZES)}")
+    cfg = dict(
+        vocab_size=ARITH_VOCAB_SIZE,
+        max_seq_len=256,
+        rope_theta=10000.0,
+        norm_eps=1e-6,
+        tie_embeddings=False,
+        final_logit_softcap=config_dict.placeholder(float),
+        attention_impl="xla",
+        scan_layers=True,
+        remat="none",
+        dtype="float32",
+        param_dtype="float32",
+        bos_id=1,
+        eos_ids=(2,),
+        pad_id=0,
+        init_std=0.02,
+    )
+    cfg.update(MODEL_SIZES[size])
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def task_config(**overrides) -> ml_collections.ConfigDict:
+    """Knobs of the modular-arithmetic task (framework.tasks.arithmetic.sample_problems)."""
+    cfg = dict(
+        num_steps=(1, 8),
+        ops="+-*",
+        op_weights=config_dict.placeholder(tuple),
+        modulus=100,
+        answer_mod=config_dict.placeholder(int),
+        loss_on="solution",
+    )
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    """Optimiser, schedule, logging and checkpoint settings of the generic training loop."""
+    cfg = dict(
+        steps=1000,
+        batch_size=64,
+        seq_len=128,
+        lr=3e-3,
+        warmup_steps=100,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        grad_clip=1.0,
+        log_every=25,
+        eval_every=0,
+        checkpoint_every=250,
+        keep_checkpoints=3,
+        nonfinite="stop",
+        peak_flops=config_dict.placeholder(float),
+        progress=True,
+    )
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """Device mesh axis sizes (-1 fills the remaining devices)."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def lm_experiment(*, size: str = "small", seed: int = 0, **sections) -> ml_collections.ConfigDict:
+    """A full `train_lm` experiment config: seed, model, task, train, eval, mesh."""
+    config = ml_collections.ConfigDict()
+    config.experiment = "train_lm"
+    config.seed = seed
+    config.model = model_config(size)
+    config.task = task_config()
+    config.train = train_config()
+    config.eval = ml_collections.ConfigDict(dict(problems_per_k=64, batch_size=128, decode_parity_problems=8))
+    config.mesh = mesh_config()
+    for name, values in sections.items():
+        config[name].update(values)
+    return config

@@ -1,0 +1,227 @@
+"""Train a decoder LM on modular-arithmetic chains and measure exact-match accuracy by number of steps K.
+
+Artifacts in `workdir`: config.json, metrics.jsonl, tensorboard/, checkpoints/, results/accuracy_by_k.json,
+results/decode_parity.json, figures/accuracy_by_k.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import common
+from framework import config as config_lib
+from framework import inference, sharding
+from framework.inference import reference
+from framework.models import lm
+from framework.tasks import arithmetic, data, policy_eval
+from framework.tasks import tokenizer as tok
+from framework.training import loop
+from framework.training.loss import next_token_loss
+
+log = logging.getLogger(__name__)
+
+
+def knobs(config: ml_collections.ConfigDict) -> dict:
+    """Task knobs (arithmetic.Knobs fields) from `config.task`."""
+    t = config.task
+    return dict(
+        num_steps=tuple(t.num_steps) if not isinstance(t.num_steps, int) else t.num_steps,
+        ops=t.ops,
+        op_weights=None if t.op_weights is None else tuple(t.op_weights),
+        modulus=t.modulus,
+        answer_mod=t.answer_mod,
+    )
+
+
+def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
+    """Checks keys, types and combinations of a train_lm config; returns the model config. Compiles nothing."""
+    config_lib.check_against(config, common.lm_experiment())
+    try:
+        model_cfg = lm.LMConfig.from_config(config.model)
+    except (TypeError, ValueError) as e:
+        raise config_lib.ConfigError(str(e)) from None
+    try:
+        k = arithmetic.make_knobs(**knobs(config))
+    except (TypeError, ValueError) as e:
+        raise config_lib.ConfigError(f"config section 'task': {e}") from None
+    tc = config.train
+    req = config_lib.require
+    req(
+        model_cfg.vocab_size == tok.VOCAB_SIZE,
+        "model.vocab_size",
+        f"must equal the arithmetic tokenizer's vocabulary ({tok.VOCAB_SIZE}), got {model_cfg.vocab_size}",
+    )
+    need = data.max_seq_len(k.steps_range[1], k.modulus, k.answer_mod)
+    req(
+        tc.seq_len >= need,
+        "train.seq_len",
+        f"{tc.seq_len} is shorter than the longest example ({need} tokens "
+        f"for task.num_steps={k.num_steps}); raise train.seq_len or lower the max of task.num_steps",
+    )
+    req(
+        tc.seq_len <= model_cfg.max_seq_len,
+        "train.seq_len",
+        f"{tc.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}",
+    )
+    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        req(tc[key] > 0, f"train.{key}", f"must be positive, got {tc[key]}")
+    req(tc.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = only at the end), got {tc.eval_every}")
+    req(tc.nonfinite in ("stop", "skip"), "train.nonfinite", f"must be 'stop' or 'skip', got {tc.nonfinite!r}")
+    req(tc.lr > 0, "train.lr", f"must be positive, got {tc.lr}")
+    req(config.task.loss_on in data.LOSS_ON, "task.loss_on", f"must be one of {data.LOSS_ON}")
+    try:
+        shape = sharding.mesh_shape(config.mesh)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config section 'mesh': {e}") from None
+    split = shape[0] * shape[1]
+    req(
+        tc.batch_size % split == 0,
+        "train.batch_size",
+        f"{tc.batch_size} is not divisible by mesh.data*mesh.fsdp = {split}",
+    )
+    return model_cfg
+
+
+def _loss_fn(model_cfg: lm.LMConfig):
+    def loss_fn(params, batch):
+        logits = lm.apply(params, batch["tokens"], model_cfg)
+        return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+
+    return loss_fn
+
+
+def _eval_loss_fn(config, model_cfg, loss_fn, n_batches: int = 4):
+    eval_ds = data.make_dataset(
+        seed=config.seed,
+        batch_size=config.train.batch_size,
+        seq_len=config.train.seq_len,
+        loss_on=config.task.loss_on,
+        split="eval",
+        num_batches=n_batches,
+        **knobs(config),
+    )
+    batches = [{k: jnp.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in eval_ds]
+    scored = jax.jit(lambda p, b: loss_fn(p, b)[1])
+
+    def eval_fn(state):
+        sums = [jax.device_get(scored(state.params, b)) for b in batches]
+        n = sum(float(s["tokens"]) for s in sums)
+        return {
+            "loss": sum(float(s["loss_sum"]) for s in sums) / n,
+            "token_accuracy": sum(float(s["correct"]) for s in sums) / n,
+        }
+
+    return eval_fn
+
+
+def decode_parity(params, model_cfg, config) -> dict:
+    """Cached `generate` vs the no-cache reference decode on held-out prompts: greedy and sampled."""
+    problems = policy_eval.eval_problems(
+        config.seed,
+        arithmetic.make_knobs(**knobs(config)).steps_range[1],
+        config.eval.decode_parity_problems,
+        **knobs(config),
+    )
+    prompts = [data.encode_prompt(p) for p in problems]
+    max_new = arithmetic.solution_length(problems[0].num_steps, problems[0].modulus) + 1
+    out = {}
+    for mode, kw in (("greedy", {}), ("sampled", dict(temperature=1.0, rng=jax.random.key(config.seed + 1)))):
+        fast = inference.generate(params, model_cfg, prompts, max_new_tokens=max_new, **kw)
+        slow = reference.reference_generate(params, model_cfg, prompts, max_new_tokens=max_new, **kw)
+        same = bool(np.array_equal(np.asarray(fast.tokens), np.asarray(slow.tokens)))
+        diff = float(np.max(np.abs(np.asarray(fast.logprobs) - np.asarray(slow.logprobs))))
+        out[mode] = {"tokens_identical": same, "max_abs_logprob_diff": diff}
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes artifacts; returns results."""
+    model_cfg = validate(config)
+    tc = config.train
+    train_ds = data.make_dataset(
+        seed=config.seed,
+        batch_size=tc.batch_size,
+        seq_len=tc.seq_len,
+        loss_on=config.task.loss_on,
+        split="train",
+        **knobs(config),
+    )
+    loss_fn = _loss_fn(model_cfg)
+    task = loop.Task(
+        init_params=lambda rng: lm.init(model_cfg, rng),
+        logical_axes=lm.logical_axes(model_cfg),
+        loss_fn=lambda params, batch: loss_fn(params, batch),
+        batches=lambda start: (
+            {k: b[k] for k in ("tokens", "loss_mask")} for b in data.batch_iterator(train_ds, start)
+        ),
+        flops_per_example=lm.flops_per_token(model_cfg, tc.seq_len) * tc.seq_len,
+        eval_fn=_eval_loss_fn(config, model_cfg, loss_fn),
+    )
+    state = loop.train(config, workdir, task)
+    params = jax.device_get(state.params)
+
+    k_lo, k_hi = arithmetic.make_knobs(**knobs(config)).steps_range
+    acc = policy_eval.accuracy_by_k(
+        params,
+        model_cfg,
+        seed=config.seed,
+        ks=range(k_lo, k_hi + 1),
+        problems_per_k=config.eval.problems_per_k,
+        knobs=knobs(config),
+        batch_size=config.eval.batch_size,
+    )
+    parity = decode_parity(params, model_cfg, config)
+    results = {"step": int(state.step), "accuracy_by_k": acc, "decode_parity": parity}
+    if jax.process_index() == 0:
+        _write_artifacts(workdir, results)
+        print(format_table(acc))
+        print("decode parity vs no-cache reference:", json.dumps(parity))
+    return results
+
+
+def format_table(acc: dict[int, dict[str, float]]) -> str:
+    """A fixed-width table of accuracy by K."""
+    lines = ["   K | exact match | answer acc | step acc |   n", "-----+-------------+------------+----------+-----"]
+    for k, r in sorted(acc.items()):
+        lines.append(
+            f"{k:4d} | {r['exact_match']:11.3f} | {r['answer_accuracy']:10.3f} | "
+            f"{r['step_accuracy']:8.3f} | {r['n']:3d}"
+        )
+    return "\n".join(lines)
+
+
+def _write_artifacts(workdir: str, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+    with open(os.path.join(workdir, "results", "accuracy_by_k.json"), "w") as f:
+        json.dump({"step": results["step"], "accuracy_by_k": results["accuracy_by_k"]}, f, indent=2)
+    with open(os.path.join(workdir, "results", "decode_parity.json"), "w") as f:
+        json.dump(results["decode_parity"], f, indent=2)
+    acc = results["accuracy_by_k"]
+    ks = sorted(acc)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, label in (("exact_match", "exact match"), ("step_accuracy", "per-step accuracy")):
+        ax.plot(ks, [acc[k][key] for k in ks], marker="o", label=label)
+    ax.set(
+        xlabel="number of steps K",
+        ylabel="accuracy",
+        ylim=(0, 1.02),
+        title=f"greedy accuracy by K (step {results['step']})",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "figures", "accuracy_by_k.png"), dpi=120)
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""Attention entry point: one function, implementation picked by name.
+
+Glossary: B batch, T query time, S key time, H query heads, K kv heads, G = H // K heads per kv head, D head dim.
+
+`dot_product_attention` is the only place model code calls attention. `impl="xla"` is the pure-jnp reference
+(grouped-query attention without materialising repeated K/V); kernels register further implementations
+(`"pallas"`, `"cudnn"`, ...) through `register_impl`, so model code never branches on hardware.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+
+class AttentionImpl(Protocol):
+    def __call__(self, q_BTHD, k_BSKD, v_BSKD, *, mask_BTS, softcap, sm_scale) -> jax.Array: ...
+
+
+_IMPLS: dict[str, AttentionImpl] = {}
+
+
+def register_impl(name: str, fn: AttentionImpl) -> None:
+    """Makes `fn` selectable as `model.attention_impl = name`."""
+    _IMPLS[name] = fn
+
+
+def available_impls() -> tuple[str, ...]:
+    """Names accepted by `dot_product_attention(impl=...)`."""
+    return tuple(sorted(_IMPLS))
+
+
+def make_mask(
+    q_pos_BT: Int[Array, "B T"],
+    kv_pos_BS: Int[Array, "B S"],
+    *,
+    causal: bool = True,
+    q_segment_BT: Int[Array, "B T"] | None = None,
+    kv_segment_BS: Int[Array, "B S"] | None = None,
+    window: int | None = None,
+) -> Bool[Array, "B T S"]:
+    """Boolean [B, T, S] mask: True where query t may attend to key s."""
+    mask = jnp.ones((q_pos_BT.shape[0], q_pos_BT.shape[1], kv_pos_BS.shape[1]), bool)
+    delta_BTS = q_pos_BT[:, :, None] - kv_pos_BS[:, None, :]
+    if causal:
+        mask &= delta_BTS >= 0
+    if window is not None:
+        mask &= delta_BTS < window
+    if q_segment_BT is not None:
+        mask &= q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
+    return mask
+
+
+def xla_attention(q_BTHD, k_BSKD, v_BSKD, *, mask_BTS, softcap, sm_scale):
+    """Reference attention in plain jnp; scores in fp32, rows with no visible key return zeros."""
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+    s_BKGTS = s_BKGTS * sm_scale
+    if softcap is not None:
+        s_BKGTS = softcap * jnp.tanh(s_BKGTS / softcap)
+    m_B11TS = mask_BTS[:, None, None]
+    s_BKGTS = jnp.where(m_B11TS, s_BKGTS, jnp.finfo(jnp.float32).min)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+    p_BKGTS = jnp.where(m_B11TS, p_BKGTS, 0.0)  # fully masked rows: zeros, not a uniform average
+    o_BTKGD = jnp.einsum("bkgts,bskd->btkgd", p_BKGTS.astype(v_BSKD.dtype), v_BSKD)
+    return o_BTKGD.reshape(B, T, H, D)
+
+
+register_impl("xla", xla_attention)
+
+
+def dot_product_attention(
+    q_BTHD: Float[Array, "B T H D"],
+    k_BSKD: Float[Array, "B S K D"],
+    v_BSKD: Float[Array, "B S K D"],
+    *,
+    mask_BTS: Bool[Array, "B T S"],
+    softcap: float | None = None,
+    sm_scale: float | None = None,
+    impl: str = "xla",
+) -> Float[Array, "B T H D"]:
+    """Grouped-query attention of q over (k, v) under a boolean mask, by the named implementation."""
+    H, K = q_BTHD.shape[2], k_BSKD.shape[2]
+    if H % K:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K})")
+    if impl not in _IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not available; choose one of {available_impls()}")
+    if sm_scale is None:
+        sm_scale = q_BTHD.shape[-1] ** -0.5
+    fn: Callable = _IMPLS[impl]
+    return fn(q_BTHD, k_BSKD, v_BSKD, mask_BTS=mask_BTS, softcap=softcap, sm_scale=sm_scale)

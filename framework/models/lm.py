@@ -1,0 +1,447 @@
+"""Llama/Gemma-style decoder LM as pure-functional Flax Linen modules.
+
+Glossary: B batch, T time (queries), S cache slots, D model, H heads, K kv-heads, Dh head dim, F mlp, V vocab,
+L layers.
+
+Entry points (params are plain nested dicts; no module internals needed):
+  init(cfg, rng) -> params
+  apply(params, tokens_BT, cfg) -> logits_BTV
+  forward(params, tokens_BT, cfg, positions=, cache=, capture=, interventions=) -> Output
+  logical_axes(cfg) -> pytree of PartitionSpec with logical axis names (for framework.sharding)
+
+Layers are one `nn.scan` over a stacked [L, ...] parameter tree; `scan_layers=False` unrolls the same scan, so the
+parameter layout never depends on the config. Hookpoints per layer (for SAEs and probes):
+`blocks.{l}.resid_pre | attn_out | resid_mid | mlp_out | resid_post`, plus `embed` and `final_norm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from framework.models import attention as attn_lib
+
+Params = dict[str, Any]
+LAYER_HOOKPOINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Hyper-parameters of the decoder LM (hashable: usable as a static jit argument)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    final_logit_softcap: float | None = None
+    attention_impl: str = "xla"
+    scan_layers: bool = True
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    bos_id: int | None = 1
+    eos_ids: tuple[int, ...] = (2,)
+    pad_id: int = 0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field for any inconsistent setting."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"model.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        if self.attention_impl not in attn_lib.available_impls():
+            raise ValueError(f"model.attention_impl {self.attention_impl!r} is not one of {attn_lib.available_impls()}")
+        ids = [i for i in (self.bos_id, self.pad_id, *self.eos_ids) if i is not None]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"special token ids {bad} are outside [0, model.vocab_size={self.vocab_size})")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | "LMConfig") -> "LMConfig":
+        """Builds an LMConfig from a ConfigDict/dict (e.g. `config.model`), ignoring no key silently."""
+        if isinstance(config, LMConfig):
+            return config
+        d = dict(config.items()) if hasattr(config, "items") else dict(config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        if d.get("eos_ids") is not None:
+            d["eos_ids"] = tuple(d["eos_ids"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+
+def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], init: Callable):
+    init = nn.with_logical_partitioning(init, tuple(axes))
+    return module.param(name, init, tuple(shape), module.cfg.params_dtype)
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class RMSNorm(nn.Module):
+    cfg: LMConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("embed",), nn.initializers.ones)
+        x32 = x_BTD.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (y * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in the split-halves (rotate_half) convention used by HF Llama."""
+    half = x_BTHD.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
+    ang_BTF = pos_BT[..., None].astype(jnp.float32) * inv_freq
+    cos, sin = jnp.cos(ang_BTF)[:, :, None, :], jnp.sin(ang_BTF)[:, :, None, :]
+    x = x_BTHD.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHD.dtype)
+
+
+class Linear(nn.Module):
+    """A bias-free projection `einsum(eqn, x, kernel)`; one leaf `kernel` per linear layer (quant/LoRA hook here)."""
+
+    cfg: LMConfig
+    eqn: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    std: float
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = _param(self, "kernel", self.shape, self.axes, _normal(self.std))
+        return jnp.einsum(self.eqn, x, kernel.astype(self.cfg.compute_dtype))
+
+
+class Attention(nn.Module):
+    cfg: LMConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, pos_BT, kv_cache):
+        c = self.cfg
+        D, H, K, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        std = c.init_std
+        proj = functools.partial(Linear, c, "btd,dhk->bthk")
+        q_BTHD = proj((D, H, Dh), ("embed", "heads", "head_dim"), std, name="q_proj")(x_BTD)
+        k_BTKD = proj((D, K, Dh), ("embed", "kv_heads", "head_dim"), std, name="k_proj")(x_BTD)
+        v_BTKD = proj((D, K, Dh), ("embed", "kv_heads", "head_dim"), std, name="v_proj")(x_BTD)
+        q_BTHD = apply_rope(q_BTHD, pos_BT, c.rope_theta)
+        k_BTKD = apply_rope(k_BTKD, pos_BT, c.rope_theta)
+        if kv_cache is None:
+            k_BSKD, v_BSKD, kv_pos_BS = k_BTKD, v_BTKD, pos_BT
+        else:
+            # Dense cache: slot s holds position s. Write this chunk at its positions, attend over every slot; slots
+            # past a query's position are hidden by the causal mask (and are rewritten before they become visible).
+            cache_k, cache_v = kv_cache
+            b_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+            k_BSKD = cache_k.at[b_B1, pos_BT].set(k_BTKD.astype(cache_k.dtype))
+            v_BSKD = cache_v.at[b_B1, pos_BT].set(v_BTKD.astype(cache_v.dtype))
+            kv_cache = (k_BSKD, v_BSKD)
+            kv_pos_BS = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (x_BTD.shape[0], cache_k.shape[1]))
+        mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True)
+        o_BTHD = attn_lib.dot_product_attention(
+            q_BTHD,
+            k_BSKD.astype(c.compute_dtype),
+            v_BSKD.astype(c.compute_dtype),
+            mask_BTS=mask_BTS,
+            impl=c.attention_impl,
+        )
+        o_proj = Linear(
+            c, "bthk,hkd->btd", (H, Dh, D), ("heads", "head_dim", "embed"), std / (2 * c.n_layers) ** 0.5, name="o_proj"
+        )
+        return o_proj(o_BTHD), kv_cache
+
+
+class MLP(nn.Module):
+    cfg: LMConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        c = self.cfg
+        up = functools.partial(Linear, c, "btd,df->btf", (c.d_model, c.d_ff), ("embed", "mlp"), c.init_std)
+        h_BTF = jax.nn.silu(up(name="gate_proj")(x_BTD)) * up(name="up_proj")(x_BTD)
+        h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "seq", "mlp"))
+        down = Linear(
+            c,
+            "btf,fd->btd",
+            (c.d_ff, c.d_model),
+            ("mlp", "embed"),
+            c.init_std / (2 * c.n_layers) ** 0.5,
+            name="down_proj",
+        )
+        return down(h_BTF)
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend` is the tied output projection."""
+
+    cfg: LMConfig
+
+    def setup(self):
+        # Unit-variance rows feed the pre-norm stack; tied, the table is also the output layer, so it starts at
+        # d_model**-0.5 to give unit-scale logits instead of sqrt(d_model)-scale ones.
+        std = self.cfg.d_model**-0.5 if self.cfg.tie_embeddings else 1.0
+        self.embedding = _param(
+            self, "embedding", (self.cfg.vocab_size, self.cfg.d_model), ("vocab", "embed"), _normal(std)
+        )
+
+    def __call__(self, tokens_BT):
+        # Callers validate ids at the boundary (framework.tasks.tokenizer.check_token_ids): jnp.take clamps silently.
+        return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.cfg.compute_dtype)
+
+    def attend(self, x_BTD):
+        return jnp.einsum(
+            "btd,vd->btv", x_BTD, self.embedding.astype(self.cfg.compute_dtype), preferred_element_type=jnp.float32
+        )
+
+
+Intervention = Callable[[jax.Array], jax.Array]
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block; called by nn.scan with (carry x, layer index, layer cache)."""
+
+    cfg: LMConfig
+    interventions: tuple[tuple[int, str, Intervention], ...] = ()
+
+    def _hook(self, name: str, x, layer_idx):
+        self.sow("intermediates", name, x)
+        for layer, point, fn in self.interventions:
+            if point == name:
+                x = jax.lax.cond(layer_idx == layer, fn, lambda y: y, x)
+        return x
+
+    @nn.compact
+    def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT):
+        x_BTD = self._hook("resid_pre", x_BTD, layer_idx)
+        a_BTD, layer_cache = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x_BTD), pos_BT, layer_cache
+        )
+        a_BTD = self._hook("attn_out", a_BTD, layer_idx)
+        h_BTD = self._hook("resid_mid", x_BTD + a_BTD, layer_idx)
+        m_BTD = self._hook("mlp_out", MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BTD)), layer_idx)
+        out_BTD = self._hook("resid_post", h_BTD + m_BTD, layer_idx)
+        out_BTD = nn.with_logical_constraint(out_BTD, ("batch", "seq", "embed"))
+        return out_BTD, layer_cache
+
+
+class Decoder(nn.Module):
+    cfg: LMConfig
+    interventions: tuple[tuple[int, str, Intervention], ...] = ()
+    top_interventions: tuple[tuple[str, Intervention], ...] = ()
+
+    def _top_hook(self, name, x):
+        self.sow("intermediates", f"hook_{name}", x)  # prefixed: "embed" is also a submodule's scope
+        for point, fn in self.top_interventions:
+            if point == name:
+                x = fn(x)
+        return x
+
+    @nn.compact
+    def __call__(self, tokens_BT, pos_BT, cache):
+        c = self.cfg
+        embed = Embed(c, name="embed")
+        x_BTD = embed(tokens_BT)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
+        x_BTD = self._top_hook("embed", x_BTD)
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=(0, 0, nn.broadcast),
+            length=c.n_layers,
+            unroll=1 if c.scan_layers else c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, self.interventions, name="layers")
+        x_BTD, cache = layers(x_BTD, jnp.arange(c.n_layers), cache, pos_BT)
+
+        x_BTD = self._top_hook("final_norm", RMSNorm(c, name="final_norm")(x_BTD))
+        if c.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = Linear(
+                c, "btd,dv->btv", (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, name="lm_head"
+            )(x_BTD).astype(jnp.float32)
+        if c.final_logit_softcap:
+            logits_BTV = c.final_logit_softcap * jnp.tanh(logits_BTV / c.final_logit_softcap)
+        return logits_BTV, cache
+
+
+class Output(NamedTuple):
+    """What `forward` returns: fp32 logits, the updated (k, v) cache or None, and captured hookpoint activations."""
+
+    logits: Float[Array, "B T V"]
+    kv_cache: tuple[jax.Array, jax.Array] | None
+    captured: dict[str, jax.Array]
+
+
+def hookpoints(cfg: LMConfig) -> tuple[str, ...]:
+    """Every hookpoint name of a model: `embed`, `blocks.{l}.{point}`, `final_norm`."""
+    layer_points = tuple(f"blocks.{l}.{p}" for l in range(cfg.n_layers) for p in LAYER_HOOKPOINTS)
+    return ("embed",) + layer_points + ("final_norm",)
+
+
+def _parse_hookpoint(name: str, cfg: LMConfig) -> tuple[int | None, str]:
+    if name in ("embed", "final_norm"):
+        return None, name
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in LAYER_HOOKPOINTS:
+        layer = int(parts[1])
+        if layer < cfg.n_layers:
+            return layer, parts[2]
+    raise ValueError(
+        f"unknown hookpoint {name!r}; expected 'embed', 'final_norm' or 'blocks.<0..{cfg.n_layers - 1}>."
+        f"<{'|'.join(LAYER_HOOKPOINTS)}>'"
+    )
+
+
+def init_kv_cache(cfg: LMConfig, batch: int, max_len: int, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """A zeroed dense cache (k, v), each [L, B, S, K, Dh]; slot s holds position s."""
+    cfg = LMConfig.from_config(cfg)
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.compute_dtype
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def forward(
+    params: Params,
+    tokens_BT: Int[Array, "B T"],
+    cfg: LMConfig | Mapping[str, Any],
+    *,
+    positions_BT: Int[Array, "B T"] | None = None,
+    kv_cache: tuple[jax.Array, jax.Array] | None = None,
+    capture: Sequence[str] = (),
+    interventions: Mapping[str, Intervention] | None = None,
+) -> Output:
+    """Runs the LM; optionally with a KV cache, capturing hookpoints, or replacing activations at hookpoints.
+
+    `interventions` maps hookpoint names to functions applied to the activation there (e.g. an SAE's
+    reconstruction); `capture` lists hookpoints whose activations (after any intervention) are returned.
+    """
+    cfg = LMConfig.from_config(cfg)
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    layer_iv, top_iv = [], []
+    for name, fn in (interventions or {}).items():
+        layer, point = _parse_hookpoint(name, cfg)
+        (top_iv.append((point, fn)) if layer is None else layer_iv.append((layer, point, fn)))
+    wanted = [(name, *_parse_hookpoint(name, cfg)) for name in capture]
+    model = Decoder(cfg, tuple(layer_iv), tuple(top_iv))
+    if wanted:
+        (logits, kv_cache), state = model.apply(
+            {"params": params}, tokens_BT, positions_BT, kv_cache, mutable=["intermediates"]
+        )
+        inter = state["intermediates"]
+        captured = {
+            name: (inter[f"hook_{point}"][0] if layer is None else inter["layers"][point][0][layer])
+            for name, layer, point in wanted
+        }
+    else:
+        logits, kv_cache = model.apply({"params": params}, tokens_BT, positions_BT, kv_cache)
+        captured = {}
+    return Output(logits, kv_cache, captured)
+
+
+def apply(
+    params: Params, tokens_BT: Int[Array, "B T"], cfg: LMConfig | Mapping[str, Any], **kwargs
+) -> Float[Array, "B T V"]:
+    """Logits [B, T, V] (fp32) of `tokens` under `params`; keyword arguments as in `forward`."""
+    return forward(params, tokens_BT, cfg, **kwargs).logits
+
+
+def _boxed_variables(cfg: LMConfig, rng: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(cfg).init(rng, tokens, tokens, None)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(cfg: LMConfig, rng: jax.Array) -> Params:
+    return nn.meta.unbox(_boxed_variables(cfg, rng)["params"])
+
+
+def init(cfg: LMConfig | Mapping[str, Any], rng: jax.Array) -> Params:
+    """Fresh parameters (a plain nested dict of arrays) for `cfg` from the PRNG key `rng`."""
+    return _init(LMConfig.from_config(cfg), rng)
+
+
+def logical_axes(cfg: LMConfig | Mapping[str, Any]) -> Params:
+    """PartitionSpecs of logical axis names (`layers`, `embed`, `heads`, ...) mirroring the params tree."""
+    cfg = LMConfig.from_config(cfg)
+    boxed = jax.eval_shape(functools.partial(_boxed_variables, cfg), jax.random.key(0))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def param_count(cfg: LMConfig | Mapping[str, Any], *, include_embedding: bool = True) -> int:
+    """Number of parameters; `include_embedding=False` leaves out the input embedding table."""
+    cfg = LMConfig.from_config(cfg)
+    shapes = jax.eval_shape(functools.partial(_init, cfg), jax.random.key(0))
+    n = sum(int(x.size) for x in jax.tree.leaves(shapes))
+    return n if include_embedding else n - cfg.vocab_size * cfg.d_model
+
+
+def flops_per_token(cfg: LMConfig | Mapping[str, Any], seq_len: int, *, training: bool = True) -> float:
+    """Model FLOPs per token (PaLM appendix B): 2N per matmul param + 4·L·T·H·Dh for attention, ×3 when training.
+
+    N counts matmul parameters (projections, MLP, output layer); the embedding gather is free. Attention counts
+    the full T×T score matrix, as is conventional for MFU, even though causal masking could skip half of it.
+    """
+    c = LMConfig.from_config(cfg)
+    per_layer = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.d_model * c.d_ff
+    n_matmul = c.n_layers * per_layer + c.d_model * c.vocab_size
+    fwd = 2 * n_matmul + 4 * c.n_layers * seq_len * c.n_heads * c.head_dim
+    return float(3 * fwd if training else fwd)

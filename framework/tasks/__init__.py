@@ -1,0 +1,1 @@
+"""Tasks with exact ground truth: the modular-arithmetic reference task, its tokenizer and data pipeline."""

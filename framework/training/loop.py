@@ -1,0 +1,229 @@
+"""The generic training loop every experiment uses.
+
+Params and optimizer state are created directly in their shardings (jit with out_shardings); the step is jitted
+with explicit in/out shardings and donates the old state. Batch i is a pure function of (seed, i), so a restored
+step is an exact data position and a resumed run continues the same loss curve. Updates whose loss or gradients
+are not finite are never applied: `train.nonfinite="stop"` (default) raises naming the first such step before any
+further checkpoint is written; `"skip"` counts them and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from framework import config as config_lib
+from framework import sharding
+from framework.training import optim
+from framework.training.checkpoint import Checkpointer
+from framework.training.metrics import MetricsWriter
+from framework.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass
+class Task:
+    """What an experiment hands the loop: how to make params, score a batch, and where batches come from."""
+
+    init_params: Callable[[jax.Array], Any]  # rng -> params
+    logical_axes: Any  # PartitionSpec tree (logical names) mirroring params
+    loss_fn: LossFn  # (params, batch) -> (loss, aux metrics)
+    batches: Callable[[int], Iterable[Mapping[str, np.ndarray]]]  # start_step -> iterator of host batches
+    flops_per_example: float = 0.0  # training FLOPs of one batch row (for MFU)
+    eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None
+
+
+def config_digest(config: ml_collections.ConfigDict) -> str:
+    """A short hash of the config, excluding `train.steps` (extending a run is not a different run)."""
+    d = config.to_dict()
+    d.get("train", {}).pop("steps", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes `workdir/config.json` (process 0 only)."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
+
+
+def _make_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule):
+    def step_fn(state: TrainState, batch):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=jax.tree.map(keep, params, state.params),
+            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite=jnp.where(~finite & (state.first_nonfinite < 0), state.step, state.first_nonfinite),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **aux}
+        return new_state, metrics
+
+    return step_fn
+
+
+def _check_finite(state: TrainState, policy: str) -> None:
+    first = int(state.first_nonfinite)
+    if first >= 0 and policy == "stop":
+        raise FloatingPointError(
+            f"non-finite loss or gradients at step {first}; the update was not applied and no checkpoint holds it. "
+            "Lower train.lr, or set train.nonfinite='skip' to skip such updates."
+        )
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+    """Drops metric records past a restored step, so a resumed run's metrics.jsonl reads as one clean curve."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainState:
+    """Trains `task` under `config.train`/`config.mesh` in `workdir`, resuming from its latest checkpoint."""
+    tc = config.train
+    write_config(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    tx, schedule = optim.make_optimizer(tc), optim.lr_schedule(tc)
+
+    def init_state(rng):
+        params = task.init_params(rng)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+            nonfinite_steps=jnp.zeros((), jnp.int32),
+            first_nonfinite=jnp.full((), -1, jnp.int32),
+        )
+
+    rng = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init_state, rng)
+    param_shardings = sharding.tree_shardings(task.logical_axes, abstract.params, mesh)
+    # Optimizer moments mirror the params; everything else (counts, scalars) is replicated.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = jax.tree.map(lambda _: replicated, abstract.opt_state)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        opt_shardings,
+        param_shardings,
+        transform_non_params=lambda s: s,
+        is_leaf=lambda x: x is None,
+    )
+    state_shardings = TrainState(
+        step=replicated,
+        params=param_shardings,
+        opt_state=opt_shardings,
+        rng=replicated,
+        nonfinite_steps=replicated,
+        first_nonfinite=replicated,
+    )
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    digest = config_digest(config)
+    if ckpt.latest_step() is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
+        )
+        state, meta = ckpt.restore(target)
+        if meta.get("config_digest") != digest:
+            log.warning(
+                "resuming from a checkpoint written under a different config (digest %s, now %s)",
+                meta.get("config_digest"),
+                digest,
+            )
+        _truncate_metrics(workdir, int(state.step))
+        log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+
+    step_fn = jax.jit(
+        _make_step(task.loss_fn, tx, schedule),
+        in_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    writer = MetricsWriter(workdir)
+    start = int(state.step)
+    bar = tqdm(
+        total=tc.steps,
+        initial=start,
+        disable=not tc.progress or jax.process_index() != 0,
+        desc="train",
+        dynamic_ncols=True,
+    )
+    window, t0, acc = 0, None, []
+    try:
+        with mesh, sharding.rules_context(mesh):
+            for step, batch in zip(range(start, tc.steps), task.batches(start)):
+                rows = int(np.shape(next(iter(batch.values())))[0])
+                state, metrics = step_fn(state, sharding.put_batch(batch, mesh))
+                acc.append(metrics)
+                window += rows
+                done = step + 1
+                if t0 is None:  # the first step compiles: time from its end
+                    jax.block_until_ready(metrics)
+                    t0, window, acc = time.perf_counter(), 0, []
+                if done % tc.log_every == 0 or done == tc.steps:
+                    _check_finite(state, tc.nonfinite)
+                    logged = _summarise(jax.device_get(acc), window, time.perf_counter() - t0, task, tc)
+                    logged["nonfinite_steps"] = int(state.nonfinite_steps)
+                    writer.write(done, logged, prefix="train/")
+                    bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
+                    window, t0, acc = 0, time.perf_counter(), []
+                if task.eval_fn and tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+                    writer.write(done, task.eval_fn(state), prefix="eval/")
+                    t0 = time.perf_counter()
+                if done % tc.checkpoint_every == 0 or done == tc.steps:
+                    _check_finite(state, tc.nonfinite)
+                    ckpt.save(state, meta={"config_digest": digest}, force=done == tc.steps)
+                bar.update(1)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    return state
+
+
+def _summarise(history, rows: int, seconds: float, task: Task, tc) -> dict[str, float]:
+    """Averages step metrics over a logging window and adds throughput, step time and MFU."""
+    if not history:
+        return {}
+    out = {k: float(np.mean([h[k] for h in history])) for k in ("loss", "grad_norm", "lr")}
+    tokens = sum(float(h["tokens"]) for h in history)
+    out["token_accuracy"] = sum(float(h["correct"]) for h in history) / max(tokens, 1.0)
+    if seconds > 0 and rows:
+        out["step_time_s"] = seconds / len(history)
+        out["examples_per_s"] = rows / seconds
+        out["target_tokens_per_s"] = tokens / seconds
+        if task.flops_per_example:
+            flops = task.flops_per_example * rows / seconds
+            out["model_tflops_per_s"] = flops / 1e12
+            if tc.peak_flops:
+                out["mfu"] = flops / tc.peak_flops
+    return out

@@ -1,0 +1,198 @@
+"""Generate golden Hugging Face Llama fixtures with real `transformers` (torch, CPU, fp32).
+
+Builds tiny random `LlamaForCausalLM` models with fixed seeds, saves each as a safetensors checkpoint
+plus reference logits, so `tests/test_hf.py` can check Lumen's HF loader + model without torch.
+
+COMMAND: /work/main/.venv-parity/bin/python scripts/golden/hf_goldens.py --out tests/assets/hf
+SETUP:   python3 -m venv .venv-parity && .venv-parity/bin/pip install torch==2.13.0 transformers safetensors numpy
+RUNTIME: ~10 s on a 2-core CPU.  EXPECT: three case folders, ~1 MB in total.
+
+Each case folder `<out>/<case>/` holds:
+  config.json, model.safetensors (or model.safetensors.index.json + shards)  -- from `save_pretrained`
+  golden.safetensors   -- input_ids int32 [2, 17], logits float32 [2, 17, vocab] from `model(input_ids).logits`
+  golden.json          -- transformers/torch versions, seed, and a few summary numbers
+`llama_gqa/` additionally holds a tiny offline-trained `tokenizer.json` (BPE on arithmetic strings).
+
+This script must never import jax or Lumen: it is the independent reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BATCH, SEQ = 2, 17
+WEIGHT_STD = 0.2  # large enough that logits are O(1..10), so a 1e-4 parity check means something
+
+_BASE: dict[str, Any] = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=96,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+)
+
+# case name -> (config overrides, save_pretrained kwargs, seed)
+CASES: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
+    # GQA (4 query heads share 2 kv heads), untied lm_head, default rope_theta.
+    "llama_gqa": (dict(num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False), {}, 1234),
+    # MHA, tied embeddings, Llama-3 style rope_theta, a different d_ff, eps and a list of eos ids.
+    "llama_tied": (
+        dict(
+            num_key_value_heads=4,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+            intermediate_size=96,
+            rms_norm_eps=1e-5,
+            eos_token_id=[2, 3],
+        ),
+        {},
+        2345,
+    ),
+    # MQA (1 kv head), 3 layers, explicit head_dim != hidden/heads, saved as several shards.
+    "llama_sharded": (
+        dict(
+            num_key_value_heads=1,
+            num_hidden_layers=3,
+            head_dim=32,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            vocab_size=80,
+        ),
+        {"max_shard_size": "100KB"},
+        3456,
+    ),
+}
+
+ARITH_CORPUS = [
+    "Q 12+34\nA 46\n",
+    "Q 7+8\nA 15\n",
+    "Q 99+1\nA 100\n",
+    "Q 50-25\nA 25\n",
+    "Q 3*4\nA 12\n",
+    "Q 123+456\nA 579\n",
+    "Q 60/5\nA 12\n",
+    "Q 0+0\nA 0\n",
+]
+
+
+def build_model(overrides: dict[str, Any], seed: int) -> LlamaForCausalLM:
+    """Build a fp32 eval-mode tiny Llama with large random weights (deterministic in `seed`)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**_BASE, **overrides})
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        # named_parameters() dedupes tied tensors, so a tied embedding is initialised once.
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)  # RMSNorm scales random around 1
+            else:
+                p.copy_(WEIGHT_STD * noise)
+    return model
+
+
+def save_checkpoint(model: LlamaForCausalLM, case_dir: pathlib.Path, save_kwargs: dict[str, Any]) -> None:
+    """`save_pretrained` as safetensors; `safe_serialization` only where this transformers still takes it."""
+    kwargs = dict(save_kwargs)
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = True
+    model.save_pretrained(str(case_dir), **kwargs)
+    if not any(case_dir.glob("*.safetensors")):
+        raise RuntimeError(f"save_pretrained wrote no safetensors in {case_dir}")
+
+
+def save_golden(model: LlamaForCausalLM, case_dir: pathlib.Path, seed: int) -> dict[str, Any]:
+    """Run the reference forward pass and save input_ids + fp32 logits."""
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed + 2)
+    input_ids = torch.randint(0, vocab, (BATCH, SEQ), generator=gen, dtype=torch.int64)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits.to(torch.float32)
+    logits_np = logits.numpy()
+    safetensors.numpy.save_file(
+        {"input_ids": input_ids.numpy().astype(np.int32), "logits": np.ascontiguousarray(logits_np)},
+        str(case_dir / "golden.safetensors"),
+    )
+    meta = {
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "seed": seed,
+        "weight_std": WEIGHT_STD,
+        "input_shape": [BATCH, SEQ],
+        "logits_abs_max": float(np.abs(logits_np).max()),
+        "logits_std": float(logits_np.std()),
+    }
+    (case_dir / "golden.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def save_tokenizer(case_dir: pathlib.Path, vocab_size: int) -> None:
+    """Train a tiny BPE tokenizer offline on arithmetic strings; ids 0/1/2 = pad/bos/eos."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # One token per digit and per operator/space/newline, so arithmetic stays digit-aligned.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(pattern=Regex(r"[+\-*/= \n]"), behavior="isolated"),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=list("0123456789+-*/= QA\n"),
+        show_progress=False,
+    )
+    tok.train_from_iterator(ARITH_CORPUS * 4, trainer=trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise RuntimeError(f"tokenizer vocab {tok.get_vocab_size()} > model vocab {vocab_size}")
+    tok.save(str(case_dir / "tokenizer.json"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("tests/assets/hf"))
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    for name in args.cases:
+        overrides, save_kwargs, seed = CASES[name]
+        case_dir = args.out / name
+        if case_dir.exists():
+            shutil.rmtree(case_dir)
+        case_dir.mkdir(parents=True)
+        model = build_model(overrides, seed)
+        save_checkpoint(model, case_dir, save_kwargs)
+        meta = save_golden(model, case_dir, seed)
+        if name == "llama_gqa":
+            save_tokenizer(case_dir, model.config.vocab_size)
+        size = sum(f.stat().st_size for f in case_dir.iterdir())
+        print(
+            f"{name}: {sorted(f.name for f in case_dir.iterdir())} {size / 1e3:.0f} kB "
+            f"|logits|max={meta['logits_abs_max']:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
