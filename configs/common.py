@@ -63,6 +63,7 @@ def task_config(**overrides) -> ml_collections.ConfigDict:
         modulus=100,
         answer_mod=config_dict.placeholder(int),
         loss_on="solution",
+        pack=True,
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)

@@ -91,7 +91,13 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
 
 def _loss_fn(model_cfg: lm.LMConfig):
     def loss_fn(params, batch):
-        logits = lm.apply(params, batch["tokens"], model_cfg)
+        logits = lm.apply(
+            params,
+            batch["tokens"],
+            model_cfg,
+            positions_BT=batch.get("positions"),
+            segment_ids_BT=batch.get("segment_ids"),
+        )
         return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
     return loss_fn
@@ -151,16 +157,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seq_len=tc.seq_len,
         loss_on=config.task.loss_on,
         split="train",
+        pack=config.task.pack,
         **knobs(config),
     )
+    batch_keys = ("tokens", "loss_mask") + (("positions", "segment_ids") if config.task.pack else ())
     loss_fn = _loss_fn(model_cfg)
     task = loop.Task(
         init_params=lambda rng: lm.init(model_cfg, rng),
         logical_axes=lm.logical_axes(model_cfg),
-        loss_fn=lambda params, batch: loss_fn(params, batch),
-        batches=lambda start: (
-            {k: b[k] for k in ("tokens", "loss_mask")} for b in data.batch_iterator(train_ds, start)
-        ),
+        loss_fn=loss_fn,
+        batches=lambda start: ({k: b[k] for k in batch_keys} for b in data.batch_iterator(train_ds, start)),
         flops_per_example=lm.flops_per_token(model_cfg, tc.seq_len) * tc.seq_len,
         eval_fn=_eval_loss_fn(config, model_cfg, loss_fn),
     )

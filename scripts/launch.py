@@ -10,6 +10,7 @@ same command with the same --workdir resumes from the latest checkpoint.
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -19,6 +20,26 @@ import experiments
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; an existing one is resumed.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an override of a key the config lacks reported in one line instead of a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # how ml_collections reports `--config.a.b=v` for a missing key
+        chain = [e]
+        while isinstance(chain[-1].__context__, (AttributeError, KeyError)):
+            chain.append(chain[-1].__context__)
+        missing = str(chain[-1].args[0]) if chain[-1].args else "?"  # the innermost KeyError holds the bare name
+        hint = next(
+            (ln for c in reversed(chain) for ln in str(c.args[0] if c.args else "").splitlines() if "Did you" in ln), ""
+        )
+        overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        bad = [o for o in overrides if missing in o.split(".")[1:]]
+        if not bad:  # not an override's key (e.g. a bug inside the config file): keep the traceback
+            raise
+        print(f"FATAL config override {', '.join('--' + o for o in bad)}: no key {missing!r}. {hint}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main(argv: list[str]) -> None:
@@ -32,4 +53,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

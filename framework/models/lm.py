@@ -167,7 +167,7 @@ class Attention(nn.Module):
     cfg: LMConfig
 
     @nn.compact
-    def __call__(self, x_BTD, pos_BT, kv_cache):
+    def __call__(self, x_BTD, pos_BT, seg_BT, kv_cache):
         c = self.cfg
         D, H, K, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         std = c.init_std
@@ -188,7 +188,9 @@ class Attention(nn.Module):
             v_BSKD = cache_v.at[b_B1, pos_BT].set(v_BTKD.astype(cache_v.dtype))
             kv_cache = (k_BSKD, v_BSKD)
             kv_pos_BS = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (x_BTD.shape[0], cache_k.shape[1]))
-        mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True)
+        if seg_BT is not None and kv_cache is not None:
+            raise ValueError("segment_ids (packed rows) are for cache-free forward passes, not decoding")
+        mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True, q_segment_BT=seg_BT, kv_segment_BS=seg_BT)
         o_BTHD = attn_lib.dot_product_attention(
             q_BTHD,
             k_BSKD.astype(c.compute_dtype),
@@ -255,17 +257,17 @@ class Block(nn.Module):
     interventions: tuple[tuple[int, str, Intervention], ...] = ()
 
     def _hook(self, name: str, x, layer_idx):
-        self.sow("intermediates", name, x)
         for layer, point, fn in self.interventions:
             if point == name:
                 x = jax.lax.cond(layer_idx == layer, fn, lambda y: y, x)
+        self.sow("intermediates", name, x)  # after interventions: `capture` returns what the model goes on with
         return x
 
     @nn.compact
-    def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT):
+    def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT, seg_BT):
         x_BTD = self._hook("resid_pre", x_BTD, layer_idx)
         a_BTD, layer_cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BTD), pos_BT, layer_cache
+            RMSNorm(self.cfg, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache
         )
         a_BTD = self._hook("attn_out", a_BTD, layer_idx)
         h_BTD = self._hook("resid_mid", x_BTD + a_BTD, layer_idx)
@@ -281,14 +283,14 @@ class Decoder(nn.Module):
     top_interventions: tuple[tuple[str, Intervention], ...] = ()
 
     def _top_hook(self, name, x):
-        self.sow("intermediates", f"hook_{name}", x)  # prefixed: "embed" is also a submodule's scope
         for point, fn in self.top_interventions:
             if point == name:
                 x = fn(x)
+        self.sow("intermediates", f"hook_{name}", x)  # prefixed: "embed" is also a submodule's scope
         return x
 
     @nn.compact
-    def __call__(self, tokens_BT, pos_BT, cache):
+    def __call__(self, tokens_BT, pos_BT, cache, seg_BT=None):
         c = self.cfg
         embed = Embed(c, name="embed")
         x_BTD = embed(tokens_BT)
@@ -302,12 +304,12 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(0, 0, nn.broadcast),
+            in_axes=(0, 0, nn.broadcast, nn.broadcast),
             length=c.n_layers,
             unroll=1 if c.scan_layers else c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.interventions, name="layers")
-        x_BTD, cache = layers(x_BTD, jnp.arange(c.n_layers), cache, pos_BT)
+        x_BTD, cache = layers(x_BTD, jnp.arange(c.n_layers), cache, pos_BT, seg_BT)
 
         x_BTD = self._top_hook("final_norm", RMSNorm(c, name="final_norm")(x_BTD))
         if c.tie_embeddings:
@@ -363,14 +365,17 @@ def forward(
     cfg: LMConfig | Mapping[str, Any],
     *,
     positions_BT: Int[Array, "B T"] | None = None,
+    segment_ids_BT: Int[Array, "B T"] | None = None,
     kv_cache: tuple[jax.Array, jax.Array] | None = None,
     capture: Sequence[str] = (),
     interventions: Mapping[str, Intervention] | None = None,
 ) -> Output:
     """Runs the LM; optionally with a KV cache, capturing hookpoints, or replacing activations at hookpoints.
 
-    `interventions` maps hookpoint names to functions applied to the activation there (e.g. an SAE's
-    reconstruction); `capture` lists hookpoints whose activations (after any intervention) are returned.
+    `positions_BT` defaults to 0..T-1 in every row. `segment_ids_BT` marks packed rows: tokens attend only within
+    their own segment (pass per-segment positions too). `interventions` maps hookpoint names to functions applied
+    to the activation there (e.g. an SAE's reconstruction); `capture` lists hookpoints whose activations (after
+    any intervention) are returned.
     """
     cfg = LMConfig.from_config(cfg)
     B, T = tokens_BT.shape
@@ -384,7 +389,7 @@ def forward(
     model = Decoder(cfg, tuple(layer_iv), tuple(top_iv))
     if wanted:
         (logits, kv_cache), state = model.apply(
-            {"params": params}, tokens_BT, positions_BT, kv_cache, mutable=["intermediates"]
+            {"params": params}, tokens_BT, positions_BT, kv_cache, segment_ids_BT, mutable=["intermediates"]
         )
         inter = state["intermediates"]
         captured = {
@@ -392,7 +397,7 @@ def forward(
             for name, layer, point in wanted
         }
     else:
-        logits, kv_cache = model.apply({"params": params}, tokens_BT, positions_BT, kv_cache)
+        logits, kv_cache = model.apply({"params": params}, tokens_BT, positions_BT, kv_cache, segment_ids_BT)
         captured = {}
     return Output(logits, kv_cache, captured)
 

@@ -67,25 +67,32 @@ def _too_long(length: int, seq_len: int, what: str) -> ValueError:
     )
 
 
-def encode_example(problem: Problem, seq_len: int, loss_on: str = "solution") -> Batch:
-    """One padded example: tokens [T], loss_mask [T], prompt_lengths [], num_steps []."""
+def _unpadded(problem: Problem, loss_on: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens, loss_mask, prompt length) of one example without padding."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on = {loss_on!r}; expected one of {LOSS_ON}")
     prompt = encode_prompt(problem)
     solution = encode(arithmetic.format_solution(problem))
-    n = len(prompt) + len(solution) + 1
+    tokens = np.concatenate([prompt, solution, [EOS_ID]]).astype(np.int32)
+    loss_mask = np.zeros(len(tokens), np.float32)
+    loss_mask[len(prompt) if loss_on == "solution" else 1 :] = 1.0
+    return tokens, loss_mask, len(prompt)
+
+
+def encode_example(problem: Problem, seq_len: int, loss_on: str = "solution") -> Batch:
+    """One padded example: tokens [T], loss_mask [T], prompt_lengths [], num_steps []."""
+    example, mask, prompt_len = _unpadded(problem, loss_on)
+    n = len(example)
     if n > seq_len:
         raise _too_long(n, seq_len, f"example with num_steps = {problem.num_steps}")
     tokens = np.full(seq_len, PAD_ID, np.int32)
-    tokens[: len(prompt)] = prompt
-    tokens[len(prompt) : n - 1] = solution
-    tokens[n - 1] = EOS_ID
+    tokens[:n] = example
     loss_mask = np.zeros(seq_len, np.float32)
-    loss_mask[(len(prompt) if loss_on == "solution" else 1) : n] = 1.0
+    loss_mask[:n] = mask
     return {
         "tokens": tokens,
         "loss_mask": loss_mask,
-        "prompt_lengths": np.int32(len(prompt)),
+        "prompt_lengths": np.int32(prompt_len),
         "num_steps": np.int32(problem.num_steps),
     }
 
@@ -110,6 +117,27 @@ def _example_at(index: int, *, stream_seed: int, seq_len: int, loss_on: str, kno
     return encode_example(knobs.problem_at(stream_seed, int(index)), seq_len, loss_on)
 
 
+def _packed_row_at(index: int, *, stream_seed: int, seq_len: int, loss_on: str, knobs: Knobs, per_row: int) -> Batch:
+    """Row `index` of a packed stream: problems index*per_row, index*per_row + 1, ... laid end to end until the
+    next one does not fit. Every row is a pure function of its index (unused problem indices are skipped)."""
+    tokens = np.full(seq_len, PAD_ID, np.int32)
+    loss_mask = np.zeros(seq_len, np.float32)
+    segment_ids = np.zeros(seq_len, np.int32)
+    positions = np.zeros(seq_len, np.int32)
+    cursor = 0
+    for j in range(per_row):
+        example, mask, _ = _unpadded(knobs.problem_at(stream_seed, int(index) * per_row + j), loss_on)
+        n = len(example)
+        if cursor + n > seq_len:
+            break
+        tokens[cursor : cursor + n] = example
+        loss_mask[cursor : cursor + n] = mask
+        segment_ids[cursor : cursor + n] = j + 1
+        positions[cursor : cursor + n] = np.arange(n)
+        cursor += n
+    return {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions}
+
+
 def make_dataset(
     *,
     seed: int,
@@ -118,6 +146,7 @@ def make_dataset(
     loss_on: str = "solution",
     split: str = "train",
     num_batches: int | None = None,
+    pack: bool = False,
     **knobs,
 ) -> grain.MapDataset:
     """A grain MapDataset whose element i is batch i of the seeded problem stream of `split`.
@@ -125,6 +154,11 @@ def make_dataset(
     `knobs` are the task knobs (num_steps, ops, op_weights, modulus, answer_mod; see `arithmetic.Knobs`).
     `num_batches=None` makes the stream effectively endless. Too small a `seq_len` for the knobs is a ValueError
     here, before any batch is built.
+
+    `pack=True` lays several examples end to end in each row (no padding between them) and adds "segment_ids"
+    [B, T] (1, 2, ... per example, 0 on padding) and "positions" [B, T] (position within its example) for the
+    model's segment mask; "prompt_lengths"/"num_steps" are then absent. Rows hold examples in stream order until
+    the next one does not fit, so a row is still a pure function of its index.
     """
     k = arithmetic.make_knobs(**knobs)
     if loss_on not in LOSS_ON:
@@ -139,9 +173,12 @@ def make_dataset(
         num_batches = sys.maxsize // batch_size
     elif isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)) or num_batches < 0:
         raise ValueError(f"num_batches = {num_batches!r}; expected None or a non-negative int")
-    example = functools.partial(
-        _example_at, stream_seed=split_seed(seed, split), seq_len=seq_len, loss_on=loss_on, knobs=k
-    )
+    common = dict(stream_seed=split_seed(seed, split), seq_len=seq_len, loss_on=loss_on, knobs=k)
+    if pack:
+        shortest = max_seq_len(k.steps_range[0], k.modulus, k.answer_mod)
+        example = functools.partial(_packed_row_at, per_row=seq_len // shortest, **common)
+    else:
+        example = functools.partial(_example_at, **common)
     return (
         grain.MapDataset.range(int(num_batches) * batch_size)
         .map(example)

@@ -177,28 +177,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainS
         desc="train",
         dynamic_ncols=True,
     )
-    window, t0, acc = 0, None, []
+    # acc: step metrics since the last log (all averaged); the last `timed` of them, `window` rows, ran since t0.
+    acc, timed, window, t0 = [], 0, 0, None
     try:
         with mesh, sharding.rules_context(mesh):
             for step, batch in zip(range(start, tc.steps), task.batches(start)):
                 rows = int(np.shape(next(iter(batch.values())))[0])
                 state, metrics = step_fn(state, sharding.put_batch(batch, mesh))
                 acc.append(metrics)
-                window += rows
                 done = step + 1
-                if t0 is None:  # the first step compiles: time from its end
+                if t0 is None:  # the first step compiles: its metrics count, its time does not
                     jax.block_until_ready(metrics)
-                    t0, window, acc = time.perf_counter(), 0, []
+                    t0 = time.perf_counter()
+                else:
+                    timed, window = timed + 1, window + rows
                 if done % tc.log_every == 0 or done == tc.steps:
                     _check_finite(state, tc.nonfinite)
-                    logged = _summarise(jax.device_get(acc), window, time.perf_counter() - t0, task, tc)
+                    seconds = time.perf_counter() - t0
+                    logged = _summarise(jax.device_get(acc), timed, window, seconds, task, tc)
                     logged["nonfinite_steps"] = int(state.nonfinite_steps)
                     writer.write(done, logged, prefix="train/")
                     bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
-                    window, t0, acc = 0, time.perf_counter(), []
-                if task.eval_fn and tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+                    acc, timed, window, t0 = [], 0, 0, time.perf_counter()
+                # eval_every = 0: only at the end (as validated and documented in train_lm).
+                if task.eval_fn and (done == tc.steps or (tc.eval_every and done % tc.eval_every == 0)):
                     writer.write(done, task.eval_fn(state), prefix="eval/")
-                    t0 = time.perf_counter()
+                    timed, window, t0 = 0, 0, time.perf_counter()
                 if done % tc.checkpoint_every == 0 or done == tc.steps:
                     _check_finite(state, tc.nonfinite)
                     ckpt.save(state, meta={"config_digest": digest}, force=done == tc.steps)
@@ -210,17 +214,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainS
     return state
 
 
-def _summarise(history, rows: int, seconds: float, task: Task, tc) -> dict[str, float]:
-    """Averages step metrics over a logging window and adds throughput, step time and MFU."""
+def _summarise(history, timed: int, rows: int, seconds: float, task: Task, tc) -> dict[str, float]:
+    """Averages step metrics over a logging window; throughput, step time and MFU come from its last `timed` steps
+    (`rows` examples in `seconds`), which leave out a run's first, compiling step."""
     if not history:
         return {}
     out = {k: float(np.mean([h[k] for h in history])) for k in ("loss", "grad_norm", "lr")}
-    tokens = sum(float(h["tokens"]) for h in history)
-    out["token_accuracy"] = sum(float(h["correct"]) for h in history) / max(tokens, 1.0)
-    if seconds > 0 and rows:
-        out["step_time_s"] = seconds / len(history)
+    # Token counts are optional aux metrics (next_token_loss has them; a task scoring no tokens has not).
+    has_tokens = "tokens" in history[0]
+    if has_tokens and "correct" in history[0]:
+        tokens = sum(float(h["tokens"]) for h in history)
+        out["token_accuracy"] = sum(float(h["correct"]) for h in history) / max(tokens, 1.0)
+    if seconds > 0 and rows and timed:
+        out["step_time_s"] = seconds / timed
         out["examples_per_s"] = rows / seconds
-        out["target_tokens_per_s"] = tokens / seconds
+        if has_tokens:
+            out["target_tokens_per_s"] = sum(float(h["tokens"]) for h in history[len(history) - timed :]) / seconds
         if task.flops_per_example:
             flops = task.flops_per_example * rows / seconds
             out["model_tflops_per_s"] = flops / 1e12

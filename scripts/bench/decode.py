@@ -1,0 +1,246 @@
+"""Decode throughput: Lumen `generate` vs Hugging Face `generate` (PyTorch, CPU) on the same random Llama.
+
+COMMAND: .venv/bin/python -m scripts.bench.decode --hf-python .venv-parity/bin/python
+RUNTIME: ~1 min on a 2-core CPU (tiny only; `--sizes tiny,small` ~3 min).
+EXPECT: identical greedy tokens on both sides; the target is Lumen >= 3x HF tokens/s on `tiny`.
+
+One random `LlamaForCausalLM` per size is built by transformers and saved as safetensors; Lumen loads that same
+folder with `load_hf_checkpoint`. Both decode the same prompts greedily in fp32, exactly `--max_new_tokens` each
+(no early stop: Lumen `stop_tokens=()`, HF `eos_token_id=None`, `min_new_tokens=max_new_tokens`). Tokens/s =
+batch * new tokens / wall seconds of the whole call (prefill included), median of `--runs` after one warm-up
+(Lumen's warm-up compiles). torch uses as many threads as there are cores; XLA:CPU always uses every core.
+
+If `import torch, transformers` works here, the HF side runs in this process; otherwise it runs in
+`--hf_python` (a Python with torch + transformers, e.g. .venv-parity) through `hf_decode_worker.py`, which needs
+neither JAX nor Lumen. The two sides run one after the other, never at the same time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from scripts.bench import common, hf_decode_worker
+
+_LLAMA_BASE = dict(
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.02,
+)
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=768,
+        vocab_size=512,
+    ),
+    "small": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1536,
+        vocab_size=4096,
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="tiny", help=f"comma-separated, from {sorted(SIZES)}")
+    p.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3, help="timed runs per case (median reported), after one warm-up")
+    p.add_argument("--threads", type=int, default=common.num_cores(), help="torch threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf_python", "--hf-python", default=None, help="a Python with torch+transformers (subprocess)")
+    p.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.sizes.split(",") if s not in SIZES]
+    if unknown:
+        p.error(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
+    if args.runs < 1 or args.prompt_len < 2 or args.max_new_tokens < 1:
+        p.error("--runs and --max_new_tokens must be >= 1, --prompt_len >= 2")
+    return args
+
+
+def _torch_here() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "safetensors"))
+
+
+def run_hf(request: dict[str, Any], hf_python: str | None) -> tuple[dict[str, Any], str]:
+    """The HF side, in process when torch is importable here, else in `hf_python`; returns (result, where)."""
+    if hf_python is None and _torch_here():
+        return hf_decode_worker.run(request), "in-process"
+    if hf_python is None:
+        raise SystemExit(
+            "torch/transformers are not importable in this Python; pass --hf_python PATH of one that has them "
+            "(e.g. --hf_python .venv-parity/bin/python)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        req, res = pathlib.Path(tmp, "request.json"), pathlib.Path(tmp, "result.json")
+        req.write_text(json.dumps(request))
+        cmd = [hf_python, hf_decode_worker.__file__, "--request", str(req), "--result", str(res)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"HF worker failed ({shlex.join(cmd)}):\n{proc.stderr[-4000:]}")
+        return json.loads(res.read_text()), f"subprocess {hf_python}"
+
+
+def run_lumen(ckpt_dir: str, prompts: dict[str, list[list[int]]], max_new_tokens: int, runs: int) -> dict[str, Any]:
+    """Loads the saved HF folder into Lumen and times greedy `generate` for each batch of prompts."""
+    import jax
+
+    from framework.inference import generate
+    from framework.models.hf import load_hf_checkpoint
+
+    cfg, params = load_hf_checkpoint(ckpt_dir)
+    out = {}
+    for b, rows in prompts.items():
+        tokens_BT = np.asarray(rows, np.int32)
+        result = {}
+
+        def once():
+            result["out"] = generate(params, cfg, tokens_BT, max_new_tokens=max_new_tokens, stop_tokens=())
+            jax.block_until_ready(result["out"].tokens)
+
+        seconds = common.time_runs(once, runs)
+        gen = result["out"]
+        if int(np.min(gen.lengths)) != max_new_tokens:
+            raise RuntimeError(f"Lumen generated {np.asarray(gen.lengths)} tokens, expected {max_new_tokens} each")
+        out[b] = {"seconds": seconds, "median_s": common.median(seconds), "tokens": np.asarray(gen.tokens).tolist()}
+    return out
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
+    """(steps identical in every row before the first difference, fraction of equal positions)."""
+    a_BN, b_BN = np.asarray(a), np.asarray(b)
+    same_N = np.all(a_BN == b_BN, axis=0)
+    prefix = int(np.argmin(same_N)) if not same_N.all() else same_N.size
+    return prefix, float(np.mean(a_BN == b_BN))
+
+
+def bench_size(size: str, args: argparse.Namespace) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Both sides on one model size; returns the table rows and the HF result (for its versions)."""
+    llama = {**_LLAMA_BASE, **SIZES[size]}
+    rng = np.random.default_rng(args.seed)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts = {}
+    for b in batch_sizes:  # BOS, then random ids past the special tokens; equal lengths, so no padding anywhere
+        body = rng.integers(3, llama["vocab_size"], size=(b, args.prompt_len - 1))
+        prompts[str(b)] = np.concatenate([np.full((b, 1), llama["bos_token_id"]), body], axis=1).tolist()
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        request = dict(
+            llama_config=llama,
+            seed=args.seed,
+            out_dir=ckpt_dir,
+            prompts=prompts,
+            max_new_tokens=args.max_new_tokens,
+            runs=args.runs,
+            threads=args.threads,
+        )
+        hf, where = run_hf(request, args.hf_python)
+        hf["where"] = where
+        lumen = run_lumen(ckpt_dir, prompts, args.max_new_tokens, args.runs)
+    rows = []
+    for b in batch_sizes:
+        h, j = hf["batches"][str(b)], lumen[str(b)]
+        tps = lambda s: b * args.max_new_tokens / s  # noqa: E731
+        prefix, frac = agreement(h["tokens"], j["tokens"])
+        rows.append(
+            [
+                size,
+                b,
+                f"{tps(h['median_s']):.0f}",
+                f"{tps(j['median_s']):.0f}",
+                f"{h['median_s'] / j['median_s']:.2f}x",
+                f"{prefix}/{args.max_new_tokens}",
+                f"{frac:.1%}",
+                _spread(h["seconds"]),
+                _spread(j["seconds"]),
+            ]
+        )
+    return rows, hf
+
+
+HEADERS = ["size", "batch", "HF tok/s", "Lumen tok/s", "Lumen / HF", "identical greedy steps", "equal tokens"]
+HEADERS += ["HF s/call (min-max)", "Lumen s/call (min-max)"]
+
+
+def _spread(seconds: list[float]) -> str:
+    return f"{common.median(seconds):.3f} ({min(seconds):.3f}-{max(seconds):.3f})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    monitor = common.ContentionMonitor()
+    import jax
+
+    rows, hf = [], None
+    for size in args.sizes.split(","):
+        size_rows, hf = bench_size(size, args)
+        rows += size_rows
+        print(common.markdown_table(HEADERS, size_rows), flush=True)
+    table = common.markdown_table(HEADERS, rows)
+    shapes = "; ".join(f"{s}: {_describe(s)}" for s in args.sizes.split(","))
+    body = "\n".join(
+        [
+            table,
+            "",
+            f"Random Llama ({shapes}), fp32, greedy, prompt {args.prompt_len} tokens, exactly {args.max_new_tokens} "
+            f"new tokens (no early stop); tok/s = batch x new tokens / wall time of the whole call, prefill included; "
+            f"median of {args.runs} runs after one warm-up (Lumen's compiles). HF: `model.generate`, default "
+            f"dynamic KV cache, torch threads = {hf['torch_threads']}, run {hf['where']}. Lumen: "
+            f"`framework.inference.generate` on `load_hf_checkpoint` of the same folder, XLA:CPU on all "
+            f"{common.num_cores()} cores ({jax.devices()[0].device_kind}).",
+        ]
+    )
+    versions = {
+        "jax": jax.__version__,
+        "torch": hf["versions"]["torch"],
+        "transformers": hf["versions"]["transformers"],
+        "python (Lumen/HF)": f"{sys.version.split()[0]}/{hf['versions']['python']}",
+    }
+    entry = common.Entry(
+        title="Decode: Lumen generate vs HF generate (CPU)",
+        command=shlex.join(["python", "-m", "scripts.bench.decode", *(sys.argv[1:] if argv is None else argv)]),
+        versions=versions,
+        body=body,
+        contention=monitor.note(),
+    )
+    print("\n" + entry.render())
+    if not args.no_append:
+        common.append(entry)
+        print(f"appended to {common.BENCHMARKS_MD}")
+
+
+def _describe(size: str) -> str:
+    s = SIZES[size]
+    return (
+        f"hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, {s['num_attention_heads']} heads / "
+        f"{s['num_key_value_heads']} kv, mlp {s['intermediate_size']}, vocab {s['vocab_size']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
