@@ -147,8 +147,11 @@ def decode_parity(params, model_cfg, config) -> dict:
     return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes artifacts; returns results."""
+def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task]:
+    """The model config and the `loop.Task` (init, loss, batches, eval) this experiment trains; validates first.
+
+    Notebooks and benchmarks call this to train or time exactly what `run` trains.
+    """
     model_cfg = validate(config)
     tc = config.train
     train_ds = data.make_dataset(
@@ -170,6 +173,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flops_per_example=lm.flops_per_token(model_cfg, tc.seq_len) * tc.seq_len,
         eval_fn=_eval_loss_fn(config, model_cfg, loss_fn),
     )
+    return model_cfg, task
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes artifacts; returns results.
+
+    The results dict holds the final step, accuracy by K, decode parity and the trained `params` (host arrays).
+    """
+    model_cfg, task = make_task(config)
     state = loop.train(config, workdir, task)
     params = jax.device_get(state.params)
 
@@ -189,7 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _write_artifacts(workdir, results)
         print(format_table(acc))
         print("decode parity vs no-cache reference:", json.dumps(parity))
-    return results
+    return dict(results, params=params)
 
 
 def format_table(acc: dict[int, dict[str, float]]) -> str:

@@ -305,7 +305,7 @@ def test_a_nonfinite_update_is_not_applied():
     config = _config()
     task = _toy_task(poison={1})
     tx, schedule = optim.make_optimizer(config.train), optim.lr_schedule(config.train)
-    step_fn = jax.jit(loop._make_step(task.loss_fn, tx, schedule))
+    step_fn = jax.jit(loop.make_train_step(task.loss_fn, tx, schedule))
     batches = task.batches(0)
     state, metrics = step_fn(_toy_state(config), next(batches))
     assert bool(jnp.isfinite(metrics["loss"])) and int(state.nonfinite_steps) == 0

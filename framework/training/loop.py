@@ -33,6 +33,9 @@ from framework.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
+# optax >= 0.2.5 spells it optax.tree.norm (global_norm is deprecated there).
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -63,10 +66,12 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             f.write(config_lib.to_json(config))
 
 
-def _make_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule):
+    """The (un-jitted) train step `(state, batch) -> (state, metrics)`; non-finite updates are not applied."""
+
     def step_fn(state: TrainState, batch):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = _global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -104,6 +109,18 @@ def _truncate_metrics(workdir: str, step: int) -> None:
         f.writelines(keep)
 
 
+def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """A step-0 TrainState around `params` (the state's own RNG is derived from `rng`)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        first_nonfinite=jnp.full((), -1, jnp.int32),
+    )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainState:
     """Trains `task` under `config.train`/`config.mesh` in `workdir`, resuming from its latest checkpoint."""
     tc = config.train
@@ -112,15 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainS
     tx, schedule = optim.make_optimizer(tc), optim.lr_schedule(tc)
 
     def init_state(rng):
-        params = task.init_params(rng)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
-            nonfinite_steps=jnp.zeros((), jnp.int32),
-            first_nonfinite=jnp.full((), -1, jnp.int32),
-        )
+        return init_train_state(task.init_params(rng), tx, rng)
 
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init_state, rng)
@@ -163,7 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainS
         state = jax.jit(init_state, out_shardings=state_shardings)(rng)
 
     step_fn = jax.jit(
-        _make_step(task.loss_fn, tx, schedule),
+        make_train_step(task.loss_fn, tx, schedule),
         in_shardings=(state_shardings, None),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
@@ -227,7 +236,7 @@ def _summarise(history, timed: int, rows: int, seconds: float, task: Task, tc) -
         out["token_accuracy"] = sum(float(h["correct"]) for h in history) / max(tokens, 1.0)
     if seconds > 0 and rows and timed:
         out["step_time_s"] = seconds / timed
-        out["examples_per_s"] = rows / seconds
+        out["rows_per_s"] = rows / seconds  # batch rows (a packed row holds several examples)
         if has_tokens:
             out["target_tokens_per_s"] = sum(float(h["tokens"]) for h in history[len(history) - timed :]) / seconds
         if task.flops_per_example:

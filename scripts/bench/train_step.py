@@ -4,7 +4,7 @@ COMMAND: .venv/bin/python -m scripts.bench.train_step --size=base
 RUNTIME: ~1.5 min on a quiet 2-core CPU (defaults: base, batch 64 x seq 128, 10 rounds, matmuls 2048 and 4096).
 EXPECT: the goal is model FLOP/s >= 50% of the matmul FLOP/s measured in the same run.
 
-The step is `framework.training.loop`'s own step function (`_make_step`: value_and_grad of the train_lm loss, the
+The step is `framework.training.loop`'s own step function (`make_train_step`: value_and_grad of the train_lm loss, the
 config's AdamW + clipping, the non-finite guard), jitted with the donated state inside the config's mesh and
 logical-axis rules, as `loop.train` does on one device. Model FLOPs = `lm.flops_per_token(cfg, seq_len)` x batch
 x seq_len per step (PaLM appendix B: 6N + attention; remat recompute not counted). The reference is a jitted fp32
@@ -76,43 +76,23 @@ def make_matmul(n: int):
 def make_train_step(config, model_cfg, stack: contextlib.ExitStack):
     """A blocking call of one step of the loop's jitted train step on a real batch, and a final-loss getter."""
     import jax
-    import jax.numpy as jnp
 
     from experiments import train_lm
     from framework import sharding
-    from framework.models import lm
-    from framework.tasks import data
     from framework.training import loop, optim
-    from framework.training.loss import next_token_loss
-    from framework.training.state import TrainState
 
     tc = config.train
-    ds = data.make_dataset(
-        seed=config.seed, batch_size=tc.batch_size, seq_len=tc.seq_len, num_batches=1, **train_lm.knobs(config)
-    )
-
-    def loss_fn(params, batch):  # as experiments.train_lm builds it
-        return next_token_loss(lm.apply(params, batch["tokens"], model_cfg), batch["tokens"], batch["loss_mask"])
-
+    _, task = train_lm.make_task(config)  # exactly the loss and batches `train_lm.run` trains on
     tx, schedule = optim.make_optimizer(tc), optim.lr_schedule(tc)
     mesh = sharding.make_mesh(config.mesh)
     with warnings.catch_warnings():  # loop.train enters `with mesh` as well: same context, minus the warning
         warnings.filterwarnings("ignore", "`with mesh:` context manager", DeprecationWarning)
         stack.enter_context(mesh)
     stack.enter_context(sharding.rules_context(mesh))
-    params = lm.init(model_cfg, jax.random.key(config.seed))
-    holder = {
-        "state": TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(1)),
-            nonfinite_steps=jnp.zeros((), jnp.int32),
-            first_nonfinite=jnp.full((), -1, jnp.int32),
-        )
-    }
-    step_fn = jax.jit(loop._make_step(loss_fn, tx, schedule), donate_argnums=0)
-    batch = sharding.put_batch({k: ds[0][k] for k in ("tokens", "loss_mask")}, mesh)
+    rng = jax.random.key(config.seed)
+    holder = {"state": loop.init_train_state(task.init_params(rng), tx, rng)}
+    step_fn = jax.jit(loop.make_train_step(task.loss_fn, tx, schedule), donate_argnums=0)
+    batch = sharding.put_batch(next(iter(task.batches(0))), mesh)
 
     def one_step():
         holder["state"], holder["metrics"] = step_fn(holder["state"], batch)
@@ -174,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         [
             table,
             "",
-            f"`configs.common.lm_experiment(size={args.size!r})`, fp32, the loop's jitted train step (AdamW, grad "
-            f"clipping, non-finite guard; donated state) on {jax.devices()[0].device_kind} x{jax.device_count()}. "
+            f"`configs.common.lm_experiment(size={args.size!r})`, fp32, task.pack={config.task.pack}, the loop's "
+            f"jitted train step (AdamW, grad clipping, non-finite guard; donated state) on {jax.devices()[0].device_kind} x{jax.device_count()}. "
             f"{args.steps} rounds after 2 warm-ups, each round one fp32 `jnp.dot` NxN per N then one train step; "
             f"medians reported (step min {min(step_s) * 1e3:.1f} ms, max {max(step_s) * 1e3:.1f} ms). MFU = model "
             f"FLOP/s / best matmul FLOP/s; best case = fastest step / fastest matmul. Model FLOPs per step = "
