@@ -66,8 +66,11 @@ def xla_attention(q_BTHD, k_BSKD, v_BSKD, *, mask_BTS, softcap, sm_scale):
     m_B11TS = mask_BTS[:, None, None]
     s_BKGTS = jnp.where(m_B11TS, s_BKGTS, jnp.finfo(jnp.float32).min)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-    p_BKGTS = jnp.where(m_B11TS, p_BKGTS, 0.0)  # fully masked rows: zeros, not a uniform average
     o_BTKGD = jnp.einsum("bkgts,bskd->btkgd", p_BKGTS.astype(v_BSKD.dtype), v_BSKD)
+    # A row with no visible key got a uniform average above; it returns zeros. Zeroing the [B,T,H,D] output rather
+    # than the [B,H,T,S] probabilities keeps the cost off the quadratic tensor.
+    visible_BT = jnp.any(mask_BTS, axis=-1)
+    o_BTKGD = jnp.where(visible_BT[:, :, None, None, None], o_BTKGD, 0)
     return o_BTKGD.reshape(B, T, H, D)
 
 
