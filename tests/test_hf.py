@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from framework import inference
 from framework.models import hf, lm
 
 ASSETS = pathlib.Path(__file__).parent / "assets" / "hf"
@@ -49,6 +50,17 @@ def test_golden_logit_parity(case):
     cfg, params = hf.load_hf_checkpoint(ASSETS / case)
     diff = _max_logit_diff(ASSETS / case, cfg, params)
     assert diff <= PARITY_ATOL, f"{case}: max |logits - transformers| = {diff:.3g} > {PARITY_ATOL}"
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_generate_matches_transformers_greedy(case):
+    """`generate` works on any imported checkpoint: greedy tokens equal HF `generate`'s, token for token."""
+    cfg, params = hf.load_hf_checkpoint(ASSETS / case)
+    golden = safetensors.numpy.load_file(str(ASSETS / case / "golden.safetensors"))
+    want_BN = golden["greedy_tokens"]
+    prompts_BT = golden["input_ids"][:, :8].astype(np.int32)
+    out = inference.generate(params, cfg, prompts_BT, max_new_tokens=want_BN.shape[1], stop_tokens=())
+    np.testing.assert_array_equal(np.asarray(out.tokens), want_BN)
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)

@@ -9,7 +9,8 @@ RUNTIME: ~10 s on a 2-core CPU.  EXPECT: three case folders, ~1 MB in total.
 
 Each case folder `<out>/<case>/` holds:
   config.json, model.safetensors (or model.safetensors.index.json + shards)  -- from `save_pretrained`
-  golden.safetensors   -- input_ids int32 [2, 17], logits float32 [2, 17, vocab] from `model(input_ids).logits`
+  golden.safetensors   -- input_ids int32 [2, 17], logits float32 [2, 17, vocab] from `model(input_ids).logits`,
+                          greedy_tokens int32 [2, 12] from HF `generate` (greedy) on input_ids[:, :8]
   golden.json          -- transformers/torch versions, seed, and a few summary numbers
 `llama_gqa/` additionally holds a tiny offline-trained `tokenizer.json` (BPE on arithmetic strings).
 
@@ -32,6 +33,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 BATCH, SEQ = 2, 17
+GREEDY_PROMPT, GREEDY_NEW = 8, 12  # greedy_tokens: HF generate's continuation of input_ids[:, :8]
 WEIGHT_STD = 0.2  # large enough that logits are O(1..10), so a 1e-4 parity check means something
 
 _BASE: dict[str, Any] = dict(
@@ -128,9 +130,23 @@ def save_golden(model: LlamaForCausalLM, case_dir: pathlib.Path, seed: int) -> d
     input_ids = torch.randint(0, vocab, (BATCH, SEQ), generator=gen, dtype=torch.int64)
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits.to(torch.float32)
+        # Greedy continuation of the first GREEDY_PROMPT tokens (exactly GREEDY_NEW tokens, no early stop), so
+        # Lumen's `generate` on the imported checkpoint can be checked token for token against HF `generate`.
+        greedy = model.generate(
+            input_ids[:, :GREEDY_PROMPT],
+            attention_mask=torch.ones_like(input_ids[:, :GREEDY_PROMPT]),
+            max_new_tokens=GREEDY_NEW,
+            min_new_tokens=GREEDY_NEW,
+            do_sample=False,
+            pad_token_id=0,
+        )[:, GREEDY_PROMPT:]
     logits_np = logits.numpy()
     safetensors.numpy.save_file(
-        {"input_ids": input_ids.numpy().astype(np.int32), "logits": np.ascontiguousarray(logits_np)},
+        {
+            "input_ids": input_ids.numpy().astype(np.int32),
+            "logits": np.ascontiguousarray(logits_np),
+            "greedy_tokens": greedy.numpy().astype(np.int32),
+        },
         str(case_dir / "golden.safetensors"),
     )
     meta = {
