@@ -8,7 +8,9 @@ import os
 import pathlib
 import platform
 import resource
+import shlex
 import statistics
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -141,3 +143,16 @@ def append(entry: Entry, path: pathlib.Path = BENCHMARKS_MD) -> None:
         )
     with open(path, "a") as f:
         f.write(entry.render())
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The shell command that reran this benchmark (`python -m <module> <args>`), for its BENCHMARKS.md entry."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def publish(entry: Entry, *, append_to_file: bool) -> None:
+    """Prints the entry and, unless told not to, appends it to BENCHMARKS.md."""
+    print("\n" + entry.render())
+    if append_to_file:
+        append(entry)
+        print(f"appended to {BENCHMARKS_MD}")

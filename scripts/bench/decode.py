@@ -223,15 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     entry = common.Entry(
         title="Decode: Lumen generate vs HF generate (CPU)",
-        command=shlex.join(["python", "-m", "scripts.bench.decode", *(sys.argv[1:] if argv is None else argv)]),
+        command=common.command_line("scripts.bench.decode", argv),
         versions=versions,
         body=body,
         contention=monitor.note(),
     )
-    print("\n" + entry.render())
-    if not args.no_append:
-        common.append(entry)
-        print(f"appended to {common.BENCHMARKS_MD}")
+    common.publish(entry, append_to_file=not args.no_append)
 
 
 def _describe(size: str) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
 import sys
 import time
 import warnings
@@ -165,15 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     entry = common.Entry(
         title=f"Train step MFU: {args.size} (CPU)",
-        command=shlex.join(["python", "-m", "scripts.bench.train_step", *(sys.argv[1:] if argv is None else argv)]),
+        command=common.command_line("scripts.bench.train_step", argv),
         versions={"jax": jax.__version__, "python": sys.version.split()[0]},
         body=body,
         contention=monitor.note(),
     )
-    print("\n" + entry.render())
-    if not args.no_append:
-        common.append(entry)
-        print(f"appended to {common.BENCHMARKS_MD}")
+    common.publish(entry, append_to_file=not args.no_append)
 
 
 if __name__ == "__main__":
