@@ -15,10 +15,6 @@ class ConfigError(ValueError):
     """A config is invalid; the message names the key."""
 
 
-def _is_placeholder_none(value) -> bool:
-    return value is None
-
-
 def check_against(config: Mapping[str, Any], reference: Mapping[str, Any], prefix: str = "") -> None:
     """Raises ConfigError if `config` has a key `reference` lacks, lacks one it has, or a value of another type.
 

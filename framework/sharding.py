@@ -94,13 +94,6 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
-def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
-    """How many ways the batch dimension is split (batch sizes must be a multiple of it)."""
-    axes = dict(rules)["batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
     """Places a host batch (numpy) onto the mesh, split along the batch axis."""
     return {k: jax.device_put(v, batch_sharding(mesh, np.ndim(v), rules)) for k, v in batch.items()}
