@@ -28,9 +28,32 @@ def register_impl(name: str, fn: AttentionImpl) -> None:
     _IMPLS[name] = fn
 
 
+# Model `attention_impl` names served by the flash-attention kernels (kernels.flash_attention) on cache-free passes
+# (training, scoring). They take the mask's structure, not a dense mask: causal by token order plus segment ids,
+# which equals the position mask whenever positions increase along each segment (always so for Lumen's batches).
+# Cached decoding keeps the dense-mask reference until the decode kernel lands.
+FLASH_IMPLS = ("pallas", "interpret", "cudnn")
+
+
 def available_impls() -> tuple[str, ...]:
-    """Names accepted by `dot_product_attention(impl=...)`."""
-    return tuple(sorted(_IMPLS))
+    """Names accepted as `model.attention_impl`: dense-mask implementations plus the flash-kernel ones."""
+    return tuple(sorted(set(_IMPLS) | set(FLASH_IMPLS)))
+
+
+def flash_self_attention(
+    q_BTHD: Float[Array, "B T H D"],
+    k_BTKD: Float[Array, "B T K D"],
+    v_BTKD: Float[Array, "B T K D"],
+    *,
+    segment_ids_BT: Int[Array, "B T"] | None,
+    impl: str,
+) -> Float[Array, "B T H D"]:
+    """Causal (and segment-masked) self-attention through the Pallas flash kernels; `impl` from FLASH_IMPLS."""
+    from kernels import flash_attention  # kernels import only jax: the layering holds
+
+    if impl not in FLASH_IMPLS:
+        raise ValueError(f"flash attention impl {impl!r} is not one of {FLASH_IMPLS}")
+    return flash_attention(q_BTHD, k_BTKD, v_BTKD, causal=True, segment_ids=segment_ids_BT, impl=impl)
 
 
 def make_mask(

@@ -202,14 +202,17 @@ class Attention(nn.Module):
             kv_pos_BS = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (x_BTD.shape[0], cache_k.shape[1]))
         if seg_BT is not None and kv_cache is not None:
             raise ValueError("segment_ids (packed rows) are for cache-free forward passes, not decoding")
-        mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True, q_segment_BT=seg_BT, kv_segment_BS=seg_BT)
-        o_BTHD = attn_lib.dot_product_attention(
-            q_BTHD,
-            k_BSKD.astype(c.compute_dtype),
-            v_BSKD.astype(c.compute_dtype),
-            mask_BTS=mask_BTS,
-            impl=c.attention_impl,
-        )
+        if kv_cache is None and c.attention_impl in attn_lib.FLASH_IMPLS:
+            o_BTHD = attn_lib.flash_self_attention(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT=seg_BT, impl=c.attention_impl)
+        else:
+            mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True, q_segment_BT=seg_BT, kv_segment_BS=seg_BT)
+            o_BTHD = attn_lib.dot_product_attention(
+                q_BTHD,
+                k_BSKD.astype(c.compute_dtype),
+                v_BSKD.astype(c.compute_dtype),
+                mask_BTS=mask_BTS,
+                impl="xla" if c.attention_impl in attn_lib.FLASH_IMPLS else c.attention_impl,
+            )
         o_proj = Linear(
             c, "bthk,hkd->btd", (H, Dh, D), ("heads", "head_dim", "embed"), std / (2 * c.n_layers) ** 0.5, name="o_proj"
         )
