@@ -121,7 +121,7 @@ def dot_product_attention(
     if H % K:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K})")
     if impl not in _IMPLS:
-        raise ValueError(f"attention impl {impl!r} is not available; choose one of {available_impls()}")
+        raise ValueError(f"attention impl {impl!r} is not available; choose one of {tuple(sorted(_IMPLS))}")
     if sm_scale is None:
         sm_scale = q_BTHD.shape[-1] ** -0.5
     fn: Callable = _IMPLS[impl]
