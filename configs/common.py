@@ -86,6 +86,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         eval_every=0,
         checkpoint_every=250,
         keep_checkpoints=3,
+        keep_checkpoint_every=0,  # also keep every checkpoint whose step is a multiple of this (0 = none)
+        async_checkpoint=True,  # write checkpoints in the background while training goes on
         nonfinite="stop",
         peak_flops=config_dict.placeholder(float),
         progress=True,
@@ -94,9 +96,31 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(cfg)
 
 
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
-    """Device mesh axis sizes (-1 fills the remaining devices)."""
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+# Logical axis (the names model code gives parameter and activation dims) -> mesh axes, comma-separated ("" =
+# replicated). An axis whose mesh size is 1 drops out, so DP / FSDP / TP / FSDP+TP are choices of mesh sizes alone:
+# data=-1 (DP), fsdp=-1 (FSDP: params and optimizer state split along `embed`), tensor=N (TP: heads and mlp split).
+SHARDING_RULES = dict(
+    batch="data,fsdp",
+    seq="",
+    embed="fsdp",
+    heads="tensor",
+    kv_heads="tensor",
+    head_dim="",
+    mlp="tensor",
+    vocab="tensor",
+    latents="tensor",
+    layers="",
+)
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, **rules: str) -> ml_collections.ConfigDict:
+    """Device mesh axis sizes (-1 fills the remaining devices) and the logical-axis rules table (`rules`)."""
+    table = dict(SHARDING_RULES)
+    unknown = sorted(set(rules) - set(table))
+    if unknown:
+        raise ValueError(f"mesh_config: unknown logical axes {unknown}; expected some of {sorted(table)}")
+    table.update(rules)
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, rules=table))
 
 
 def lm_experiment(*, size: str = "small", seed: int = 0, **sections) -> ml_collections.ConfigDict:

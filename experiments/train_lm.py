@@ -11,7 +11,6 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -72,12 +71,18 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
     )
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         req(tc[key] > 0, f"train.{key}", f"must be positive, got {tc[key]}")
+    req(
+        tc.keep_checkpoint_every >= 0,
+        "train.keep_checkpoint_every",
+        f"must be >= 0 (0 = keep only the newest train.keep_checkpoints), got {tc.keep_checkpoint_every}",
+    )
     req(tc.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = only at the end), got {tc.eval_every}")
     req(tc.nonfinite in ("stop", "skip"), "train.nonfinite", f"must be 'stop' or 'skip', got {tc.nonfinite!r}")
     req(tc.lr > 0, "train.lr", f"must be positive, got {tc.lr}")
     req(config.task.loss_on in data.LOSS_ON, "task.loss_on", f"must be one of {data.LOSS_ON}")
     try:
         shape = sharding.mesh_shape(config.mesh)
+        sharding.rules_from_config(config.mesh)
     except ValueError as e:
         raise config_lib.ConfigError(f"config section 'mesh': {e}") from None
     split = shape[0] * shape[1]
@@ -113,7 +118,8 @@ def _eval_loss_fn(config, model_cfg, loss_fn, n_batches: int = 4):
         num_batches=n_batches,
         **knobs(config),
     )
-    batches = [{k: jnp.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in eval_ds]
+    # Host (numpy) batches: under several processes jit treats them as the same replicated value on every host.
+    batches = [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in eval_ds]
     scored = jax.jit(lambda p, b: loss_fn(p, b)[1])
 
     def eval_fn(state):
@@ -154,22 +160,28 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
     """
     model_cfg = validate(config)
     tc = config.train
-    train_ds = data.make_dataset(
-        seed=config.seed,
-        batch_size=tc.batch_size,
-        seq_len=tc.seq_len,
-        loss_on=config.task.loss_on,
-        split="train",
-        pack=config.task.pack,
-        **knobs(config),
-    )
+
+    def train_ds(rows=None):  # rows=(lo, hi): only this process's rows of each global batch
+        return data.make_dataset(
+            seed=config.seed,
+            batch_size=tc.batch_size,
+            seq_len=tc.seq_len,
+            loss_on=config.task.loss_on,
+            split="train",
+            pack=config.task.pack,
+            rows=rows,
+            **knobs(config),
+        )
+
     batch_keys = ("tokens", "loss_mask") + (("positions", "segment_ids") if config.task.pack else ())
     loss_fn = _loss_fn(model_cfg)
     task = loop.Task(
         init_params=lambda rng: lm.init(model_cfg, rng),
         logical_axes=lm.logical_axes(model_cfg),
         loss_fn=loss_fn,
-        batches=lambda start: ({k: b[k] for k in batch_keys} for b in data.batch_iterator(train_ds, start)),
+        batches=lambda start, rows=None: (
+            {k: b[k] for k in batch_keys} for b in data.batch_iterator(train_ds(rows), start)
+        ),
         flops_per_example=lm.flops_per_token(model_cfg, tc.seq_len) * tc.seq_len,
         eval_fn=_eval_loss_fn(config, model_cfg, loss_fn),
     )
@@ -183,7 +195,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     model_cfg, task = make_task(config)
     state = loop.train(config, workdir, task)
-    params = jax.device_get(state.params)
+    if jax.process_count() > 1:  # params span other hosts' devices: gather a full host copy on every process
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(state.params, tiled=True)
+    else:
+        params = jax.device_get(state.params)
 
     k_lo, k_hi = arithmetic.make_knobs(**knobs(config)).steps_range
     acc = policy_eval.accuracy_by_k(

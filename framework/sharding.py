@@ -33,6 +33,28 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def rules_from_config(mesh_cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The rules table of `config.mesh.rules` (logical name -> comma-separated mesh axes, "" = replicated).
+
+    A mesh config without `rules` gets DEFAULT_RULES. Unknown mesh axes or a mesh axis named twice for one logical
+    axis are a ValueError naming the entry.
+    """
+    if "rules" not in mesh_cfg or mesh_cfg["rules"] is None:
+        return DEFAULT_RULES
+    out = []
+    for name, value in dict(mesh_cfg["rules"]).items():
+        if not isinstance(value, str):
+            raise ValueError(f"mesh.rules.{name} = {value!r}; expected a comma-separated string of {MESH_AXES} or ''")
+        axes = tuple(a.strip() for a in value.split(",") if a.strip())
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad or len(set(axes)) != len(axes):
+            raise ValueError(f"mesh.rules.{name} = {value!r}; expected distinct mesh axes from {MESH_AXES}")
+        out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    if "batch" not in dict(out):
+        raise ValueError("mesh.rules has no 'batch' entry (the mesh axes the batch is split along)")
+    return tuple(out)
+
+
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int | None = None) -> tuple[int, int, int]:
     """Resolves `{data, fsdp, tensor}` sizes (one may be -1 = fill) against the device count."""
     n = jax.device_count() if num_devices is None else num_devices
@@ -53,10 +75,13 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int | None = None) -> t
     return tuple(sizes)
 
 
-def make_mesh(mesh_cfg: Mapping[str, int]) -> Mesh:
-    """A `Mesh` with axes (data, fsdp, tensor) over all devices, in Auto mode (pjit-style propagation)."""
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `Mesh` with axes (data, fsdp, tensor) over all devices (or `devices`), in Auto mode (pjit-style propagation)."""
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(mesh_shape(mesh_cfg), MESH_AXES, axis_types=auto)
+    if devices is None:
+        return jax.make_mesh(mesh_shape(mesh_cfg), MESH_AXES, axis_types=auto)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def logical_to_mesh_spec(
@@ -97,6 +122,38 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
     """Places a host batch (numpy) onto the mesh, split along the batch axis."""
     return {k: jax.device_put(v, batch_sharding(mesh, np.ndim(v), rules)) for k, v in batch.items()}
+
+
+def process_rows(mesh: Mesh, batch_size: int, rules=DEFAULT_RULES) -> tuple[int, int]:
+    """The rows [lo, hi) of a global batch that this process's devices hold: what it must load, and nothing else."""
+    index = batch_sharding(mesh, 1, rules).addressable_devices_indices_map((batch_size,))
+    spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop) for s in index.values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise ValueError(
+            f"process {jax.process_index()} holds non-contiguous batch rows {spans} under mesh {dict(mesh.shape)}; "
+            "order the mesh so each process's devices are adjacent along the batch axes"
+        )
+    return lo, hi
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, batch_size: int, rules=DEFAULT_RULES):
+    """Assembles global batch arrays from each process's rows (`process_rows`); one process: the whole batch."""
+    out = {}
+    for k, v in local.items():
+        v = np.asarray(v)
+        sharding = batch_sharding(mesh, v.ndim, rules)
+        out[k] = jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
+    return out
+
+
+def bytes_per_device(tree) -> dict[jax.Device, int]:
+    """Bytes of `tree`'s arrays held on each (addressable) device, summed over their shards."""
+    out: dict[jax.Device, int] = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
 
 
 def rules_context(mesh: Mesh, rules=DEFAULT_RULES):

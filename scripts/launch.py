@@ -4,7 +4,12 @@
       --config.train.steps=200 --config.model.remat=full
 
 The config is validated (unknown keys, wrong types, bad combinations) before anything is compiled; rerunning the
-same command with the same --workdir resumes from the latest checkpoint.
+same command with the same --workdir resumes from the latest checkpoint. SIGTERM (pre-emption) checkpoints the
+current step and exits 0.
+
+Several processes (multi-host): run the same command on every host with --distributed (TPU pod slices and SLURM
+GPU clusters are detected by jax.distributed), or name the coordinator explicitly:
+  --coordinator_address=host0:1234 --num_processes=2 --process_id=0   (scripts/launch_local.py does this locally)
 """
 
 from __future__ import annotations
@@ -19,7 +24,28 @@ import experiments
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; an existing one is resumed.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, SLURM and Open MPI)."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def init_distributed() -> None:
+    """Joins the multi-controller runtime if asked to (flags above); CPU processes talk through gloo."""
+    if not (_DISTRIBUTED.value or _COORDINATOR.value):
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
+    logging.warning(
+        "process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count()
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -47,9 +73,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = _CONFIG.value
+    init_distributed()
     experiment = experiments.get(config.experiment)
     experiment.validate(config)
-    experiment.run(config, _WORKDIR.value)
+    from framework.training.loop import Preempted
+
+    try:
+        experiment.run(config, _WORKDIR.value)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)  # exit status 0: the work is saved, the scheduler may restart the job
 
 
 if __name__ == "__main__":

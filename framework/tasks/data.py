@@ -147,6 +147,7 @@ def make_dataset(
     split: str = "train",
     num_batches: int | None = None,
     pack: bool = False,
+    rows: tuple[int, int] | None = None,
     **knobs,
 ) -> grain.MapDataset:
     """A grain MapDataset whose element i is batch i of the seeded problem stream of `split`.
@@ -159,6 +160,9 @@ def make_dataset(
     [B, T] (1, 2, ... per example, 0 on padding) and "positions" [B, T] (position within its example) for the
     model's segment mask; "prompt_lengths"/"num_steps" are then absent. Rows hold examples in stream order until
     the next one does not fit, so a row is still a pure function of its index.
+
+    `rows=(lo, hi)` makes element i only rows lo..hi-1 of batch i, built without the others: how each process of a
+    multi-host run loads its own shard of every global batch.
     """
     k = arithmetic.make_knobs(**knobs)
     if loss_on not in LOSS_ON:
@@ -179,12 +183,22 @@ def make_dataset(
         example = functools.partial(_packed_row_at, per_row=seq_len // shortest, **common)
     else:
         example = functools.partial(_example_at, **common)
+    if rows is not None:
+        lo, hi = (int(r) for r in rows)
+        if not 0 <= lo < hi <= batch_size:
+            raise ValueError(f"rows = {rows!r}; expected (lo, hi) with 0 <= lo < hi <= batch_size = {batch_size}")
+        part = functools.partial(_rows_of_batch, example=example, batch_size=batch_size, lo=lo, hi=hi)
+        return grain.MapDataset.range(int(num_batches)).map(part).map(_checked)
     return (
         grain.MapDataset.range(int(num_batches) * batch_size)
         .map(example)
         .batch(batch_size, drop_remainder=True, batch_fn=_stack)
         .map(_checked)
     )
+
+
+def _rows_of_batch(index: int, *, example, batch_size: int, lo: int, hi: int) -> Batch:
+    return _stack([example(int(index) * batch_size + j) for j in range(lo, hi)])
 
 
 def batch_iterator(

@@ -5,6 +5,12 @@ with explicit in/out shardings and donates the old state. Batch i is a pure func
 step is an exact data position and a resumed run continues the same loss curve. Updates whose loss or gradients
 are not finite are never applied: `train.nonfinite="stop"` (default) raises naming the first such step before any
 further checkpoint is written; `"skip"` counts them and goes on.
+
+Scale-out: the mesh and the logical-axis rules come from `config.mesh` (DP, FSDP, TP and FSDP+TP are config
+changes). Under several processes (`jax.distributed`) each process loads only its own rows of every global batch
+and only process 0 writes config, metrics and logs. Fault tolerance: the newest checkpoint that verifies is
+restored (a damaged one is moved aside with a warning); SIGTERM (pre-emption) finishes the current step, writes a
+checkpoint and raises `Preempted`, which the launcher turns into exit status 0.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -36,6 +44,39 @@ log = logging.getLogger(__name__)
 # optax >= 0.2.5 spells it optax.tree.norm (global_norm is deprecated there).
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after checkpointing `step`; rerunning the same command resumes there."""
+
+    def __init__(self, step: int):
+        super().__init__(f"pre-empted (SIGTERM): checkpointed step {step}; rerun the same command to resume")
+        self.step = step
+
+
+class _Preemption:
+    """Notices SIGTERM: one process installs a handler that sets a flag; several processes agree on the step to stop
+    at through JAX's preemption sync point (the coordination service notices the signal on every host)."""
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+        self._multi = jax.process_count() > 1
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    def requested(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -46,7 +87,9 @@ class Task:
     init_params: Callable[[jax.Array], Any]  # rng -> params
     logical_axes: Any  # PartitionSpec tree (logical names) mirroring params
     loss_fn: LossFn  # (params, batch) -> (loss, aux metrics)
-    batches: Callable[[int], Iterable[Mapping[str, np.ndarray]]]  # start_step -> iterator of host batches
+    # start_step -> iterator of host batches. Under several processes it is called as batches(start, rows=(lo, hi))
+    # and must yield only rows lo..hi-1 of each global batch (this process's shard).
+    batches: Callable[..., Iterable[Mapping[str, np.ndarray]]]
     flops_per_example: float = 0.0  # training FLOPs of one batch row (for MFU)
     eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None
 
@@ -103,8 +146,15 @@ def _truncate_metrics(workdir: str, step: int) -> None:
     path = os.path.join(workdir, "metrics.jsonl")
     if jax.process_index() != 0 or not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill: drop it
+                continue
+            if record["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
         f.writelines(keep)
 
@@ -121,11 +171,15 @@ def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array) -
     )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainState:
-    """Trains `task` under `config.train`/`config.mesh` in `workdir`, resuming from its latest checkpoint."""
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, devices=None) -> TrainState:
+    """Trains `task` under `config.train`/`config.mesh` in `workdir`, resuming from its latest good checkpoint.
+
+    `devices` (default: all) are the devices the mesh spans. Raises `Preempted` after checkpointing on SIGTERM.
+    """
     tc = config.train
     write_config(config, workdir)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules_from_config(config.mesh)
     tx, schedule = optim.make_optimizer(tc), optim.lr_schedule(tc)
 
     def init_state(rng):
@@ -133,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainS
 
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init_state, rng)
-    param_shardings = sharding.tree_shardings(task.logical_axes, abstract.params, mesh)
+    param_shardings = sharding.tree_shardings(task.logical_axes, abstract.params, mesh, rules)
     # Optimizer moments mirror the params; everything else (counts, scalars) is replicated.
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_shardings = jax.tree.map(lambda _: replicated, abstract.opt_state)
@@ -153,13 +207,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainS
         nonfinite_steps=replicated,
         first_nonfinite=replicated,
     )
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=tc.keep_checkpoints,
+        keep_every=tc.get("keep_checkpoint_every", 0),
+        async_save=tc.get("async_checkpoint", True),
+    )
     digest = config_digest(config)
-    if ckpt.latest_step() is not None:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
-        )
-        state, meta = ckpt.restore(target)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+    restored = ckpt.restore_latest(target)
+    if restored is not None:
+        state, meta = restored
         if meta.get("config_digest") != digest:
             log.warning(
                 "resuming from a checkpoint written under a different config (digest %s, now %s)",
@@ -171,14 +229,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainS
     else:
         state = jax.jit(init_state, out_shardings=state_shardings)(rng)
 
-    step_fn = jax.jit(
-        make_train_step(task.loss_fn, tx, schedule),
-        in_shardings=(state_shardings, None),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
     writer = MetricsWriter(workdir)
     start = int(state.step)
+    multi = jax.process_count() > 1
+    if multi:  # each process loads only the rows its devices hold
+        batches = task.batches(start, rows=sharding.process_rows(mesh, tc.batch_size, rules))
+    else:
+        batches = task.batches(start)
+    step_fn = None  # jitted at the first batch, once its keys and ranks (hence its shardings) are known
     bar = tqdm(
         total=tc.steps,
         initial=start,
@@ -188,11 +246,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainS
     )
     # acc: step metrics since the last log (all averaged); the last `timed` of them, `window` rows, ran since t0.
     acc, timed, window, t0 = [], 0, 0, None
+    preemption, saved = _Preemption(), start
     try:
-        with mesh, sharding.rules_context(mesh):
-            for step, batch in zip(range(start, tc.steps), task.batches(start)):
-                rows = int(np.shape(next(iter(batch.values())))[0])
-                state, metrics = step_fn(state, sharding.put_batch(batch, mesh))
+        with mesh, sharding.rules_context(mesh, rules):
+            for step, batch in zip(range(start, tc.steps), batches):
+                rows = tc.batch_size if multi else int(np.shape(next(iter(batch.values())))[0])
+                batch = sharding.global_batch(batch, mesh, rows, rules)
+                if step_fn is None:
+                    batch_shardings = {k: v.sharding for k, v in batch.items()}
+                    step_fn = jax.jit(
+                        make_train_step(task.loss_fn, tx, schedule),
+                        in_shardings=(state_shardings, batch_shardings),
+                        out_shardings=(state_shardings, replicated),
+                        donate_argnums=0,
+                    )
+                state, metrics = step_fn(state, batch)
                 acc.append(metrics)
                 done = step + 1
                 if t0 is None:  # the first step compiles: its metrics count, its time does not
@@ -212,11 +280,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainS
                 if task.eval_fn and (done == tc.steps or (tc.eval_every and done % tc.eval_every == 0)):
                     writer.write(done, task.eval_fn(state), prefix="eval/")
                     timed, window, t0 = 0, 0, time.perf_counter()
-                if done % tc.checkpoint_every == 0 or done == tc.steps:
+                stop = preemption.requested(done) and done < tc.steps
+                if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
                     _check_finite(state, tc.nonfinite)
-                    ckpt.save(state, meta={"config_digest": digest}, force=done == tc.steps)
+                    ckpt.save(state, meta={"config_digest": digest}, force=done == tc.steps or stop)
+                    saved = done
                 bar.update(1)
+                if stop:
+                    ckpt.wait()
+                    log.warning("SIGTERM: stopped after step %d and checkpointed it in %s", saved, ckpt.directory)
+                    raise Preempted(saved)
     finally:
+        preemption.close()
         bar.close()
         ckpt.close()
         writer.close()
