@@ -1,0 +1,171 @@
+"""SAE library: dictionary recovery on synthetic sparse data, architecture mechanics, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from framework import sae
+from framework.sae import defaults, model, train
+
+
+def synthetic(n=20000, d=32, m=128, k=4, seed=0):
+    """Rows = sparse positive combinations (k of m unit atoms, magnitudes U[0.5, 1.5]); returns (x, atoms)."""
+    r = np.random.default_rng(seed)
+    atoms = r.normal(size=(m, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = np.argsort(r.random((n, m)), axis=1)[:, :k]
+    codes = np.zeros((n, m))
+    np.put_along_axis(codes, idx, r.uniform(0.5, 1.5, size=(n, k)), axis=1)
+    return (codes @ atoms).astype(np.float32), atoms
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic()
+
+
+def mean_best_cosine(atoms, sae_params, cfg):
+    dirs = np.asarray(sae.decoder_directions(sae_params, cfg))
+    assert dirs.shape == (cfg.n_latents, cfg.d_in)
+    return float((atoms @ dirs.T).max(axis=1).mean())
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_recovers_known_dictionary(data, arch):
+    x, atoms = data
+    cfg = sae.default_config(arch, d_in=32, n_latents=256)
+    if arch == "topk":
+        cfg.k = 4
+    params, metrics = sae.fit(x, cfg, steps=2000, batch_size=256, seed=0)
+    score = mean_best_cosine(atoms, params, cfg)
+    assert score >= 0.9, (arch, score, metrics["final"])
+    assert metrics["final"]["fvu"] < 0.3
+    if arch == "jumprelu":  # the threshold learned: L0 near the true 4 active atoms (it starts far above)
+        assert params["log_threshold"].dtype == jnp.float32
+        assert 2 <= metrics["final"]["l0"] <= 8, metrics["final"]
+
+
+def test_batchtopk_inference_threshold_gives_about_k(data):
+    x, _ = data
+    cfg = sae.default_config("batchtopk", d_in=32, n_latents=128, k=4)
+    params, metrics = sae.fit(x[:8000], cfg, steps=600, batch_size=256, seed=1)
+    assert float(params["threshold"]) > 0
+    # encode() uses the learned threshold, not the batch top-k: per-token L0 varies but averages near k.
+    l0 = float(sae.metrics.l0(sae.encode(params, cfg, x[:4000])))
+    assert 0.5 * 4 <= l0 <= 1.5 * 4, l0
+    assert metrics["history"][-1]["l0"] == pytest.approx(4.0)
+
+
+def test_transcoder_fits_a_map(data):
+    x, _ = data
+    r = np.random.default_rng(3)
+    A = r.normal(size=(32, 16)).astype(np.float32) / 4
+    y = x[:8000] @ A + 0.5  # different width and an offset: b_dec must not be subtracted from the input
+    cfg = sae.default_config("topk", d_in=32, n_latents=128, k=8, d_out=16)
+    params, metrics = sae.fit((x[:8000], y), cfg, steps=800, batch_size=256, seed=0)
+    assert params["W_dec"].shape == (128, 16) and params["W_enc"].shape == (32, 128)
+    y_hat = sae.decode(params, cfg, sae.encode(params, cfg, x[:2000]))
+    assert float(sae.metrics.fvu(y[:2000], y_hat)) == pytest.approx(metrics["final"]["fvu"], abs=0.05)
+    assert metrics["final"]["fvu"] < 0.2, metrics["final"]
+
+
+def test_fold_scales_makes_raw_inputs_equivalent():
+    cfg = sae.default_config("jumprelu", d_in=8, n_latents=16)
+    p = model.init_params(cfg, jax.random.key(0))
+    p = dict(p, b_dec=jnp.arange(8.0) / 10, b_enc=jnp.full(16, 0.1), log_threshold=jnp.full(16, -3.0))
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32) * 7
+    s = 0.3
+    folded = train.fold_scales(p, cfg, s, s)
+    np.testing.assert_allclose(sae.encode(folded, cfg, x), sae.encode(p, cfg, x * s), rtol=1e-5, atol=1e-5)
+    x_hat = sae.decode(folded, cfg, sae.encode(folded, cfg, x))
+    np.testing.assert_allclose(x_hat, sae.decode(p, cfg, sae.encode(p, cfg, x * s)) / s, rtol=1e-4, atol=1e-4)
+
+
+def test_jumprelu_pseudo_gradients():
+    z = jnp.array([[0.9, 1.02, 1.5]])
+    theta = jnp.array([1.0, 1.0, 1.0])
+    eps = 0.1
+    dz, dth = jax.grad(lambda z, t: jnp.sum(model.jumprelu(z, t, eps)), argnums=(0, 1))(z, theta)
+    np.testing.assert_allclose(dz, [[0.0, 1.0, 1.0]])
+    # d/dtheta = -(theta/eps) * rect((z - theta)/eps): only |z - theta| < eps/2 contributes
+    np.testing.assert_allclose(dth, [0.0, -10.0, 0.0], rtol=1e-6)
+    dz, dth = jax.grad(lambda z, t: jnp.sum(model.step(z, t, eps)), argnums=(0, 1))(z, theta)
+    np.testing.assert_allclose(dz, [[0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(dth, [0.0, -10.0, 0.0], rtol=1e-6)
+
+
+def test_geometric_median_ignores_an_outlier():
+    pts = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [100.0, 100.0]])
+    med = model.geometric_median(pts)
+    assert np.linalg.norm(med - [0.5, 0.5]) < 0.6 < np.linalg.norm(pts.mean(0) - [0.5, 0.5])
+
+
+def test_lr_schedule_warmup_and_decay():
+    cfg = sae.default_config("topk", lr=1.0, lr_warmup_steps=10, lr_decay="linear", lr_decay_frac=0.2)
+    sched = train.lr_schedule(cfg, 100)
+    assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.5)
+    assert float(sched(50)) == 1.0 and float(sched(80)) == 1.0
+    assert float(sched(90)) == pytest.approx(0.5) and float(sched(100)) == pytest.approx(0.0)
+
+
+def test_tied_init_and_decoder_norm():
+    cfg = sae.default_config("topk", d_in=8, n_latents=32)
+    p = model.init_params(cfg, jax.random.key(0))
+    np.testing.assert_allclose(p["W_enc"], p["W_dec"].T)
+    np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=1), 1.0, rtol=1e-5)
+    untied = model.init_params(sae.default_config("topk", d_in=8, n_latents=32, tied_init=False), jax.random.key(0))
+    assert not np.allclose(untied["W_enc"], untied["W_dec"].T)
+
+
+# ---- bad input: errors name the value and what was expected, before anything compiles ----
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("compiled or initialised before validating the input")
+
+    monkeypatch.setattr(model, "init_params", fail)
+    monkeypatch.setattr(train.jax, "jit", fail)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_activations(no_compile, bad):
+    x = np.ones((64, 8), np.float32)
+    x[7, 3] = bad
+    with pytest.raises(ValueError, match=r"non-finite value \((nan|inf|-inf)\) at row 7, column 3"):
+        sae.fit(x, sae.default_config("topk", d_in=8, n_latents=16, k=2), steps=2, batch_size=8)
+
+
+def test_d_in_mismatch(no_compile):
+    x = np.ones((64, 12), np.float32)
+    with pytest.raises(ValueError, match=r"width 12 but sae.d_in = 8"):
+        sae.fit(x, sae.default_config("topk", d_in=8, n_latents=16, k=2), steps=2, batch_size=8)
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match=r"unknown SAE architecture 'vanilla'.*'relu', 'topk'"):
+        sae.default_config("vanilla")
+    cfg = sae.default_config("topk")
+    cfg.arch = "vanilla"
+    with pytest.raises(ValueError, match=r"sae.arch='vanilla'"):
+        defaults.validate(cfg)
+
+
+def test_bad_config_values(no_compile):
+    x = np.ones((64, 8), np.float32)
+    with pytest.raises(ValueError, match=r"sae.k = 32 exceeds sae.n_latents = 16"):
+        sae.fit(x, sae.default_config("topk", d_in=8, n_latents=16, k=32), steps=2, batch_size=8)
+    with pytest.raises(ValueError, match=r"unknown SAE config key\(s\) \['width'\]"):
+        sae.default_config("topk", width=3)
+
+
+def test_hookpoint_checks(tiny_cfg):
+    from framework.sae import store
+
+    with pytest.raises(ValueError, match=r"unknown hookpoint sae.hookpoint = 'blocks.7.resid_post'.*blocks.<0..1>"):
+        store.check_hookpoints(sae.default_config("topk", d_in=32, hookpoint="blocks.7.resid_post"), tiny_cfg)
+    with pytest.raises(ValueError, match=r"sae.d_in = 64 does not match hookpoint 'blocks.1.resid_post'.*d_model = 32"):
+        store.check_hookpoints(sae.default_config("topk", d_in=64, hookpoint="blocks.1.resid_post"), tiny_cfg)
+    store.check_hookpoints(sae.default_config("topk", d_in=32, hookpoint="blocks.1.resid_post"), tiny_cfg)
