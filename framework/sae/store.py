@@ -115,25 +115,32 @@ class ActivationStore:
         return name, out
 
     def batches(
-        self, hookpoints: Sequence[str], *, batch_size: int, seed: int = 0, buffer_rows: int | None = None
+        self,
+        hookpoints: Sequence[str],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        buffer_rows: int | None = None,
+        chunk_rows: int = _CHUNK,
     ) -> Iterator[dict[str, np.ndarray]]:
         """Endless shuffled batches {hookpoint: [B, D] float32}, rows aligned across hookpoints.
 
-        Contiguous chunks of `_CHUNK` rows are read in a seeded random order into a buffer of `buffer_rows` rows
-        (default max(32 * batch_size, 4 chunks)); when full, the buffer is shuffled and half of it is emitted.
+        Contiguous chunks of `chunk_rows` rows are read in a seeded random order (a new order every pass) into a
+        buffer of `buffer_rows` rows (default max(32 * batch_size, 4 chunks)); when full, the buffer is shuffled and
+        half of it is emitted. No row is dropped: a row read is emitted at a later refill if not at this one.
         """
         arrays = {h: self.array(h) for h in hookpoints}
         n = self.num_tokens
         if batch_size > n:
             raise ValueError(f"batch_size = {batch_size} exceeds the store's {n} tokens")
-        buffer_rows = min(n, buffer_rows or max(32 * batch_size, 4 * _CHUNK))
+        buffer_rows = min(n, buffer_rows or max(32 * batch_size, 4 * chunk_rows))
         rng = np.random.default_rng(seed)
-        starts = np.arange(0, n, _CHUNK)
+        starts = np.arange(0, n, chunk_rows)
         buf: dict[str, np.ndarray] = {h: np.zeros((0, arrays[h].shape[1]), np.float32) for h in hookpoints}
         while True:
             for s in rng.permutation(starts):
                 for h in hookpoints:
-                    buf[h] = np.concatenate([buf[h], np.asarray(arrays[h][s : s + _CHUNK], np.float32)])
+                    buf[h] = np.concatenate([buf[h], np.asarray(arrays[h][s : s + chunk_rows], np.float32)])
                 size = len(buf[hookpoints[0]])
                 if size < buffer_rows:
                     continue
