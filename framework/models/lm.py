@@ -6,7 +6,7 @@ L layers.
 Entry points (params are plain nested dicts; no module internals needed):
   init(cfg, rng) -> params
   apply(params, tokens_BT, cfg) -> logits_BTV
-  forward(params, tokens_BT, cfg, positions=, cache=, capture=, interventions=) -> Output
+  forward(params, tokens_BT, cfg, positions_BT=, kv_cache=, capture=, interventions=) -> Output
   logical_axes(cfg) -> pytree of PartitionSpec with logical axis names (for framework.sharding)
 
 Layers are one `nn.scan` over a stacked [L, ...] parameter tree; `scan_layers=False` unrolls the same scan, so the
@@ -165,12 +165,19 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = _param(self, "kernel", self.shape, self.axes, _normal(self.std))
+        # A quantised (framework.quant) or adapted (framework.peft) weight is a pytree with its own 2-D `matmul`;
+        # it bypasses `param`, whose shape check compares the pytree's leaves with the plain kernel's shape.
+        kernel = self.get_variable("params", "kernel")
+        if not hasattr(kernel, "matmul"):
+            kernel = _param(self, "kernel", self.shape, self.axes, _normal(self.std))
         x_subs, k_subs = self.eqn.split("->")[0].split(",")
         n_in = sum(c in x_subs for c in k_subs)
         if x_subs[len(x_subs) - n_in :] != k_subs[:n_in]:
             raise ValueError(f"Linear eqn {self.eqn!r}: x's trailing dims must be the kernel's leading dims")
         lead, d_in = x.shape[: x.ndim - n_in], math.prod(self.shape[:n_in])
+        if hasattr(kernel, "matmul"):
+            y = kernel.matmul(x.reshape(-1, d_in).astype(self.cfg.compute_dtype), self.cfg.compute_dtype)
+            return y.reshape(*lead, *self.shape[n_in:])
         kernel = kernel.astype(self.cfg.compute_dtype).reshape(d_in, -1)
         return (x.reshape(-1, d_in) @ kernel).reshape(*lead, *self.shape[n_in:])
 
@@ -179,7 +186,7 @@ class Attention(nn.Module):
     cfg: LMConfig
 
     @nn.compact
-    def __call__(self, x_BTD, pos_BT, seg_BT, kv_cache):
+    def __call__(self, x_BTD, pos_BT, seg_BT, layer_cache, page_table):
         c = self.cfg
         D, H, K, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         std = c.init_std
@@ -189,34 +196,23 @@ class Attention(nn.Module):
         v_BTKD = proj((D, K, Dh), ("embed", "kv_heads", "head_dim"), std, name="v_proj")(x_BTD)
         q_BTHD = apply_rope(q_BTHD, pos_BT, c.rope_theta)
         k_BTKD = apply_rope(k_BTKD, pos_BT, c.rope_theta)
-        if kv_cache is None:
-            k_BSKD, v_BSKD, kv_pos_BS = k_BTKD, v_BTKD, pos_BT
-        else:
-            # Dense cache: slot s holds position s. Write this chunk at its positions, attend over every slot; slots
-            # past a query's position are hidden by the causal mask (and are rewritten before they become visible).
-            cache_k, cache_v = kv_cache
-            b_B1 = jnp.arange(x_BTD.shape[0])[:, None]
-            k_BSKD = cache_k.at[b_B1, pos_BT].set(k_BTKD.astype(cache_k.dtype))
-            v_BSKD = cache_v.at[b_B1, pos_BT].set(v_BTKD.astype(cache_v.dtype))
-            kv_cache = (k_BSKD, v_BSKD)
-            kv_pos_BS = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (x_BTD.shape[0], cache_k.shape[1]))
-        if seg_BT is not None and kv_cache is not None:
-            raise ValueError("segment_ids (packed rows) are for cache-free forward passes, not decoding")
-        if kv_cache is None and c.attention_impl in attn_lib.FLASH_IMPLS:
-            o_BTHD = attn_lib.flash_self_attention(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT=seg_BT, impl=c.attention_impl)
-        else:
-            mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True, q_segment_BT=seg_BT, kv_segment_BS=seg_BT)
-            o_BTHD = attn_lib.dot_product_attention(
-                q_BTHD,
-                k_BSKD.astype(c.compute_dtype),
-                v_BSKD.astype(c.compute_dtype),
-                mask_BTS=mask_BTS,
-                impl="xla" if c.attention_impl in attn_lib.FLASH_IMPLS else c.attention_impl,
+        if layer_cache is not None:
+            if seg_BT is not None:
+                raise ValueError("segment_ids (packed rows) are for cache-free forward passes, not decoding")
+            # The cache layer (framework.inference.kv_cache: dense or paged, float or int8) writes this chunk at its
+            # positions and attends over everything cached so far; the model never sees its layout.
+            o_BTHD, layer_cache = layer_cache.attend(
+                page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, impl=c.attention_impl, compute_dtype=c.compute_dtype
             )
+        elif c.attention_impl in attn_lib.FLASH_IMPLS:
+            o_BTHD = attn_lib.flash_self_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=seg_BT, impl=c.attention_impl)
+        else:
+            mask_BTS = attn_lib.make_mask(pos_BT, pos_BT, causal=True, q_segment_BT=seg_BT, kv_segment_BS=seg_BT)
+            o_BTHD = attn_lib.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask_BTS=mask_BTS, impl=c.attention_impl)
         o_proj = Linear(
             c, "bthk,hkd->btd", (H, Dh, D), ("heads", "head_dim", "embed"), std / (2 * c.n_layers) ** 0.5, name="o_proj"
         )
-        return o_proj(o_BTHD), kv_cache
+        return o_proj(o_BTHD), layer_cache
 
 
 class MLP(nn.Module):
@@ -279,10 +275,10 @@ class Block(nn.Module):
         return x
 
     @nn.compact
-    def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT, seg_BT):
+    def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT, seg_BT, page_table):
         x_BTD = self._hook("resid_pre", x_BTD, layer_idx)
         a_BTD, layer_cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache
+            RMSNorm(self.cfg, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache, page_table
         )
         a_BTD = self._hook("attn_out", a_BTD, layer_idx)
         h_BTD = self._hook("resid_mid", x_BTD + a_BTD, layer_idx)
@@ -305,7 +301,7 @@ class Decoder(nn.Module):
         return x
 
     @nn.compact
-    def __call__(self, tokens_BT, pos_BT, cache, seg_BT=None):
+    def __call__(self, tokens_BT, pos_BT, layer_cache, seg_BT=None, page_table=None):
         c = self.cfg
         embed = Embed(c, name="embed")
         x_BTD = embed(tokens_BT)
@@ -319,12 +315,12 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(0, 0, nn.broadcast, nn.broadcast),
+            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.n_layers,
             unroll=1 if c.scan_layers else c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.interventions, name="layers")
-        x_BTD, cache = layers(x_BTD, jnp.arange(c.n_layers), cache, pos_BT, seg_BT)
+        x_BTD, layer_cache = layers(x_BTD, jnp.arange(c.n_layers), layer_cache, pos_BT, seg_BT, page_table)
 
         x_BTD = self._top_hook("final_norm", RMSNorm(c, name="final_norm")(x_BTD))
         if c.tie_embeddings:
@@ -335,14 +331,14 @@ class Decoder(nn.Module):
             )(x_BTD).astype(jnp.float32)
         if c.final_logit_softcap:
             logits_BTV = c.final_logit_softcap * jnp.tanh(logits_BTV / c.final_logit_softcap)
-        return logits_BTV, cache
+        return logits_BTV, layer_cache
 
 
 class Output(NamedTuple):
-    """What `forward` returns: fp32 logits, the updated (k, v) cache or None, and captured hookpoint activations."""
+    """What `forward` returns: fp32 logits, the updated KV cache or None, and captured hookpoint activations."""
 
     logits: Float[Array, "B T V"]
-    kv_cache: tuple[jax.Array, jax.Array] | None
+    kv_cache: Any
     captured: dict[str, jax.Array]
 
 
@@ -366,14 +362,6 @@ def _parse_hookpoint(name: str, cfg: LMConfig) -> tuple[int | None, str]:
     )
 
 
-def init_kv_cache(cfg: LMConfig, batch: int, max_len: int, dtype=None) -> tuple[jax.Array, jax.Array]:
-    """A zeroed dense cache (k, v), each [L, B, S, K, Dh]; slot s holds position s."""
-    cfg = LMConfig.from_config(cfg)
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    dtype = dtype or cfg.compute_dtype
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-
-
 def forward(
     params: Params,
     tokens_BT: Int[Array, "B T"],
@@ -381,14 +369,16 @@ def forward(
     *,
     positions_BT: Int[Array, "B T"] | None = None,
     segment_ids_BT: Int[Array, "B T"] | None = None,
-    kv_cache: tuple[jax.Array, jax.Array] | None = None,
+    kv_cache: Any = None,
     capture: Sequence[str] = (),
     interventions: Mapping[str, Intervention] | None = None,
 ) -> Output:
     """Runs the LM; optionally with a KV cache, capturing hookpoints, or replacing activations at hookpoints.
 
     `positions_BT` defaults to 0..T-1 in every row. `segment_ids_BT` marks packed rows: tokens attend only within
-    their own segment (pass per-segment positions too). `interventions` maps hookpoint names to functions applied
+    their own segment (pass per-segment positions too). `kv_cache` is a `framework.inference.kv_cache.KVCache`
+    (dense or paged, float or int8): the chunk is written at its positions and attends over the cache; the updated
+    cache comes back in `Output.kv_cache`. `interventions` maps hookpoint names to functions applied
     to the activation there (e.g. an SAE's reconstruction); `capture` lists hookpoints whose activations (after
     any intervention) are returned.
     """
@@ -402,19 +392,19 @@ def forward(
         (top_iv.append((point, fn)) if layer is None else layer_iv.append((layer, point, fn)))
     wanted = [(name, *_parse_hookpoint(name, cfg)) for name in capture]
     model = Decoder(cfg, tuple(layer_iv), tuple(top_iv))
+    layers, page_table = (None, None) if kv_cache is None else (kv_cache.layers, kv_cache.page_table)
+    args = (tokens_BT, positions_BT, layers, segment_ids_BT, page_table)
     if wanted:
-        (logits, kv_cache), state = model.apply(
-            {"params": params}, tokens_BT, positions_BT, kv_cache, segment_ids_BT, mutable=["intermediates"]
-        )
+        (logits, layers), state = model.apply({"params": params}, *args, mutable=["intermediates"])
         inter = state["intermediates"]
         captured = {
             name: (inter[f"hook_{point}"][0] if layer is None else inter["layers"][point][0][layer])
             for name, layer, point in wanted
         }
     else:
-        logits, kv_cache = model.apply({"params": params}, tokens_BT, positions_BT, kv_cache, segment_ids_BT)
+        logits, layers = model.apply({"params": params}, *args)
         captured = {}
-    return Output(logits, kv_cache, captured)
+    return Output(logits, None if kv_cache is None else kv_cache.replace(layers=layers), captured)
 
 
 def apply(

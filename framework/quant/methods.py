@@ -1,0 +1,304 @@
+"""Post-training quantisation of a Lumen LM's params: round-to-nearest, AWQ and GPTQ.
+
+Glossary: n calibration tokens, K input features, N output features, G group size, L stacked layers.
+
+  qparams = quantize(params, QuantConfig(fmt="int4", group_size=64), "gptq", calib_batches, model_cfg=cfg)
+  logits = lm.apply(qparams, tokens, cfg)        # lm.Linear runs QuantizedWeight.matmul
+
+Target kernels are chosen by a regex over '/'-joined param paths (default: every attention/MLP projection; the
+embedding and lm_head stay in float, as in GPTQ/AWQ practice).  Each kernel is flattened to its 2-D matmul form
+[K, N] (the `lm.Linear` contraction) and each stacked layer is quantised on its own.
+- RTN: `qtensor.quantize_matrix`.
+- AWQ (Lin et al. 2023): per input channel k, s_k = mean|x_k|^a / normaliser; quantise diag(s) W and multiply the
+  activations by 1/s at run time (`in_scale`; AWQ folds 1/s into the previous op, a cheap [M, K] multiply here);
+  a is grid-searched per matrix to minimise ||X W - X Ŵ||² on the calibration inputs (a = 0 is RTN, so the search
+  never does worse on them).  No weight-clipping search.
+- GPTQ (Frantar et al. 2022): H = XᵀX / n + damp·mean(diag H)·I; rows of W (input features) are quantised in order,
+  each row's error pushed onto the rows not yet quantised through the upper Cholesky factor of H⁻¹; group scales
+  are fitted to the already-updated weights when a group starts.  Calibration inputs are those of the float model
+  (not the sequentially quantised one), and no act-order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from framework.models import lm
+from framework.quant import qtensor
+from framework.quant.qtensor import QuantizedWeight
+
+METHODS = ("rtn", "awq", "gptq")
+DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """What to quantise and how: format, bits, group size, targets, the matmul impl, and method knobs."""
+
+    fmt: str = "int4"
+    bits: int | None = None
+    group_size: int | None = None
+    double_quant: bool = False
+    act_quant: bool = False
+    targets: str = DEFAULT_TARGETS
+    impl: str = "xla"
+    max_calib_tokens: int = 4096
+    awq_grid: int = 20
+    gptq_damp: float = 0.01
+
+    def __post_init__(self):
+        fmt, bits, group = qtensor.check_format(self.fmt, self.bits, self.group_size, self.double_quant, self.act_quant)
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "group_size", group)
+        re.compile(self.targets)
+        if self.impl not in qtensor.qmm.IMPLS:
+            raise ValueError(f"QuantConfig.impl={self.impl!r}: expected one of {qtensor.qmm.IMPLS}")
+        if self.awq_grid < 1 or self.max_calib_tokens < 1 or not self.gptq_damp > 0:
+            raise ValueError(f"awq_grid, max_calib_tokens must be >= 1 and gptq_damp > 0; got {self}")
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def linear_layout(model_cfg: lm.LMConfig) -> dict[str, tuple[int, int]]:
+    """{'layers/attn/q_proj/kernel': (n_in, n_stack_dims)} for every lm.Linear: how to flatten each kernel to 2-D."""
+    model_cfg = lm.LMConfig.from_config(model_cfg)
+    found: dict[str, tuple[int, int]] = {}
+
+    def icpt(next_fun, args, kwargs, ctx):
+        mod = ctx.module
+        if isinstance(mod, lm.Linear) and ctx.method_name == "__call__":
+            x_subs, k_subs = mod.eqn.split("->")[0].split(",")
+            found["/".join(mod.path) + "/kernel"] = (sum(c in x_subs for c in k_subs), int(mod.path[0] == "layers"))
+        return next_fun(*args, **kwargs)
+
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    with nn.intercept_methods(icpt):
+        jax.eval_shape(lambda: lm.Decoder(model_cfg).init(jax.random.key(0), tokens, tokens, None))
+    return found
+
+
+def collect_inputs(
+    params, model_cfg, batches: Iterable, paths: Iterable[str], max_tokens: int
+) -> dict[str, np.ndarray]:
+    """Inputs of the named Linear kernels on calibration token batches: {path: [L?, n, K] float32 numpy}."""
+    model_cfg = lm.LMConfig.from_config(model_cfg)
+    wanted = {p.rsplit("/", 1)[0] for p in paths}
+
+    def icpt(next_fun, args, kwargs, ctx):
+        mod = ctx.module
+        if isinstance(mod, lm.Linear) and ctx.method_name == "__call__" and "/".join(mod.path) in wanted:
+            n_in = sum(c in mod.eqn.split("->")[0].split(",")[0] for c in mod.eqn.split(",")[1].split("->")[0])
+            x = args[0]
+            mod.sow("intermediates", "linear_in", x.reshape(-1, int(np.prod(x.shape[x.ndim - n_in :]))))
+        return next_fun(*args, **kwargs)
+
+    @jax.jit
+    def run(tokens_BT):
+        B, T = tokens_BT.shape
+        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        with nn.intercept_methods(icpt):
+            _, state = lm.Decoder(model_cfg).apply(
+                {"params": params}, tokens_BT, pos, None, None, mutable=["intermediates"]
+            )
+        return state["intermediates"]
+
+    chunks: dict[str, list[np.ndarray]] = {p: [] for p in paths}
+    n = 0
+    for tokens in batches:
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"calibration batches must be int token arrays [B, T]; got {tokens.dtype}{tokens.shape}")
+        inter = run(tokens)
+        for p in paths:
+            node = inter
+            for key in p.split("/")[:-1]:
+                node = node[key]
+            chunks[p].append(np.asarray(node["linear_in"][0], np.float32))
+        n += tokens.size
+        if n >= max_tokens:
+            break
+    if n == 0:
+        raise ValueError("calib_batches yielded no batch")
+    return {p: np.concatenate(c, axis=-2)[..., :max_tokens, :] for p, c in chunks.items()}
+
+
+# --------------------------------------------------------------------------------------------- methods
+def _awq(w_KN, x_nK, cfg: QuantConfig) -> QuantizedWeight:
+    """Activation-aware per-input-channel scaling with a grid search of the exponent (see module docstring)."""
+    w = jnp.asarray(w_KN, jnp.float32)
+    x = jnp.asarray(x_nK, jnp.float32)
+    y_ref = x @ w
+    act = jnp.maximum(jnp.mean(jnp.abs(x), axis=0), 1e-8)
+    best = None
+    for a in np.linspace(0.0, 1.0, cfg.awq_grid + 1):
+        s = act**a
+        s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+        qw = qtensor.quantize_matrix(
+            w * s[:, None],
+            cfg.fmt,
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            double_quant=cfg.double_quant,
+            impl=cfg.impl,
+            act_quant=cfg.act_quant,
+        )
+        qw = dataclasses.replace(qw, in_scale=(1.0 / s)[None, :])
+        err = (
+            float(jnp.mean((qw.matmul(x) - y_ref) ** 2))
+            if not cfg.act_quant
+            else float(jnp.mean((x @ qw.dequantize() - y_ref) ** 2))
+        )
+        if best is None or err < best[0]:
+            best = (err, qw)
+    return best[1]
+
+
+def _np_group(w_GN, fmt: str, bits: int):
+    """numpy float64 twin of `qtensor.group_params` (GPTQ's inner loop stays off the jax dispatcher)."""
+    if fmt == "int8":
+        return np.maximum(np.max(np.abs(w_GN), axis=0, keepdims=True), 1e-12) / 127.0, None
+    if fmt == "nf4":
+        return np.maximum(np.max(np.abs(w_GN), axis=0, keepdims=True), 1e-12), None
+    lo = np.minimum(np.min(w_GN, axis=0, keepdims=True), 0.0)
+    hi = np.maximum(np.max(w_GN, axis=0, keepdims=True), 0.0)
+    scale = np.maximum(hi - lo, 1e-12) / (2**bits - 1)
+    return scale, np.round(-lo / scale)
+
+
+def _np_round_trip(w_N, scale, zero, fmt: str, bits: int):
+    """(codes, dequantised) of one row under (scale, zero): numpy twin of `qtensor.encode`/`decode`."""
+    if fmt == "int8":
+        c = np.clip(np.round(w_N / scale), -127, 127)
+        return c, c * scale
+    if fmt == "nf4":
+        levels = np.asarray(qtensor.NF4_LEVELS)
+        c = np.argmin(np.abs((w_N / scale)[..., None] - levels), axis=-1)
+        return c, levels[c] * scale
+    c = np.clip(np.round(w_N / scale) + zero, 0, 2**bits - 1)
+    return c, (c - zero) * scale
+
+
+def _gptq(w_KN, x_nK, cfg: QuantConfig) -> QuantizedWeight:
+    """GPTQ: row-by-row quantisation with Hessian-weighted error compensation (numpy float64)."""
+    w = np.asarray(w_KN, np.float64)
+    x = np.asarray(x_nK, np.float64)
+    K, N = w.shape
+    fmt, bits = cfg.fmt, cfg.bits
+    G = K if fmt == "int8" else cfg.group_size
+    K_pad = qtensor.padded_rows(K, fmt, G)
+    H = np.eye(K_pad)
+    H[:K, :K] = x.T @ x / x.shape[0]
+    W = np.zeros((K_pad, N))
+    W[:K] = w
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H += cfg.gptq_damp * np.mean(np.diag(H)) * np.eye(K_pad)
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
+    codes = np.zeros((K_pad, N))
+    scales, zeros = [], []
+    for i in range(K_pad):
+        if i % G == 0:  # int8: one group of K rows, fitted to the original weights
+            scale, zero = _np_group(W[i : i + G], fmt, bits)
+            scales.append(scale)
+            zeros.append(zero)
+        codes[i], q = _np_round_trip(W[i], scale[0], None if zero is None else zero[0], fmt, bits)
+        err = (W[i] - q) / U[i, i]
+        W[i:] -= np.outer(U[i, i:], err)
+    scales_a = jnp.asarray(np.concatenate(scales, 0), jnp.float32)
+    zeros_a = jnp.asarray(np.concatenate(zeros, 0), jnp.float32) if fmt == "int4" else None
+    return qtensor.from_codes(
+        jnp.asarray(codes.astype(np.int32)),
+        scales_a,
+        zeros_a,
+        fmt=fmt,
+        bits=bits,
+        group_size=0 if fmt == "int8" else G,
+        in_features=K,
+        double_quant=cfg.double_quant,
+        impl=cfg.impl,
+        act_quant=cfg.act_quant,
+    )
+
+
+def _rtn(w_KN, x_nK, cfg: QuantConfig) -> QuantizedWeight:
+    return qtensor.quantize_matrix(
+        w_KN,
+        cfg.fmt,
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        double_quant=cfg.double_quant,
+        impl=cfg.impl,
+        act_quant=cfg.act_quant,
+    )
+
+
+_METHODS = {"rtn": _rtn, "awq": _awq, "gptq": _gptq}
+
+
+def quantize_linear(w_KN, cfg: QuantConfig, method: str = "rtn", x_nK=None) -> QuantizedWeight:
+    """Quantises one [K, N] matrix with `method`; AWQ and GPTQ need its calibration inputs x [n, K]."""
+    if method not in METHODS:
+        raise ValueError(f"quantisation method {method!r}: expected one of {METHODS}")
+    if method != "rtn" and x_nK is None:
+        raise ValueError(f"method {method!r} needs calibration inputs (calib_batches)")
+    return _METHODS[method](w_KN, x_nK, cfg)
+
+
+def quantize(
+    params: dict[str, Any], cfg: QuantConfig, method: str = "rtn", calib_batches: Iterable | None = None, *, model_cfg
+) -> dict[str, Any]:
+    """Params with every target kernel replaced by a QuantizedWeight (stacked per layer); others untouched.
+
+    `calib_batches`: int token arrays [B, T] (AWQ/GPTQ); at most `cfg.max_calib_tokens` tokens are used.
+    """
+    if method not in METHODS:
+        raise ValueError(f"quantisation method {method!r}: expected one of {METHODS}")
+    if method != "rtn" and calib_batches is None:
+        raise ValueError(f"method {method!r} needs calib_batches (int token arrays [B, T])")
+    layout = linear_layout(model_cfg)
+    pattern = re.compile(cfg.targets)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    targets = [
+        path_str(p)
+        for p, leaf in flat
+        if pattern.fullmatch(path_str(p)) and path_str(p) in layout and not isinstance(leaf, QuantizedWeight)
+    ]
+    if not targets:
+        raise ValueError(f"no Linear kernel matches targets {cfg.targets!r}; kernels are {sorted(layout)}")
+    inputs = collect_inputs(params, model_cfg, calib_batches, targets, cfg.max_calib_tokens) if method != "rtn" else {}
+    out = []
+    for p, leaf in flat:
+        name = path_str(p)
+        if name not in targets:
+            out.append(leaf)
+            continue
+        n_in, n_stack = layout[name]
+        lead = leaf.shape[:n_stack]
+        K = int(np.prod(leaf.shape[n_stack : n_stack + n_in]))
+        mats = leaf.reshape(-1, K, int(np.prod(leaf.shape[n_stack + n_in :])))
+        xs = inputs.get(name)
+        xs = None if xs is None else xs.reshape(-1, *xs.shape[-2:])
+        qws = [quantize_linear(mats[i], cfg, method, None if xs is None else xs[i]) for i in range(mats.shape[0])]
+        out.append(qtensor.stack(qws) if lead else qws[0])
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def weight_bytes(params) -> dict[str, float]:
+    """{'storage': bytes held, 'ideal': bytes at nominal bit widths} over every matmul kernel and quantised weight."""
+    storage = ideal = 0.0
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    for leaf in leaves:
+        if isinstance(leaf, QuantizedWeight):
+            storage += leaf.storage_bytes()
+            ideal += leaf.ideal_bytes()
+    return dict(storage=storage, ideal=ideal)
