@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from framework.inference import kv_cache
 from framework.models import lm
 
 ATOL = 1e-5  # fp32 paths that differ only in summation order / program structure
@@ -155,8 +156,8 @@ def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward(model):
     B, T, prefix = 2, 12, 5
     tokens = _tokens(cfg, B=B, T=T, seed=1)
     full = _forward(params, tokens, cfg).logits
-    cache = lm.init_kv_cache(cfg, B, 16)
-    assert cache[0].shape == (cfg.n_layers, B, 16, cfg.n_kv_heads, cfg.head_dim)
+    cache = kv_cache.init_cache(cfg, B, 16)
+    assert cache.layers.k.shape == (cfg.n_layers, B, 16, cfg.n_kv_heads, cfg.head_dim)
     pos = jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), (B, prefix))
     out = _cached_forward(params, tokens[:, :prefix], pos, cache, cfg)
     np.testing.assert_allclose(out.logits, full[:, :prefix], atol=ATOL, rtol=0)
@@ -181,7 +182,7 @@ def test_kv_cache_with_right_padded_ragged_batch(model):
         params,
         jnp.asarray(padded),
         jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-        lm.init_kv_cache(cfg, B, S),
+        kv_cache.init_cache(cfg, B, S),
         cfg,
     )
     refs = [_forward(params, jnp.asarray(s[None]), cfg).logits[0] for s in seqs]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from framework.inference import kv_cache as kvc
 from framework.inference import sampling
 from framework.models import lm
 from framework.tasks.tokenizer import check_token_ids
@@ -120,7 +121,35 @@ def _decode_step(params, cfg, tok_B, pos_B, cache):
     return out.logits[:, 0], out.kv_cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_len", "greedy", "use_top_k", "use_top_p"))
+class CacheSpec(NamedTuple):
+    """Static description of the cache `generate` builds: layout, dtype, slots per sequence, paging."""
+
+    layout: str  # "dense" | "paged"
+    dtype: str | None  # None = the model's compute dtype; "int8" = quantised with per-token, per-head scales
+    seq_len: int  # slots per sequence (dense) / page-table span (paged, a multiple of page_size)
+    page_size: int
+    num_pages: int  # paged pool size
+
+
+def _grab_pages(cache: kvc.KVCache, need_B, pos_B):
+    """Gives each row with need_B a fresh page for position pos_B; returns (cache, ok)."""
+    pool, pages_B1, ok = kvc.allocate(cache.pool, need_B, 1)
+    C = cache.page_size
+    rows = jnp.arange(need_B.shape[0])
+    col_B = jnp.clip(pos_B // C, 0, cache.page_table.shape[1] - 1)
+    table = cache.page_table.at[rows, col_B].set(jnp.where(need_B, pages_B1[:, 0], cache.page_table[rows, col_B]))
+    return cache.replace(page_table=table, pool=pool), ok
+
+
+def _free_rows(cache: kvc.KVCache, rows_B):
+    """Returns the pages of the rows in rows_B to the pool; their later writes are dropped (table entries -1)."""
+    freed = jnp.where(rows_B[:, None], cache.page_table, -1)
+    return cache.replace(
+        pool=kvc.release(cache.pool, freed), page_table=jnp.where(rows_B[:, None], -1, cache.page_table)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "spec", "greedy", "use_top_k", "use_top_p"))
 def _generate_jit(
     params,
     tokens_BT,
@@ -133,7 +162,7 @@ def _generate_jit(
     *,
     cfg: lm.LMConfig,
     max_new_tokens: int,
-    cache_len: int,
+    spec: CacheSpec,
     greedy: bool,
     use_top_k: bool,
     use_top_p: bool,
@@ -157,33 +186,50 @@ def _generate_jit(
     def is_stop(tok_B):
         return jnp.any(tok_B[:, None] == stop_ids_E[None, :], axis=-1)
 
-    # Prefill: the whole padded block at positions 0..T-1. Pad slots lie past every real query's position and are
-    # overwritten by decode before any query can see them.
-    cache = lm.init_kv_cache(cfg, B, cache_len)
+    # Prefill: the whole padded block at positions 0..T-1. Dense: pad slots lie past every real query's position and
+    # are overwritten by decode before any query can see them. Paged: each row first gets the pages its prompt
+    # covers; pad positions past them have no page and their writes are dropped.
+    paged = spec.layout == "paged"
+    cache = kvc.init_cache(
+        cfg, B, spec.seq_len, spec.dtype, spec.layout, page_size=spec.page_size, num_pages=spec.num_pages
+    )
+    ok = jnp.bool_(True)
+    if paged:
+        C = spec.page_size
+        pool, table, ok = kvc.allocate(cache.pool, (prompt_lens_B + C - 1) // C, cache.page_table.shape[1])
+        cache = cache.replace(pool=pool, page_table=table)
     pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     out = lm.forward(params, tokens_BT, cfg, positions_BT=pos_BT, kv_cache=cache)
     last_BV = jnp.take_along_axis(out.logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
     tok_B, lp_B = pick(last_BV, 0)
     tokens_BN = jnp.full((B, N), cfg.pad_id, jnp.int32).at[:, 0].set(tok_B)
     logprobs_BN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B)
-    state = (jnp.int32(1), out.kv_cache, tokens_BN, logprobs_BN, tok_B, is_stop(tok_B), jnp.ones((B,), jnp.int32))
+    done_B = is_stop(tok_B)
+    cache = _free_rows(out.kv_cache, done_B) if paged else out.kv_cache
+    state = (jnp.int32(1), cache, tokens_BN, logprobs_BN, tok_B, done_B, jnp.ones((B,), jnp.int32), ok)
 
     def cond(state):
-        i, _, _, _, _, done_B, _ = state
-        return (i < N) & ~jnp.all(done_B)
+        i, _, _, _, _, done_B, _, ok = state
+        return (i < N) & ~jnp.all(done_B) & ok
 
     def body(state):
-        i, cache, tokens_BN, logprobs_BN, prev_B, done_B, lengths_B = state
+        i, cache, tokens_BN, logprobs_BN, prev_B, done_B, lengths_B, ok = state
+        pos_B = prompt_lens_B + i - 1
+        if paged:  # a row crossing into a new page takes one from the pool; finished rows hold none
+            cache, ok = _grab_pages(cache, (pos_B % spec.page_size == 0) & ~done_B, pos_B)
         # Finished rows keep computing (the batch moves in lockstep) but their outputs are discarded.
-        logits_BV, cache = _decode_step(params, cfg, prev_B, prompt_lens_B + i - 1, cache)
+        logits_BV, cache = _decode_step(params, cfg, prev_B, pos_B, cache)
         tok_B, lp_B = pick(logits_BV, i)
         tokens_BN = tokens_BN.at[:, i].set(jnp.where(done_B, cfg.pad_id, tok_B))
         logprobs_BN = logprobs_BN.at[:, i].set(jnp.where(done_B, 0.0, lp_B))
         lengths_B = lengths_B + (~done_B).astype(jnp.int32)
-        return i + 1, cache, tokens_BN, logprobs_BN, tok_B, done_B | is_stop(tok_B), lengths_B
+        new_done_B = done_B | is_stop(tok_B)
+        if paged:  # pages of rows that just stopped go back to the pool for the rows still running
+            cache = _free_rows(cache, new_done_B & ~done_B)
+        return i + 1, cache, tokens_BN, logprobs_BN, tok_B, new_done_B, lengths_B, ok
 
-    _, _, tokens_BN, logprobs_BN, _, _, lengths_B = jax.lax.while_loop(cond, body, state)
-    return GenerateOutput(tokens_BN, logprobs_BN, lengths_B)
+    _, _, tokens_BN, logprobs_BN, _, _, lengths_B, ok = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(tokens_BN, logprobs_BN, lengths_B), ok
 
 
 def generate(
@@ -197,6 +243,10 @@ def generate(
     top_p: float | None = None,
     stop_tokens: Sequence[int] | None = None,
     rng: jax.Array | None = None,
+    kv_layout: str = "dense",
+    kv_dtype: str | None = None,
+    page_size: int = 16,
+    num_pages: int | None = None,
 ) -> GenerateOutput:
     """Continues each prompt by up to `max_new_tokens` tokens with one compiled prefill + decode loop.
 
@@ -210,6 +260,10 @@ def generate(
       top_p: nucleus sampling; keep the smallest most-likely set with probability >= top_p.
       stop_tokens: ids that end a sequence (kept as its last token); None = `cfg.eos_ids`, () = never stop.
       rng: PRNG key; step i samples with `jax.random.fold_in(rng, i)` over the whole batch.
+      kv_layout: "dense" ([B, S] slots per layer) or "paged" (a pool of `page_size`-token pages handed out from a
+        free list as rows grow and returned when a row stops, so `num_pages` may be below the worst case B * S / C).
+      kv_dtype: cache dtype; None = the model's compute dtype, "int8" = per-token, per-head quantised.
+      page_size, num_pages: paging (paged only); num_pages defaults to the worst case. Running out raises.
 
     Returns:
       GenerateOutput(tokens [B, N] int32, logprobs [B, N] float32, lengths [B] int32); logprobs are under the
@@ -227,8 +281,10 @@ def generate(
     )
     cfg, lens = req.cfg, [p.size for p in req.prompts]
     T = bucket_length(max(lens), cfg.max_seq_len)
-    # Decode writes positions up to max(lens) + N - 2; the prefill block needs T slots.
-    cache_len = min(T + max_new_tokens, cfg.max_seq_len)
+    # Decode writes positions up to max(lens) + N - 2; the prefill block needs T slots. A multiple of 16 lets the
+    # decode kernel read a dense cache in 16-token (or larger) pages.
+    cache_len = min(-(-(T + max_new_tokens) // 16) * 16, cfg.max_seq_len)
+    spec = _cache_spec(cfg, len(lens), cache_len, kv_layout, kv_dtype, page_size, num_pages)
     tokens_BT = np.full((len(lens), T), cfg.pad_id, np.int32)
     for b, p in enumerate(req.prompts):
         tokens_BT[b, : p.size] = p
@@ -236,7 +292,7 @@ def generate(
     stop_E = np.full(bucket_length(len(req.stop_tokens) or 1, 1 << 30, minimum=4), -1, np.int32)
     stop_E[: len(req.stop_tokens)] = req.stop_tokens
     greedy = req.temperature == 0.0
-    return _generate_jit(
+    out, ok = _generate_jit(
         params,
         jnp.asarray(tokens_BT),
         jnp.asarray(lens, jnp.int32),
@@ -247,8 +303,32 @@ def generate(
         jnp.float32(req.top_p or 1.0),
         cfg=cfg,
         max_new_tokens=int(max_new_tokens),
-        cache_len=cache_len,
+        spec=spec,
         greedy=greedy,
         use_top_k=req.top_k is not None and not greedy,
         use_top_p=req.top_p is not None and not greedy,
     )
+    if not bool(ok):
+        raise RuntimeError(
+            f"generate: the paged KV cache ran out of pages (num_pages={spec.num_pages}, page_size={spec.page_size}, "
+            f"batch={len(lens)}); pass a larger num_pages (the worst case is {len(lens) * spec.seq_len // spec.page_size})"
+        )
+    return out
+
+
+def _cache_spec(cfg, batch, cache_len, layout, dtype, page_size, num_pages) -> CacheSpec:
+    if layout not in kvc.LAYOUTS:
+        raise ValueError(f"generate: kv_layout={layout!r}: expected one of {kvc.LAYOUTS}")
+    if dtype is not None and str(dtype) not in kvc.KV_DTYPES:
+        raise ValueError(f"generate: kv_dtype={dtype!r}: expected None or one of {kvc.KV_DTYPES}")
+    if layout == "dense":
+        return CacheSpec("dense", dtype, cache_len, 16, 0)
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"generate: page_size must be an int >= 1, got {page_size!r}")
+    span = -(-cache_len // page_size) * page_size
+    worst = batch * span // page_size
+    if num_pages is None:
+        num_pages = worst
+    if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
+        raise ValueError(f"generate: num_pages must be None or an int >= 1, got {num_pages!r}")
+    return CacheSpec("paged", dtype, span, page_size, min(num_pages, worst))
