@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("train_lm",)
+EXPERIMENTS = ("train_lm", "sae")
 
 
 def get(name: str) -> ModuleType:

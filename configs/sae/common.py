@@ -1,0 +1,34 @@
+"""Shared builder of `sae` experiment configs (imports only configs.common and framework.sae.defaults, no jax)."""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+from framework.sae import defaults
+
+HOOKPOINT = "blocks.1.resid_post"  # the tiny LM's last residual stream
+
+
+def sae_experiment(arch: str, **sae_overrides) -> ml_collections.ConfigDict:
+    """An `sae` experiment: LM (trained here, or loaded from lm.workdir), harvest, SAE training, eval, report."""
+    config = ml_collections.ConfigDict()
+    config.experiment = "sae"
+    config.seed = 0
+    # The LM: `lm.workdir` names a finished train_lm workdir to load; unset, `lm.train_lm` is trained here.
+    lm_cfg = common.lm_experiment(size="tiny")
+    lm_cfg.task.modulus = 10
+    lm_cfg.train.update(steps=1500, batch_size=32, seq_len=80, lr=1e-2, checkpoint_every=500, log_every=100)
+    config.lm = ml_collections.ConfigDict({"workdir": config_dict.placeholder(str), "train_lm": lm_cfg})
+    config.harvest = ml_collections.ConfigDict(
+        dict(hookpoints=(HOOKPOINT,), train_tokens=200_000, eval_tokens=16_384, batch_size=64, dtype="float32")
+    )
+    config.sae = defaults.default_config(arch, d_in=common.MODEL_SIZES["tiny"]["d_model"], n_latents=512)
+    config.sae.hookpoint = HOOKPOINT
+    config.sae.update(sae_overrides)
+    config.train = ml_collections.ConfigDict(dict(steps=3000, batch_size=1024))
+    config.eval = ml_collections.ConfigDict(dict(splice_batches=4))
+    config.report = ml_collections.ConfigDict(dict(n_features=24, top_contexts=8))
+    config.mesh = common.mesh_config(data=1)
+    return config

@@ -1,0 +1,226 @@
+"""Train an SAE (or transcoder) on a hookpoint of an arithmetic LM: get the LM, harvest, fit, evaluate, report.
+
+The LM is loaded from `config.lm.workdir` (a train_lm workdir; resumed to its configured step count, so a finished
+run loads without training) or trained here into `workdir/lm` from `config.lm.train_lm`. Activations of every
+`config.harvest.hookpoints` are harvested in one pass per batch into `workdir/activations` (train split) and
+`workdir/activations_eval` (eval split); rerunning reuses both.
+
+Artifacts in `workdir`: config.json, metrics.jsonl (the SAE's training history), sae_params.safetensors,
+results/sae_metrics.json (reconstruction metrics on held-out tokens, CE loss recovered and delta LM loss spliced
+into the LM, density histogram, throughput), report/features.html, figures/density.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs.sae.common import sae_experiment
+from experiments import train_lm
+from framework import config as config_lib
+from framework import sae
+from framework.models import lm
+from framework.sae import defaults, report, store
+from framework.tasks import data
+from framework.training import loop
+from framework.training.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+def _lm_config(config) -> ml_collections.ConfigDict:
+    if config.lm.workdir is None:
+        return config.lm.train_lm
+    path = os.path.join(config.lm.workdir, "config.json")
+    if not os.path.exists(path):
+        raise config_lib.ConfigError(f"config key 'lm.workdir': {config.lm.workdir!r} holds no config.json")
+    with open(path) as f:
+        d = json.load(f)
+    return ml_collections.ConfigDict(d)
+
+
+def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
+    """Checks every section (SAE keys, hookpoints against the LM, d_in against its width); compiles nothing."""
+    arch = config.sae.get("arch")
+    if arch not in defaults.ARCHS:
+        raise config_lib.ConfigError(
+            f"config key 'sae.arch': unknown architecture {arch!r}; expected one of {defaults.ARCHS}"
+        )
+    config_lib.check_against(config, sae_experiment(arch))
+    lm_config = _lm_config(config)
+    model_cfg = train_lm.validate(lm_config)
+    try:
+        defaults.validate(config.sae)
+        store.check_hookpoints(config.sae, model_cfg)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    names = lm.hookpoints(model_cfg)
+    for h in config.harvest.hookpoints:
+        config_lib.require(h in names, "harvest.hookpoints", f"unknown hookpoint {h!r}; expected one of {list(names)}")
+    for key in ("hookpoint", "out_hookpoint"):
+        h = config.sae[key]
+        config_lib.require(
+            h is None or h in config.harvest.hookpoints,
+            f"sae.{key}",
+            f"{h!r} is not harvested; add it to harvest.hookpoints {tuple(config.harvest.hookpoints)}",
+        )
+    for key in ("train_tokens", "eval_tokens", "batch_size"):
+        config_lib.require(config.harvest[key] > 0, f"harvest.{key}", f"must be positive, got {config.harvest[key]}")
+    for key in ("steps", "batch_size"):
+        config_lib.require(config.train[key] > 0, f"train.{key}", f"must be positive, got {config.train[key]}")
+    return model_cfg
+
+
+def load_or_train_lm(config, workdir: str):
+    """(params, model config, the LM's experiment config): trained into workdir/lm or resumed from lm.workdir."""
+    lm_config = _lm_config(config)
+    lm_dir = config.lm.workdir or os.path.join(workdir, "lm")
+    model_cfg, task = train_lm.make_task(lm_config)
+    state = loop.train(lm_config, lm_dir, task)
+    return jax.device_get(state.params), model_cfg, lm_config
+
+
+def token_batches(lm_config, split: str, batch_size: int):
+    """Endless packed batches of the LM's own task (tokens, positions, segment_ids) of `split`."""
+    ds = data.make_dataset(
+        seed=lm_config.seed,
+        batch_size=batch_size,
+        seq_len=lm_config.train.seq_len,
+        loss_on=lm_config.task.loss_on,
+        split=split,
+        pack=lm_config.task.pack,
+        **train_lm.knobs(lm_config),
+    )
+    return data.batch_iterator(ds, prefetch=0)
+
+
+def harvest_split(params, model_cfg, lm_config, config, path: str, split: str, n_tokens: int):
+    """The store at `path`, harvested now unless it is already complete."""
+    if os.path.exists(os.path.join(path, "meta.json")):
+        st = store.ActivationStore.open(path)
+        if st.num_tokens == n_tokens and set(config.harvest.hookpoints) <= set(st.hookpoints):
+            return st
+    return store.harvest(
+        params,
+        model_cfg,
+        config.harvest.hookpoints,
+        token_batches(lm_config, split, config.harvest.batch_size),
+        path,
+        max_tokens=n_tokens,
+        dtype=config.harvest.dtype,
+    )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Gets the LM, harvests, trains the SAE, evaluates it (held out and spliced in), writes the report."""
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    loop.write_config(config, workdir)
+    params, model_cfg, lm_config = load_or_train_lm(config, workdir)
+    train_store = harvest_split(
+        params, model_cfg, lm_config, config, os.path.join(workdir, "activations"), "train", config.harvest.train_tokens
+    )
+    eval_store = harvest_split(
+        params,
+        model_cfg,
+        lm_config,
+        config,
+        os.path.join(workdir, "activations_eval"),
+        "eval",
+        config.harvest.eval_tokens,
+    )
+    in_name, out_name = eval_store.resolve(config.sae)
+    sae_params, fit_metrics = sae.fit(
+        train_store,
+        config.sae,
+        steps=config.train.steps,
+        batch_size=config.train.batch_size,
+        seed=config.seed,
+        eval_activations=(np.asarray(eval_store.array(in_name)), np.asarray(eval_store.array(out_name))),
+    )
+    splice = splice_metrics(params, model_cfg, lm_config, sae_params, config)
+    results = {
+        "arch": config.sae.arch,
+        "hookpoint": in_name,
+        "out_hookpoint": out_name,
+        "n_latents": config.sae.n_latents,
+        "eval": fit_metrics["final"],
+        "splice": splice,
+        "tokens_per_s": fit_metrics["tokens_per_s"],
+        "steps": config.train.steps,
+    }
+    summaries = report.feature_summaries(
+        sae_params,
+        config.sae,
+        train_store,
+        params,
+        n_features=config.report.n_features,
+        top=config.report.top_contexts,
+        seed=config.seed,
+    )
+    if jax.process_index() == 0:
+        _write_artifacts(workdir, config, sae_params, fit_metrics, results, summaries)
+        print(json.dumps({k: v for k, v in results["eval"].items() if k != "density_histogram"}, indent=1))
+        print("spliced into the LM:", json.dumps(splice))
+    return dict(results, sae_params=sae_params, lm_params=params, summaries=summaries)
+
+
+def splice_metrics(params, model_cfg, lm_config, sae_params, config) -> dict:
+    """CE loss recovered and delta LM loss, averaged over `eval.splice_batches` eval batches."""
+    batches = token_batches(lm_config, "eval", lm_config.train.batch_size)
+    rows = []
+    for _, b in zip(range(config.eval.splice_batches), batches):
+        rows.append(sae.metrics.spliced_lm_loss(params, model_cfg, b, sae_params, config.sae))
+    out = {k: float(np.mean([r[k] for r in rows])) for k in ("clean_loss", "sae_loss", "zero_ablation_loss")}
+    out["ce_loss_recovered"] = (out["zero_ablation_loss"] - out["sae_loss"]) / (
+        out["zero_ablation_loss"] - out["clean_loss"]
+    )
+    out["delta_lm_loss"] = out["sae_loss"] - out["clean_loss"]
+    return out
+
+
+def _write_artifacts(workdir, config, sae_params, fit_metrics, results, summaries) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from safetensors.numpy import save_file
+
+    writer = MetricsWriter(workdir, tensorboard=False)
+    for rec in fit_metrics["history"]:
+        writer.write(rec["step"], {k: v for k, v in rec.items() if k != "step"}, prefix="sae/")
+    writer.close()
+    save_file({k: np.asarray(v) for k, v in sae_params.items()}, os.path.join(workdir, "sae_params.safetensors"))
+    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+    with open(os.path.join(workdir, "results", "sae_metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    header = {
+        "arch": config.sae.arch,
+        "hookpoint": results["hookpoint"],
+        "latents": config.sae.n_latents,
+        "FVU (held out)": f"{results['eval']['fvu']:.4f}",
+        "L0": f"{results['eval']['l0']:.2f}",
+        "dead fraction": f"{results['eval']['dead_fraction']:.4f}",
+        "CE loss recovered": f"{results['splice']['ce_loss_recovered']:.4f}",
+        "delta LM loss": f"{results['splice']['delta_lm_loss']:.4f}",
+    }
+    report.write_report(
+        os.path.join(workdir, "report", "features.html"),
+        summaries,
+        title=f"{config.sae.arch} SAE features",
+        header=header,
+    )
+    hist = results["eval"]["density_histogram"]
+    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    edges = np.asarray(hist["edges"])
+    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge")
+    ax.set(xlabel="log10 feature density", ylabel="latents", title=f"{config.sae.arch}: {hist['dead']} dead latents")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "figures", "density.png"), dpi=110)
+    plt.close(fig)
