@@ -1,0 +1,149 @@
+"""framework.peft: LoRA / rsLoRA / DoRA / PiSSA / QLoRA adapters on the LM, merge/unmerge, adapter-only training and
+checkpoints, LoRA+ learning rates.  fp32 throughout; logit tolerances 2e-5 (float re-association only)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import common
+from framework import peft, quant
+from framework.models import lm
+
+VARIANTS = {
+    "lora": peft.LoraConfig(rank=4, alpha=8.0),
+    "rslora": peft.LoraConfig(rank=4, alpha=8.0, scaling="rslora"),
+    "dora": peft.LoraConfig(rank=4, alpha=8.0, dora=True),
+    "pissa": peft.LoraConfig(rank=4, alpha=8.0, init="pissa"),
+    "qlora": peft.LoraConfig(rank=4, alpha=8.0, base_format="nf4", double_quant=True),
+}
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = lm.LMConfig.from_config(common.model_config("tiny"))
+    params = lm.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 3, cfg.vocab_size)
+    return cfg, params, tokens, jax.jit(lm.apply, static_argnums=2)
+
+
+def _perturb(adapters, seed=0):
+    """Adapters as if trained: every leaf moved by a random amount (B no longer zero)."""
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_scales():
+    assert VARIANTS["lora"].scale == 2.0 and VARIANTS["rslora"].scale == 4.0
+    with pytest.raises(ValueError, match="scaling must be"):
+        peft.LoraConfig(scaling="bad")
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        peft.LoraConfig(rank=0)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "pissa"])
+def test_init_leaves_the_model_unchanged(tiny, name):
+    """B = 0 (LoRA), m = ||W|| (DoRA) and residual + principal part (PiSSA) all start at the base model's logits."""
+    cfg, params, tokens, apply = tiny
+    adapted = peft.add_adapters(params, VARIANTS[name], jax.random.key(2), model_cfg=cfg)
+    np.testing.assert_allclose(apply(adapted, tokens, cfg), apply(params, tokens, cfg), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_merge_matches_adapted_model(tiny, name):
+    cfg, params, tokens, apply = tiny
+    adapted = peft.add_adapters(params, VARIANTS[name], jax.random.key(3), model_cfg=cfg)
+    adapted = peft.set_adapters(adapted, _perturb(peft.adapter_params(adapted)))
+    merged = peft.merge(adapted)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)))
+    logits = apply(adapted, tokens, cfg)
+    assert float(jnp.max(jnp.abs(logits - apply(params, tokens, cfg)))) > 1e-3  # the adapters do something
+    np.testing.assert_allclose(apply(merged, tokens, cfg), logits, atol=TOL, rtol=0)
+
+
+def test_unmerge_recovers_base(tiny):
+    cfg, params, _, _ = tiny
+    adapted = peft.add_adapters(params, VARIANTS["lora"], jax.random.key(4), model_cfg=cfg)
+    adapted = peft.set_adapters(adapted, _perturb(peft.adapter_params(adapted)))
+    back = peft.unmerge(peft.merge(adapted), adapted)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(adapted)):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+    dora = peft.add_adapters(params, VARIANTS["dora"], jax.random.key(4), model_cfg=cfg)
+    with pytest.raises(ValueError, match="DoRA/QLoRA merges are one-way"):
+        peft.unmerge(peft.merge(dora), dora)
+
+
+def test_targets_and_trainable_subset(tiny):
+    cfg, params, _, _ = tiny
+    lcfg = peft.LoraConfig(rank=2, targets=r"layers/attn/(q_proj|v_proj)/kernel")
+    adapted = peft.add_adapters(params, lcfg, jax.random.key(5), model_cfg=cfg)
+    ad = peft.adapter_params(adapted)
+    assert set(ad) == {"layers"} and set(ad["layers"]) == {"attn"} and set(ad["layers"]["attn"]) == {"q_proj", "v_proj"}
+    L, D = cfg.n_layers, cfg.d_model
+    expected = L * ((D * 2 + 2 * cfg.n_heads * cfg.head_dim) + (D * 2 + 2 * cfg.n_kv_heads * cfg.head_dim))
+    assert peft.count_params(ad) == expected
+    with pytest.raises(ValueError, match="no Linear kernel matches"):
+        peft.add_adapters(params, peft.LoraConfig(targets="embed"), jax.random.key(5), model_cfg=cfg)
+    with pytest.raises(ValueError, match="exceeds"):
+        peft.add_adapters(params, peft.LoraConfig(rank=100), jax.random.key(5), model_cfg=cfg)
+
+
+def test_qlora_base_is_nf4(tiny):
+    cfg, params, _, _ = tiny
+    adapted = peft.add_adapters(params, VARIANTS["qlora"], jax.random.key(6), model_cfg=cfg)
+    w = adapted["layers"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(w.base, quant.QuantizedWeight) and w.base.fmt == "nf4" and w.base.scale_scales is not None
+
+
+def test_only_adapters_train_and_checkpoint(tiny, tmp_path):
+    """Gradients flow to A/B only; a few Adam steps lower a toy loss; the checkpoint holds exactly the adapters."""
+    cfg, params, tokens, _ = tiny
+    adapted = peft.add_adapters(params, VARIANTS["lora"], jax.random.key(7), model_cfg=cfg)
+    ad = peft.adapter_params(adapted)
+    opt = optax.adam(1e-2)
+    state = opt.init(ad)
+
+    def loss_fn(ad):
+        logits = lm.apply(peft.set_adapters(adapted, ad), tokens[:, :-1], cfg)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    @jax.jit
+    def step(ad, state):
+        loss, g = jax.value_and_grad(loss_fn)(ad)
+        upd, state = opt.update(g, state, ad)
+        return optax.apply_updates(ad, upd), state, loss
+
+    losses = []
+    for _ in range(5):
+        ad, state, loss = step(ad, state)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    trained = peft.set_adapters(adapted, ad)
+    # the frozen base is bit-identical
+    np.testing.assert_array_equal(
+        trained["layers"]["attn"]["q_proj"]["kernel"].base, params["layers"]["attn"]["q_proj"]["kernel"]
+    )
+    peft.save_adapters(tmp_path / "ad", ad)
+    restored = peft.load_adapters(tmp_path / "ad", ad)
+    assert peft.count_params(restored) == peft.count_params(ad) < 0.2 * peft.count_params(params)
+    for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(ad)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_lora_plus_gives_b_a_larger_step(tiny):
+    cfg, params, _, _ = tiny
+    adapted = peft.add_adapters(params, VARIANTS["dora"], jax.random.key(8), model_cfg=cfg)
+    ad = peft.adapter_params(adapted)
+    opt = peft.lora_plus(1e-3, ratio=16.0)
+    state = opt.init(ad)
+    ones = jax.tree.map(jnp.ones_like, ad)
+    upd, _ = opt.update(ones, state, ad)
+    # Adam's first step on a constant gradient moves every weight by ~lr: 1e-3 for A and m, 16e-3 for B.
+    q = upd["layers"]["attn"]["q_proj"]["kernel"]
+    np.testing.assert_allclose(q["a"], -1e-3, rtol=1e-4)
+    np.testing.assert_allclose(q["m"], -1e-3, rtol=1e-4)
+    np.testing.assert_allclose(q["b"], -16e-3, rtol=1e-4)
