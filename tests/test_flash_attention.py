@@ -236,3 +236,23 @@ def test_head_dims_long_sequences(D, dtype):
     tols = (FP32_FWD, FP32_GRAD) if dtype == jnp.float32 else (BF16_FWD, BF16_GRAD)
     _check(q, k, v, do, seg, *tols, window=200, softcap=20.0)
     _check(q, k, v, do, None, *tols, causal=False, block=(64, 128))
+
+
+# ------------------------------------------------------------------------------------------ splash (JAX's kernel)
+
+
+@pytest.mark.parametrize(
+    "name", ["all"] + [pytest.param(n, marks=pytest.mark.slow) for n in FEATURES if n != "all"]
+)  # splash in interpret mode: the peer we measure against takes our arguments and agrees with our reference
+def test_splash_interpret_matches_reference(name):
+    f = dict(FEATURES[name])
+    H, K, n_seg = f.pop("H", 2), f.pop("K", 2), f.pop("n_seg", 0)
+    q, k, v, do, seg = _inputs(11, 1, 130, 130, H, K, 16, n_segments=n_seg)  # 130: padded to 256 inside
+    _check(q, k, v, do, seg, impl="splash_interpret", **f)
+
+
+def test_splash_needs_a_tpu():
+    q, k, v, _, _ = _inputs(0, 1, 8, 8, 2, 2, 16)
+    if jax.default_backend() != "tpu":
+        with pytest.raises(ValueError, match="needs a TPU"):
+            kernels.flash_attention(q, k, v, impl="splash")

@@ -12,9 +12,9 @@ A cache is a pytree (`KVCache`) the model threads through `lm.forward(..., kv_ca
 - `pool` (paged only): the `PagePool` free list the table's pages came from.
 
 Attention over the cache: one new token per sequence (decoding) goes through `kernels.decode_attention` when the
-model's `attention_impl` names a kernel ("pallas", "interpret", "interpret_tpu", "cudnn" -> the Pallas decode kernel
-for the backend); otherwise, and for multi-token chunks (prefill), the cache is read as a contiguous view and the
-dense-mask reference attention runs over it.
+model's `attention_impl` names a kernel ("pallas", "cudnn", "splash" -> the compiled Pallas decode kernel for the
+backend; "interpret" -> the same kernel code in interpret mode); otherwise, and for multi-token chunks (prefill),
+the cache is read as a contiguous view and the dense-mask reference attention runs over it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ LAYOUTS = ("dense", "paged")
 KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
 SCALE_DTYPE = jnp.float32
 # attention_impl -> decode-kernel impl for one-token decode steps; names not listed use the dense-mask reference.
-DECODE_KERNEL_IMPLS = {"pallas": "pallas", "cudnn": "auto", "interpret": "interpret", "interpret_tpu": "interpret_tpu"}
+DECODE_KERNEL_IMPLS = {"pallas": "pallas", "cudnn": "auto", "splash": "pallas", "interpret": "interpret"}
 
 
 def _write(cache, new, idx):

@@ -31,8 +31,9 @@ def register_impl(name: str, fn: AttentionImpl) -> None:
 # Model `attention_impl` names served by the flash-attention kernels (kernels.flash_attention) on cache-free passes
 # (training, scoring). They take the mask's structure, not a dense mask: causal by token order plus segment ids,
 # which equals the position mask whenever positions increase along each segment (always so for Lumen's batches).
-# Cached decoding keeps the dense-mask reference until the decode kernel lands.
-FLASH_IMPLS = ("pallas", "interpret", "cudnn")
+# Passes over a KV cache are the cache's business (framework.inference.kv_cache: one-token steps go to the paged
+# decode kernel, longer chunks to the dense-mask reference).
+FLASH_IMPLS = ("pallas", "interpret", "cudnn", "splash")
 
 
 def available_impls() -> tuple[str, ...]:

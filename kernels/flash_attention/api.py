@@ -9,6 +9,8 @@ Dimension letters: B batch, T query length, S key length, H query heads, K kv he
   (`pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")`).
 - "pallas": the compiled kernels: `gpu.py` (Triton lowering) on GPU, `tpu.py` (Mosaic) on TPU; an error elsewhere.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only; no segments/softcap, T == S if causal).
+- "splash": JAX's own splash attention kernel (`splash.py`; TPU only), the TPU peer we measure against.
+- "splash_interpret": the same splash kernel through Pallas interpret mode (runs anywhere; what CPU tests use).
 - "auto": "pallas" on GPU, "xla" elsewhere (TPU too: the Mosaic kernel has only run in interpret mode so far).
 
 Causal alignment when T != S is bottom-right: query i sits at key position i + S - T (KV-cache prefill semantics).
@@ -21,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from kernels.flash_attention import gpu, reference, tpu
+from kernels.flash_attention import gpu, reference, splash, tpu
 
-IMPLS = ("auto", "xla", "interpret", "interpret_tpu", "pallas", "cudnn")
+IMPLS = ("auto", "xla", "interpret", "interpret_tpu", "pallas", "cudnn", "splash", "splash_interpret")
 _KERNELS = {"gpu": gpu, "tpu": tpu}
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -148,6 +150,22 @@ def flash_attention(
         )
     if impl == "cudnn":
         return _cudnn(q, k, v, segs, causal, window, softcap, sm_scale, backend)
+    if impl in ("splash", "splash_interpret"):
+        if impl == "splash" and backend != "tpu":
+            raise ValueError(
+                f"impl='splash' needs a TPU backend (this is {backend!r}); use 'splash_interpret' or 'xla'"
+            )
+        return splash.splash_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            segs=segs,
+            window=window,
+            softcap=softcap,
+            sm_scale=sm_scale,
+            interpret=impl == "splash_interpret",
+        )
     if impl == "pallas" and backend not in ("gpu", "tpu"):
         raise ValueError(f"impl='pallas' needs a GPU or TPU backend (this is {backend!r}); use 'interpret' or 'xla'")
     kind = "tpu" if impl == "interpret_tpu" or (impl == "pallas" and backend == "tpu") else "gpu"
