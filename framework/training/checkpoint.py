@@ -25,8 +25,9 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+@jax.jit
 def all_finite(tree) -> jax.Array:
-    """True iff every floating leaf of `tree` is finite (a jax bool scalar)."""
+    """True iff every floating leaf of `tree` is finite (a jax bool scalar; one compiled program per tree layout)."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 

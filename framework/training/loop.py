@@ -233,7 +233,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
     start = int(state.step)
     multi = jax.process_count() > 1
     if multi:  # each process loads only the rows its devices hold
-        batches = task.batches(start, rows=sharding.process_rows(mesh, tc.batch_size, rules))
+        lo, hi = sharding.process_rows(mesh, tc.batch_size, rules)
+        log.warning(
+            "process %d/%d loads rows [%d, %d) of each global batch of %d",
+            jax.process_index(),
+            jax.process_count(),
+            lo,
+            hi,
+            tc.batch_size,
+        )
+        batches = task.batches(start, rows=(lo, hi))
     else:
         batches = task.batches(start)
     step_fn = None  # jitted at the first batch, once its keys and ranks (hence its shardings) are known
