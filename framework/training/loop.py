@@ -171,30 +171,22 @@ def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array) -
     )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, devices=None) -> TrainState:
-    """Trains `task` under `config.train`/`config.mesh` in `workdir`, resuming from its latest good checkpoint.
+def sharded_state(task: Task, tx: optax.GradientTransformation, mesh, rules, rng: jax.Array):
+    """(init, abstract state, state shardings): `init(rng)` creates the step-0 TrainState directly in its shardings.
 
-    `devices` (default: all) are the devices the mesh spans. Raises `Preempted` after checkpointing on SIGTERM.
+    Params follow the rules table; optimizer moments mirror their params; counts and scalars are replicated.
     """
-    tc = config.train
-    write_config(config, workdir)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.rules_from_config(config.mesh)
-    tx, schedule = optim.make_optimizer(tc), optim.lr_schedule(tc)
 
     def init_state(rng):
         return init_train_state(task.init_params(rng), tx, rng)
 
-    rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init_state, rng)
     param_shardings = sharding.tree_shardings(task.logical_axes, abstract.params, mesh, rules)
-    # Optimizer moments mirror the params; everything else (counts, scalars) is replicated.
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_shardings = jax.tree.map(lambda _: replicated, abstract.opt_state)
     opt_shardings = optax.tree_map_params(
         tx,
         lambda _, s: s,
-        opt_shardings,
+        jax.tree.map(lambda _: replicated, abstract.opt_state),
         param_shardings,
         transform_non_params=lambda s: s,
         is_leaf=lambda x: x is None,
@@ -207,6 +199,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
         nonfinite_steps=replicated,
         first_nonfinite=replicated,
     )
+    return jax.jit(init_state, out_shardings=state_shardings), abstract, state_shardings
+
+
+def jit_train_step(task: Task, tx, schedule, state_shardings: TrainState, batch_shardings):
+    """The train step jitted with explicit in/out shardings (metrics replicated) and the old state donated."""
+    return jax.jit(
+        make_train_step(task.loss_fn, tx, schedule),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, state_shardings.step),
+        donate_argnums=0,
+    )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, devices=None) -> TrainState:
+    """Trains `task` under `config.train`/`config.mesh` in `workdir`, resuming from its latest good checkpoint.
+
+    `devices` (default: all) are the devices the mesh spans. Raises `Preempted` after checkpointing on SIGTERM.
+    """
+    tc = config.train
+    write_config(config, workdir)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules_from_config(config.mesh)
+    tx, schedule = optim.make_optimizer(tc), optim.lr_schedule(tc)
+
+    rng = jax.random.key(config.seed)
+    init_state, abstract, state_shardings = sharded_state(task, tx, mesh, rules, rng)
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=tc.keep_checkpoints,
@@ -227,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
         _truncate_metrics(workdir, int(state.step))
         log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     else:
-        state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+        state = init_state(rng)
 
     writer = MetricsWriter(workdir)
     start = int(state.step)
@@ -263,12 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
                 batch = sharding.global_batch(batch, mesh, rows, rules)
                 if step_fn is None:
                     batch_shardings = {k: v.sharding for k, v in batch.items()}
-                    step_fn = jax.jit(
-                        make_train_step(task.loss_fn, tx, schedule),
-                        in_shardings=(state_shardings, batch_shardings),
-                        out_shardings=(state_shardings, replicated),
-                        donate_argnums=0,
-                    )
+                    step_fn = jit_train_step(task, tx, schedule, state_shardings, batch_shardings)
                 state, metrics = step_fn(state, batch)
                 acc.append(metrics)
                 done = step + 1
