@@ -1,0 +1,123 @@
+"""Training throughput of a TopK SAE: Lumen (JAX) vs SAELens (PyTorch, CPU) on identical cached activations.
+
+  python -m scripts.bench.sae --store=runs/sae_frontier/activations [--steps=300 --n_latents=512 --k=16]
+
+Both train the same width, k, batch size, steps and Adam settings (constant LR, betas 0.9/0.999, clip 1.0, AuxK
+on dead latents, tied init) on the same rows, pre-scaled to mean squared norm d_in; both report FVU on the same
+held-out rows (<store>_eval, else the last 10% of the store). SAELens runs in --torch_python (a Python with torch
+and sae-lens: `.venv-parity/bin/pip install sae-lens`); without it only Lumen is measured. Appends to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+
+import jax
+import numpy as np
+
+from framework import sae
+from scripts.bench import common
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", default="runs/sae_frontier/activations")
+    p.add_argument("--hookpoint", default="blocks.1.resid_post")
+    p.add_argument("--n_latents", type=int, default=512)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--torch_python", default=os.path.join(common.REPO, ".venv-parity", "bin", "python"))
+    p.add_argument("--no_append", action="store_true")
+    args = p.parse_args(argv)
+
+    store = sae.ActivationStore.open(args.store)
+    x = np.asarray(store.array(args.hookpoint), np.float32)
+    eval_path = args.store.rstrip("/") + "_eval"
+    if os.path.exists(os.path.join(eval_path, "meta.json")):
+        x_eval = np.asarray(sae.ActivationStore.open(eval_path).array(args.hookpoint), np.float32)
+    else:
+        x, x_eval = x[: int(0.9 * len(x))], x[int(0.9 * len(x)) :]
+    scale = np.sqrt(x.shape[1] / np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)))
+    x, x_eval = (x * scale).astype(np.float32), (x_eval * scale).astype(np.float32)
+    dead_window = 10 * args.batch_size
+    monitor = common.ContentionMonitor()
+
+    cfg = sae.default_config(
+        "topk",
+        d_in=x.shape[1],
+        n_latents=args.n_latents,
+        k=args.k,
+        lr=args.lr,
+        lr_decay="none",
+        lr_warmup_steps=0,
+        normalize_inputs=False,
+        aux_k=x.shape[1] // 2,
+        aux_k_coeff=1.0,
+        dead_window=dead_window,
+        b_dec_init="zeros",
+        steps_per_call=50,
+    )
+    _, m = sae.fit(x, cfg, steps=args.steps, batch_size=args.batch_size, seed=0, eval_activations=x_eval)
+    rows = [["Lumen (JAX " + jax.__version__ + ")", f"{m['tokens_per_s']:,.0f}", f"{m['final']['fvu']:.4f}"]]
+    ref = None
+    if os.path.exists(args.torch_python):
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(os.path.join(tmp, "train.npy"), x)
+            np.save(os.path.join(tmp, "eval.npy"), x_eval)
+            spec = dict(
+                n_latents=args.n_latents,
+                k=args.k,
+                batch_size=args.batch_size,
+                steps=args.steps,
+                lr=args.lr,
+                seed=0,
+                threads=common.num_cores(),
+                dead_window=dead_window,
+            )
+            worker = os.path.join(common.REPO, "scripts", "bench", "sae_lens_worker.py")
+            res = subprocess.run(
+                [
+                    args.torch_python,
+                    worker,
+                    os.path.join(tmp, "train.npy"),
+                    os.path.join(tmp, "eval.npy"),
+                    json.dumps(spec),
+                ],
+                capture_output=True,
+                text=True,
+            )
+        if res.returncode == 0:
+            ref = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append([f"SAELens (torch {ref['torch']})", f"{ref['tokens_per_s']:,.0f}", f"{ref['fvu']:.4f}"])
+        else:
+            print("SAELens worker failed:\n" + res.stderr[-2000:])
+    body = common.markdown_table(["implementation", "train tokens/s", "held-out FVU"], rows)
+    body += (
+        f"\n\nTopK SAE, {args.n_latents} latents, k={args.k}, batch {args.batch_size}, {args.steps} steps, "
+        f"{len(x)} cached tokens of {args.hookpoint} (d={x.shape[1]}), FVU on {len(x_eval)} held-out tokens."
+    )
+    if ref:
+        body += (
+            f" Lumen/SAELens throughput: {m['tokens_per_s'] / ref['tokens_per_s']:.2f}x; "
+            f"FVU difference {m['final']['fvu'] - ref['fvu']:+.4f}."
+        )
+    else:
+        body += " SAELens not measured (no torch Python with sae-lens at --torch_python)."
+    entry = common.Entry(
+        title="SAE training throughput (Lumen vs SAELens)",
+        command=common.command_line("scripts.bench.sae", argv),
+        versions={"jax": jax.__version__, "sae-lens": ref["sae_lens"] if ref else "absent"},
+        body=body,
+        contention=monitor.note(),
+    )
+    common.publish(entry, append_to_file=not args.no_append)
+
+
+if __name__ == "__main__":
+    main()
