@@ -112,6 +112,27 @@ def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
     )
 
 
+def unsplit_dims(logical_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES) -> list[str]:
+    """Where a rule asks to split a dim over mesh axes of size > 1 that do not divide it (so it stays replicated),
+    one line per (logical axis, size, mesh axes), naming a parameter that has it."""
+    table, seen = dict(rules), {}
+    flat = jax.tree_util.tree_flatten_with_path(logical_tree, is_leaf=lambda s: isinstance(s, P))[0]
+    for (path, spec), x in zip(flat, jax.tree.leaves(shapes_tree)):
+        used = set()
+        for name, dim in zip(tuple(spec), x.shape):
+            axes = table.get(name) if name is not None else None
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+            n = math.prod(mesh.shape[a] for a in axes)
+            if axes and dim % n == 0:
+                used.update(axes)
+            elif axes:
+                where = jax.tree_util.keystr(path)
+                msg = f"{name}={dim} is not divisible by mesh {'x'.join(axes)}={n} (e.g. {where}): replicated"
+                seen.setdefault((name, dim, axes), msg)
+    return list(seen.values())
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of a batch array: leading dim over the `batch` rule's mesh axes, the rest replicated."""
     axes = dict(rules)["batch"]

@@ -135,3 +135,24 @@ def test_rules_come_from_the_config_and_bad_entries_name_themselves():
         sharding.rules_from_config(common.mesh_config(mlp="tensr"))
     with pytest.raises(ValueError, match="unknown logical axes"):
         common.mesh_config(mpl="tensor")
+
+
+def test_a_dim_the_mesh_cannot_split_is_reported(tiny_cfg):
+    # tiny_cfg: 4 query heads, 2 kv heads. tensor=8 divides neither; tensor=2 divides both.
+    axes, shapes = lm.logical_axes(tiny_cfg), jax.eval_shape(lambda: lm.init(tiny_cfg, jax.random.key(0)))
+    lines = sharding.unsplit_dims(axes, shapes, sharding.make_mesh(dict(data=1, fsdp=1, tensor=8)))
+    assert any(line.startswith("heads=4 is not divisible by mesh tensor=8") for line in lines), lines
+    assert any(line.startswith("kv_heads=2 is not divisible by mesh tensor=8") for line in lines), lines
+    assert sharding.unsplit_dims(axes, shapes, sharding.make_mesh(dict(data=4, fsdp=1, tensor=2))) == []
+
+
+def test_each_process_loads_only_its_rows():
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    assert sharding.process_rows(mesh, 16) == (0, 16)  # one process holds every row
+    full = data.make_dataset(seed=3, batch_size=8, seq_len=40, num_steps=(1, 2), pack=True)
+    part = data.make_dataset(seed=3, batch_size=8, seq_len=40, num_steps=(1, 2), pack=True, rows=(4, 8))
+    for i in (0, 7):
+        for k, v in part[i].items():
+            np.testing.assert_array_equal(v, full[i][k][4:8])
+    with pytest.raises(ValueError, match=r"rows = \(4, 9\); expected \(lo, hi\) with 0 <= lo < hi <= batch_size = 8"):
+        data.make_dataset(seed=3, batch_size=8, seq_len=40, num_steps=(1, 2), rows=(4, 9))

@@ -225,6 +225,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
 
     rng = jax.random.key(config.seed)
     init_state, abstract, state_shardings = sharded_state(task, tx, mesh, rules, rng)
+    for line in sharding.unsplit_dims(task.logical_axes, abstract.params, mesh, rules):
+        log.warning("sharding: %s", line)
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=tc.keep_checkpoints,
