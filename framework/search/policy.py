@@ -1,0 +1,147 @@
+"""Policies for search: extend a batch of partial traces by one line, or to the answer, in one batched call.
+
+A policy has one method, `extend(problems, prefixes, *, until, greedy=False, row_keys=None, call_key=(0,))`, and a
+`num_params` attribute (for FLOPs). `prefixes[i]` is the completion written so far for `problems[i]` (text after
+the prompt, "" at the start); `until="line"` writes exactly one more line (always returned ending in "\\n": a line
+the model leaves unfinished, by stopping or by running out of tokens, is closed so the search always advances),
+`until="answer"` writes until the answer line (or the model stops). `row_keys` name each row's random stream
+(policies that can draw per row use them: `framework.search.toy.ToyPolicy`); `call_key` names the call.
+
+`LMPolicy` runs a Lumen LM through `framework.inference.generate`, all rows in one compiled prefill + decode per
+chunk. Its randomness is per call (one key from `call_key` for the whole batch, as `generate` samples), so a row's
+sample depends on what else is in the batch; greedy decoding does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from framework import inference
+from framework.inference.generate import bucket_length
+from framework.models import lm
+from framework.tasks import arithmetic, data
+from framework.tasks import tokenizer as tok
+from framework.verifiers import traces
+
+UNTIL = ("line", "answer")
+
+
+class Extension(NamedTuple):
+    """New text per row, tokens generated per row, prompt (prefill) tokens per row."""
+
+    texts: list[str]
+    tokens: np.ndarray
+    prompt_tokens: np.ndarray
+
+
+def line_tokens(modulus: int) -> int:
+    """Tokens in the longest line of the format ("aa+bb=cc\\n")."""
+    return 3 * arithmetic.number_width(modulus) + 3
+
+
+def max_lines(problem: arithmetic.Problem, slack: int = 2) -> int:
+    """Lines a search lets a trace write before calling it finished: K steps + the answer line + `slack`."""
+    return problem.num_steps + 1 + slack
+
+
+def check_extend_args(problems: Sequence[Any], prefixes: Sequence[str], until: str) -> None:
+    """ValueError for mismatched lengths or an unknown `until`, before any model runs."""
+    if until not in UNTIL:
+        raise ValueError(f"policy.extend: until={until!r}; expected one of {UNTIL}")
+    if len(problems) != len(prefixes):
+        raise ValueError(f"policy.extend: {len(problems)} problems but {len(prefixes)} prefixes")
+
+
+def close_line(text: str) -> str:
+    """One line ending in "\\n": text up to its first newline, or all of it closed with one."""
+    cut = text.find("\n")
+    return text + "\n" if cut < 0 else text[: cut + 1]
+
+
+class LMPolicy:
+    """A Lumen LM as a step-wise sampler (temperature / top-k / top-p), batched through `inference.generate`."""
+
+    def __init__(
+        self,
+        params: lm.Params,
+        cfg: lm.LMConfig | Mapping[str, Any],
+        *,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        batch_size: int = 512,
+        min_batch: int = 8,
+    ):
+        if not np.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"LMPolicy: temperature must be finite and >= 0, got {temperature}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"LMPolicy: batch_size must be an int >= 1, got {batch_size!r}")
+        self.params, self.cfg = params, lm.LMConfig.from_config(cfg)
+        self.temperature, self.top_k, self.top_p, self.batch_size = float(temperature), top_k, top_p, batch_size
+        # Chunks are padded to a power of two >= min_batch rows: min_batch = batch_size gives one batch shape.
+        self.min_batch = min(int(min_batch), batch_size)
+
+    @property
+    def num_params(self) -> int:
+        """Parameters read per generated token: the N in 2·N FLOPs per token."""
+        return lm.param_count(self.cfg)
+
+    def extend(
+        self,
+        problems: Sequence[arithmetic.Problem],
+        prefixes: Sequence[str],
+        *,
+        until: str,
+        greedy: bool = False,
+        row_keys: Sequence[tuple] | None = None,
+        call_key: tuple = (0,),
+    ) -> Extension:
+        """Continues every prefix by one line (`until="line"`) or to the answer line (`until="answer"`)."""
+        del row_keys  # generate draws one categorical over the whole batch; see the module docstring
+        check_extend_args(problems, prefixes, until)
+        texts: list[str] = []
+        gen, pro = np.zeros(len(problems), np.int64), np.zeros(len(problems), np.int64)
+        key = jax.random.key(0)
+        for c in call_key:
+            key = jax.random.fold_in(key, int(c) & 0x7FFFFFFF)
+        for lo in range(0, len(problems), self.batch_size):
+            ps, pre = problems[lo : lo + self.batch_size], prefixes[lo : lo + self.batch_size]
+            prompts = [np.concatenate([data.encode_prompt(p), tok.encode(x)]).astype(np.int32) for p, x in zip(ps, pre)]
+            if until == "line":
+                stop, max_new = (traces.NEWLINE_ID, tok.EOS_ID), max(line_tokens(p.modulus) for p in ps)
+            else:
+                # What is left of the gold length plus one spare line and the EOS, in steps of 16 to share compiles.
+                need = max(
+                    arithmetic.solution_length(p.num_steps, p.modulus) - len(x) + line_tokens(p.modulus) + 1
+                    for p, x in zip(ps, pre)
+                )
+                stop, max_new = (tok.EOS_ID,), -(-max(need, 1) // 16) * 16
+            room = self.cfg.max_seq_len - max(len(x) for x in prompts)
+            if room < 1:
+                raise ValueError(f"LMPolicy.extend: a prefix of {max(len(x) for x in prompts)} tokens fills the model")
+            max_new = min(max_new, room)
+            # Pad the batch to a power of two (copies of row 0, dropped) so a search's varying widths share compiles.
+            B = len(prompts)
+            padded = prompts + [prompts[0]] * (bucket_length(B, 1 << 30, minimum=self.min_batch) - B)
+            greedy_call = greedy or self.temperature == 0.0
+            out = inference.generate(
+                self.params,
+                self.cfg,
+                padded,
+                max_new_tokens=max_new,
+                temperature=0.0 if greedy_call else self.temperature,
+                top_k=None if greedy_call else self.top_k,
+                top_p=None if greedy_call else self.top_p,
+                stop_tokens=stop,
+                rng=None if greedy_call else jax.random.fold_in(key, lo),
+            )
+            tokens, lengths = np.asarray(out.tokens)[:B], np.asarray(out.lengths)[:B]
+            for b in range(B):
+                new = tok.decode(tokens[b, : lengths[b]])
+                texts.append(close_line(new) if until == "line" else traces.truncate_after_answer(new))
+            gen[lo : lo + B] = lengths
+            pro[lo : lo + B] = [len(x) for x in prompts]
+        return Extension(texts, gen, pro)

@@ -1,0 +1,49 @@
+"""Verifiers: ORM/PRM value heads on a Lumen LM, step labels (gold, Monte-Carlo, consensus), ProcessBench metrics.
+
+from framework import verifiers
+lab = [verifiers.gold_labels(p, c) for p, c in zip(problems, completions)]
+v = verifiers.init(policy_params, cfg, jax.random.key(0))
+v, hist = verifiers.fit(v, cfg, problems, completions, lab, steps=300)
+scores = verifiers.Verifier(v, cfg).score(problems, completions).scores
+verifiers.process_metrics(scores, lab)       # {"f1", "acc_flawed", "acc_correct", "step_auroc", ...}
+"""
+
+from framework.verifiers import labels, metrics, model, traces
+from framework.verifiers.labels import (
+    MCLabels,
+    consensus_labels,
+    first_error,
+    gold_labels,
+    judge_verdicts,
+    monte_carlo_labels,
+    outcome_label,
+    outcome_labels,
+)
+from framework.verifiers.metrics import auroc, earliest_error_f1, predicted_first_error, process_metrics
+from framework.verifiers.model import KINDS, Scores, Verifier, fit, init, load, save
+
+__all__ = [
+    "KINDS",
+    "MCLabels",
+    "Scores",
+    "Verifier",
+    "auroc",
+    "consensus_labels",
+    "earliest_error_f1",
+    "first_error",
+    "fit",
+    "gold_labels",
+    "init",
+    "judge_verdicts",
+    "labels",
+    "load",
+    "metrics",
+    "model",
+    "monte_carlo_labels",
+    "outcome_label",
+    "outcome_labels",
+    "predicted_first_error",
+    "process_metrics",
+    "save",
+    "traces",
+]

@@ -1,0 +1,127 @@
+"""Search strategies on a toy policy/verifier with a known optimum, batched vs per-problem equality, the LM policy."""
+
+import jax
+import numpy as np
+import pytest
+
+from framework import search, verifiers
+from framework.models import lm
+from framework.search import toy
+from framework.tasks import arithmetic
+from framework.verifiers import labels
+
+PROBLEMS = arithmetic.sample_problems(5, 6, num_steps=(2, 5), modulus=100)
+ORACLE = toy.OracleScorer()
+CASES = [
+    ("greedy", {}),
+    ("majority", {}),
+    ("best_of_n", {}),
+    ("weighted_best_of_n", {}),
+    ("beam", dict(m=4)),
+    ("beam", dict(m=2, select="weighted")),
+    ("dvts", dict(m=4)),
+    ("beam", dict(m=4, lookahead=2)),
+    ("dvts", dict(m=2, lookahead=1, aggregation="min")),
+]
+
+
+def test_aggregate_and_vote():
+    s = np.array([0.9, 0.5, 0.8])
+    assert search.aggregate(s, "last") == 0.8
+    assert search.aggregate(s, "min") == 0.5
+    assert search.aggregate(s, "product") == pytest.approx(0.36)
+    assert search.aggregate(np.zeros(0), "min") == 0.0
+    assert search.vote([3, 5, 5, None, 3]) == (3, 0)  # tie: the answer seen first
+    assert search.vote([3, 5, 5], [0.9, 0.2, 0.2]) == (3, 0)  # weighted: 0.9 beats 0.4
+    assert search.vote([None, None]) == (None, 0)
+    with pytest.raises(ValueError, match="aggregation"):
+        search.aggregate(s, "mean")
+
+
+@pytest.mark.parametrize("strategy,kw", [c for c in CASES if c[0] in ("beam", "dvts")])
+def test_perfect_prm_finds_the_gold_trace_when_the_candidates_hold_it(strategy, kw):
+    # Every parent's M >= branching children cover all options, so the gold line is always a candidate: a perfect
+    # PRM must then steer beam search and DVTS onto the gold trace, although the policy alone never writes it
+    # (p_correct = 0 outside `cover`).
+    policy = toy.ToyPolicy(0.0, branching=2, cover=True)
+    res = search.run(strategy, policy, ORACLE, PROBLEMS, n=8, seed=3, **kw)
+    for p, t in zip(PROBLEMS, res.traces):
+        assert t == arithmetic.format_solution(p)
+    assert res.accuracy(PROBLEMS) == 1.0
+
+
+def test_best_of_n_with_a_perfect_prm_is_pass_at_n():
+    policy = toy.ToyPolicy(0.7, branching=3)
+    res = search.run("best_of_n", policy, ORACLE, PROBLEMS, n=8, seed=1)
+    pool_has_gold = [
+        any(labels.gold_labels(p, c)[-1] == 1 for c in cands) for p, cands in zip(PROBLEMS, res.candidates)
+    ]
+    np.testing.assert_array_equal(res.correct(PROBLEMS), pool_has_gold)
+    assert 0 < np.mean(pool_has_gold) < 1  # the budget matters at this p_correct: not a vacuous check
+    maj = search.run("majority", policy, None, PROBLEMS, n=8, seed=1)
+    assert maj.candidates == res.candidates  # same seed, same samples
+    for p, cands, a in zip(PROBLEMS, maj.candidates, maj.answers):
+        answers = [search.answer_of(p, c) for c in cands]
+        assert answers.count(a) == max(answers.count(x) for x in answers)
+    assert maj.tokens_scored.sum() == 0 and res.tokens_scored.sum() > 0
+
+
+@pytest.mark.parametrize("strategy,kw", CASES)
+def test_batched_search_equals_per_problem_search(strategy, kw):
+    policy = toy.ToyPolicy(0.5, branching=3)
+    batched = search.run(strategy, policy, ORACLE, PROBLEMS, n=8, seed=7, **kw)
+    for i, p in enumerate(PROBLEMS):
+        alone = search.run(strategy, policy, ORACLE, [p], n=8, seed=7, **kw)
+        assert alone.answers[0] == batched.answers[i]
+        assert alone.traces[0] == batched.traces[i]
+        assert alone.candidates[0] == batched.candidates[i]
+        assert alone.tokens_generated[0] == batched.tokens_generated[i]
+        assert alone.tokens_scored[0] == batched.tokens_scored[i]
+
+
+def test_search_spends_more_with_more_beams_and_lookahead():
+    policy = toy.ToyPolicy(0.5, branching=3)
+    small = search.run("beam", policy, ORACLE, PROBLEMS, n=4, m=2, seed=0)
+    big = search.run("beam", policy, ORACLE, PROBLEMS, n=16, m=4, seed=0)
+    look = search.run("beam", policy, ORACLE, PROBLEMS, n=16, m=4, lookahead=2, seed=0)
+    assert small.tokens_generated.sum() < big.tokens_generated.sum() < look.tokens_generated.sum()
+    assert big.flops(1000, 10) == 2 * (1000 * big.tokens_generated.sum() + 10 * big.tokens_scored.sum())
+
+
+def test_run_rejects_bad_arguments():
+    policy = toy.ToyPolicy(0.5)
+    for kw, match in [
+        (dict(strategy="mcts", n=4), "strategy"),
+        (dict(strategy="beam", n=4), "beam width m"),
+        (dict(strategy="beam", n=6, m=4), "multiple of m"),
+        (dict(strategy="best_of_n", n=0), "n must be"),
+        (dict(strategy="best_of_n", n=4, lookahead=1), "lookahead"),
+        (dict(strategy="beam", n=4, m=2, aggregation="mean"), "aggregation"),
+    ]:
+        strategy = kw.pop("strategy")
+        with pytest.raises(ValueError, match=match):
+            search.run(strategy, policy, ORACLE, PROBLEMS, **kw)
+    with pytest.raises(ValueError, match="needs a scorer"):
+        search.run("dvts", policy, None, PROBLEMS, n=4, m=2)
+
+
+def test_lm_policy_and_verifier_search_end_to_end(tiny_cfg):
+    """A random tiny LM as policy and PRM: one line per extend, and greedy search batched = per problem.
+
+    Shapes are held to one batch bucket and one prompt bucket (slack_lines=0), so generate compiles once.
+    """
+    params = lm.init(tiny_cfg, jax.random.key(0))
+    problems = arithmetic.sample_problems(2, 2, num_steps=1, modulus=10)
+    policy = search.LMPolicy(params, tiny_cfg, temperature=1.0, batch_size=8, min_batch=8)
+    out = policy.extend(problems, ["", "1+2=3\n"], until="line", call_key=(0, 1))
+    assert all(t.endswith("\n") and t.count("\n") == 1 for t in out.texts)
+    assert np.all(out.tokens >= 1) and np.all(out.tokens <= search.policy.line_tokens(10))
+    prm = verifiers.Verifier(verifiers.init(params, tiny_cfg, jax.random.key(1)), tiny_cfg, batch_size=8, min_batch=8)
+    greedy = search.LMPolicy(params, tiny_cfg, temperature=0.0, batch_size=8, min_batch=8)
+    batched = search.run("beam", greedy, prm, problems, n=2, m=1, seed=0, slack_lines=0)
+    for i, p in enumerate(problems):
+        alone = search.run("beam", greedy, prm, [p], n=2, m=1, seed=0, slack_lines=0)
+        assert alone.traces[0] == batched.traces[i] and alone.tokens_scored[0] == batched.tokens_scored[i]
+        assert alone.tokens_generated[0] == batched.tokens_generated[i]
+    assert all(len(c) == 2 for c in batched.candidates)
+    assert batched.tokens_generated.sum() > 0 and batched.tokens_scored.sum() > batched.tokens_generated.sum()
