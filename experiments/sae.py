@@ -185,10 +185,7 @@ def splice_metrics(params, model_cfg, lm_config, sae_params, config) -> dict:
 
 
 def _write_artifacts(workdir, config, sae_params, fit_metrics, results, summaries) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's plotting backend alone
     from safetensors.numpy import save_file
 
     writer = MetricsWriter(workdir, tensorboard=False)
@@ -217,10 +214,10 @@ def _write_artifacts(workdir, config, sae_params, fit_metrics, results, summarie
     )
     hist = results["eval"]["density_histogram"]
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     edges = np.asarray(hist["edges"])
     ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge")
     ax.set(xlabel="log10 feature density", ylabel="latents", title=f"{config.sae.arch}: {hist['dead']} dead latents")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "figures", "density.png"), dpi=110)
-    plt.close(fig)

@@ -31,6 +31,9 @@ def test_sae_notebook_runs(tmp_path, monkeypatch):
     recovered = float(re.search(r"CE loss recovered (-?[0-9.]+)", text).group(1))
     assert recovered > 0.5, text
     assert len(re.findall(r"^latent \d+: density", text, re.M)) == 4
-    assert "[[" in text and (tmp_path / "runs" / "sae_notebook_quick" / "features.html").exists()
+    run_dir = tmp_path / "runs" / "sae_notebook_quick"
+    assert "[[" in text and (run_dir / "report" / "features.html").exists()
+    assert (run_dir / "results" / "sae_metrics.json").exists() and (run_dir / "sae_params.safetensors").exists()
+    assert "FVU of these 8 tokens" in text
     assert len(re.findall(r"^k=\d+: L0", text, re.M)) == 3
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))

@@ -226,7 +226,9 @@ def losses(params, cfg, x_BD, y_BO, sparsity_scale, dead_L):
         def aux_loss(params):
             pre_dead = jnp.where(dead_L, extras["pre"], -jnp.inf)
             vals, idx = jax.lax.top_k(pre_dead, min(cfg.aux_k, cfg.n_latents))
-            vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
+            # No ReLU (as in Gao et al. and SAELens): a dead latent's pre-activation is usually negative, and
+            # clipping it would leave it without gradient, i.e. dead for good.
+            vals = jnp.where(jnp.isfinite(vals), vals, 0.0)
             e_hat = jnp.einsum("bk,bko->bo", vals, params["W_dec"][idx])
             denom = jnp.mean(jnp.sum((e - e.mean(axis=0)) ** 2, axis=-1))
             return jnp.mean(jnp.sum((e - e_hat) ** 2, axis=-1)) / jnp.maximum(denom, 1e-12)
