@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.sae import jumprelu
+from experiments import sae as sae_exp
 from framework import sae
+from framework.config import ConfigError
 from framework.sae import defaults, model, train
 
 
@@ -169,3 +172,32 @@ def test_hookpoint_checks(tiny_cfg):
     with pytest.raises(ValueError, match=r"sae.d_in = 64 does not match hookpoint 'blocks.1.resid_post'.*d_model = 32"):
         store.check_hookpoints(sae.default_config("topk", d_in=64, hookpoint="blocks.1.resid_post"), tiny_cfg)
     store.check_hookpoints(sae.default_config("topk", d_in=32, hookpoint="blocks.1.resid_post"), tiny_cfg)
+
+
+def test_auxk_gradient_reaches_dead_latents_only():
+    cfg = sae.default_config("topk", d_in=8, n_latents=32, k=2, aux_k=4, aux_k_coeff=1.0)
+    p = model.init_params(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (16, 8))
+    dead = jnp.arange(32) < 8
+
+    def aux(p, dead):
+        return model.losses(p, cfg, x, x, 1.0, dead)[1]["aux_loss"]
+
+    g = jax.grad(aux)(p, dead)
+    assert float(jnp.abs(g["W_enc"][:, :8]).sum()) > 0 and float(jnp.abs(g["W_enc"][:, 8:]).sum()) == 0
+    assert float(aux(p, jnp.zeros(32, bool))) == 0.0  # nothing dead: no aux loss
+
+
+def test_experiment_config_errors_before_compile(no_compile):
+    config = jumprelu.get_config()
+    config.unlock()
+    config.sae.hookpoint = "blocks.9.resid_post"
+    with pytest.raises(ConfigError, match=r"unknown hookpoint sae.hookpoint = 'blocks.9.resid_post'"):
+        sae_exp.validate(config)
+    config = jumprelu.get_config()
+    config.unlock()
+    config.sae.d_in = 32
+    with pytest.raises(ConfigError, match=r"sae.d_in = 32 does not match hookpoint 'blocks.1.resid_post'.*= 64"):
+        sae_exp.validate(config)
+    config = jumprelu.get_config("hookpoint=blocks.0.attn_out")
+    assert sae_exp.validate(config).d_model == 64
