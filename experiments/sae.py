@@ -23,7 +23,7 @@ import numpy as np
 from configs.sae.common import sae_experiment
 from experiments import train_lm
 from framework import config as config_lib
-from framework import sae
+from framework import sae, sharding
 from framework.models import lm
 from framework.sae import defaults, report, store
 from framework.tasks import data
@@ -73,6 +73,15 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
         config_lib.require(config.harvest[key] > 0, f"harvest.{key}", f"must be positive, got {config.harvest[key]}")
     for key in ("steps", "batch_size"):
         config_lib.require(config.train[key] > 0, f"train.{key}", f"must be positive, got {config.train[key]}")
+    try:
+        shape = sharding.mesh_shape(config.mesh)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config section 'mesh': {e}") from None
+    config_lib.require(
+        config.train.batch_size % (shape[0] * shape[1]) == 0,
+        "train.batch_size",
+        f"{config.train.batch_size} is not divisible by mesh.data*mesh.fsdp = {shape[0] * shape[1]}",
+    )
     return model_cfg
 
 
@@ -135,12 +144,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.harvest.eval_tokens,
     )
     in_name, out_name = eval_store.resolve(config.sae)
+    # config.mesh: the batch over `data`, latents over `tensor` (one device: no mesh at all).
+    mesh = sharding.make_mesh(config.mesh) if np.prod(sharding.mesh_shape(config.mesh)) > 1 else None
     sae_params, fit_metrics = sae.fit(
         train_store,
         config.sae,
         steps=config.train.steps,
         batch_size=config.train.batch_size,
         seed=config.seed,
+        mesh=mesh,
         eval_activations=(np.asarray(eval_store.array(in_name)), np.asarray(eval_store.array(out_name))),
     )
     splice = splice_metrics(params, model_cfg, lm_config, sae_params, config)
