@@ -30,5 +30,5 @@ def sae_experiment(arch: str, **sae_overrides) -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(dict(steps=3000, batch_size=1024))
     config.eval = ml_collections.ConfigDict(dict(splice_batches=4))
     config.report = ml_collections.ConfigDict(dict(n_features=24, top_contexts=8))
-    config.mesh = common.mesh_config(data=1)
+    config.mesh = common.mesh_config()  # data = all devices; set tensor > 1 to shard latents of wide SAEs
     return config
