@@ -197,3 +197,20 @@ def test_with_impl_and_bytes():
     with pytest.raises(ValueError, match="impl='gpu'"):
         qw.with_impl("gpu")
     assert dataclasses.replace(qw).fmt == "int4"
+
+
+def test_calibration_skips_padding_and_takes_packed_batches(tiny):
+    cfg, params, tokens = tiny
+    tokens = tokens.at[:, -4:].set(cfg.pad_id)
+    path = "layers/mlp/down_proj/kernel"
+    xs = quant.methods.collect_inputs(params, cfg, [tokens], [path], max_tokens=10_000)
+    assert xs[path].shape == (cfg.n_layers, tokens.shape[0] * (tokens.shape[1] - 4), cfg.d_ff)
+    seg = jnp.ones_like(tokens).at[:, 6:].set(2)
+    pos = jnp.where(seg == 1, jnp.arange(tokens.shape[1]), jnp.arange(tokens.shape[1]) - 6)
+    packed = quant.methods.collect_inputs(
+        params, cfg, [{"tokens": tokens, "positions": pos, "segment_ids": seg}], [path], max_tokens=10_000
+    )
+    assert packed[path].shape == xs[path].shape
+    assert not np.allclose(packed[path], xs[path])  # the second segment no longer sees the first
+    with pytest.raises(ValueError, match="'tokens' key"):
+        quant.methods.collect_inputs(params, cfg, [{"x": tokens}], [path], max_tokens=10)

@@ -102,33 +102,47 @@ def collect_inputs(
         return next_fun(*args, **kwargs)
 
     @jax.jit
-    def run(tokens_BT):
-        B, T = tokens_BT.shape
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    def run(tokens_BT, pos_BT, seg_BT):
         with nn.intercept_methods(icpt):
             _, state = lm.Decoder(model_cfg).apply(
-                {"params": params}, tokens_BT, pos, None, None, mutable=["intermediates"]
+                {"params": params}, tokens_BT, pos_BT, None, seg_BT, mutable=["intermediates"]
             )
         return state["intermediates"]
 
     chunks: dict[str, list[np.ndarray]] = {p: [] for p in paths}
     n = 0
-    for tokens in batches:
-        tokens = jnp.asarray(tokens)
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"calibration batches must be int token arrays [B, T]; got {tokens.dtype}{tokens.shape}")
-        inter = run(tokens)
+    for batch in batches:
+        tokens, pos, seg = _calib_batch(batch)
+        keep = np.asarray(tokens).reshape(-1) != model_cfg.pad_id  # padding is not an activation the model serves
+        inter = run(tokens, pos, seg)
         for p in paths:
             node = inter
             for key in p.split("/")[:-1]:
                 node = node[key]
-            chunks[p].append(np.asarray(node["linear_in"][0], np.float32))
-        n += tokens.size
+            chunks[p].append(np.asarray(node["linear_in"][0], np.float32)[..., keep, :])
+        n += int(keep.sum())
         if n >= max_tokens:
             break
     if n == 0:
-        raise ValueError("calib_batches yielded no batch")
+        raise ValueError("calib_batches yielded no (non-padding) token")
     return {p: np.concatenate(c, axis=-2)[..., :max_tokens, :] for p, c in chunks.items()}
+
+
+def _calib_batch(batch):
+    """(tokens, positions, segment_ids | None) of a calibration batch: an int array [B, T] or a dict with "tokens"
+    and optionally "positions"/"segment_ids" (packed rows, as `framework.tasks.data` yields them)."""
+    if isinstance(batch, dict):
+        if "tokens" not in batch:
+            raise ValueError(f"calibration batch dicts need a 'tokens' key; got keys {sorted(batch)}")
+        tokens, pos, seg = batch["tokens"], batch.get("positions"), batch.get("segment_ids")
+    else:
+        tokens, pos, seg = batch, None, None
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"calibration batches must be int token arrays [B, T]; got {tokens.dtype}{tokens.shape}")
+    B, T = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if pos is None else jnp.asarray(pos, jnp.int32)
+    return tokens, pos, None if seg is None else jnp.asarray(seg, jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -259,7 +273,8 @@ def quantize(
 ) -> dict[str, Any]:
     """Params with every target kernel replaced by a QuantizedWeight (stacked per layer); others untouched.
 
-    `calib_batches`: int token arrays [B, T] (AWQ/GPTQ); at most `cfg.max_calib_tokens` tokens are used.
+    `calib_batches` (AWQ/GPTQ): int token arrays [B, T], or dicts with "tokens" and optionally "positions" and
+    "segment_ids" (packed rows); padding tokens are skipped; at most `cfg.max_calib_tokens` tokens are used.
     """
     if method not in METHODS:
         raise ValueError(f"quantisation method {method!r}: expected one of {METHODS}")
