@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("train_lm", "sae")
+EXPERIMENTS = ("train_lm", "sae", "test_time_scaling")
 
 
 def get(name: str) -> ModuleType:

@@ -56,7 +56,10 @@ def auroc(scores: Sequence[float], labels: Sequence[float]) -> float:
 def process_metrics(
     scores: Sequence[np.ndarray], gold: Sequence[np.ndarray], *, threshold: float = 0.5
 ) -> dict[str, float]:
-    """Earliest-error F1 (scores vs gold line labels) and step AUROC over every labelled line of every trace."""
+    """Earliest-error F1 (scores vs gold line labels) and step AUROC over every labelled line of every trace.
+
+    Traces without a finished line are left out (there is no step to judge).
+    """
     if len(scores) != len(gold):
         raise ValueError(f"process_metrics: {len(scores)} score vectors but {len(gold)} label vectors")
     pred, true, flat_s, flat_y = [], [], [], []
@@ -64,6 +67,8 @@ def process_metrics(
         s, g = np.asarray(s, np.float64), np.asarray(g, np.float64)
         if s.shape != g.shape:
             raise ValueError(f"process_metrics: trace {t} has {s.size} scores but {g.size} labels")
+        if g.size == 0:  # no finished line: nothing to judge
+            continue
         pred.append(predicted_first_error(s, threshold))
         bad = np.flatnonzero(g < 0.5)
         true.append(int(bad[0]) if bad.size else None)

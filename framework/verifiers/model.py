@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, Int
 
 from framework.inference.generate import bucket_length
 from framework.models import lm
-from framework.tasks import arithmetic
+from framework.tasks import arithmetic, data
 from framework.verifiers import traces
 
 KINDS = ("prm", "orm")
@@ -66,6 +66,21 @@ def loss_fn(params, batch, cfg: lm.LMConfig, freeze_lm: bool = False):
     loss = jnp.sum(optax.sigmoid_binary_cross_entropy(logits_BL, batch["labels"]) * mask_BL) / n
     acc = jnp.sum(((logits_BL > 0) == (batch["labels"] >= 0.5)) * mask_BL) / n
     return loss, {"accuracy": acc}
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step(cfg: lm.LMConfig, steps: int, lr: float, warmup_steps: int, weight_decay: float, freeze_lm: bool):
+    """(optimizer, jitted step), cached so verifiers fitted with the same settings share one compile."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, steps - 1), steps, lr * 0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, cfg, freeze_lm)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, aux["accuracy"]
+
+    return tx, step
 
 
 class FitHistory(NamedTuple):
@@ -105,24 +120,25 @@ def fit(
             f"verifiers.fit: need as many problems ({len(problems)}), completions ({len(completions)}) and label "
             f"vectors ({len(line_labels)}), at least one"
         )
-    enc = traces.encode_traces(problems, completions)
+    # Bucketed padding: fits on different trace sets (label sources) reuse one compiled step.
+    longest = max(len(data.encode_prompt(p)) + len(c) for p, c in zip(problems, completions))
+    most = max(len(traces.split_lines(c)) for c in completions)
+    if longest > cfg.max_seq_len:
+        raise ValueError(f"verifiers.fit: traces of {longest} tokens exceed model.max_seq_len={cfg.max_seq_len}")
+    enc = traces.encode_traces(
+        problems,
+        completions,
+        seq_len=bucket_length(longest, cfg.max_seq_len),
+        max_lines=max(most, 1) + (-max(most, 1)) % 8,
+    )
     for t, (lab, m) in enumerate(zip(line_labels, enc.line_mask)):
         if len(lab) != int(m.sum()):
             raise ValueError(f"verifiers.fit: trace {t} has {int(m.sum())} finished lines but {len(lab)} labels")
     labels, mask = traces.pad_labels(line_labels, enc.ends.shape[1])
     if not mask.any():
         raise ValueError("verifiers.fit: no line carries a label")
-    if enc.tokens.shape[1] > cfg.max_seq_len:
-        raise ValueError(f"verifiers.fit: traces of {enc.tokens.shape[1]} tokens exceed model.max_seq_len")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, steps), steps, lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+    tx, step = _train_step(cfg, steps, float(lr), int(warmup_steps), float(weight_decay), bool(freeze_lm))
     opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, cfg, freeze_lm)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, aux["accuracy"]
 
     rng = np.random.default_rng(seed)
     hist = FitHistory([], [], [])

@@ -1,0 +1,68 @@
+"""Shared builder of `test_time_scaling` experiment configs (imports only configs.common: no jax)."""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+
+STRATEGIES = ("majority", "best_of_n", "weighted_best_of_n", "beam", "dvts")
+
+
+def policy_lm(size: str = "tiny", steps: int = 1500, lr: float = 1e-2) -> ml_collections.ConfigDict:
+    """A train_lm config on the quickstart's task (mod-10 chains, K = 1..8): the policy (tiny) or the judge."""
+    cfg = common.lm_experiment(size=size)
+    cfg.task.modulus = 10
+    cfg.train.update(steps=steps, batch_size=32, seq_len=80, lr=lr, checkpoint_every=500, log_every=100, progress=False)
+    cfg.eval.problems_per_k = 64
+    return cfg
+
+
+def scaling_experiment() -> ml_collections.ConfigDict:
+    """Policy + judge (trained here or loaded), PRMs from several label sources, search at budgets N, analysis."""
+    config = ml_collections.ConfigDict()
+    config.experiment = "test_time_scaling"
+    config.seed = 0
+    # `workdir` names a finished train_lm run to load; unset, `train_lm` is trained into <workdir>/policy.
+    config.policy = ml_collections.ConfigDict({"workdir": config_dict.placeholder(str), "train_lm": policy_lm()})
+    # The judge for consensus labels and the "scale the parameters instead" line: a larger policy (small size).
+    # use_policy=True makes the policy its own judge (tiny CI runs: one model fewer to train).
+    config.judge = ml_collections.ConfigDict(
+        {"workdir": config_dict.placeholder(str), "train_lm": policy_lm("small", 1500, 3e-3), "use_policy": False}
+    )
+    config.sampling = ml_collections.ConfigDict(dict(temperature=0.8, top_p=1.0, batch_size=256))
+    # The PRM used for search (trained on `label_source`), warm-started from the policy's parameters.
+    config.prm = ml_collections.ConfigDict(
+        dict(
+            label_source="gold",
+            train_problems=256,
+            samples_per_problem=4,
+            num_steps=(1, 8),
+            heldout_problems=128,
+            steps=300,
+            batch_size=64,
+            lr=1e-3,
+            freeze_lm=False,
+        )
+    )
+    # The label-source study: one PRM per source ("mc:4" = Monte-Carlo hard labels from 4 rollouts per step;
+    # "consensus:4" = those kept where the judge agrees), plus an ORM; F1/AUROC on held-out traces, BoN accuracy.
+    config.labels = ml_collections.ConfigDict(
+        dict(sources=("gold", "mc:1", "mc:4", "mc:16", "consensus:4", "orm"), bon_n=16)
+    )
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            problems=100,
+            num_steps=(3, 8),
+            budgets=(1, 2, 4, 8, 16, 32, 64),
+            seeds=(0, 1),
+            m=4,
+            strategies=STRATEGIES,
+            lookahead=0,
+            aggregation="last",
+            n_bins=5,
+            selection_fraction=0.5,
+        )
+    )
+    return config

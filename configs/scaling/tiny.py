@@ -1,0 +1,23 @@
+"""The test-time scaling pipeline at CI scale: every stage runs, nothing is meant to be accurate.
+
+COMMAND: python -m scripts.launch --config=configs/scaling/tiny.py --workdir=runs/tts_tiny
+RUNTIME: ~1-2 min on a 2-core CPU (most of it compiling). EXPECT: every figure and JSON written; a 60-step policy
+  is mostly wrong, so the accuracies are near 0 and the curves are flat.
+"""
+
+from configs.scaling import common
+
+
+def get_config(arg: str | None = None):
+    del arg
+    config = common.scaling_experiment()
+    config.policy.train_lm.train.update(steps=60, checkpoint_every=60, log_every=30)
+    config.judge.use_policy = True
+    config.sampling.batch_size = 64
+    config.prm.update(
+        train_problems=16, samples_per_problem=2, num_steps=(2, 3), heldout_problems=8, steps=10, batch_size=16
+    )
+    config.labels.update(sources=("gold", "mc:2", "consensus:2", "orm"), bon_n=4)
+    config.eval.update(problems=8, num_steps=(2, 3), budgets=(1, 2, 4), seeds=(0,), m=2)
+    config.lock()
+    return config

@@ -1,0 +1,329 @@
+"""Test-time compute scaling: train PRMs on a Lumen policy's traces, search with them at budgets N, analyse.
+
+Stages: (1) the policy and the judge (a larger policy) are loaded from their train_lm workdirs or trained here;
+(2) PRM training traces are sampled from the policy and labelled by every source in `config.labels.sources` (gold,
+Monte-Carlo "mc:<n>", consensus "consensus:<n>", and "orm"); one value head per source is fitted (warm-started from
+the policy) and scored on held-out traces (ProcessBench F1, step AUROC against gold labels); (3) on held-out test
+problems, one pool of max(budgets) samples per problem gives majority / best-of-N / weighted BoN / pass@N at every
+N by subsampling (search-and-learn's protocol), and beam search and DVTS are re-run per N; (4) difficulty bins by
+oracle pass@1 (the pool) and by the PRM's mean score, FLOPs (2 x params x tokens, policy and verifier apart), the
+judge's greedy accuracy as "scale the parameters instead", compute-optimal strategy per bin chosen on a selection
+half and scored on the other half, coverage pass@k with a fitted exp(a k^b).
+
+Artifacts in `workdir`: config.json, results/{label_sources,scaling,coverage,compute_optimal}.json,
+figures/{accuracy_vs_n,accuracy_vs_flops,accuracy_by_difficulty,compute_optimal,coverage,label_sources}.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs.scaling.common import scaling_experiment
+from experiments import train_lm
+from framework import config as config_lib
+from framework import search, verifiers
+from framework.search import analysis, report
+from framework.tasks import arithmetic, data
+from framework.training import loop
+
+log = logging.getLogger(__name__)
+SOURCES = ("gold", "mc", "consensus", "orm")
+
+
+def parse_source(source: str) -> tuple[str, int]:
+    """("mc", 4) from "mc:4"; ("gold", 0) from "gold"; ValueError naming the source otherwise."""
+    kind, _, n = source.partition(":")
+    if kind not in SOURCES or (kind in ("mc", "consensus")) != bool(n) or (n and (not n.isdigit() or int(n) < 1)):
+        raise ValueError(f"label source {source!r}: expected gold, orm, mc:<n> or consensus:<n> with n >= 1")
+    return kind, int(n or 0)
+
+
+def _lm_config(section) -> ml_collections.ConfigDict:
+    if section.workdir is None:
+        return section.train_lm
+    path = os.path.join(section.workdir, "config.json")
+    if not os.path.exists(path):
+        raise config_lib.ConfigError(f"{section.workdir!r} holds no config.json (a train_lm workdir is expected)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks keys, types and values of every section; compiles nothing."""
+    config_lib.check_against(config, scaling_experiment())
+    req = config_lib.require
+    pol = train_lm.validate(_lm_config(config.policy))
+    if not config.judge.use_policy:
+        judge = train_lm.validate(_lm_config(config.judge))
+        req(judge.vocab_size == pol.vocab_size, "judge", "the judge must share the policy's tokenizer")
+    for key in config.labels.sources:
+        try:
+            parse_source(key)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"config key 'labels.sources': {e}") from None
+    req(
+        config.prm.label_source in config.labels.sources,
+        "prm.label_source",
+        f"{config.prm.label_source!r} must be one of labels.sources {tuple(config.labels.sources)}",
+    )
+    e = config.eval
+    budgets = list(e.budgets)
+    req(
+        budgets and all(isinstance(n, int) and n >= 1 for n in budgets) and budgets == sorted(set(budgets)),
+        "eval.budgets",
+        f"must be increasing ints >= 1, got {budgets}",
+    )
+    req(config.labels.bon_n <= max(budgets), "labels.bon_n", f"must be <= max(eval.budgets) = {max(budgets)}")
+    for s in e.strategies:
+        req(
+            s in ("majority", "best_of_n", "weighted_best_of_n", "beam", "dvts"),
+            "eval.strategies",
+            f"unknown strategy {s!r}",
+        )
+    req(e.m >= 1, "eval.m", f"must be >= 1, got {e.m}")
+    req(e.aggregation in search.AGGREGATIONS, "eval.aggregation", f"must be one of {search.AGGREGATIONS}")
+    req(0 < e.selection_fraction < 1, "eval.selection_fraction", f"must be in (0, 1), got {e.selection_fraction}")
+    for key in ("problems", "n_bins"):
+        req(e[key] >= 1, f"eval.{key}", f"must be >= 1, got {e[key]}")
+    for key in ("train_problems", "samples_per_problem", "heldout_problems", "steps", "batch_size"):
+        req(config.prm[key] >= 1, f"prm.{key}", f"must be >= 1, got {config.prm[key]}")
+    req(config.sampling.temperature > 0, "sampling.temperature", "must be > 0 (search samples)")
+
+
+def load_or_train(section, workdir: str, name: str):
+    """(params, LMConfig, train_lm config): trained into workdir/<name> or resumed from section.workdir."""
+    lm_config = _lm_config(section)
+    model_cfg, task = train_lm.make_task(lm_config)
+    state = loop.train(lm_config, section.workdir or os.path.join(workdir, name), task)
+    return jax.device_get(state.params), model_cfg, lm_config
+
+
+def _problems(seed: int, split: str, tag: int, n: int, num_steps, knobs: dict) -> list[arithmetic.Problem]:
+    knobs = dict(knobs, num_steps=tuple(num_steps) if not isinstance(num_steps, int) else num_steps)
+    return arithmetic.sample_problems(np.random.default_rng([data.split_seed(seed, split), tag]), n, **knobs)
+
+
+def _sample_traces(policy, problems, per_problem: int, seed: int):
+    rows = [p for p in problems for _ in range(per_problem)]
+    out = policy.extend(rows, [""] * len(rows), until="answer", call_key=(seed, 99))
+    return rows, out.texts
+
+
+def make_labels(source: str, policy, judge, problems, texts, seed: int) -> list[np.ndarray]:
+    """Line labels of every trace from one source (see framework.verifiers.labels)."""
+    kind, n = parse_source(source)
+    if kind == "gold":
+        return [verifiers.gold_labels(p, t) for p, t in zip(problems, texts)]
+    if kind == "orm":
+        return [verifiers.outcome_labels(p, t) for p, t in zip(problems, texts)]
+    mc = verifiers.monte_carlo_labels(policy, problems, texts, n_rollouts=n, seed=seed)
+    if kind == "mc":
+        return mc.hard
+    return verifiers.consensus_labels(mc.hard, verifiers.judge_verdicts(judge, problems, texts).line_ok)
+
+
+def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs):
+    """One PRM/ORM per label source; held-out ProcessBench metrics against gold labels."""
+    c = config.prm
+    train_p = _problems(config.seed, "train", 101, c.train_problems, c.num_steps, knobs)
+    held_p = _problems(config.seed, "eval", 102, c.heldout_problems, c.num_steps, knobs)
+    rows, texts = _sample_traces(policy, train_p, c.samples_per_problem, config.seed)
+    held_rows, held_texts = _sample_traces(policy, held_p, c.samples_per_problem, config.seed + 1)
+    held_gold = [verifiers.gold_labels(p, t) for p, t in zip(held_rows, held_texts)]
+    out = {}
+    for source in config.labels.sources:
+        t0 = time.perf_counter()
+        lab = make_labels(source, policy, judge, rows, texts, config.seed)
+        kept = [i for i, x in enumerate(lab) if np.any(~np.isnan(x))]
+        gold = [verifiers.gold_labels(rows[i], texts[i]) for i in kept]
+        flat = np.concatenate([lab[i] for i in kept]) if kept else np.zeros(0)
+        gold_flat = np.concatenate(gold) if gold else np.zeros(0)
+        has = ~np.isnan(flat)
+        params = verifiers.init(policy_params, policy_cfg, jax.random.key(config.seed))
+        params, hist = verifiers.fit(
+            params,
+            policy_cfg,
+            [rows[i] for i in kept],
+            [texts[i] for i in kept],
+            [lab[i] for i in kept],
+            steps=c.steps,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            freeze_lm=c.freeze_lm,
+            seed=config.seed,
+        )
+        v = verifiers.Verifier(
+            params, policy_cfg, batch_size=config.sampling.batch_size, min_batch=config.sampling.batch_size
+        )
+        m = verifiers.process_metrics(v.score(held_rows, held_texts).scores, held_gold)
+        m.update(
+            label_agreement_with_gold=float(np.mean((flat[has] >= 0.5) == (gold_flat[has] >= 0.5)))
+            if has.any()
+            else float("nan"),
+            labelled_fraction=float(has.mean()) if has.size else 0.0,
+            final_train_loss=hist.loss[-1],
+            seconds=time.perf_counter() - t0,
+        )
+        out[source] = (v, m)
+        log.info("verifier %s: %s", source, m)
+    return out
+
+
+def _mean(x) -> float:
+    return float(np.mean(x)) if len(x) else float("nan")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs every stage (see the module docstring), writes results and figures; returns the results dict."""
+    validate(config)
+    t_start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    loop.write_config(config, workdir)
+    pol_params, pol_cfg, pol_lm = load_or_train(config.policy, workdir, "policy")
+    if config.judge.use_policy:
+        judge_params, judge_cfg = pol_params, pol_cfg
+    else:
+        judge_params, judge_cfg, _ = load_or_train(config.judge, workdir, "judge")
+    knobs = train_lm.knobs(pol_lm)
+    s = config.sampling
+    policy = search.LMPolicy(
+        pol_params, pol_cfg, temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, min_batch=s.batch_size
+    )
+    judge = search.LMPolicy(judge_params, judge_cfg, temperature=0.0, batch_size=s.batch_size, min_batch=s.batch_size)
+
+    timings = {"models": time.perf_counter() - t_start}
+    vers = train_verifiers(config, pol_params, pol_cfg, policy, judge, knobs)
+    timings["verifiers"] = time.perf_counter() - t_start - sum(timings.values())
+    prm = vers[config.prm.label_source][0]
+    e = config.eval
+    problems = _problems(config.seed, "test", 103, e.problems, e.num_steps, knobs)
+    gold = [p.answer for p in problems]
+    n_max = max(e.budgets)
+    pool = search.run("majority", policy, None, problems, n=n_max, seed=config.seed)
+    pool_answers = [[search.answer_of(p, c) for c in cands] for p, cands in zip(problems, pool.candidates)]
+    flat_p = [p for p, cands in zip(problems, pool.candidates) for _ in cands]
+    flat_t = [c for cands in pool.candidates for c in cands]
+    pool_scores = {}
+    for source, (v, _) in vers.items():
+        sc = v.score(flat_p, flat_t)
+        pool_scores[source] = ([sc.scores[i * n_max : (i + 1) * n_max] for i in range(len(problems))], sc.tokens)
+    lines, pool_tok_scored = pool_scores[config.prm.label_source]
+    n_right = np.asarray([sum(a == g for a in ans) for ans, g in zip(pool_answers, gold)])
+    pass1 = n_right / n_max
+    prm_mean = np.asarray([np.mean([search.aggregate(x, e.aggregation) for x in ls]) for ls in lines])
+    bins = {"oracle": analysis.difficulty_bins(pass1, e.n_bins), "prm": analysis.difficulty_bins(prm_mean, e.n_bins)}
+
+    timings["pool"] = time.perf_counter() - t_start - sum(timings.values())
+    # Greedy: the policy and the judge (the "bigger model" line).
+    greedy = search.run("greedy", policy, None, problems, n=1)
+    big = search.run("greedy", judge, None, problems, n=1)
+    n_pol, n_ver, n_big = policy.num_params, prm.num_params, judge.num_params
+    per_gen = pool.tokens_generated.sum() / (len(problems) * n_max)  # mean tokens per sampled completion
+    per_scored = pool_tok_scored.sum() / (len(problems) * n_max)
+
+    correct: dict[str, dict[int, np.ndarray]] = {}  # name -> N -> [P] fraction right over seeds
+    flops: dict[str, dict[int, float]] = {}
+    for n in e.budgets:
+        sub = [
+            analysis.subsample_pool(pool_answers, lines, gold, n, np.random.default_rng([seed, n]), e.aggregation)
+            for seed in e.seeds
+        ]
+        for name in ("majority", "best_of_n", "weighted_best_of_n", "pass_at_n"):
+            if name in e.strategies or name == "pass_at_n":
+                correct.setdefault(name, {})[n] = np.mean([x[name] for x in sub], axis=0)
+                scored = 0.0 if name in ("majority", "pass_at_n") else per_scored
+                flops.setdefault(name, {})[n] = 2.0 * n * (n_pol * per_gen + n_ver * scored)
+        for name in ("beam", "dvts"):
+            if name not in e.strategies or n < e.m or n % e.m:
+                continue
+            runs = [
+                search.run(
+                    name, policy, prm, problems, n=n, m=e.m, lookahead=e.lookahead, seed=seed, aggregation=e.aggregation
+                )
+                for seed in e.seeds
+            ]
+            correct.setdefault(name, {})[n] = np.mean([r.correct(problems) for r in runs], axis=0)
+            flops.setdefault(name, {})[n] = float(np.mean([r.flops(n_pol, n_ver) for r in runs])) / len(problems)
+            log.info("%s N=%d: acc %.3f", name, n, _mean(correct[name][n]))
+
+    timings["search"] = time.perf_counter() - t_start - sum(timings.values())
+    curves = {k: {n: _mean(v) for n, v in d.items()} for k, d in correct.items()}
+    by_bin = {
+        kind: {
+            k: {n: {int(b): _mean(v[bb == b]) for b in np.unique(bb)} for n, v in d.items()} for k, d in correct.items()
+        }
+        for kind, bb in bins.items()
+    }
+    greedy_acc, big_acc = greedy.accuracy(problems), big.accuracy(problems)
+    scaling = {
+        "budgets": list(e.budgets),
+        "accuracy": curves,
+        "flops_per_problem": flops,
+        "greedy": {"accuracy": greedy_acc, "flops_per_problem": 2.0 * n_pol * float(greedy.tokens_generated.mean())},
+        "bigger_model_greedy": {
+            "accuracy": big_acc,
+            "params": n_big,
+            "flops_per_problem": 2.0 * n_big * float(big.tokens_generated.mean()),
+        },
+        "params": {"policy": n_pol, "verifier": n_ver, "judge": n_big},
+        "accuracy_by_bin": by_bin,
+        "bins": {k: v.tolist() for k, v in bins.items()},
+        "oracle_pass1": pass1.tolist(),
+        "problems": len(problems),
+        "seeds": list(e.seeds),
+        "num_steps": list(e.num_steps),
+    }
+
+    # Coverage: unbiased pass@k from the pool, with the exponentiated power-law fit.
+    ks = [k for k in e.budgets if k <= n_max]
+    cov = [_mean([analysis.pass_at_k(n_max, int(c), k) for c in n_right]) for k in ks]
+    fit = analysis.fit_coverage(ks, cov)
+    coverage = {"k": ks, "coverage": cov, "fit": fit}
+
+    # Compute-optimal: per oracle / PRM bin, the best strategy at each budget chosen on a selection split.
+    rng = np.random.default_rng(config.seed)
+    select = rng.random(len(problems)) < e.selection_fraction
+    optimal = {}
+    for kind, bb in bins.items():
+        optimal[kind] = {}
+        for n in e.budgets:
+            cands = {k: d[n] for k, d in correct.items() if n in d and k != "pass_at_n"}
+            chosen, right = analysis.compute_optimal(cands, bb, select)
+            ref = correct["weighted_best_of_n" if "weighted_best_of_n" in correct else next(iter(cands))][n]
+            optimal[kind][n] = {"chosen": chosen, "accuracy": _mean(right[~select]), "bon": _mean(ref[~select])}
+
+    # The label-source table: held-out F1/AUROC and weighted-BoN accuracy at bon_n with each verifier.
+    label_table = {}
+    for source, (v, m) in vers.items():
+        ls = pool_scores[source][0]
+        acc = {}
+        for agg in search.AGGREGATIONS:
+            sub = [
+                analysis.subsample_pool(
+                    pool_answers, ls, gold, config.labels.bon_n, np.random.default_rng([seed, 7]), agg
+                )
+                for seed in e.seeds
+            ]
+            acc[agg] = {k: _mean(np.mean([x[k] for x in sub], axis=0)) for k in ("best_of_n", "weighted_best_of_n")}
+        label_table[source] = dict(m, bon=acc)
+
+    results = {
+        "scaling": scaling,
+        "coverage": coverage,
+        "compute_optimal": optimal,
+        "label_sources": label_table,
+        "timings": timings,
+        "seconds": time.perf_counter() - t_start,
+    }
+    if jax.process_index() == 0:
+        report.write(workdir, results)
+        print(report.summary(results))
+        print("seconds per stage:", {k: round(v, 1) for k, v in timings.items()})
+    return results

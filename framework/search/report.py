@@ -1,0 +1,177 @@
+"""Figures (PNG) and tables (JSON, text) of a test-time scaling study (`experiments.test_time_scaling`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+LABELS = {
+    "majority": "majority vote",
+    "best_of_n": "best-of-N",
+    "weighted_best_of_n": "weighted best-of-N",
+    "beam": "beam search",
+    "dvts": "DVTS",
+    "pass_at_n": "pass@N (ceiling)",
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(d: dict) -> tuple[list[int], list[float]]:
+    ns = sorted(int(n) for n in d)
+    return ns, [d[n] if n in d else d[str(n)] for n in ns]
+
+
+def _style(name: str) -> dict:
+    return dict(ls="--", color="gray") if name == "pass_at_n" else {}
+
+
+def accuracy_vs_n(ax, scaling: dict) -> None:
+    """Accuracy vs N per strategy, with pass@N, the policy's greedy and the bigger model's greedy accuracy."""
+    for name, d in scaling["accuracy"].items():
+        ns, acc = _series(d)
+        ax.plot(ns, acc, marker="o", label=LABELS.get(name, name), **_style(name))
+    ax.axhline(scaling["greedy"]["accuracy"], color="k", lw=1, ls=":", label="greedy")
+    ax.axhline(
+        scaling["bigger_model_greedy"]["accuracy"], color="tab:brown", lw=1, ls="-.", label="bigger model, greedy"
+    )
+    ax.set(xscale="log", xlabel="generation budget N", ylabel="answer accuracy", ylim=(-0.02, 1.02))
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+
+
+def write(workdir: str, results: dict) -> None:
+    """Writes results/*.json and figures/*.png into `workdir`."""
+    plt = _plt()
+    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+    for key in ("scaling", "coverage", "compute_optimal", "label_sources"):
+        with open(os.path.join(workdir, "results", f"{key}.json"), "w") as f:
+            json.dump(results[key], f, indent=1, default=float)
+    sc = results["scaling"]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    accuracy_vs_n(ax, sc)
+    ax.set_title(f"accuracy vs N ({sc['problems']} problems, K={sc['num_steps'][0]}..{sc['num_steps'][1]})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "figures", "accuracy_vs_n.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, d in sc["flops_per_problem"].items():
+        if name == "pass_at_n":
+            continue
+        ns, fl = _series(d)
+        ax.plot(
+            fl,
+            [sc["accuracy"][name].get(n, sc["accuracy"][name].get(str(n))) for n in ns],
+            marker="o",
+            label=LABELS.get(name, name),
+        )
+    for key, marker, label in (("greedy", "s", "greedy"), ("bigger_model_greedy", "*", "bigger model, greedy")):
+        ax.scatter([sc[key]["flops_per_problem"]], [sc[key]["accuracy"]], marker=marker, s=80, zorder=3, label=label)
+    ax.set(xscale="log", xlabel="FLOPs per problem (2 x params x tokens, policy + verifier)", ylabel="answer accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "figures", "accuracy_vs_flops.png"), dpi=120)
+    plt.close(fig)
+
+    for kind in sc["accuracy_by_bin"]:
+        bins = sorted({int(b) for d in sc["accuracy_by_bin"][kind].values() for v in d.values() for b in v})
+        fig, axes = plt.subplots(1, len(bins), figsize=(3 * len(bins), 3), sharey=True, squeeze=False)
+        for ax, b in zip(axes[0], bins):
+            for name, d in sc["accuracy_by_bin"][kind].items():
+                ns = sorted(int(n) for n in d)
+                ax.plot(ns, [d[n].get(b, np.nan) for n in ns], marker=".", label=LABELS.get(name, name), **_style(name))
+            ax.set_xscale("log", base=2)
+            ax.set(title=f"bin {b}", xlabel="N", ylim=(-0.02, 1.02))
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("accuracy")
+        axes[0][-1].legend(fontsize=6)
+        fig.suptitle(f"accuracy by difficulty ({kind} bins: 1 = easiest)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, "figures", f"accuracy_by_difficulty_{kind}.png"), dpi=110)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind, d in results["compute_optimal"].items():
+        ns = sorted(int(n) for n in d)
+        ax.plot(ns, [d[n]["accuracy"] for n in ns], marker="o", label=f"compute-optimal ({kind} bins)")
+    d = next(iter(results["compute_optimal"].values()))
+    ns = sorted(int(n) for n in d)
+    ax.plot(ns, [d[n]["bon"] for n in ns], marker="s", ls="--", label="weighted best-of-N")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="N", ylabel="accuracy (evaluation half)", ylim=(-0.02, 1.02), title="compute-optimal vs best-of-N")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "figures", "compute_optimal.png"), dpi=120)
+    plt.close(fig)
+
+    cov = results["coverage"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(cov["k"], cov["coverage"], "o", label="pass@k (unbiased, from the pool)")
+    if np.isfinite(cov["fit"]["a"]):
+        ks = np.geomspace(1, max(cov["k"]), 50)
+        ax.plot(
+            ks,
+            np.exp(cov["fit"]["a"] * ks ** cov["fit"]["b"]),
+            "-",
+            label=f"exp({cov['fit']['a']:.2f} k^{cov['fit']['b']:.2f})",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="k", ylabel="coverage", ylim=(-0.02, 1.02), title="coverage")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "figures", "coverage.png"), dpi=120)
+    plt.close(fig)
+
+    table = results["label_sources"]
+    names = list(table)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    for i, (key, label) in enumerate((("f1", "ProcessBench F1"), ("step_auroc", "step AUROC"))):
+        ax.bar(x + (i - 1) * 0.27, [table[s].get(key, np.nan) for s in names], 0.27, label=label)
+    ax.bar(x + 0.27, [table[s]["bon"]["last"]["weighted_best_of_n"] for s in names], 0.27, label="weighted BoN acc")
+    ax.set_xticks(x, names)
+    ax.set(ylim=(0, 1.02), title="PRM label sources")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "figures", "label_sources.png"), dpi=120)
+    plt.close(fig)
+
+
+def summary(results: dict) -> str:
+    """Plain-text tables: accuracy vs N per strategy, and the label-source table."""
+    sc = results["scaling"]
+    ns = sc["budgets"]
+    lines = ["strategy".ljust(20) + "".join(f"N={n:<6d}" for n in ns)]
+    for name, d in sc["accuracy"].items():
+        lines.append(
+            LABELS.get(name, name)[:19].ljust(20) + "".join(f"{d[n]:<8.3f}" if n in d else " " * 8 for n in ns)
+        )
+    lines.append(
+        f"greedy {sc['greedy']['accuracy']:.3f}; bigger model greedy {sc['bigger_model_greedy']['accuracy']:.3f}"
+    )
+    lines.append("")
+    lines.append("source        F1     acc_flawed acc_correct AUROC  BoN(last) wBoN(last) wBoN(min) wBoN(prod)")
+    for s, m in results["label_sources"].items():
+        b = m["bon"]
+        lines.append(
+            f"{s:<13} {m['f1']:.3f}  {m['acc_flawed']:.3f}      {m['acc_correct']:.3f}       {m['step_auroc']:.3f}  "
+            f"{b['last']['best_of_n']:.3f}     {b['last']['weighted_best_of_n']:.3f}      "
+            f"{b['min']['weighted_best_of_n']:.3f}     {b['product']['weighted_best_of_n']:.3f}"
+        )
+    return "\n".join(lines)

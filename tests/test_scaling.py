@@ -1,0 +1,87 @@
+"""Scaling-study analysis on hand-made cases, and the test-time compute reproduction end to end at tiny scale."""
+
+import itertools
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from framework.search import analysis
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_pass_at_k_matches_enumeration():
+    for n, c, k in [(5, 2, 1), (5, 2, 3), (6, 0, 2), (6, 6, 1), (7, 3, 4), (4, 1, 4)]:
+        subsets = list(itertools.combinations(range(n), k))
+        brute = np.mean([any(i < c for i in s) for s in subsets])
+        assert analysis.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    with pytest.raises(ValueError, match="pass_at_k"):
+        analysis.pass_at_k(4, 5, 1)
+
+
+def test_coverage_fit_recovers_a_known_curve():
+    ks = [1, 2, 4, 8, 16, 32]
+    cov = np.exp(-1.3 * np.asarray(ks, float) ** -0.6)
+    fit = analysis.fit_coverage(ks, cov)
+    assert fit["a"] == pytest.approx(-1.3, rel=1e-6) and fit["b"] == pytest.approx(-0.6, rel=1e-6)
+    np.testing.assert_allclose(analysis.coverage_curve(fit, ks), cov, rtol=1e-6)
+    assert math.isnan(analysis.fit_coverage([1, 2], [0.0, 1.0])["a"])  # no usable points
+
+
+def test_difficulty_bins_and_compute_optimal():
+    bins = analysis.difficulty_bins([0.9, 0.1, 0.5, 0.7, 0.3, 1.0, 0.0, 0.2, 0.6, 0.4], n_bins=5)
+    assert bins.tolist() == [1, 5, 3, 2, 4, 1, 5, 4, 2, 3]  # 1 = easiest (highest pass@1), two per bin
+    correct = {
+        "a": np.array([1, 1, 0, 0], bool),
+        "b": np.array([0, 0, 1, 1], bool),
+    }
+    chosen, right = analysis.compute_optimal(correct, np.array([1, 1, 2, 2]), np.array([True, False, True, False]))
+    assert chosen == {1: "a", 2: "b"} and right.tolist() == [True, True, True, True]
+
+
+def test_subsample_pool_pass_at_n_bounds_every_selector():
+    rng = np.random.default_rng(0)
+    answers = [[int(x) for x in rng.integers(0, 3, 8)] for _ in range(20)]
+    scores = [[rng.random(3) for _ in range(8)] for _ in range(20)]
+    gold = [0] * 20
+    out = analysis.subsample_pool(answers, scores, gold, 4, np.random.default_rng(1))
+    for name in ("majority", "best_of_n", "weighted_best_of_n"):
+        assert np.all(out[name] <= out["pass_at_n"])
+    full = analysis.subsample_pool(answers, scores, gold, 8, np.random.default_rng(2))
+    assert full["pass_at_n"].tolist() == [0 in a for a in answers]  # N = pool size: every sample is used
+
+
+def test_reproduction_runs_at_tiny_scale(tmp_path):
+    workdir = tmp_path / "ttc"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "scripts.reproduce.test_time_compute", f"--workdir={workdir}", "--scale=tiny"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("scaling", "coverage", "compute_optimal", "label_sources"):
+        assert (workdir / "results" / f"{name}.json").exists()
+    for name in (
+        "accuracy_vs_n",
+        "accuracy_vs_flops",
+        "accuracy_by_difficulty_oracle",
+        "compute_optimal",
+        "coverage",
+        "label_sources",
+    ):
+        assert (workdir / "figures" / f"{name}.png").stat().st_size > 1000
+    sc = json.loads((workdir / "results" / "scaling.json").read_text())
+    assert set(sc["accuracy"]) == {"majority", "best_of_n", "weighted_best_of_n", "pass_at_n", "beam", "dvts"}
+    for name, d in sc["accuracy"].items():
+        for n, acc in d.items():
+            assert 0.0 <= acc <= sc["accuracy"]["pass_at_n"][n] + 1e-9 or name in ("beam", "dvts"), (name, n)
+    flops = sc["flops_per_problem"]["weighted_best_of_n"]
+    assert flops["1"] < flops["2"] < flops["4"]
+    table = json.loads((workdir / "results" / "label_sources.json").read_text())
+    assert set(table) == {"gold", "mc:2", "consensus:2", "orm"}
+    assert all(set(t["bon"]) == {"last", "min", "product"} for t in table.values())
+    assert "weighted best-of-N" in (workdir / "results" / "summary.txt").read_text()
