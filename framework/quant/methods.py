@@ -17,6 +17,8 @@ embedding and lm_head stay in float, as in GPTQ/AWQ practice).  Each kernel is f
   each row's error pushed onto the rows not yet quantised through the upper Cholesky factor of H⁻¹; group scales
   are fitted to the already-updated weights when a group starts.  Calibration inputs are those of the float model
   (not the sequentially quantised one), and no act-order.
+- SmoothQuant (Xiao et al. 2023; W8A8 only): s_k = max|x_k|^a / max|W_k,:|^(1-a), W' = diag(s) W quantised per
+  channel, activations multiplied by 1/s and quantised per token at run time.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from framework.models import lm
 from framework.quant import qtensor
 from framework.quant.qtensor import QuantizedWeight
 
-METHODS = ("rtn", "awq", "gptq")
+METHODS = ("rtn", "awq", "gptq", "smoothquant")
 DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
 
 
@@ -52,6 +54,7 @@ class QuantConfig:
     max_calib_tokens: int = 4096
     awq_grid: int = 20
     gptq_damp: float = 0.01
+    smooth_alpha: float = 0.5
 
     def __post_init__(self):
         fmt, bits, group = qtensor.check_format(self.fmt, self.bits, self.group_size, self.double_quant, self.act_quant)
@@ -256,7 +259,20 @@ def _rtn(w_KN, x_nK, cfg: QuantConfig) -> QuantizedWeight:
     )
 
 
-_METHODS = {"rtn": _rtn, "awq": _awq, "gptq": _gptq}
+def _smoothquant(w_KN, x_nK, cfg: QuantConfig) -> QuantizedWeight:
+    """SmoothQuant for W8A8: s_k = max|x_k|^a / max|w_k|^(1-a) moves activation outliers into the weights."""
+    if not (cfg.fmt == "int8" and cfg.act_quant):
+        raise ValueError(f"smoothquant is for W8A8: QuantConfig(fmt='int8', act_quant=True); got {cfg.fmt!r}")
+    w = jnp.asarray(w_KN, jnp.float32)
+    a = cfg.smooth_alpha
+    amax_x = jnp.maximum(jnp.max(jnp.abs(jnp.asarray(x_nK, jnp.float32)), axis=0), 1e-5)
+    amax_w = jnp.maximum(jnp.max(jnp.abs(w), axis=1), 1e-5)
+    s = jnp.maximum(amax_x**a / amax_w ** (1 - a), 1e-5)
+    qw = _rtn(w * s[:, None], None, cfg)
+    return dataclasses.replace(qw, in_scale=(1.0 / s)[None, :])
+
+
+_METHODS = {"rtn": _rtn, "awq": _awq, "gptq": _gptq, "smoothquant": _smoothquant}
 
 
 def quantize_linear(w_KN, cfg: QuantConfig, method: str = "rtn", x_nK=None) -> QuantizedWeight:
