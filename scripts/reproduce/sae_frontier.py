@@ -131,6 +131,7 @@ def main(argv):
 
 def _plot(results, path):
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,6 +148,8 @@ def _plot(results, path):
         axes[2].plot([r["width"] for r in rows], [r["dead_fraction"] for r in rows], marker="o", label=name)
     axes[2].set(xlabel="latents", ylabel="dead fraction (held out)", xscale="log", title="TopK k=16: dead latents")
     for ax in axes:
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log axes: no overlapping minor labels
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
