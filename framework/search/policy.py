@@ -113,12 +113,10 @@ class LMPolicy:
             if until == "line":
                 stop, max_new = (traces.NEWLINE_ID, tok.EOS_ID), max(line_tokens(p.modulus) for p in ps)
             else:
-                # What is left of the gold length plus one spare line and the EOS, in steps of 16 to share compiles.
-                need = max(
-                    arithmetic.solution_length(p.num_steps, p.modulus) - len(x) + line_tokens(p.modulus) + 1
-                    for p, x in zip(ps, pre)
-                )
-                stop, max_new = (tok.EOS_ID,), -(-max(need, 1) // 16) * 16
+                # The gold length plus one spare line and the EOS, in steps of 32: the decode loop stops when every
+                # row has, so a generous cap costs only cache slots, and one cap for all prefixes shares compiles.
+                need = max(arithmetic.solution_length(p.num_steps, p.modulus) + line_tokens(p.modulus) + 1 for p in ps)
+                stop, max_new = (tok.EOS_ID,), -(-need // 32) * 32
             room = self.cfg.max_seq_len - max(len(x) for x in prompts)
             if room < 1:
                 raise ValueError(f"LMPolicy.extend: a prefix of {max(len(x) for x in prompts)} tokens fills the model")
