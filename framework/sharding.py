@@ -7,6 +7,7 @@ and tensor parallelism are then config changes: the mesh sizes (and, if needed, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -177,6 +178,13 @@ def bytes_per_device(tree) -> dict[jax.Device, int]:
     return out
 
 
+@contextlib.contextmanager
 def rules_context(mesh: Mesh, rules=DEFAULT_RULES):
-    """Context for `nn.with_logical_constraint` inside jitted model code."""
-    return nn.logical_axis_rules(tuple((k, v) for k, v in rules))
+    """The mesh and the rules for `nn.with_logical_constraint` inside jitted model code.
+
+    The mesh is entered with `jax.set_mesh`: under the legacy `with mesh:` flax's logical constraints are silently
+    dropped on current JAX, which left FSDP all-gathering activations instead of weights.
+    """
+    set_mesh = getattr(jax, "set_mesh", None)
+    with set_mesh(mesh) if set_mesh is not None else mesh, nn.logical_axis_rules(tuple((k, v) for k, v in rules)):
+        yield

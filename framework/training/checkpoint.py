@@ -138,8 +138,13 @@ class Checkpointer:
         problems = []
         for step in reversed(self.all_steps()):
             try:
-                out = self.restore(abstract_state, step)
+                out, error = self.restore(abstract_state, step), None
             except CheckpointError as e:
+                out, error = None, e
+            if not _everywhere(error is None):  # processes read different files: all must agree to use it
+                e = error or CheckpointError(
+                    f"checkpoint {step} in {self.directory}: another process failed to read it"
+                )
                 problems.append(str(e))
                 moved = self._quarantine(step)
                 older = [s for s in self.all_steps() if s < step]
@@ -147,7 +152,7 @@ class Checkpointer:
                     "%s; moved it to %s; falling back to %s",
                     e,
                     moved,
-                    f"step {older[-1]}" if older else "a fresh start (no older checkpoint)",
+                    f"step {older[-1]}" if older else "nothing (no older checkpoint)",
                 )
                 continue
             return out
@@ -173,6 +178,15 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _everywhere(ok: bool) -> bool:
+    """True iff `ok` holds on every process (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _first_line(e: BaseException) -> str:

@@ -277,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
     acc, timed, window, t0 = [], 0, 0, None
     preemption, saved = _Preemption(), start
     try:
-        with mesh, sharding.rules_context(mesh, rules):
+        with sharding.rules_context(mesh, rules):
             for step, batch in zip(range(start, tc.steps), batches):
                 rows = tc.batch_size if multi else int(np.shape(next(iter(batch.values())))[0])
                 batch = sharding.global_batch(batch, mesh, rows, rules)

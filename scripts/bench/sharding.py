@@ -60,7 +60,7 @@ def build(size: str, mode: str, batch_size: int | None):
     tx, schedule = optim.make_optimizer(tc), optim.lr_schedule(tc)
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config.mesh)
     rng = jax.random.key(config.seed)
-    with mesh, sharding.rules_context(mesh, rules):
+    with sharding.rules_context(mesh, rules):
         init, _, shardings = loop.sharded_state(task, tx, mesh, rules, rng)
         state = init(rng)
         batch = sharding.global_batch(next(iter(task.batches(0))), mesh, tc.batch_size, rules)
@@ -74,9 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
-    import warnings
-
-    warnings.filterwarnings("ignore", "`with mesh:` context manager", DeprecationWarning)
     import jax
     import numpy as np
 
