@@ -156,3 +156,16 @@ def test_each_process_loads_only_its_rows():
             np.testing.assert_array_equal(v, full[i][k][4:8])
     with pytest.raises(ValueError, match=r"rows = \(4, 9\); expected \(lo, hi\) with 0 <= lo < hi <= batch_size = 8"):
         data.make_dataset(seed=3, batch_size=8, seq_len=40, num_steps=(1, 2), rows=(4, 9))
+
+
+def test_activation_constraints_apply_inside_the_rules_context():
+    # Under the legacy `with mesh:` flax dropped these silently (FSDP then all-gathered activations, not weights).
+    import flax.linen as nn
+
+    mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    x = np.ones((8, 4, 16), np.float32)
+    with sharding.rules_context(mesh):
+        y = jax.jit(lambda x: nn.with_logical_constraint(x * 2, ("batch", "seq", "embed")))(x)
+        jaxpr = str(jax.make_jaxpr(lambda x: nn.with_logical_constraint(x, ("batch", "seq", "embed")))(x))
+    assert "sharding_constraint" in jaxpr
+    assert tuple(y.sharding.spec)[:1] == ("fsdp",)  # the batch dim split over fsdp, as the rule says
