@@ -410,3 +410,37 @@ def test_final_logit_softcap_bounds_logits(model):
     assert float(jnp.max(jnp.abs(raw))) > 3 * cap
     assert float(jnp.max(jnp.abs(capped))) <= cap
     np.testing.assert_allclose(capped, cap * jnp.tanh(raw / cap), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ unstacked layers
+
+
+def _double(x):
+    return 2.0 * x
+
+
+def test_unstacked_layers_equal_the_scan(model):
+    """`unstack_layers` params (a Python loop over blocks, what decoding uses) give the scan's logits, captures and
+    interventions, and with an unstacked cache the same cached logits."""
+    cfg, params = model
+    tokens = _tokens(cfg, seed=4)
+    flat = lm.unstack_layers(params, cfg)
+    assert "layers" not in flat and flat["layer_1"]["attn"]["q_proj"]["kernel"].shape == (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.head_dim,
+    )
+    hooks = ("blocks.1.resid_mid", "embed")
+    iv = (("blocks.0.mlp_out", _double),)
+    a = _forward(params, tokens, cfg, capture=hooks, interventions=iv)
+    b = _forward(flat, tokens, cfg, capture=hooks, interventions=iv)
+    np.testing.assert_allclose(b.logits, a.logits, atol=ATOL, rtol=0)
+    for name in hooks:
+        np.testing.assert_allclose(b.captured[name], a.captured[name], atol=ATOL, rtol=0)
+    cache = kv_cache.init_cache(cfg, 2, 16)
+    c_stacked = lm.forward(params, tokens, cfg, kv_cache=cache)
+    c_flat = lm.forward(flat, tokens, cfg, kv_cache=kv_cache.unstack(cache))
+    np.testing.assert_allclose(c_flat.logits, c_stacked.logits, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(kv_cache.stack(c_flat.kv_cache).layers.k, c_stacked.kv_cache.layers.k, atol=ATOL)
+    with pytest.raises(ValueError, match="disagree on the layer layout"):
+        lm.forward(flat, tokens, cfg, kv_cache=cache)

@@ -190,8 +190,13 @@ def _generate_jit(
     # are overwritten by decode before any query can see them. Paged: each row first gets the pages its prompt
     # covers; pad positions past them have no page and their writes are dropped.
     paged = spec.layout == "paged"
-    cache = kvc.init_cache(
-        cfg, B, spec.seq_len, spec.dtype, spec.layout, page_size=spec.page_size, num_pages=spec.num_pages
+    # Unstacked layers: each layer's weights are sliced once here, not re-sliced (copied) at every token by the
+    # layer scan, and each layer's cache is its own loop-carried buffer, updated in place.
+    params = lm.unstack_layers(params, cfg)
+    cache = kvc.unstack(
+        kvc.init_cache(
+            cfg, B, spec.seq_len, spec.dtype, spec.layout, page_size=spec.page_size, num_pages=spec.num_pages
+        )
     )
     ok = jnp.bool_(True)
     if paged:

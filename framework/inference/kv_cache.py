@@ -205,12 +205,34 @@ class KVCache:
     pool: PagePool | None = None
 
     @property
+    def stacked(self) -> bool:
+        return not isinstance(self.layers, tuple)
+
+    @property
     def layout(self) -> str:
-        return "paged" if isinstance(self.layers, PagedLayer) else "dense"
+        first = self.layers if self.stacked else self.layers[0]
+        return "paged" if isinstance(first, PagedLayer) else "dense"
 
     @property
     def page_size(self) -> int:
-        return int(self.layers.k.shape[2]) if self.layout == "paged" else _dense_page_size(int(self.layers.k.shape[2]))
+        slots = int((self.layers.k.shape[2] if self.stacked else self.layers[0].k.shape[1]))
+        return slots if self.layout == "paged" else _dense_page_size(slots)
+
+
+def unstack(cache: KVCache) -> KVCache:
+    """The cache with its [L, ...] layer arrays split into a tuple of per-layer caches (for `lm.unstack_layers`
+    params: each layer's cache is then its own buffer, updated in place by the decode loop)."""
+    if not cache.stacked:
+        return cache
+    L = cache.layers.k.shape[0]
+    return cache.replace(layers=tuple(jax.tree.map(lambda a, l=l: a[l], cache.layers) for l in range(L)))
+
+
+def stack(cache: KVCache) -> KVCache:
+    """Inverse of `unstack`."""
+    if cache.stacked:
+        return cache
+    return cache.replace(layers=jax.tree.map(lambda *xs: jnp.stack(xs), *cache.layers))
 
 
 def _check(cfg: lm.LMConfig, batch: int, seq_len: int, dtype: str, layout: str, page_size: int) -> None:

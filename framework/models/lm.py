@@ -270,7 +270,10 @@ class Block(nn.Module):
     def _hook(self, name: str, x, layer_idx):
         for layer, point, fn in self.interventions:
             if point == name:
-                x = jax.lax.cond(layer_idx == layer, fn, lambda y: y, x)
+                if isinstance(layer_idx, int):  # unstacked layers: the index is static
+                    x = fn(x) if layer_idx == layer else x
+                else:
+                    x = jax.lax.cond(layer_idx == layer, fn, lambda y: y, x)
         self.sow("intermediates", name, x)  # after interventions: `capture` returns what the model goes on with
         return x
 
@@ -289,9 +292,18 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Embedding, the block stack and the output head.
+
+    `unstacked=False`: one nn.scan over stacked [L, ...] params under "layers" (the training layout). `unstacked=True`:
+    a Python loop over blocks named "layer_{l}" with their own params (`unstack_layers`) and a tuple of per-layer
+    caches; decoding uses it because a scanned layer reads its weights (and cache) through per-step dynamic slices,
+    which XLA copies every token.
+    """
+
     cfg: LMConfig
     interventions: tuple[tuple[int, str, Intervention], ...] = ()
     top_interventions: tuple[tuple[str, Intervention], ...] = ()
+    unstacked: bool = False
 
     def _top_hook(self, name, x):
         for point, fn in self.top_interventions:
@@ -311,16 +323,25 @@ class Decoder(nn.Module):
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0, "intermediates": 0},
-            split_rngs={"params": True},
-            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.n_layers,
-            unroll=1 if c.scan_layers else c.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.interventions, name="layers")
-        x_BTD, layer_cache = layers(x_BTD, jnp.arange(c.n_layers), layer_cache, pos_BT, seg_BT, page_table)
+        if self.unstacked:
+            caches = []
+            for l in range(c.n_layers):
+                x_BTD, cache_l = block(c, self.interventions, name=f"layer_{l}")(
+                    x_BTD, l, None if layer_cache is None else layer_cache[l], pos_BT, seg_BT, page_table
+                )
+                caches.append(cache_l)
+            layer_cache = None if layer_cache is None else tuple(caches)
+        else:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True},
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.n_layers,
+                unroll=1 if c.scan_layers else c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.interventions, name="layers")
+            x_BTD, layer_cache = layers(x_BTD, jnp.arange(c.n_layers), layer_cache, pos_BT, seg_BT, page_table)
 
         x_BTD = self._top_hook("final_norm", RMSNorm(c, name="final_norm")(x_BTD))
         if c.tie_embeddings:
@@ -391,20 +412,45 @@ def forward(
         layer, point = _parse_hookpoint(name, cfg)
         (top_iv.append((point, fn)) if layer is None else layer_iv.append((layer, point, fn)))
     wanted = [(name, *_parse_hookpoint(name, cfg)) for name in capture]
-    model = Decoder(cfg, tuple(layer_iv), tuple(top_iv))
+    unstacked = "layers" not in params
+    model = Decoder(cfg, tuple(layer_iv), tuple(top_iv), unstacked)
     layers, page_table = (None, None) if kv_cache is None else (kv_cache.layers, kv_cache.page_table)
+    if kv_cache is not None and unstacked != isinstance(layers, tuple):
+        raise ValueError(
+            "params and kv_cache disagree on the layer layout: unstacked params (lm.unstack_layers) need an "
+            "unstacked cache (kv_cache.unstack) and stacked params a stacked cache"
+        )
     args = (tokens_BT, positions_BT, layers, segment_ids_BT, page_table)
     if wanted:
         (logits, layers), state = model.apply({"params": params}, *args, mutable=["intermediates"])
         inter = state["intermediates"]
         captured = {
-            name: (inter[f"hook_{point}"][0] if layer is None else inter["layers"][point][0][layer])
+            name: (
+                inter[f"hook_{point}"][0]
+                if layer is None
+                else inter[f"layer_{layer}"][point][0]
+                if unstacked
+                else inter["layers"][point][0][layer]
+            )
             for name, layer, point in wanted
         }
     else:
         logits, layers = model.apply({"params": params}, *args)
         captured = {}
     return Output(logits, None if kv_cache is None else kv_cache.replace(layers=layers), captured)
+
+
+def unstack_layers(params: Params, cfg: LMConfig | Mapping[str, Any]) -> Params:
+    """The same weights with the stacked "layers" tree split into "layer_0" ... "layer_{L-1}" (static slices).
+
+    `forward` accepts either layout; the unstacked one runs the blocks as a Python loop (see `Decoder`), which is what
+    the decode loop wants: the slices are taken once, outside the per-token loop.
+    """
+    cfg = LMConfig.from_config(cfg)
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for l in range(cfg.n_layers):
+        out[f"layer_{l}"] = jax.tree.map(lambda a, l=l: a[l], params["layers"])
+    return out
 
 
 def apply(
