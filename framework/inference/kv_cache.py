@@ -43,10 +43,17 @@ def _write(cache, new, idx):
     return cache.at[idx].set(new.astype(cache.dtype), mode="drop")
 
 
-def _quantize_or_cast(x_BTKD, quantized: bool, dtype):
-    if quantized:
-        return decode_attention.quantize_kv(x_BTKD)
-    return x_BTKD.astype(dtype), None
+def _written(layer, k_BTKD, v_BTKD, idx):
+    """`layer` (dense or paged) with the chunk's K/V stored at `idx` (quantised first if the layer is int8)."""
+    if layer.k_scale is None:
+        return layer.replace(k=_write(layer.k, k_BTKD, idx), v=_write(layer.v, v_BTKD, idx))
+    (kq, ks), (vq, vs) = decode_attention.quantize_kv(k_BTKD), decode_attention.quantize_kv(v_BTKD)
+    return layer.replace(
+        k=_write(layer.k, kq, idx),
+        v=_write(layer.v, vq, idx),
+        k_scale=_write(layer.k_scale, ks, idx),
+        v_scale=_write(layer.v_scale, vs, idx),
+    )
 
 
 def _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype):
@@ -74,15 +81,7 @@ class DenseLayer:
         del page_table
         B, S = self.k.shape[:2]
         quantized = self.k_scale is not None
-        b_B1 = jnp.arange(B)[:, None]
-        kq, ks = _quantize_or_cast(k_BTKD, quantized, self.k.dtype)
-        vq, vs = _quantize_or_cast(v_BTKD, quantized, self.v.dtype)
-        new = DenseLayer(
-            _write(self.k, kq, (b_B1, pos_BT)),
-            _write(self.v, vq, (b_B1, pos_BT)),
-            None if ks is None else _write(self.k_scale, ks, (b_B1, pos_BT)),
-            None if vs is None else _write(self.v_scale, vs, (b_B1, pos_BT)),
-        )
+        new = _written(self, k_BTKD, v_BTKD, (jnp.arange(B)[:, None], pos_BT))
         if q_BTHD.shape[1] == 1 and impl in DECODE_KERNEL_IMPLS:
             C = _dense_page_size(S)
             k_pages, table = decode_attention.dense_as_pages(new.k, C)
@@ -121,15 +120,7 @@ class PagedLayer:
         # Where each new token goes; tokens past the table or on a missing page (-1) get page P: dropped.
         page_BT = jnp.take_along_axis(page_table, jnp.clip(pos_BT // C, 0, N - 1), axis=1)
         page_BT = jnp.where((page_BT >= 0) & (pos_BT < N * C), page_BT, P)
-        idx = (page_BT, pos_BT % C)
-        kq, ks = _quantize_or_cast(k_BTKD, quantized, self.k.dtype)
-        vq, vs = _quantize_or_cast(v_BTKD, quantized, self.v.dtype)
-        new = PagedLayer(
-            _write(self.k, kq, idx),
-            _write(self.v, vq, idx),
-            None if ks is None else _write(self.k_scale, ks, idx),
-            None if vs is None else _write(self.v_scale, vs, idx),
-        )
+        new = _written(self, k_BTKD, v_BTKD, (page_BT, pos_BT % C))
         if q_BTHD.shape[1] == 1 and impl in DECODE_KERNEL_IMPLS:
             scales = dict(k_scales=new.k_scale, v_scales=new.v_scale) if quantized else {}
             o_BHD = decode_attention.paged_attention(
