@@ -16,6 +16,7 @@ figures/{accuracy_vs_n,accuracy_vs_flops,accuracy_by_difficulty,compute_optimal,
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,8 @@ from configs.scaling.common import scaling_experiment
 from experiments import train_lm
 from framework import config as config_lib
 from framework import search, verifiers
-from framework.search import analysis, report
+from framework.models import lm
+from framework.search import analysis, report, revision
 from framework.tasks import arithmetic, data
 from framework.training import loop
 
@@ -95,6 +97,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("train_problems", "samples_per_problem", "heldout_problems", "steps", "batch_size"):
         req(config.prm[key] >= 1, f"prm.{key}", f"must be >= 1, got {config.prm[key]}")
     req(config.sampling.temperature > 0, "sampling.temperature", "must be > 0 (search samples)")
+    rc = config.revision
+    req(all(isinstance(r, int) and r >= 1 for r in rc.ratios), "revision.ratios", f"must be ints >= 1, got {rc.ratios}")
+    req(rc.steps >= 1 and rc.lines_per_sample >= 1, "revision", "steps and lines_per_sample must be >= 1")
+    req(0 <= rc.error_rate < 1, "revision.error_rate", f"must be in [0, 1), got {rc.error_rate}")
+    req(0 < rc.threshold < 1, "revision.threshold", f"must be in (0, 1), got {rc.threshold}")
 
 
 def load_or_train(section, workdir: str, name: str):
@@ -176,6 +183,40 @@ def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs):
     return out
 
 
+def train_revision_policy(config, pol_params, pol_lm, workdir: str):
+    """The policy fine-tuned on retry data (framework.search.revision) with the generic loop; resumes."""
+    rc = config.revision
+    lm_config = ml_collections.ConfigDict(pol_lm.to_dict())
+    lm_config.train.update(
+        steps=rc.steps,
+        lr=rc.lr,
+        warmup_steps=min(20, rc.steps - 1),
+        seq_len=rc.seq_len,
+        checkpoint_every=rc.steps,
+        progress=False,
+    )
+    lm_config.task.pack = False
+    model_cfg = train_lm.validate(lm_config)
+    tc, knobs = lm_config.train, train_lm.knobs(lm_config)
+
+    def batches(start, rows=None):
+        for i in itertools.count(start):
+            b = revision.retry_batch(
+                i, seed=config.seed, batch_size=tc.batch_size, seq_len=tc.seq_len, error_rate=rc.error_rate, knobs=knobs
+            )
+            yield b if rows is None else {k: v[rows[0] : rows[1]] for k, v in b.items()}
+
+    task = loop.Task(
+        init_params=lambda rng: pol_params,  # warm start: the policy learns to rewrite after "!"
+        logical_axes=lm.logical_axes(model_cfg),
+        loss_fn=train_lm._loss_fn(model_cfg),
+        batches=batches,
+        flops_per_example=lm.flops_per_token(model_cfg, tc.seq_len) * tc.seq_len,
+    )
+    state = loop.train(lm_config, os.path.join(workdir, "revision_policy"), task)
+    return jax.device_get(state.params), model_cfg
+
+
 def _mean(x) -> float:
     return float(np.mean(x)) if len(x) else float("nan")
 
@@ -254,6 +295,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             log.info("%s N=%d: acc %.3f", name, n, _mean(correct[name][n]))
 
     timings["search"] = time.perf_counter() - t_start - sum(timings.values())
+    rc = config.revision
+    if rc.enabled:
+        rev_params, rev_cfg = train_revision_policy(config, pol_params, pol_lm, workdir)
+        rev_policy = search.LMPolicy(
+            rev_params,
+            rev_cfg,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            batch_size=s.batch_size,
+            min_batch=s.batch_size,
+        )
+        for n in e.budgets:
+            for r in rc.ratios:
+                if n % r:
+                    continue
+                name = f"revision_r{r}"
+                runs = [
+                    revision.revise(
+                        rev_policy,
+                        prm,
+                        problems,
+                        chains=n // r,
+                        revisions=(r - 1) * rc.lines_per_sample,
+                        threshold=rc.threshold,
+                        seed=seed,
+                        aggregation=e.aggregation,
+                    )
+                    for seed in e.seeds
+                ]
+                correct.setdefault(name, {})[n] = np.mean([x.correct(problems) for x in runs], axis=0)
+                flops.setdefault(name, {})[n] = float(np.mean([x.flops(n_pol, n_ver) for x in runs])) / len(problems)
+                log.info("%s N=%d: acc %.3f", name, n, _mean(correct[name][n]))
+        timings["revision"] = time.perf_counter() - t_start - sum(timings.values())
     curves = {k: {n: _mean(v) for n, v in d.items()} for k, d in correct.items()}
     by_bin = {
         kind: {

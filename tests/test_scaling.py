@@ -72,13 +72,27 @@ def test_reproduction_runs_at_tiny_scale(tmp_path):
         "compute_optimal",
         "coverage",
         "label_sources",
+        "serial_vs_parallel",
     ):
         assert (workdir / "figures" / f"{name}.png").stat().st_size > 1000
     sc = json.loads((workdir / "results" / "scaling.json").read_text())
-    assert set(sc["accuracy"]) == {"majority", "best_of_n", "weighted_best_of_n", "pass_at_n", "beam", "dvts"}
+    assert set(sc["accuracy"]) == {
+        "majority",
+        "best_of_n",
+        "weighted_best_of_n",
+        "pass_at_n",
+        "beam",
+        "dvts",
+        "revision_r1",
+        "revision_r2",
+    }
     for name, d in sc["accuracy"].items():
         for n, acc in d.items():
-            assert 0.0 <= acc <= sc["accuracy"]["pass_at_n"][n] + 1e-9 or name in ("beam", "dvts"), (name, n)
+            assert (
+                0.0 <= acc <= sc["accuracy"]["pass_at_n"][n] + 1e-9
+                or name in ("beam", "dvts")
+                or name.startswith("revision")
+            ), (name, n)
     flops = sc["flops_per_problem"]["weighted_best_of_n"]
     assert flops["1"] < flops["2"] < flops["4"]
     table = json.loads((workdir / "results" / "label_sources.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 
 from framework import search, verifiers
 from framework.models import lm
-from framework.search import toy
+from framework.search import revision, toy
 from framework.tasks import arithmetic
 from framework.verifiers import labels
 
@@ -125,3 +125,33 @@ def test_lm_policy_and_verifier_search_end_to_end(tiny_cfg):
         assert alone.tokens_generated[0] == batched.tokens_generated[i]
     assert all(len(c) == 2 for c in batched.candidates)
     assert batched.tokens_generated.sum() > 0 and batched.tokens_scored.sum() > batched.tokens_generated.sum()
+
+
+def test_retry_data_resolves_to_the_gold_trace():
+    for i, p in enumerate(PROBLEMS):
+        text, in_loss = revision.retry_example(p, np.random.default_rng(i), error_rate=0.5)
+        assert revision.resolve(text) == arithmetic.format_solution(p)
+        lines = text.split("\n")[:-1]
+        for j in range(len(lines)):  # exactly the retracted lines are out of the loss
+            assert in_loss[j] == (j + 1 >= len(lines) or lines[j + 1] != revision.MARKER)
+        ex = revision.encode_retry_example(p, np.random.default_rng(i), 0.5, seq_len=128)
+        n_in_loss = sum(len(x) + 1 for x, keep in zip(lines, in_loss) if keep) + 1  # + EOS
+        assert ex["loss_mask"].sum() == n_in_loss
+    assert revision.resolve("1+2=3\n!\n1+2=4\n!\n!\n1+") == "1+"
+    b1 = revision.retry_batch(3, seed=0, batch_size=4, seq_len=128, error_rate=0.3, knobs=dict(modulus=10))
+    b2 = revision.retry_batch(3, seed=0, batch_size=4, seq_len=128, error_rate=0.3, knobs=dict(modulus=10))
+    np.testing.assert_array_equal(b1["tokens"], b2["tokens"])
+
+
+def test_revision_with_a_perfect_prm_repairs_every_chain():
+    policy = toy.ToyPolicy(0.5, branching=3)
+    fixed = revision.revise(policy, ORACLE, PROBLEMS, chains=2, revisions=40, seed=0)
+    assert fixed.accuracy(PROBLEMS) == 1.0
+    for p, t in zip(PROBLEMS, fixed.traces):
+        assert revision.resolve(t) == arithmetic.format_solution(p)
+        assert revision.MARKER in t or labels.gold_labels(p, t).all()
+    plain = revision.revise(policy, ORACLE, PROBLEMS, chains=2, revisions=0, seed=0)
+    assert plain.accuracy(PROBLEMS) < 1.0 and "!" not in "".join(plain.traces)
+    assert plain.tokens_generated.sum() < fixed.tokens_generated.sum()
+    alone = revision.revise(policy, ORACLE, PROBLEMS[:1], chains=2, revisions=40, seed=0)
+    assert alone.traces[0] == fixed.traces[0] and alone.tokens_generated[0] == fixed.tokens_generated[0]

@@ -51,6 +51,20 @@ def scaling_experiment() -> ml_collections.ConfigDict:
     config.labels = ml_collections.ConfigDict(
         dict(sources=("gold", "mc:1", "mc:4", "mc:16", "consensus:4", "orm"), bon_n=16)
     )
+    # Sequential revision: the policy fine-tuned on retry data (a wrong step, "!", the right step; wrong lines out of
+    # the loss), then N = chains x ratio with (ratio - 1) x lines_per_sample retractions per chain, PRM-triggered.
+    config.revision = ml_collections.ConfigDict(
+        dict(
+            enabled=True,
+            steps=400,
+            lr=3e-3,
+            error_rate=0.2,
+            seq_len=128,
+            ratios=(1, 2, 4),
+            lines_per_sample=6,
+            threshold=0.5,
+        )
+    )
     config.eval = ml_collections.ConfigDict(
         dict(
             problems=100,

@@ -86,6 +86,7 @@ class SearchResults:
     tokens_generated: np.ndarray
     tokens_prompt: np.ndarray
     tokens_scored: np.ndarray
+    revisions: int = 0  # sequential revision (`framework.search.revision.revise`): retractions allowed per chain
 
     def correct(self, problems: Sequence[arithmetic.Problem]) -> np.ndarray:
         """Bool per problem: the chosen answer is the gold answer."""

@@ -17,6 +17,14 @@ LABELS = {
 }
 
 
+def label(name: str) -> str:
+    """Legend text of a strategy name ("revision_r4" = N/4 chains, each with 3 samples' worth of revisions)."""
+    if name.startswith("revision_r"):
+        r = int(name[len("revision_r") :])
+        return "revision, parallel only" if r == 1 else f"revision, serial:parallel {r - 1}:1"
+    return LABELS.get(name, name)
+
+
 def _plt():
     import matplotlib
 
@@ -39,7 +47,7 @@ def accuracy_vs_n(ax, scaling: dict) -> None:
     """Accuracy vs N per strategy, with pass@N, the policy's greedy and the bigger model's greedy accuracy."""
     for name, d in scaling["accuracy"].items():
         ns, acc = _series(d)
-        ax.plot(ns, acc, marker="o", label=LABELS.get(name, name), **_style(name))
+        ax.plot(ns, acc, marker="o", label=label(name), **_style(name))
     ax.axhline(scaling["greedy"]["accuracy"], color="k", lw=1, ls=":", label="greedy")
     ax.axhline(
         scaling["bigger_model_greedy"]["accuracy"], color="tab:brown", lw=1, ls="-.", label="bigger model, greedy"
@@ -76,10 +84,10 @@ def write(workdir: str, results: dict) -> None:
             fl,
             [sc["accuracy"][name].get(n, sc["accuracy"][name].get(str(n))) for n in ns],
             marker="o",
-            label=LABELS.get(name, name),
+            label=label(name),
         )
-    for key, marker, label in (("greedy", "s", "greedy"), ("bigger_model_greedy", "*", "bigger model, greedy")):
-        ax.scatter([sc[key]["flops_per_problem"]], [sc[key]["accuracy"]], marker=marker, s=80, zorder=3, label=label)
+    for key, marker, text in (("greedy", "s", "greedy"), ("bigger_model_greedy", "*", "bigger model, greedy")):
+        ax.scatter([sc[key]["flops_per_problem"]], [sc[key]["accuracy"]], marker=marker, s=80, zorder=3, label=text)
     ax.set(xscale="log", xlabel="FLOPs per problem (2 x params x tokens, policy + verifier)", ylabel="answer accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -93,7 +101,7 @@ def write(workdir: str, results: dict) -> None:
         for ax, b in zip(axes[0], bins):
             for name, d in sc["accuracy_by_bin"][kind].items():
                 ns = sorted(int(n) for n in d)
-                ax.plot(ns, [d[n].get(b, np.nan) for n in ns], marker=".", label=LABELS.get(name, name), **_style(name))
+                ax.plot(ns, [d[n].get(b, np.nan) for n in ns], marker=".", label=label(name), **_style(name))
             ax.set_xscale("log", base=2)
             ax.set(title=f"bin {b}", xlabel="N", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
@@ -119,6 +127,24 @@ def write(workdir: str, results: dict) -> None:
     fig.savefig(os.path.join(workdir, "figures", "compute_optimal.png"), dpi=120)
     plt.close(fig)
 
+    revs = sorted((n for n in sc["accuracy"] if n.startswith("revision_r")), key=lambda n: int(n[len("revision_r") :]))
+    if revs:
+        by_bin = sc["accuracy_by_bin"]["oracle"]
+        common = sorted(set.intersection(*[{int(n) for n in by_bin[r]} for r in revs]))
+        n_top = common[-1] if common else None
+        if n_top is not None:
+            bins = sorted(by_bin[revs[0]][n_top])
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            width = 0.8 / len(revs)
+            for i, r in enumerate(revs):
+                ax.bar(np.arange(len(bins)) + i * width, [by_bin[r][n_top][b] for b in bins], width, label=label(r))
+            ax.set_xticks(np.arange(len(bins)) + 0.4 - width / 2, [f"bin {b}" for b in bins])
+            ax.set(ylabel="accuracy", ylim=(0, 1.02), title=f"serial vs parallel at N={n_top} (oracle bins)")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(os.path.join(workdir, "figures", "serial_vs_parallel.png"), dpi=120)
+            plt.close(fig)
+
     cov = results["coverage"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(cov["k"], cov["coverage"], "o", label="pass@k (unbiased, from the pool)")
@@ -142,8 +168,8 @@ def write(workdir: str, results: dict) -> None:
     names = list(table)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
-    for i, (key, label) in enumerate((("f1", "ProcessBench F1"), ("step_auroc", "step AUROC"))):
-        ax.bar(x + (i - 1) * 0.27, [table[s].get(key, np.nan) for s in names], 0.27, label=label)
+    for i, (key, text) in enumerate((("f1", "ProcessBench F1"), ("step_auroc", "step AUROC"))):
+        ax.bar(x + (i - 1) * 0.27, [table[s].get(key, np.nan) for s in names], 0.27, label=text)
     ax.bar(x + 0.27, [table[s]["bon"]["last"]["weighted_best_of_n"] for s in names], 0.27, label="weighted BoN acc")
     ax.set_xticks(x, names)
     ax.set(ylim=(0, 1.02), title="PRM label sources")
@@ -159,9 +185,7 @@ def summary(results: dict) -> str:
     ns = sc["budgets"]
     lines = ["strategy".ljust(20) + "".join(f"N={n:<6d}" for n in ns)]
     for name, d in sc["accuracy"].items():
-        lines.append(
-            LABELS.get(name, name)[:19].ljust(20) + "".join(f"{d[n]:<8.3f}" if n in d else " " * 8 for n in ns)
-        )
+        lines.append(label(name)[:19].ljust(20) + "".join(f"{d[n]:<8.3f}" if n in d else " " * 8 for n in ns))
     lines.append(
         f"greedy {sc['greedy']['accuracy']:.3f}; bigger model greedy {sc['bigger_model_greedy']['accuracy']:.3f}"
     )

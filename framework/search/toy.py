@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from framework.search import revision
 from framework.search.policy import Extension, check_extend_args
 from framework.tasks import arithmetic
 from framework.verifiers import labels, traces
@@ -39,6 +40,7 @@ class ToyPolicy:
         self.p_correct, self.branching, self.cover = float(p_correct), branching, cover
 
     def _line(self, problem: arithmetic.Problem, prefix: str, key: tuple, greedy: bool) -> str:
+        prefix = revision.resolve(prefix)  # retracted lines ("!" markers) are not part of the trace
         lines = traces.split_lines(prefix)
         i = len(lines)
         written = arithmetic.check_solution(problem, prefix).values_written
