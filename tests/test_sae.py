@@ -46,6 +46,8 @@ def test_recovers_known_dictionary(data, arch):
     assert metrics["final"]["fvu"] < 0.3
     if arch == "jumprelu":  # the threshold learned: L0 near the true 4 active atoms (it starts far above)
         assert params["log_threshold"].dtype == jnp.float32
+        moved = np.abs(np.asarray(params["log_threshold"]) - np.log(cfg.jumprelu_init_threshold))
+        assert moved.mean() > 0.1, moved.mean()  # thresholds moved under Adam (log parameterisation)
         assert 2 <= metrics["final"]["l0"] <= 8, metrics["final"]
 
 
@@ -201,3 +203,22 @@ def test_experiment_config_errors_before_compile(no_compile):
         sae_exp.validate(config)
     config = jumprelu.get_config("hookpoint=blocks.0.attn_out")
     assert sae_exp.validate(config).d_model == 64
+
+
+def test_topk_sparse_decode_equals_dense():
+    cfg = sae.default_config("topk", d_in=16, n_latents=64, k=4, aux_k=0)
+    p = model.init_params(cfg, jax.random.key(0))
+    p = dict(p, b_dec=jnp.linspace(-1, 1, 16), b_enc=jnp.linspace(-0.1, 0.1, 64))
+    x = jax.random.normal(jax.random.key(1), (32, 16))
+
+    def sparse(p):
+        return model.losses(p, cfg, x, x, 1.0, jnp.zeros(64, bool))[0]
+
+    def dense(p):
+        f, _ = model.encode_train(p, cfg, x)
+        return jnp.mean(jnp.sum((x - model.decode(p, cfg, f)) ** 2, axis=-1))
+
+    np.testing.assert_allclose(sparse(p), dense(p), rtol=1e-6)
+    gs, gd = jax.grad(sparse)(p), jax.grad(dense)(p)
+    for key in gs:
+        np.testing.assert_allclose(gs[key], gd[key], rtol=1e-5, atol=1e-6)

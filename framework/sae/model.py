@@ -202,8 +202,19 @@ def losses(params, cfg, x_BD, y_BO, sparsity_scale, dead_L):
     aux_k_coeff * ||e - e_hat||^2 / ||e - mean(e)||^2, e_hat reconstructing the residual e from the top aux_k dead
     latents.
     """
-    f, extras = encode_train(params, cfg, x_BD)
-    y_hat = decode(params, cfg, f)
+    if cfg.arch == "topk":
+        # Sparse decode: gather the k decoder rows each token uses instead of a dense [B, L] @ [L, O] product
+        # (forward and both backward matmuls), the larger part of a TopK step when k << L. Same values.
+        pre = pre_activations(params, cfg, x_BD)
+        vals_BK, idx_BK = jax.lax.top_k(pre, cfg.k)
+        vals_BK = jax.nn.relu(vals_BK)
+        y_hat = jnp.einsum("bk,bko->bo", vals_BK, params["W_dec"][idx_BK]) + params["b_dec"]
+        rows_B1 = jnp.arange(pre.shape[0])[:, None]
+        f = jax.lax.stop_gradient(jnp.zeros_like(pre).at[rows_B1, idx_BK].set(vals_BK))  # for statistics only
+        extras = {"pre": pre}
+    else:
+        f, extras = encode_train(params, cfg, x_BD)
+        y_hat = decode(params, cfg, f)
     err = y_BO - y_hat
     mse = jnp.mean(jnp.sum(err**2, axis=-1))
     dec_norm_L = jnp.linalg.norm(params["W_dec"], axis=1)

@@ -67,36 +67,48 @@ def main(argv=None):
     rows = [["Lumen (JAX " + jax.__version__ + ")", f"{m['tokens_per_s']:,.0f}", f"{m['final']['fvu']:.4f}"]]
     ref = None
     if os.path.exists(args.torch_python):
+        # torch's OpenMP threads spin: on a loaded machine 2 threads ran 13x slower than 1 (measured). Run both
+        # thread counts and keep the faster, so the comparison is against SAELens at its best here.
+        results = []
         with tempfile.TemporaryDirectory() as tmp:
             np.save(os.path.join(tmp, "train.npy"), x)
             np.save(os.path.join(tmp, "eval.npy"), x_eval)
-            spec = dict(
-                n_latents=args.n_latents,
-                k=args.k,
-                batch_size=args.batch_size,
-                steps=args.steps,
-                lr=args.lr,
-                seed=0,
-                threads=common.num_cores(),
-                dead_window=dead_window,
-            )
             worker = os.path.join(common.REPO, "scripts", "bench", "sae_lens_worker.py")
-            res = subprocess.run(
+            for threads in sorted({1, common.num_cores()}):
+                spec = dict(
+                    n_latents=args.n_latents,
+                    k=args.k,
+                    batch_size=args.batch_size,
+                    steps=args.steps,
+                    lr=args.lr,
+                    seed=0,
+                    threads=threads,
+                    dead_window=dead_window,
+                )
+                res = subprocess.run(
+                    [
+                        args.torch_python,
+                        worker,
+                        os.path.join(tmp, "train.npy"),
+                        os.path.join(tmp, "eval.npy"),
+                        json.dumps(spec),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
+                if res.returncode != 0:
+                    print("SAELens worker failed:\n" + res.stderr[-2000:])
+                    continue
+                results.append(dict(json.loads(res.stdout.strip().splitlines()[-1]), threads=threads))
+        for r in results:
+            rows.append(
                 [
-                    args.torch_python,
-                    worker,
-                    os.path.join(tmp, "train.npy"),
-                    os.path.join(tmp, "eval.npy"),
-                    json.dumps(spec),
-                ],
-                capture_output=True,
-                text=True,
+                    f"SAELens (torch {r['torch']}, {r['threads']} thread(s))",
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{r['fvu']:.4f}",
+                ]
             )
-        if res.returncode == 0:
-            ref = json.loads(res.stdout.strip().splitlines()[-1])
-            rows.append([f"SAELens (torch {ref['torch']})", f"{ref['tokens_per_s']:,.0f}", f"{ref['fvu']:.4f}"])
-        else:
-            print("SAELens worker failed:\n" + res.stderr[-2000:])
+        ref = max(results, key=lambda r: r["tokens_per_s"]) if results else None
     body = common.markdown_table(["implementation", "train tokens/s", "held-out FVU"], rows)
     body += (
         f"\n\nTopK SAE, {args.n_latents} latents, k={args.k}, batch {args.batch_size}, {args.steps} steps, "
@@ -104,7 +116,8 @@ def main(argv=None):
     )
     if ref:
         body += (
-            f" Lumen/SAELens throughput: {m['tokens_per_s'] / ref['tokens_per_s']:.2f}x; "
+            " Lumen/SAELens throughput (SAELens at its faster thread count): "
+            f"{m['tokens_per_s'] / ref['tokens_per_s']:.2f}x; "
             f"FVU difference {m['final']['fvu'] - ref['fvu']:+.4f}."
         )
     else:
