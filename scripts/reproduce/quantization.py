@@ -1,0 +1,208 @@
+"""Post-training quantisation of a trained arithmetic LM: fp32/bf16 vs int8, int4 (groups 32/64/128), 3-bit, NF4,
+with RTN, AWQ and GPTQ: held-out perplexity, greedy exact match by K, and weight bytes.
+
+  python -m scripts.reproduce.quantization --workdir=runs/quant_study [--lm_workdir=runs/quickstart]
+
+RUNTIME: ~30 min on a heavily shared 2-core CPU (LM training ~11 min, ~1 min per setting); results in README.md.
+The LM is the quickstart's (tiny, mod-10 chains; loaded from --lm_workdir or trained into <workdir>/lm):
+the issue's `base` mod-100 model needs hours of CPU training (configs/lm/arith.py), so this runs at CPU scale.
+Quantised weights run through the model as they are (`QuantizedWeight.matmul`, impl "xla": dequantise + dot);
+projections (q/k/v/o, gate/up/down) are quantised, the embedding and lm_head stay fp32.  Calibration for AWQ/GPTQ:
+--calib_tokens tokens of the *train* split; perplexity on the eval split; exact match on held-out test problems.
+Writes <workdir>/results/quantization.json and <workdir>/figures/quantization.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from configs import quickstart
+from experiments import train_lm
+from framework import quant
+from framework.models import lm
+from framework.tasks import data, policy_eval
+from framework.training import loop
+from framework.training.loss import next_token_loss
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/quant_study", "Output directory.")
+_LM_WORKDIR = flags.DEFINE_string("lm_workdir", None, "A finished quickstart train_lm workdir (default: train one).")
+_PROBLEMS = flags.DEFINE_integer("problems_per_k", 64, "Held-out problems per K for exact match.")
+_CALIB = flags.DEFINE_integer("calib_tokens", 4096, "Calibration tokens (train split) for AWQ/GPTQ.")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Eval-split batches for perplexity.")
+
+# (label, QuantConfig kwargs, methods)
+SETTINGS = [
+    ("int8", dict(fmt="int8"), ("rtn",)),
+    ("int8 W8A8", dict(fmt="int8", act_quant=True), ("rtn",)),
+    ("int4 g32", dict(fmt="int4", group_size=32), ("rtn", "awq", "gptq")),
+    ("int4 g64", dict(fmt="int4", group_size=64), ("rtn", "awq", "gptq")),
+    ("int4 g128", dict(fmt="int4", group_size=128), ("rtn", "awq", "gptq")),
+    ("int3 g32", dict(fmt="int4", bits=3, group_size=32), ("rtn", "awq", "gptq")),
+    ("nf4 b64", dict(fmt="nf4"), ("rtn", "gptq")),
+]
+
+
+def _target_bytes(params, per_element: float) -> float:
+    pattern = quant.DEFAULT_TARGETS
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return sum(
+        x.size * per_element for p, x in flat if re.fullmatch(pattern, "/".join(str(getattr(k, "key", k)) for k in p))
+    )
+
+
+def _perplexity(params, model_cfg, batches) -> float:
+    @jax.jit
+    def scored(p, b):
+        logits = lm.apply(
+            p, b["tokens"], model_cfg, positions_BT=b.get("positions"), segment_ids_BT=b.get("segment_ids")
+        )
+        return next_token_loss(logits, b["tokens"], b["loss_mask"])[1]
+
+    sums = [jax.device_get(scored(params, b)) for b in batches]
+    return math.exp(sum(float(s["loss_sum"]) for s in sums) / sum(float(s["tokens"]) for s in sums))
+
+
+def _evaluate(params, model_cfg, lm_config, eval_batches) -> dict:
+    kn = train_lm.knobs(lm_config)
+    k_lo, k_hi = kn["num_steps"] if not isinstance(kn["num_steps"], int) else (kn["num_steps"],) * 2
+    acc = policy_eval.accuracy_by_k(
+        params, model_cfg, seed=lm_config.seed, ks=range(k_lo, k_hi + 1), problems_per_k=_PROBLEMS.value, knobs=kn
+    )
+    em = {k: v["exact_match"] for k, v in acc.items()}
+    return {
+        "perplexity": _perplexity(params, model_cfg, eval_batches),
+        "exact_match_by_k": em,
+        "exact_match_mean": float(np.mean(list(em.values()))),
+    }
+
+
+def main(argv):
+    del argv
+    workdir = _WORKDIR.value
+    lm_config = quickstart.get_config()
+    model_cfg, task = train_lm.make_task(lm_config)
+    lm_dir = _LM_WORKDIR.value or os.path.join(workdir, "lm")
+    params = jax.device_get(loop.train(lm_config, lm_dir, task).params)
+
+    tc = lm_config.train
+    eval_ds = data.make_dataset(
+        seed=lm_config.seed,
+        batch_size=tc.batch_size,
+        seq_len=tc.seq_len,
+        loss_on=lm_config.task.loss_on,
+        split="eval",
+        num_batches=_EVAL_BATCHES.value,
+        **train_lm.knobs(lm_config),
+    )
+    eval_batches = [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in eval_ds]
+    calib_ds = data.make_dataset(
+        seed=lm_config.seed,
+        batch_size=tc.batch_size,
+        seq_len=tc.seq_len,
+        loss_on=lm_config.task.loss_on,
+        split="train",
+        pack=True,
+        num_batches=-(-_CALIB.value // (tc.batch_size * tc.seq_len)),
+        **train_lm.knobs(lm_config),
+    )
+    calib = [{k: np.asarray(b[k]) for k in ("tokens", "positions", "segment_ids")} for b in calib_ds]
+
+    rows = []
+
+    def record(label, method, p, bytes_storage, bytes_ideal, seconds):
+        r = dict(
+            setting=label,
+            method=method,
+            weight_bytes=bytes_storage,
+            weight_bytes_ideal=bytes_ideal,
+            quantize_seconds=seconds,
+            **_evaluate(p, model_cfg, lm_config, eval_batches),
+        )
+        rows.append(r)
+        print(
+            f"{label:10s} {method:5s} ppl {r['perplexity']:.4f} EM {r['exact_match_mean']:.3f} "
+            f"bytes {bytes_storage:,.0f} ({seconds:.1f}s)",
+            flush=True,
+        )
+
+    record("fp32", "-", params, _target_bytes(params, 4), _target_bytes(params, 4), 0.0)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
+    record("bf16", "-", bf16, _target_bytes(params, 2), _target_bytes(params, 2), 0.0)
+    for label, kw, methods in SETTINGS:
+        for method in methods:
+            t0 = time.perf_counter()
+            qp = quant.quantize(params, quant.QuantConfig(**kw), method, calib, model_cfg=model_cfg)
+            wb = quant.weight_bytes(qp)
+            record(label, method, qp, wb["storage"], wb["ideal"], time.perf_counter() - t0)
+
+    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+    out = {
+        "lm": "quickstart (tiny, mod 10)",
+        "model": model_cfg.to_dict(),
+        "calib_tokens": _CALIB.value,
+        "problems_per_k": _PROBLEMS.value,
+        "rows": rows,
+    }
+    with open(os.path.join(workdir, "results", "quantization.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    _plot(rows, os.path.join(workdir, "figures", "quantization.png"))
+    print(table(rows))
+
+
+def table(rows) -> str:
+    """The README table: one line per (setting, method)."""
+    ks = sorted(rows[0]["exact_match_by_k"], key=int)
+    head = (
+        "| setting | method | ppl | EM mean | "
+        + " | ".join(f"K={k}" for k in ks)
+        + " | bytes (held) | bytes (nominal) |"
+    )
+    lines = [head, "|" + "---|" * (6 + len(ks))]
+    for r in rows:
+        em = " | ".join(f"{r['exact_match_by_k'][k]:.2f}" for k in ks)
+        lines.append(
+            f"| {r['setting']} | {r['method']} | {r['perplexity']:.4f} | {r['exact_match_mean']:.3f} | {em} | "
+            f"{r['weight_bytes'] / 1024:.1f} KiB | {r['weight_bytes_ideal'] / 1024:.1f} KiB |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    colors = {"-": "black", "rtn": "tab:red", "awq": "tab:blue", "gptq": "tab:green"}
+    labels = [f"{r['setting']}\n{r['method']}" for r in rows]
+    ax1.bar(range(len(rows)), [r["perplexity"] for r in rows], color=[colors[r["method"]] for r in rows])
+    ax1.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+    ax1.set_ylabel("held-out perplexity")
+    lo = min(r["perplexity"] for r in rows)
+    ax1.set_ylim(lo * 0.98, max(r["perplexity"] for r in rows) * 1.02)
+    for r in rows:
+        ax2.scatter(r["weight_bytes_ideal"] / 1024, r["exact_match_mean"], color=colors[r["method"]])
+        ax2.annotate(r["setting"], (r["weight_bytes_ideal"] / 1024, r["exact_match_mean"]), fontsize=6)
+    ax2.set_xlabel("projection weight bytes at nominal bits (KiB)")
+    ax2.set_ylabel("greedy exact match (mean over K)")
+    for m, c in colors.items():
+        ax2.scatter([], [], color=c, label="float" if m == "-" else m)
+    ax2.legend()
+    fig.suptitle("Post-training quantisation of the quickstart LM")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    app.run(main)
