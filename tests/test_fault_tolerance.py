@@ -47,12 +47,27 @@ def _env():
     return env
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_runs():
+    yield
+    while _STARTED:  # a failed assertion must not leave training runs behind
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _start(workdir, *overrides):
     cmd = [*LAUNCH, f"--workdir={workdir}", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _STARTED.append(proc)
+    return proc
 
 
-def _finish(proc, timeout=240):
+def _finish(proc, timeout=900):  # a hang guard: a loaded 2-core machine can take minutes
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err[-4000:]}"
     return out, err
@@ -71,7 +86,7 @@ def _logged_steps(workdir) -> list[int]:
     return steps
 
 
-def _wait_for_step(proc, workdir, step, timeout=180):
+def _wait_for_step(proc, workdir, step, timeout=600):
     t0 = time.time()
     while not _logged_steps(workdir) or max(_logged_steps(workdir)) < step:
         assert proc.poll() is None, f"run ended (exit {proc.returncode}) before step {step}: {proc.stderr.read()}"
@@ -128,7 +143,7 @@ def test_sigterm_finishes_the_step_checkpoints_it_and_exits_0(tmp_path):
     _wait_for_step(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     signalled_after = max(_logged_steps(tmp_path))
-    out, err = _finish(proc, timeout=60)
+    out, err = _finish(proc, timeout=300)
     saved = _ckpt_steps(tmp_path)
     assert len(saved) == 1 and signalled_after <= saved[0] < 100000, (saved, signalled_after)
     assert f"pre-empted (SIGTERM): checkpointed step {saved[0]}" in err
