@@ -228,3 +228,16 @@ def test_smoothquant_beats_rtn_for_w8a8(outlier_layer):
     assert err["smoothquant"] < 0.5 * err["rtn"], err
     with pytest.raises(ValueError, match="smoothquant is for W8A8"):
         quant.quantize_linear(w, quant.QuantConfig(fmt="int8"), "smoothquant", x_cal)
+
+
+def test_generate_runs_quantised_weights(tiny):
+    """The cached decode loop (which slices the stacked layers itself) serves quantised weights unchanged."""
+    from framework import inference
+
+    cfg, params, _ = tiny
+    qparams = quant.quantize(params, quant.QuantConfig(fmt="int4", group_size=32), "rtn", model_cfg=cfg)
+    prompts = [np.array([1, 5, 6, 7]), np.array([1, 8, 9])]
+    got = inference.generate(qparams, cfg, prompts, max_new_tokens=4)
+    want = inference.generate(_dequantized_params(qparams, params), cfg, prompts, max_new_tokens=4)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
