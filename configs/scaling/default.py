@@ -4,7 +4,8 @@ with a PRM, by difficulty, in FLOPs, compute-optimal vs best-of-N, coverage, and
 COMMAND: python -m scripts.launch --config=configs/scaling/default.py --workdir=runs/tts_default \
            --config.policy.workdir=runs/tts/policy --config.judge.workdir=runs/tts/judge
          (or scripts/reproduce/test_time_compute.py, which trains the two policies first when they are missing)
-RUNTIME: ~25 min on a 2-core CPU with both policies trained (policy 1500 steps ~2 min, judge ~10 min more).
+RUNTIME: measured 36 min on a 2-core CPU shared with three other jobs, both policies already trained (training them
+  adds ~7 min for the policy and ~20 min for the judge on that machine).
 EXPECT: see README "Test-time compute": weighted BoN and beam search above majority at mid budgets, all far below
   pass@N, search helping most on the middle difficulty bins.
 """

@@ -1,7 +1,7 @@
 """The test-time scaling pipeline at CI scale: every stage runs, nothing is meant to be accurate.
 
 COMMAND: python -m scripts.launch --config=configs/scaling/tiny.py --workdir=runs/tts_tiny
-RUNTIME: ~1-2 min on a 2-core CPU (most of it compiling). EXPECT: every figure and JSON written; a 60-step policy
+RUNTIME: ~45 s on a quiet 2-core CPU, ~5 min on a heavily loaded one (most of it compiling). EXPECT: every figure and JSON written; a 60-step policy
   is mostly wrong, so the accuracies are near 0 and the curves are flat.
 """
 
