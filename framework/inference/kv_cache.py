@@ -56,10 +56,10 @@ def _written(layer, k_BTKD, v_BTKD, idx):
     )
 
 
-def _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype):
-    mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True)
+def _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype, window=None, **score_kw):
+    mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True, window=window)
     return attn_lib.dot_product_attention(
-        q_BTHD, k_BSKD.astype(compute_dtype), v_BSKD.astype(compute_dtype), mask_BTS=mask_BTS, impl="xla"
+        q_BTHD, k_BSKD.astype(compute_dtype), v_BSKD.astype(compute_dtype), mask_BTS=mask_BTS, impl="xla", **score_kw
     )
 
 
@@ -77,7 +77,8 @@ class DenseLayer:
     k_scale: Array | None = None  # [B, S, K] when int8
     v_scale: Array | None = None
 
-    def attend(self, page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, *, impl: str, compute_dtype):
+    def attend(self, page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, *, impl: str, compute_dtype, **attn_kw):
+        """Writes the chunk, attends over the cache; attn_kw: window / softcap / sm_scale (Mistral, Gemma-2)."""
         del page_table
         B, S = self.k.shape[:2]
         quantized = self.k_scale is not None
@@ -93,7 +94,14 @@ class DenseLayer:
                     v_scales=decode_attention.dense_as_pages(new.v_scale, C)[0],
                 )
             o_BHD = decode_attention.paged_attention(
-                q_BTHD[:, 0], k_pages, v_pages, table, pos_BT[:, 0] + 1, impl=DECODE_KERNEL_IMPLS[impl], **scales
+                q_BTHD[:, 0],
+                k_pages,
+                v_pages,
+                table,
+                pos_BT[:, 0] + 1,
+                impl=DECODE_KERNEL_IMPLS[impl],
+                **scales,
+                **attn_kw,
             )
             return o_BHD[:, None], new
         k_BSKD, v_BSKD = new.k, new.v
@@ -101,7 +109,7 @@ class DenseLayer:
             k_BSKD = decode_attention.dequantize_kv(k_BSKD, new.k_scale)
             v_BSKD = decode_attention.dequantize_kv(v_BSKD, new.v_scale)
         kv_pos_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
-        return _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype), new
+        return _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype, **attn_kw), new
 
 
 @struct.dataclass
@@ -113,7 +121,8 @@ class PagedLayer:
     k_scale: Array | None = None  # [P, C, K] when int8
     v_scale: Array | None = None
 
-    def attend(self, page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, *, impl: str, compute_dtype):
+    def attend(self, page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, *, impl: str, compute_dtype, **attn_kw):
+        """Writes the chunk, attends over the cache; attn_kw: window / softcap / sm_scale (Mistral, Gemma-2)."""
         P, C = self.k.shape[:2]
         B, N = page_table.shape
         quantized = self.k_scale is not None
@@ -124,7 +133,14 @@ class PagedLayer:
         if q_BTHD.shape[1] == 1 and impl in DECODE_KERNEL_IMPLS:
             scales = dict(k_scales=new.k_scale, v_scales=new.v_scale) if quantized else {}
             o_BHD = decode_attention.paged_attention(
-                q_BTHD[:, 0], new.k, new.v, page_table, pos_BT[:, 0] + 1, impl=DECODE_KERNEL_IMPLS[impl], **scales
+                q_BTHD[:, 0],
+                new.k,
+                new.v,
+                page_table,
+                pos_BT[:, 0] + 1,
+                impl=DECODE_KERNEL_IMPLS[impl],
+                **scales,
+                **attn_kw,
             )
             return o_BHD[:, None], new
         k_BSKD = decode_attention.reference.gather_pages(new.k, page_table)
@@ -139,7 +155,7 @@ class PagedLayer:
         # Slots of missing pages (clamped to page 0 by the gather) are hidden: no position maps there.
         kv_pos_BS = jnp.arange(N * C)[None, :] + jnp.zeros((B, 1), jnp.int32)
         kv_pos_BS = jnp.where(jnp.repeat(page_table >= 0, C, axis=1), kv_pos_BS, jnp.iinfo(jnp.int32).max)
-        return _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype), new
+        return _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype, **attn_kw), new
 
 
 @struct.dataclass

@@ -48,13 +48,30 @@ def flash_self_attention(
     *,
     segment_ids_BT: Int[Array, "B T"] | None,
     impl: str,
+    window: int | None = None,
+    softcap: float | None = None,
+    sm_scale: float | None = None,
 ) -> Float[Array, "B T H D"]:
-    """Causal (and segment-masked) self-attention through the Pallas flash kernels; `impl` from FLASH_IMPLS."""
+    """Causal (and segment-masked) self-attention through the Pallas flash kernels; `impl` from FLASH_IMPLS.
+
+    `window`: each query sees its `window` most recent keys (itself included); `softcap`: scores become
+    softcap * tanh(s / softcap); `sm_scale`: the score scale (default head_dim**-0.5).
+    """
     from kernels import flash_attention  # kernels import only jax: the layering holds
 
     if impl not in FLASH_IMPLS:
         raise ValueError(f"flash attention impl {impl!r} is not one of {FLASH_IMPLS}")
-    return flash_attention(q_BTHD, k_BTKD, v_BTKD, causal=True, segment_ids=segment_ids_BT, impl=impl)
+    return flash_attention(
+        q_BTHD,
+        k_BTKD,
+        v_BTKD,
+        causal=True,
+        segment_ids=segment_ids_BT,
+        window=window,
+        softcap=softcap,
+        sm_scale=sm_scale,
+        impl=impl,
+    )
 
 
 def make_mask(

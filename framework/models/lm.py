@@ -36,6 +36,11 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MLP_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +59,16 @@ class LMConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     final_logit_softcap: float | None = None
+    # Model-family features (HF import: Qwen2, Mistral, Gemma, Gemma-2); the defaults are plain Llama.
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    sliding_window: int | None = None  # query sees its `sliding_window` most recent keys, itself included (Mistral)
+    sliding_window_layers: tuple[int, ...] | None = None  # layers that use the window; None = all (Gemma-2: even)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma-2)
+    query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5 instead of head_dim**-0.5 (Gemma-2)
+    mlp_activation: str = "silu"  # gated MLP activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU, Gemma) or "gelu"
+    norm_plus_one: bool = False  # RMSNorm multiplies by (1 + scale), scale initialised at 0 (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(d_model), rounded to the compute dtype (Gemma)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add (Gemma-2)
     attention_impl: str = "xla"
     scan_layers: bool = True
     remat: str = "none"
@@ -66,6 +81,8 @@ class LMConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+        if self.sliding_window_layers is not None:
+            object.__setattr__(self, "sliding_window_layers", tuple(int(l) for l in self.sliding_window_layers))
         self.validate()
 
     def validate(self) -> None:
@@ -86,6 +103,36 @@ class LMConfig:
                 raise ValueError(f"model.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
         if self.attention_impl not in attn_lib.available_impls():
             raise ValueError(f"model.attention_impl {self.attention_impl!r} is not one of {attn_lib.available_impls()}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"model.mlp_activation must be one of {sorted(MLP_ACTIVATIONS)}, got {self.mlp_activation!r}"
+            )
+        for name in ("final_logit_softcap", "attn_logit_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"model.{name} must be None or > 0, got {value!r}")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool)
+            or int(self.sliding_window) != self.sliding_window
+            or self.sliding_window < 1
+        ):
+            raise ValueError(f"model.sliding_window must be None or an int >= 1, got {self.sliding_window!r}")
+        if self.sliding_window_layers is not None:
+            if self.sliding_window is None:
+                raise ValueError(
+                    f"model.sliding_window_layers={self.sliding_window_layers} needs model.sliding_window to be set"
+                )
+            bad = [l for l in self.sliding_window_layers if not 0 <= l < self.n_layers]
+            if bad or len(set(self.sliding_window_layers)) != len(self.sliding_window_layers):
+                raise ValueError(
+                    f"model.sliding_window_layers={self.sliding_window_layers} must be distinct layer indices in "
+                    f"[0, model.n_layers={self.n_layers})"
+                )
+        if self.attention_impl == "cudnn" and self.attn_logit_softcap is not None:
+            raise ValueError(
+                f"model.attention_impl='cudnn' has no attention-logit softcap (model.attn_logit_softcap="
+                f"{self.attn_logit_softcap}); use 'pallas' or 'xla'"
+            )
         ids = [i for i in (self.bos_id, self.pad_id, *self.eos_ids) if i is not None]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -101,8 +148,9 @@ class LMConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
-        if d.get("eos_ids") is not None:
-            d["eos_ids"] = tuple(d["eos_ids"])
+        for key in ("eos_ids", "sliding_window_layers"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +163,19 @@ class LMConfig:
     @property
     def params_dtype(self):
         return _DTYPES[self.param_dtype]
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None = full causal attention)."""
+        if self.sliding_window is None:
+            return (None,) * self.n_layers
+        local = set(range(self.n_layers) if self.sliding_window_layers is None else self.sliding_window_layers)
+        return tuple(self.sliding_window if l in local else None for l in range(self.n_layers))
+
+    @property
+    def sm_scale(self) -> float:
+        """Attention score scale: query_pre_attn_scalar**-0.5 when set, else head_dim**-0.5."""
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
 def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], init: Callable):
@@ -131,10 +192,12 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD):
-        scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("embed",), nn.initializers.ones)
+        plus_one = self.cfg.norm_plus_one  # Gemma: y * (1 + scale), scale starting at 0
+        init = nn.initializers.zeros if plus_one else nn.initializers.ones
+        scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("embed",), init).astype(jnp.float32)
         x32 = x_BTD.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        return (y * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+        return (y * (1.0 + scale_D if plus_one else scale_D)).astype(self.cfg.compute_dtype)
 
 
 def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
@@ -150,7 +213,7 @@ def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
 
 
 class Linear(nn.Module):
-    """A bias-free projection `einsum(eqn, x, kernel)`; one leaf `kernel` per linear layer (quant/LoRA hook here).
+    """A projection `einsum(eqn, x, kernel)` (+ `bias` if use_bias); one leaf `kernel` per layer (quant/LoRA hook).
 
     `eqn` must contract x's trailing dims with the kernel's leading ones (e.g. "btd,dhk->bthk", "bthk,hkd->btd").
     It runs as one 2-D matmul over flattened dims: XLA:CPU differentiates a dot that contracts batch and time
@@ -162,6 +225,7 @@ class Linear(nn.Module):
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     std: float
+    use_bias: bool = False  # a float `bias` over the output dims (Qwen2's q/k/v), added after the matmul
 
     @nn.compact
     def __call__(self, x):
@@ -177,38 +241,65 @@ class Linear(nn.Module):
         lead, d_in = x.shape[: x.ndim - n_in], math.prod(self.shape[:n_in])
         if hasattr(kernel, "matmul"):
             y = kernel.matmul(x.reshape(-1, d_in).astype(self.cfg.compute_dtype), self.cfg.compute_dtype)
-            return y.reshape(*lead, *self.shape[n_in:])
-        kernel = kernel.astype(self.cfg.compute_dtype).reshape(d_in, -1)
-        return (x.reshape(-1, d_in) @ kernel).reshape(*lead, *self.shape[n_in:])
+        else:
+            y = x.reshape(-1, d_in) @ kernel.astype(self.cfg.compute_dtype).reshape(d_in, -1)
+        y = y.reshape(*lead, *self.shape[n_in:])
+        if self.use_bias:
+            bias = _param(self, "bias", self.shape[n_in:], self.axes[n_in:], nn.initializers.zeros)
+            y = y + bias.astype(self.cfg.compute_dtype)
+        return y
+
+
+def _attention_core(c: "LMConfig", window, q_BTHD, k_BTKD, v_BTKD, layer_cache, pos_BT, seg_BT, page_table):
+    """Attention of q over k/v (or over the cache) with a static sliding `window` (None = full causal)."""
+    # Only the features a model uses are passed on, so plain Llama calls are exactly what they always were.
+    extra = dict(window=window, softcap=c.attn_logit_softcap, sm_scale=c.query_pre_attn_scalar and c.sm_scale)
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if layer_cache is not None:
+        # The cache layer (framework.inference.kv_cache: dense or paged, float or int8) writes this chunk at its
+        # positions and attends over everything cached so far; the model never sees its layout.
+        return layer_cache.attend(
+            page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, impl=c.attention_impl, compute_dtype=c.compute_dtype, **extra
+        )
+    if c.attention_impl in attn_lib.FLASH_IMPLS:
+        o_BTHD = attn_lib.flash_self_attention(
+            q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=seg_BT, impl=c.attention_impl, **extra
+        )
+        return o_BTHD, None
+    mask_BTS = attn_lib.make_mask(pos_BT, pos_BT, causal=True, q_segment_BT=seg_BT, kv_segment_BS=seg_BT, window=window)
+    extra.pop("window", None)
+    return attn_lib.dot_product_attention(
+        q_BTHD, k_BTKD, v_BTKD, mask_BTS=mask_BTS, impl=c.attention_impl, **extra
+    ), None
 
 
 class Attention(nn.Module):
     cfg: LMConfig
 
     @nn.compact
-    def __call__(self, x_BTD, pos_BT, seg_BT, layer_cache, page_table):
+    def __call__(self, x_BTD, pos_BT, seg_BT, layer_cache, page_table, layer_idx=0):
         c = self.cfg
         D, H, K, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         std = c.init_std
         proj = functools.partial(Linear, c, "btd,dhk->bthk")
-        q_BTHD = proj((D, H, Dh), ("embed", "heads", "head_dim"), std, name="q_proj")(x_BTD)
-        k_BTKD = proj((D, K, Dh), ("embed", "kv_heads", "head_dim"), std, name="k_proj")(x_BTD)
-        v_BTKD = proj((D, K, Dh), ("embed", "kv_heads", "head_dim"), std, name="v_proj")(x_BTD)
+        q_BTHD = proj((D, H, Dh), ("embed", "heads", "head_dim"), std, c.qkv_bias, name="q_proj")(x_BTD)
+        k_BTKD = proj((D, K, Dh), ("embed", "kv_heads", "head_dim"), std, c.qkv_bias, name="k_proj")(x_BTD)
+        v_BTKD = proj((D, K, Dh), ("embed", "kv_heads", "head_dim"), std, c.qkv_bias, name="v_proj")(x_BTD)
         q_BTHD = apply_rope(q_BTHD, pos_BT, c.rope_theta)
         k_BTKD = apply_rope(k_BTKD, pos_BT, c.rope_theta)
-        if layer_cache is not None:
-            if seg_BT is not None:
-                raise ValueError("segment_ids (packed rows) are for cache-free forward passes, not decoding")
-            # The cache layer (framework.inference.kv_cache: dense or paged, float or int8) writes this chunk at its
-            # positions and attends over everything cached so far; the model never sees its layout.
-            o_BTHD, layer_cache = layer_cache.attend(
-                page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, impl=c.attention_impl, compute_dtype=c.compute_dtype
-            )
-        elif c.attention_impl in attn_lib.FLASH_IMPLS:
-            o_BTHD = attn_lib.flash_self_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=seg_BT, impl=c.attention_impl)
+        if layer_cache is not None and seg_BT is not None:
+            raise ValueError("segment_ids (packed rows) are for cache-free forward passes, not decoding")
+        args = (q_BTHD, k_BTKD, v_BTKD, layer_cache, pos_BT, seg_BT, page_table)
+        windows = c.layer_windows
+        distinct = sorted(set(windows), key=lambda w: -1 if w is None else w)
+        if len(distinct) == 1 or isinstance(layer_idx, int):
+            o_BTHD, layer_cache = _attention_core(c, windows[layer_idx if isinstance(layer_idx, int) else 0], *args)
         else:
-            mask_BTS = attn_lib.make_mask(pos_BT, pos_BT, causal=True, q_segment_BT=seg_BT, kv_segment_BS=seg_BT)
-            o_BTHD = attn_lib.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask_BTS=mask_BTS, impl=c.attention_impl)
+            # Local and global layers under one nn.scan: the layer index is traced, so pick the (static) window by
+            # lax.switch over the distinct windows; every kernel still sees a static window.
+            branch = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)[layer_idx]
+            fns = [functools.partial(_attention_core, c, w) for w in distinct]
+            o_BTHD, layer_cache = jax.lax.switch(branch, fns, *args)
         o_proj = Linear(
             c, "bthk,hkd->btd", (H, Dh, D), ("heads", "head_dim", "embed"), std / (2 * c.n_layers) ** 0.5, name="o_proj"
         )
@@ -222,7 +313,7 @@ class MLP(nn.Module):
     def __call__(self, x_BTD):
         c = self.cfg
         up = functools.partial(Linear, c, "btd,df->btf", (c.d_model, c.d_ff), ("embed", "mlp"), c.init_std)
-        h_BTF = jax.nn.silu(up(name="gate_proj")(x_BTD)) * up(name="up_proj")(x_BTD)
+        h_BTF = MLP_ACTIVATIONS[c.mlp_activation](up(name="gate_proj")(x_BTD)) * up(name="up_proj")(x_BTD)
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "seq", "mlp"))
         down = Linear(
             c,
@@ -250,7 +341,10 @@ class Embed(nn.Module):
 
     def __call__(self, tokens_BT):
         # Callers validate ids at the boundary (framework.tasks.tokenizer.check_token_ids): jnp.take clamps silently.
-        return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.cfg.compute_dtype)
+        x_BTD = jnp.take(self.embedding, tokens_BT, axis=0).astype(self.cfg.compute_dtype)
+        if self.cfg.scale_embeddings:  # Gemma: sqrt(d_model) rounded to the weights' dtype first, as in HF
+            x_BTD = x_BTD * jnp.asarray(self.cfg.d_model**0.5, self.cfg.params_dtype).astype(self.cfg.compute_dtype)
+        return x_BTD
 
     def attend(self, x_BTD):
         return jnp.einsum(
@@ -279,13 +373,19 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT, seg_BT, page_table):
+        c = self.cfg
         x_BTD = self._hook("resid_pre", x_BTD, layer_idx)
-        a_BTD, layer_cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache, page_table
+        a_BTD, layer_cache = Attention(c, name="attn")(
+            RMSNorm(c, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache, page_table, layer_idx
         )
+        if c.post_norms:  # Gemma-2 sandwich: the sublayer output is normalised before the residual add
+            a_BTD = RMSNorm(c, name="post_attn_norm")(a_BTD)
         a_BTD = self._hook("attn_out", a_BTD, layer_idx)
         h_BTD = self._hook("resid_mid", x_BTD + a_BTD, layer_idx)
-        m_BTD = self._hook("mlp_out", MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BTD)), layer_idx)
+        m_BTD = MLP(c, name="mlp")(RMSNorm(c, name="mlp_norm")(h_BTD))
+        if c.post_norms:
+            m_BTD = RMSNorm(c, name="post_mlp_norm")(m_BTD)
+        m_BTD = self._hook("mlp_out", m_BTD, layer_idx)
         out_BTD = self._hook("resid_post", h_BTD + m_BTD, layer_idx)
         out_BTD = nn.with_logical_constraint(out_BTD, ("batch", "seq", "embed"))
         return out_BTD, layer_cache

@@ -70,6 +70,7 @@ def paged_attention(
     v_scales: Float[Array, "P C K"] | None = None,
     sm_scale: float | None = None,
     softcap: float | None = None,
+    window: int | None = None,
     impl: str = "auto",
 ) -> Float[Array, "B H D"]:
     """One query token per sequence attending over its cached keys, read page by page.
@@ -77,9 +78,13 @@ def paged_attention(
     q [B, H, D]; k_pages, v_pages [P, C, K, D] (float, or int8 with per-token-per-head `k_scales`/`v_scales`
     [P, C, K]); page_table [B, N]: sequence b's position t is in page `page_table[b, t // C]`, slot `t % C`;
     lengths [B]: how many positions each sequence sees (0 gives a zero output; values are clamped to N * C).
-    Entries of the page table past a sequence's last page are never read. Output dtype = q dtype.
+    Entries of the page table past a sequence's last page are never read. Output dtype = q dtype. `window`: a
+    sliding window, only the `window` most recent positions of each sequence are visible.
     """
     quantized = _validate(q, k_pages, v_pages, page_table, lengths, k_scales, v_scales, impl)
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+        raise ValueError(f"window={window!r}: expected None or an int >= 1")
+    window = None if window is None else int(window)
     B, H, D = q.shape
     P, C, K, _ = k_pages.shape
     N = page_table.shape[1]
@@ -100,6 +105,7 @@ def paged_attention(
             v_scales_PCK=v_scales,
             sm_scale=sm_scale,
             softcap=softcap,
+            window=window,
         )
     if impl == "pallas" and backend not in ("gpu", "tpu"):
         raise ValueError(f"impl='pallas' needs a GPU or TPU backend (this is {backend!r}); use 'interpret' or 'xla'")
@@ -119,6 +125,7 @@ def paged_attention(
         pages_per_seq=N,
         quantized=quantized,
         interpret=impl != "pallas",
+        window=window,
     )
     # Unused table entries may hold anything (e.g. -1): clamp them into the pool so no index map reads out of range.
     page_table = jnp.clip(page_table.astype(jnp.int32), 0, P - 1)

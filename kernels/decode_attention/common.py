@@ -16,6 +16,7 @@ class DecodeConfig:
     pages_per_seq: int
     quantized: bool
     interpret: bool
+    window: int | None = None  # sliding window: only the `window` most recent positions are visible
 
 
 def dequant(x_CD, scale_C):
@@ -39,7 +40,10 @@ def page_update(q_GD, k_CD, v_CD, first_pos, length, m_G1, l_G1, acc_GD, cfg: De
     if cfg.softcap is not None:
         s_GC = cfg.softcap * jnp.tanh(s_GC / cfg.softcap)
     pos_1C = first_pos + jax.lax.broadcasted_iota(jnp.int32, (1, C), 1)
-    s_GC = jnp.where(pos_1C < length, s_GC, NEG)
+    visible_1C = pos_1C < length
+    if cfg.window is not None:
+        visible_1C &= pos_1C >= length - cfg.window
+    s_GC = jnp.where(visible_1C, s_GC, NEG)
     m_new = jnp.maximum(m_G1, jnp.max(s_GC, axis=-1, keepdims=True))
     p_GC = jnp.exp(s_GC - m_new)
     alpha = jnp.exp(m_G1 - m_new)

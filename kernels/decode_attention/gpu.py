@@ -34,7 +34,9 @@ def _kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeConfig):
         return page_update(q_GD, k_CD, v_CD, i * C, length, *carry, cfg, use_dot=G >= 16)
 
     init = (jnp.full((G, 1), NEG, jnp.float32), jnp.zeros((G, 1), jnp.float32), jnp.zeros((G, D), jnp.float32))
-    _, l_G1, acc_GD = jax.lax.fori_loop(0, (length + C - 1) // C, body, init)
+    # A sliding window starts at the page holding position length - window: earlier pages are never read.
+    first = 0 if cfg.window is None else jnp.maximum(length - cfg.window, 0) // C
+    _, l_G1, acc_GD = jax.lax.fori_loop(first, (length + C - 1) // C, body, init)
     o_ref[...] = finish(l_G1, acc_GD).astype(o_ref.dtype)
 
 

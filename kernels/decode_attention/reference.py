@@ -46,10 +46,12 @@ def paged_attention_reference(
     v_scales_PCK: Float[Array, "P C K"] | None = None,
     sm_scale: float,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> Float[Array, "B H D"]:
     """One query token per sequence attending over its first `lengths[b]` cached keys; fp32 softmax.
 
-    Materialises each sequence's [N*C] keys; a sequence of length 0 returns zeros.
+    Materialises each sequence's [N*C] keys; a sequence of length 0 returns zeros. `window`: only the `window` most
+    recent positions (lengths[b] - window .. lengths[b] - 1) are visible (sliding-window attention).
     """
     B, H, D = q_BHD.shape
     K = k_pages_PCKD.shape[2]
@@ -63,6 +65,8 @@ def paged_attention_reference(
     if softcap is not None:
         s_BKGS = softcap * jnp.tanh(s_BKGS / softcap)
     visible_BS = jnp.arange(k_BSKD.shape[1])[None, :] < lengths_B[:, None]
+    if window is not None:
+        visible_BS &= jnp.arange(k_BSKD.shape[1])[None, :] >= lengths_B[:, None] - window
     s_BKGS = jnp.where(visible_BS[:, None, None, :], s_BKGS, -jnp.inf)
     m_BKG1 = jnp.max(s_BKGS, axis=-1, keepdims=True)
     p_BKGS = jnp.exp(s_BKGS - jnp.where(jnp.isfinite(m_BKG1), m_BKG1, 0.0))
