@@ -8,18 +8,22 @@ the model leaves unfinished, by stopping or by running out of tokens, is closed 
 (policies that can draw per row use them: `framework.search.toy.ToyPolicy`); `call_key` names the call.
 
 `LMPolicy` runs a Lumen LM through `framework.inference.generate`, all rows in one compiled prefill + decode per
-chunk. Its randomness is per call (one key from `call_key` for the whole batch, as `generate` samples), so a row's
-sample depends on what else is in the batch; greedy decoding does not.
+chunk of `batch_size` rows. Rows are chunked in order of length (prompt + prefix, then K), so a chunk pads little
+and its decode loop stops when its longest chain does. Its randomness is per call (one key from `call_key` for the
+whole batch, as `generate` samples), so a row's sample depends on what else is in the batch; greedy decoding does not.
+Given a `mesh`, the parameters are replicated on it and every chunk's batch is split over its batch axes (the rules'
+`batch` entry, `data` by default): the model's logical activation constraints shard the decode, same tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from framework import inference
+from framework import inference, sharding
 from framework.inference.generate import bucket_length
 from framework.models import lm
 from framework.tasks import arithmetic, data
@@ -61,6 +65,20 @@ def close_line(text: str) -> str:
     return text + "\n" if cut < 0 else text[: cut + 1]
 
 
+def batch_shards(mesh: jax.sharding.Mesh | None, rules=sharding.DEFAULT_RULES) -> int:
+    """How many ways a batch is split on `mesh` (the product of the `batch` rule's mesh axes); 1 without a mesh."""
+    if mesh is None:
+        return 1
+    axes = dict(rules)["batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """`tree`'s arrays copied onto every device of `mesh` (search shards the batch, not the small models)."""
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 class LMPolicy:
     """A Lumen LM as a step-wise sampler (temperature / top-k / top-p), batched through `inference.generate`."""
 
@@ -74,6 +92,8 @@ class LMPolicy:
         top_p: float | None = None,
         batch_size: int = 512,
         min_batch: int = 8,
+        mesh: jax.sharding.Mesh | None = None,
+        rules=sharding.DEFAULT_RULES,
     ):
         if not np.isfinite(temperature) or temperature < 0:
             raise ValueError(f"LMPolicy: temperature must be finite and >= 0, got {temperature}")
@@ -83,6 +103,9 @@ class LMPolicy:
         self.temperature, self.top_k, self.top_p, self.batch_size = float(temperature), top_k, top_p, batch_size
         # Chunks are padded to a power of two >= min_batch rows: min_batch = batch_size gives one batch shape.
         self.min_batch = min(int(min_batch), batch_size)
+        self.mesh, self.rules, self.shards = mesh, rules, batch_shards(mesh, rules)
+        if mesh is not None:
+            self.params = replicate(params, mesh)
 
     @property
     def num_params(self) -> int:
@@ -102,14 +125,18 @@ class LMPolicy:
         """Continues every prefix by one line (`until="line"`) or to the answer line (`until="answer"`)."""
         del row_keys  # generate draws one categorical over the whole batch; see the module docstring
         check_extend_args(problems, prefixes, until)
-        texts: list[str] = []
         gen, pro = np.zeros(len(problems), np.int64), np.zeros(len(problems), np.int64)
         key = jax.random.key(0)
         for c in call_key:
             key = jax.random.fold_in(key, int(c) & 0x7FFFFFFF)
+        encoded = [
+            np.concatenate([data.encode_prompt(p), tok.encode(x)]).astype(np.int32) for p, x in zip(problems, prefixes)
+        ]
+        order = sorted(range(len(problems)), key=lambda i: (len(encoded[i]), problems[i].num_steps))
+        texts_sorted: list[str] = []
         for lo in range(0, len(problems), self.batch_size):
-            ps, pre = problems[lo : lo + self.batch_size], prefixes[lo : lo + self.batch_size]
-            prompts = [np.concatenate([data.encode_prompt(p), tok.encode(x)]).astype(np.int32) for p, x in zip(ps, pre)]
+            rows = order[lo : lo + self.batch_size]
+            ps, prompts = [problems[i] for i in rows], [encoded[i] for i in rows]
             if until == "line":
                 stop, max_new = (traces.NEWLINE_ID, tok.EOS_ID), max(line_tokens(p.modulus) for p in ps)
             else:
@@ -121,25 +148,31 @@ class LMPolicy:
             if room < 1:
                 raise ValueError(f"LMPolicy.extend: a prefix of {max(len(x) for x in prompts)} tokens fills the model")
             max_new = min(max_new, room)
-            # Pad the batch to a power of two (copies of row 0, dropped) so a search's varying widths share compiles.
+            # Pad the batch to a power of two (copies of row 0, dropped) so a search's varying widths share compiles,
+            # and to a multiple of the mesh's batch shards.
             B = len(prompts)
-            padded = prompts + [prompts[0]] * (bucket_length(B, 1 << 30, minimum=self.min_batch) - B)
+            Bp = bucket_length(B, 1 << 30, minimum=self.min_batch)
+            padded = prompts + [prompts[0]] * (Bp + (-Bp) % self.shards - B)
             greedy_call = greedy or self.temperature == 0.0
-            out = inference.generate(
-                self.params,
-                self.cfg,
-                padded,
-                max_new_tokens=max_new,
-                temperature=0.0 if greedy_call else self.temperature,
-                top_k=None if greedy_call else self.top_k,
-                top_p=None if greedy_call else self.top_p,
-                stop_tokens=stop,
-                rng=None if greedy_call else jax.random.fold_in(key, lo),
-            )
+            with sharding.rules_context(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext():
+                out = inference.generate(
+                    self.params,
+                    self.cfg,
+                    padded,
+                    max_new_tokens=max_new,
+                    temperature=0.0 if greedy_call else self.temperature,
+                    top_k=None if greedy_call else self.top_k,
+                    top_p=None if greedy_call else self.top_p,
+                    stop_tokens=stop,
+                    rng=None if greedy_call else jax.random.fold_in(key, lo),
+                )
             tokens, lengths = np.asarray(out.tokens)[:B], np.asarray(out.lengths)[:B]
             for b in range(B):
                 new = tok.decode(tokens[b, : lengths[b]])
-                texts.append(close_line(new) if until == "line" else traces.truncate_after_answer(new))
-            gen[lo : lo + B] = lengths
-            pro[lo : lo + B] = [len(x) for x in prompts]
+                texts_sorted.append(close_line(new) if until == "line" else traces.truncate_after_answer(new))
+            gen[rows] = lengths
+            pro[rows] = [len(x) for x in prompts]
+        texts = [""] * len(problems)
+        for i, t in zip(order, texts_sorted):
+            texts[i] = t
         return Extension(texts, gen, pro)

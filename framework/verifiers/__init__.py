@@ -15,16 +15,18 @@ from framework.verifiers.labels import (
     first_error,
     gold_labels,
     judge_verdicts,
+    monte_carlo_label_sets,
     monte_carlo_labels,
     outcome_label,
     outcome_labels,
 )
 from framework.verifiers.metrics import auroc, earliest_error_f1, predicted_first_error, process_metrics
-from framework.verifiers.model import KINDS, Scores, Verifier, fit, init, load, save
+from framework.verifiers.model import KINDS, PackedBatch, Scores, Verifier, fit, init, load, pack_rows, save
 
 __all__ = [
     "KINDS",
     "MCLabels",
+    "PackedBatch",
     "Scores",
     "Verifier",
     "auroc",
@@ -39,9 +41,11 @@ __all__ = [
     "load",
     "metrics",
     "model",
+    "monte_carlo_label_sets",
     "monte_carlo_labels",
     "outcome_label",
     "outcome_labels",
+    "pack_rows",
     "predicted_first_error",
     "process_metrics",
     "save",

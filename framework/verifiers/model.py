@@ -27,6 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int
 
+from framework import sharding
 from framework.inference.generate import bucket_length
 from framework.models import lm
 from framework.tasks import arithmetic, data
@@ -43,10 +44,20 @@ def init(lm_params: lm.Params, cfg: lm.LMConfig | Mapping[str, Any], rng: jax.Ar
 
 
 def line_logits(
-    params: dict, tokens_BT: Int[Array, "B T"], ends_BL: Int[Array, "B L"], cfg: lm.LMConfig
+    params: dict,
+    tokens_BT: Int[Array, "B T"],
+    ends_BL: Int[Array, "B L"],
+    cfg: lm.LMConfig,
+    positions_BT: Int[Array, "B T"] | None = None,
+    segment_ids_BT: Int[Array, "B T"] | None = None,
 ) -> Float[Array, "B L"]:
-    """Head logits at each line's closing newline (rows of `ends_BL` past a trace's lines read position 0)."""
-    h_BTD = lm.forward(params["lm"], tokens_BT, cfg, capture=("final_norm",)).captured["final_norm"]
+    """Head logits at each line's closing newline (rows of `ends_BL` past a trace's lines read position 0).
+
+    Packed rows (several traces end to end, `pack_rows`) pass per-trace positions and segment ids.
+    """
+    h_BTD = lm.forward(
+        params["lm"], tokens_BT, cfg, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, capture=("final_norm",)
+    ).captured["final_norm"]
     h_BLD = jnp.take_along_axis(h_BTD.astype(jnp.float32), ends_BL[:, :, None], axis=1)
     return h_BLD @ params["head"]["w"] + params["head"]["b"]
 
@@ -60,7 +71,9 @@ def loss_fn(params, batch, cfg: lm.LMConfig, freeze_lm: bool = False):
     """Masked BCE over labelled lines: (loss, {"accuracy"}) with soft labels allowed."""
     if freeze_lm:
         params = {"lm": jax.lax.stop_gradient(params["lm"]), "head": params["head"]}
-    logits_BL = line_logits(params, batch["tokens"], batch["ends"], cfg)
+    logits_BL = line_logits(
+        params, batch["tokens"], batch["ends"], cfg, batch.get("positions"), batch.get("segment_ids")
+    )
     mask_BL = batch["mask"]
     n = jnp.maximum(jnp.sum(mask_BL), 1.0)
     loss = jnp.sum(optax.sigmoid_binary_cross_entropy(logits_BL, batch["labels"]) * mask_BL) / n
@@ -91,6 +104,74 @@ class FitHistory(NamedTuple):
     accuracy: list[float]
 
 
+class PackedBatch(NamedTuple):
+    """Traces laid end to end in rows of one length: tokens/positions/segment ids [R, T], ends/labels/mask [R, L]."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+    ends: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+
+
+def _first_fit(lengths: np.ndarray, idx: np.ndarray, seq_len: int) -> list[list[int]]:
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in idx:
+        n = int(lengths[i])
+        r = next((r for r, left in enumerate(room) if left >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(seq_len)
+            r = len(rows) - 1
+        rows[r].append(int(i))
+        room[r] -= n
+    return rows
+
+
+def pack_rows(
+    enc: traces.EncodedTraces,
+    labels: np.ndarray,
+    mask: np.ndarray,
+    batches: Sequence[np.ndarray],
+    *,
+    seq_len: int,
+) -> list[PackedBatch]:
+    """Packs each batch of trace indices into rows of `seq_len` tokens (first fit, in index order), every batch
+    to the same [R, T] / [R, L] shape (the most rows and lines any batch needs, rounded up) so one compile
+    serves them all. Each trace keeps its own positions 0.. and segment id, so the LM reads it as if alone.
+    """
+    lengths = enc.lengths
+    if int(lengths.max()) > seq_len:
+        raise ValueError(f"pack_rows: a trace of {int(lengths.max())} tokens exceeds seq_len={seq_len}")
+    n_lines = enc.line_mask.sum(axis=1).astype(int)
+    layouts = [_first_fit(lengths, np.asarray(b), seq_len) for b in batches]
+    # Rows rounded up to 8 and lines to 16: fits on other trace sets (label sources) mostly share the compile.
+    R = max(len(rows) for rows in layouts)
+    R += -R % 8
+    L = max(max(sum(int(n_lines[i]) for i in row) for rows in layouts for row in rows), 1)
+    L += -L % 16
+    out = []
+    for rows in layouts:
+        tok = np.zeros((R, seq_len), np.int32)
+        pos, seg = np.zeros((R, seq_len), np.int32), np.zeros((R, seq_len), np.int32)
+        ends, lab, msk = np.zeros((R, L), np.int32), np.zeros((R, L), np.float32), np.zeros((R, L), np.float32)
+        for r, row in enumerate(rows):
+            t = l = 0
+            for j, i in enumerate(row):
+                n, k = int(lengths[i]), int(n_lines[i])
+                tok[r, t : t + n] = enc.tokens[i, :n]
+                pos[r, t : t + n] = np.arange(n)
+                seg[r, t : t + n] = j + 1
+                ends[r, l : l + k] = enc.ends[i, :k] + t
+                lab[r, l : l + k] = labels[i, :k]
+                msk[r, l : l + k] = mask[i, :k]
+                t, l = t + n, l + k
+        out.append(PackedBatch(tok, pos, seg, ends, lab, msk))
+    return out
+
+
 def fit(
     params: dict,
     cfg: lm.LMConfig | Mapping[str, Any],
@@ -106,10 +187,13 @@ def fit(
     freeze_lm: bool = False,
     seed: int = 0,
     log_every: int = 50,
+    pack: bool = True,
 ) -> tuple[dict, FitHistory]:
     """Trains the verifier on traces with per-line labels (NaN = unlabelled) by masked BCE; returns (params, history).
 
-    Batches are drawn uniformly from the traces with a numpy Generator seeded by `seed`.
+    Batches are drawn uniformly from the traces with a numpy Generator seeded by `seed`. `pack=True` lays each
+    batch's traces end to end in rows (`pack_rows`, segment-masked attention): the same loss on the same traces as
+    one padded row per trace, for fewer tokens (the arithmetic traces average about a third of the padded length).
     """
     cfg = lm.LMConfig.from_config(cfg)
     for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
@@ -125,12 +209,8 @@ def fit(
     most = max(len(traces.split_lines(c)) for c in completions)
     if longest > cfg.max_seq_len:
         raise ValueError(f"verifiers.fit: traces of {longest} tokens exceed model.max_seq_len={cfg.max_seq_len}")
-    enc = traces.encode_traces(
-        problems,
-        completions,
-        seq_len=bucket_length(longest, cfg.max_seq_len),
-        max_lines=max(most, 1) + (-max(most, 1)) % 8,
-    )
+    seq_len = bucket_length(longest, cfg.max_seq_len)
+    enc = traces.encode_traces(problems, completions, seq_len=seq_len, max_lines=max(most, 1) + (-max(most, 1)) % 8)
     for t, (lab, m) in enumerate(zip(line_labels, enc.line_mask)):
         if len(lab) != int(m.sum()):
             raise ValueError(f"verifiers.fit: trace {t} has {int(m.sum())} finished lines but {len(lab)} labels")
@@ -141,11 +221,15 @@ def fit(
     opt_state = tx.init(params)
 
     rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(problems), size=batch_size) for _ in range(steps)]
+    if pack:
+        packed = pack_rows(enc, labels, mask, draws, seq_len=seq_len)
+        batches = [dict(b._asdict()) for b in packed]
+    else:
+        batches = [{"tokens": enc.tokens[i], "ends": enc.ends[i], "labels": labels[i], "mask": mask[i]} for i in draws]
     hist = FitHistory([], [], [])
     acc_l, acc_a = [], []
-    for i in range(steps):
-        idx = rng.integers(0, len(problems), size=batch_size)
-        batch = {"tokens": enc.tokens[idx], "ends": enc.ends[idx], "labels": labels[idx], "mask": mask[idx]}
+    for i, batch in enumerate(batches):
         params, opt_state, loss, acc = step(params, opt_state, batch)
         acc_l.append(loss)
         acc_a.append(acc)
@@ -165,13 +249,32 @@ class Scores(NamedTuple):
 
 
 class Verifier:
-    """A trained ORM/PRM as a search scorer: `score(problems, completions) -> Scores`, batched and bucketed."""
+    """A trained ORM/PRM as a search scorer: `score(problems, completions) -> Scores`, batched and bucketed.
+
+    Traces are scored in chunks of `batch_size` in order of length, so a chunk pads to about its own length. Given a
+    `mesh`, the parameters are replicated on it and each chunk is split over its batch axes (`sharding.put_batch`).
+    """
 
     def __init__(
-        self, params: dict, cfg: lm.LMConfig | Mapping[str, Any], *, batch_size: int = 256, min_batch: int = 8
+        self,
+        params: dict,
+        cfg: lm.LMConfig | Mapping[str, Any],
+        *,
+        batch_size: int = 256,
+        min_batch: int = 8,
+        mesh: jax.sharding.Mesh | None = None,
+        rules=sharding.DEFAULT_RULES,
     ):
         self.params, self.cfg, self.batch_size = params, lm.LMConfig.from_config(cfg), int(batch_size)
         self.min_batch = min(int(min_batch), self.batch_size)  # batches are padded to a power of two >= this
+        self.mesh, self.rules = mesh, rules
+        if mesh is not None:
+            self.params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            axes = dict(rules)["batch"]
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            self.shards = int(np.prod([mesh.shape[x] for x in axes])) if axes else 1
+        else:
+            self.shards = 1
 
     @property
     def num_params(self) -> int:
@@ -180,12 +283,16 @@ class Verifier:
 
     def score(self, problems: Sequence[arithmetic.Problem], completions: Sequence[str]) -> Scores:
         """One score per finished line of every completion, in chunks of `batch_size` traces."""
-        out: list[np.ndarray] = []
+        if len(problems) != len(completions):
+            raise ValueError(f"Verifier.score: {len(problems)} problems but {len(completions)} completions")
+        out: list[np.ndarray] = [np.zeros(0)] * len(problems)
         tokens = np.zeros(len(problems), np.int64)
+        lengths = [len(data.encode_prompt(p)) + len(c) for p, c in zip(problems, completions)]
+        order = np.argsort(lengths, kind="stable")
         for lo in range(0, len(problems), self.batch_size):
-            ps, cs = problems[lo : lo + self.batch_size], completions[lo : lo + self.batch_size]
-            enc = traces.encode_traces(ps, cs)
-            B, T, L = len(ps), enc.tokens.shape[1], enc.ends.shape[1]
+            rows = order[lo : lo + self.batch_size]
+            enc = traces.encode_traces([problems[i] for i in rows], [completions[i] for i in rows])
+            B, T, L = len(rows), enc.tokens.shape[1], enc.ends.shape[1]
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"Verifier.score: a trace of {T} tokens exceeds model.max_seq_len")
             # Bucketed shapes: a search scores ever-longer prefixes in ever-different batch sizes.
@@ -194,14 +301,21 @@ class Verifier:
                 bucket_length(T, self.cfg.max_seq_len),
                 L + (-L) % 8,
             )
+            Bp += -Bp % self.shards
             tok_BT = np.zeros((Bp, Tp), np.int32)
             tok_BT[:B, :T] = enc.tokens
             ends_BL = np.zeros((Bp, Lp), np.int32)
             ends_BL[:B, :L] = enc.ends
-            probs = np.asarray(_probs(self.params, tok_BT, ends_BL, self.cfg))
+            if self.mesh is None:
+                probs = np.asarray(_probs(self.params, tok_BT, ends_BL, self.cfg))
+            else:
+                batch = sharding.put_batch({"tokens": tok_BT, "ends": ends_BL}, self.mesh, self.rules)
+                with sharding.rules_context(self.mesh, self.rules):
+                    probs = np.asarray(_probs(self.params, batch["tokens"], batch["ends"], self.cfg))
             n_lines = enc.line_mask.sum(axis=1).astype(int)
-            out += [probs[b, : n_lines[b]].astype(np.float64) for b in range(B)]
-            tokens[lo : lo + B] = enc.lengths
+            for b, i in enumerate(rows):
+                out[i] = probs[b, : n_lines[b]].astype(np.float64)
+            tokens[rows] = enc.lengths
         return Scores(out, tokens)
 
 
