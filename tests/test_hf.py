@@ -21,7 +21,15 @@ from framework import inference
 from framework.models import hf, lm
 
 ASSETS = pathlib.Path(__file__).parent / "assets" / "hf"
-GOLDEN_CASES = ("llama_gqa", "llama_tied", "llama_sharded")
+GOLDEN_CASES = (
+    "llama_gqa",
+    "llama_tied",
+    "llama_sharded",
+    "qwen2_bias",
+    "mistral_window",
+    "gemma_geglu",
+    "gemma2_softcap",
+)
 # fp32 logits of |x| ~ 5 after a few layers: 1e-4 allows only accumulation-order noise. Never loosen it.
 PARITY_ATOL = 1e-4
 
@@ -108,7 +116,7 @@ _BASE_HF = dict(
 @pytest.mark.parametrize(
     "changes, field",
     [
-        (dict(model_type="qwen2"), "model_type"),
+        (dict(model_type="mamba"), "model_type"),
         (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope_parameters.rope_type"),

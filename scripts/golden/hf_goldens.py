@@ -1,11 +1,11 @@
-"""Generate golden Hugging Face Llama fixtures with real `transformers` (torch, CPU, fp32).
+"""Generate golden Hugging Face fixtures (Llama, Qwen2, Mistral, Gemma, Gemma-2) with real `transformers` (CPU, fp32).
 
-Builds tiny random `LlamaForCausalLM` models with fixed seeds, saves each as a safetensors checkpoint
+Builds tiny random `<Family>ForCausalLM` models with fixed seeds, saves each as a safetensors checkpoint
 plus reference logits, so `tests/test_hf.py` can check Lumen's HF loader + model without torch.
 
 COMMAND: /work/main/.venv-parity/bin/python scripts/golden/hf_goldens.py --out tests/assets/hf
 SETUP:   python3 -m venv .venv-parity && .venv-parity/bin/pip install torch==2.13.0 transformers safetensors numpy
-RUNTIME: ~10 s on a 2-core CPU.  EXPECT: three case folders, ~1 MB in total.
+RUNTIME: ~20 s on a 2-core CPU.  EXPECT: seven case folders, ~2 MB in total.
 
 Each case folder `<out>/<case>/` holds:
   config.json, model.safetensors (or model.safetensors.index.json + shards)  -- from `save_pretrained`
@@ -30,7 +30,27 @@ import numpy as np
 import safetensors.numpy
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+# model_type -> (config class, model class); the case name's prefix (before "_") picks the family.
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+}
 
 BATCH, SEQ = 2, 17
 GREEDY_PROMPT, GREEDY_NEW = 8, 12  # greedy_tokens: HF generate's continuation of input_ids[:, :8]
@@ -82,6 +102,37 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
         {"max_shard_size": "100KB"},
         3456,
     ),
+    # Qwen2: q/k/v biases (random, not zero), GQA, untied.
+    "qwen2_bias": (dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1e6), {}, 4567),
+    # Mistral: a sliding window (5) shorter than the 17-token input and the 8 + 12 greedy continuation.
+    "mistral_window": (
+        dict(num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False, head_dim=16),
+        {},
+        5678,
+    ),
+    # Gemma: GeGLU (tanh), RMSNorm (1 + w), embeddings x sqrt(64), head_dim 24 != 64 / 4, tied, MQA.
+    "gemma_geglu": (
+        dict(num_key_value_heads=1, head_dim=24, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True),
+        {},
+        6789,
+    ),
+    # Gemma-2: 3 layers alternating local (window 6) / global / local, attention and final softcaps that bite,
+    # query_pre_attn_scalar 24 != head_dim 32, sandwich norms, tied.
+    "gemma2_softcap": (
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            head_dim=32,
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=6,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=8.0,
+            query_pre_attn_scalar=24,
+            tie_word_embeddings=True,
+        ),
+        {},
+        7890,
+    ),
 }
 
 ARITH_CORPUS = [
@@ -96,24 +147,44 @@ ARITH_CORPUS = [
 ]
 
 
-def build_model(overrides: dict[str, Any], seed: int) -> LlamaForCausalLM:
-    """Build a fp32 eval-mode tiny Llama with large random weights (deterministic in `seed`)."""
+def _family_base(family: str) -> dict[str, Any]:
+    """_BASE without the fields a family's config does not take (Gemma has no mlp_bias; Gemma-2 names its act.)."""
+    base = dict(_BASE)
+    if family != "llama":
+        base.pop("mlp_bias")
+    if family in ("qwen2", "mistral"):
+        base.pop("attention_bias")
+    if family in ("gemma", "gemma2"):
+        base.pop("hidden_act")
+    return base
+
+
+def build_model(overrides: dict[str, Any], seed: int, family: str = "llama"):
+    """Build a fp32 eval-mode tiny `family` model with large random weights (deterministic in `seed`)."""
+    config_cls, model_cls = FAMILIES[family]
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**_BASE, **overrides})
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    kwargs = {} if family == "llama" else {"attn_implementation": "eager"}  # eager: the softcap-capable reference
+    config = config_cls(**{**_family_base(family), **overrides}, **kwargs)
+    model = model_cls(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed + 1)
+    # Gemma's RMSNorm multiplies by (1 + w): random around 0 there gives the same scales as around 1 elsewhere.
+    norm_center = 0.0 if family in ("gemma", "gemma2") else 1.0
     with torch.no_grad():
         # named_parameters() dedupes tied tensors, so a tied embedding is initialised once.
         for name, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * noise)  # RMSNorm scales random around 1
+                p.copy_(norm_center + 0.1 * noise)  # RMSNorm scales random around 1
             else:
                 p.copy_(WEIGHT_STD * noise)
     return model
 
 
-def save_checkpoint(model: LlamaForCausalLM, case_dir: pathlib.Path, save_kwargs: dict[str, Any]) -> None:
+def family_of(case: str) -> str:
+    return case.split("_")[0]
+
+
+def save_checkpoint(model, case_dir: pathlib.Path, save_kwargs: dict[str, Any]) -> None:
     """`save_pretrained` as safetensors; `safe_serialization` only where this transformers still takes it."""
     kwargs = dict(save_kwargs)
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
@@ -123,7 +194,7 @@ def save_checkpoint(model: LlamaForCausalLM, case_dir: pathlib.Path, save_kwargs
         raise RuntimeError(f"save_pretrained wrote no safetensors in {case_dir}")
 
 
-def save_golden(model: LlamaForCausalLM, case_dir: pathlib.Path, seed: int) -> dict[str, Any]:
+def save_golden(model, case_dir: pathlib.Path, seed: int) -> dict[str, Any]:
     """Run the reference forward pass and save input_ids + fp32 logits."""
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed + 2)
@@ -198,7 +269,7 @@ def main() -> None:
         if case_dir.exists():
             shutil.rmtree(case_dir)
         case_dir.mkdir(parents=True)
-        model = build_model(overrides, seed)
+        model = build_model(overrides, seed, family_of(name))
         save_checkpoint(model, case_dir, save_kwargs)
         meta = save_golden(model, case_dir, seed)
         if name == "llama_gqa":
