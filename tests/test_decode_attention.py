@@ -147,3 +147,31 @@ def test_validation_errors_name_the_problem():
     with pytest.raises(ValueError, match="page_size % 8"):
         kq4, ks4 = quantize_kv(k[:, :4])
         paged_attention(q, kq4, kq4, table, lengths, k_scales=ks4, v_scales=ks4, impl="interpret_tpu")
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_sliding_window_kernel_matches_reference_and_plain(impl):
+    """window=w: only the w most recent positions are visible (Mistral / Gemma-2 local layers); lengths shorter
+    than, equal to and past the window, across page boundaries."""
+    C, N, w = 8, 5, 11
+    lengths = _lengths(C, N)
+    q, k, v, table = _case(B=len(lengths), P=48, C=C, N=N, seed=3)
+    ref = paged_attention_reference(q, k, v, table, lengths, sm_scale=q.shape[-1] ** -0.5, window=w)
+    # plain attention over the window only: positions length - w .. length - 1
+    starts = np.maximum(np.asarray(lengths) - w, 0)
+    kv = [np.concatenate([np.asarray(x)[p] for p in np.asarray(table[b])]) for x in (k, v) for b in range(len(lengths))]
+    k_win = np.zeros_like(np.asarray(k)[: len(lengths) * N].reshape(len(lengths), N * C, *k.shape[2:]))
+    v_win = np.zeros_like(k_win)
+    for b in range(len(lengths)):
+        n = int(lengths[b])
+        k_win[b, : n - starts[b]] = kv[b][starts[b] : n]
+        v_win[b, : n - starts[b]] = kv[len(lengths) + b][starts[b] : n]
+    plain_table = jnp.arange(len(lengths) * N, dtype=jnp.int32).reshape(len(lengths), N)
+    plain = _plain_attention(
+        q, k_win.reshape(-1, C, *k.shape[2:]), v_win.reshape(-1, C, *k.shape[2:]), plain_table, lengths - starts
+    )
+    np.testing.assert_allclose(ref, plain, atol=FP32_ATOL, rtol=0)
+    out = paged_attention(q, k, v, table, lengths, window=w, impl=impl)
+    np.testing.assert_allclose(out, ref, atol=FP32_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="window=0"):
+        paged_attention(q, k, v, table, lengths, window=0, impl=impl)

@@ -654,8 +654,10 @@ def lm_config_to_hf_config(cfg: LMConfig, model_type: str | None = None) -> dict
     return hf
 
 
-def _gemma2_query_scalar(cfg: LMConfig) -> float:
-    return float(cfg.query_pre_attn_scalar or cfg.head_dim)
+def _gemma2_query_scalar(cfg: LMConfig) -> int | float:
+    """query_pre_attn_scalar as transformers' Gemma2Config validates it: an int (a float only if fractional)."""
+    value = float(cfg.query_pre_attn_scalar or cfg.head_dim)
+    return int(value) if value.is_integer() else value
 
 
 def _flat(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

@@ -14,6 +14,12 @@ Each case folder `<out>/<case>/` holds:
   golden.json          -- transformers/torch versions, seed, and a few summary numbers
 `llama_gqa/` additionally holds a tiny offline-trained `tokenizer.json` (BPE on arithmetic strings).
 
+`--verify-export DIR` instead loads each `DIR/<case>/` (a folder Lumen's `save_hf_checkpoint` wrote from the golden
+case of that name) with `AutoModelForCausalLM` and prints max |logits - golden| and whether HF greedy tokens match:
+  .venv/bin/python -c "from framework.models import hf; [hf.save_hf_checkpoint(*hf.load_hf_checkpoint(
+      f'tests/assets/hf/{c}')[::-1], f'/tmp/export/{c}') for c in ('llama_gqa', 'gemma2_softcap')]"
+  .venv-parity/bin/python scripts/golden/hf_goldens.py --verify-export /tmp/export
+
 This script must never import jax or Lumen: it is the independent reference.
 """
 
@@ -257,11 +263,36 @@ def save_tokenizer(case_dir: pathlib.Path, vocab_size: int) -> None:
     tok.save(str(case_dir / "tokenizer.json"))
 
 
+def verify_export(export_dir: pathlib.Path, golden_dir: pathlib.Path) -> None:
+    """Loads Lumen-exported folders with transformers; prints logit parity and greedy agreement with the goldens."""
+    for case_dir in sorted(p for p in export_dir.iterdir() if p.is_dir()):
+        golden = safetensors.numpy.load_file(str(golden_dir / case_dir.name / "golden.safetensors"))
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(case_dir), attn_implementation="eager").eval()
+        input_ids = torch.from_numpy(golden["input_ids"].astype(np.int64))
+        with torch.no_grad():
+            logits = model(input_ids=input_ids).logits.float().numpy()
+            greedy = model.generate(
+                input_ids[:, :GREEDY_PROMPT],
+                attention_mask=torch.ones_like(input_ids[:, :GREEDY_PROMPT]),
+                max_new_tokens=GREEDY_NEW,
+                min_new_tokens=GREEDY_NEW,
+                do_sample=False,
+                pad_token_id=0,
+            )[:, GREEDY_PROMPT:].numpy()
+        diff = float(np.abs(logits - golden["logits"]).max())
+        same = bool((greedy == golden["greedy_tokens"]).all())
+        print(f"{case_dir.name}: {type(model).__name__} max|logits - golden| = {diff:.2e}, greedy tokens equal: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("tests/assets/hf"))
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--verify-export", type=pathlib.Path, default=None, help="check Lumen-exported folders")
     args = parser.parse_args()
+    if args.verify_export is not None:
+        verify_export(args.verify_export, args.out)
+        return
     torch.use_deterministic_algorithms(True)
     for name in args.cases:
         overrides, save_kwargs, seed = CASES[name]
