@@ -90,7 +90,9 @@ def _paged_cache_with_scrambled_pool(cfg, B, seq_len, dtype, page_size, lens):
     return cache.replace(pool=pool, page_table=table)
 
 
-@pytest.mark.parametrize("layout,dtype", [("dense", "float32"), ("paged", "float32"), ("paged", "int8")])
+@pytest.mark.parametrize(
+    "layout,dtype", [("dense", "float32"), ("dense", "int8"), ("paged", "float32"), ("paged", "int8")]
+)
 @pytest.mark.parametrize("impl", ["xla", "interpret"])
 def test_prefill_then_decode_equals_full_forward(model, layout, dtype, impl):
     cfg, params = model

@@ -157,7 +157,11 @@ def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward(model):
     tokens = _tokens(cfg, B=B, T=T, seed=1)
     full = _forward(params, tokens, cfg).logits
     cache = kv_cache.init_cache(cfg, B, 16)
-    assert cache.layers.k.shape == (cfg.n_layers, B, 16, cfg.n_kv_heads, cfg.head_dim)
+    # The reference attention reads a heads-major cache; the decode kernels read a token-major one.
+    assert cache.layers.heads_major
+    assert cache.layers.k.shape == (cfg.n_layers, B, cfg.n_kv_heads, 16, cfg.head_dim)
+    kernel_cache = kv_cache.init_cache(dataclasses.replace(cfg, attention_impl="interpret"), B, 16)
+    assert kernel_cache.layers.k.shape == (cfg.n_layers, B, 16, cfg.n_kv_heads, cfg.head_dim)
     pos = jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), (B, prefix))
     out = _cached_forward(params, tokens[:, :prefix], pos, cache, cfg)
     np.testing.assert_allclose(out.logits, full[:, :prefix], atol=ATOL, rtol=0)

@@ -4,9 +4,9 @@ Glossary: L layers, B sequences, S slots per sequence (dense), P pages in the po
 N page-table width (pages per sequence), K kv heads, Dh head dim, T tokens written per call.
 
 A cache is a pytree (`KVCache`) the model threads through `lm.forward(..., kv_cache=cache)`:
-- `layers`: the per-layer arrays with a leading L axis (`DenseLayer` [L, B, S, K, Dh] or `PagedLayer`
-  [L, P, C, K, Dh]; int8 variants add per-token, per-head fp32 scales [..., K]). The model's layer scan slices them,
-  and each layer calls `layer.attend(...)`: the model never knows which layout it holds.
+- `layers`: the per-layer arrays with a leading L axis (`DenseLayer` [L, B, S, K, Dh], or [L, B, K, S, Dh] when
+  `heads_major`, or `PagedLayer` [L, P, C, K, Dh]; int8 variants add per-token, per-head fp32 scales). The model's
+  layer scan slices them, and each layer calls `layer.attend(...)`: the model never knows which layout it holds.
 - `page_table` [B, N] (paged only): sequence b's position t lives in page `page_table[b, t // C]`, slot `t % C`;
   -1 = no page (writes there are dropped, reads never happen).
 - `pool` (paged only): the `PagePool` free list the table's pages came from.
@@ -15,6 +15,12 @@ Attention over the cache: one new token per sequence (decoding) goes through `ke
 model's `attention_impl` names a kernel ("pallas", "cudnn", "splash" -> the compiled Pallas decode kernel for the
 backend; "interpret" -> the same kernel code in interpret mode); otherwise, and for multi-token chunks (prefill),
 the cache is read as a contiguous view and the dense-mask reference attention runs over it.
+
+A dense cache read by the reference attention is stored heads-major ([B, K, S, Dh]): both attention matmuls then
+batch over (b, k) with S and Dh contiguous, where the token-major layout made XLA copy (transpose) every layer's
+whole cache at every decode step (a third of the decode step at batch 8 on CPU). The decode kernels read
+token-major pages, so a dense cache for them stays token-major; `init_cache` picks the layout from the model's
+attention_impl.
 """
 
 from __future__ import annotations
@@ -63,6 +69,29 @@ def _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype, 
     )
 
 
+def _heads_major_attend(q_BTHD, k_BKSD, v_BKSD, pos_BT, compute_dtype, *, window=None, softcap=None, sm_scale=None):
+    """Causal grouped-query attention of a chunk's queries over a heads-major dense cache (slot s = position s).
+
+    The G = H // K query heads of a kv head are folded with time (M = G * T), so both matmuls batch over (b, k) and
+    contract one axis each, reading the cache where it lies. Scores and softmax in fp32, as `attention.xla_attention`.
+    Every query sees at least itself (its own token was just written), so no row is fully masked.
+    """
+    B, T, H, D = q_BTHD.shape
+    K, S = k_BKSD.shape[1], k_BKSD.shape[2]
+    G = H // K
+    q_BKMD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+    k_BKSD, v_BKSD = k_BKSD.astype(compute_dtype), v_BKSD.astype(compute_dtype)
+    scale = D**-0.5 if sm_scale is None else sm_scale
+    s_BKMS = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        s_BKMS = softcap * jnp.tanh(s_BKMS / softcap)
+    mask_BTS = attn_lib.make_mask(pos_BT, jnp.arange(S)[None, :], causal=True, window=window)
+    mask_B1MS = jnp.broadcast_to(mask_BTS[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+    p_BKMS = jax.nn.softmax(jnp.where(mask_B1MS, s_BKMS, jnp.finfo(jnp.float32).min), axis=-1)
+    o_BKMD = jnp.einsum("bkms,bksd->bkmd", p_BKMS.astype(compute_dtype), v_BKSD)
+    return o_BKMD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
 def _dense_page_size(S: int) -> int:
     """The page size the decode kernel reads a dense cache with: the largest power of two <= 128 dividing S."""
     return math.gcd(S, 128)
@@ -72,16 +101,29 @@ def _dense_page_size(S: int) -> int:
 class DenseLayer:
     """One layer's dense cache: slot s of sequence b holds position s."""
 
-    k: Array  # [B, S, K, Dh]
+    k: Array  # [B, S, K, Dh]; [B, K, S, Dh] when heads_major
     v: Array
-    k_scale: Array | None = None  # [B, S, K] when int8
+    k_scale: Array | None = None  # int8 only: [B, S, K] ([B, K, S] when heads_major)
     v_scale: Array | None = None
+    heads_major: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[-2] if self.heads_major else self.k.shape[-3]
 
     def attend(self, page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, *, impl: str, compute_dtype, **attn_kw):
         """Writes the chunk, attends over the cache; attn_kw: window / softcap / sm_scale (Mistral, Gemma-2)."""
         del page_table
-        B, S = self.k.shape[:2]
+        B, S = self.k.shape[0], self.slots
         quantized = self.k_scale is not None
+        if self.heads_major:
+            idx = (jnp.arange(B)[:, None, None], jnp.arange(self.k.shape[1])[None, :, None], pos_BT[:, None, :])
+            new = _written(self, k_BTKD.transpose(0, 2, 1, 3), v_BTKD.transpose(0, 2, 1, 3), idx)
+            k_BKSD, v_BKSD = new.k, new.v
+            if quantized:
+                k_BKSD = decode_attention.dequantize_kv(k_BKSD, new.k_scale)
+                v_BKSD = decode_attention.dequantize_kv(v_BKSD, new.v_scale)
+            return _heads_major_attend(q_BTHD, k_BKSD, v_BKSD, pos_BT, compute_dtype, **attn_kw), new
         new = _written(self, k_BTKD, v_BTKD, (jnp.arange(B)[:, None], pos_BT))
         if q_BTHD.shape[1] == 1 and impl in DECODE_KERNEL_IMPLS:
             C = _dense_page_size(S)
@@ -222,8 +264,10 @@ class KVCache:
 
     @property
     def page_size(self) -> int:
-        slots = int((self.layers.k.shape[2] if self.stacked else self.layers[0].k.shape[1]))
-        return slots if self.layout == "paged" else _dense_page_size(slots)
+        first = self.layers if self.stacked else self.layers[0]
+        if self.layout == "dense":
+            return _dense_page_size(first.slots)
+        return int(first.k.shape[-3])
 
 
 def unstack(cache: KVCache) -> KVCache:
@@ -287,8 +331,14 @@ def init_cache(
     dtype = str(jnp.dtype(cfg.compute_dtype)) if dtype is None else str(dtype)
     _check(cfg, batch, seq_len, dtype, layout, page_size)
     if layout == "dense":
-        arrays = {k: jnp.zeros(s, d) for k, (s, d) in _layer_shapes(cfg, (batch, seq_len), dtype).items()}
-        return KVCache(DenseLayer(**arrays))
+        # Heads-major for the reference attention, token-major for the decode kernels (see the module docstring).
+        heads_major = cfg.attention_impl not in DECODE_KERNEL_IMPLS
+        arrays = {}
+        for name, (shape, d) in _layer_shapes(cfg, (batch, seq_len), dtype).items():
+            if heads_major:  # [L, B, S, K, ...] -> [L, B, K, S, ...]
+                shape = (shape[0], shape[1], shape[3], shape[2], *shape[4:])
+            arrays[name] = jnp.zeros(shape, d)
+        return KVCache(DenseLayer(**arrays, heads_major=heads_major))
     width, pages = _paged_sizes(batch, seq_len, page_size, num_pages)
     arrays = {k: jnp.zeros(s, d) for k, (s, d) in _layer_shapes(cfg, (pages, page_size), dtype).items()}
     return KVCache(PagedLayer(**arrays), jnp.full((batch, width), -1, jnp.int32), PagePool.create(pages))
