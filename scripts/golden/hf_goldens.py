@@ -5,7 +5,7 @@ plus reference logits, so `tests/test_hf.py` can check Lumen's HF loader + model
 
 COMMAND: /work/main/.venv-parity/bin/python scripts/golden/hf_goldens.py --out tests/assets/hf
 SETUP:   python3 -m venv .venv-parity && .venv-parity/bin/pip install torch==2.13.0 transformers safetensors numpy
-RUNTIME: ~20 s on a 2-core CPU.  EXPECT: seven case folders, ~2 MB in total.
+RUNTIME: ~1 min on a busy 2-core CPU (mostly importing torch).  EXPECT: seven case folders, ~3 MB in total.
 
 Each case folder `<out>/<case>/` holds:
   config.json, model.safetensors (or model.safetensors.index.json + shards)  -- from `save_pretrained`
