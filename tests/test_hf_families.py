@@ -103,6 +103,30 @@ def test_goldens_exercise_each_feature(case, change):
     assert _max_diff(case, dataclasses.replace(cfg, **change), params) > 10 * PARITY_ATOL
 
 
+def test_flash_kernel_training_path_parity():
+    """Cache-free forward through the Pallas flash kernel (interpret mode): window, softcap and the score scale
+    reach the kernel, the local/global choice made by lax.switch under the layer scan."""
+    cfg, params = _load("gemma2_softcap")
+    assert _max_diff("gemma2_softcap", dataclasses.replace(cfg, attention_impl="interpret"), params) <= PARITY_ATOL
+
+
+def test_embedding_scale_is_rounded_to_the_weights_dtype():
+    """HF Gemma multiplies by sqrt(d_model) cast to the weights' dtype: bf16(sqrt(48)) = 6.9375, not 6.9282."""
+    cfg = lm.LMConfig(
+        vocab_size=16, d_model=48, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32, scale_embeddings=True
+    )
+    # fp32 activations from bf16 weights: the scale still follows the weights (rounding it to the activations'
+    # dtype would leave 6.9282 here).
+    cfg = dataclasses.replace(cfg, param_dtype="bfloat16", dtype="float32")
+    table = np.random.default_rng(0).normal(size=(16, 48)).astype(ml_dtypes.bfloat16)
+    tokens = np.arange(4, dtype=np.int32)[None]
+    got = lm.Embed(cfg).apply({"params": {"embedding": table}}, tokens)
+    scale = float(np.float32(48**0.5).astype(ml_dtypes.bfloat16))
+    assert scale == 6.9375
+    want = table[tokens].astype(np.float32) * np.float32(scale)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("case", ["mistral_window", "gemma2_softcap"])
 def test_windowed_decode_paged_kernel_matches_transformers(case):
     """Greedy tokens equal HF `generate` with a paged cache: the prompt goes through the paged reference path,
