@@ -74,6 +74,8 @@ def test_family_config_defaults():
     assert g2.layer_windows == (8, None, 8, None) and g2.tie_embeddings and g2.attn_logit_softcap == 50.0
     gemma = hf.hf_config_to_lm_config({**base, "model_type": "gemma", "head_dim": 12})
     assert gemma.tie_embeddings and gemma.head_dim == 12 and gemma.sliding_window is None
+    legacy = hf.hf_config_to_lm_config({**base, "model_type": "gemma", "hidden_act": "gelu"})
+    assert legacy.mlp_activation == "gelu_tanh"  # as transformers: the official releases' "gelu" means tanh
     qwen = dict(base, model_type="qwen2", sliding_window=4, max_window_layers=2)
     assert hf.hf_config_to_lm_config(qwen).sliding_window is None  # use_sliding_window defaults to False
     assert hf.hf_config_to_lm_config({**qwen, "use_sliding_window": True}).layer_windows == (None, None, 4, 4)
@@ -192,6 +194,9 @@ def test_save_reports_what_a_family_cannot_hold(tmp_path):
     g2, g2_params = _load("gemma2_softcap")
     with pytest.raises(ValueError, match=r"cannot express .*model\.post_norms=True"):
         hf.save_hf_checkpoint(g2_params, g2, tmp_path / "b", model_type="gemma")
+    gemma, gemma_params = _load("gemma_geglu")
+    with pytest.raises(ValueError, match=r"model_type='gemma' cannot express model\.mlp_activation='gelu'"):
+        hf.save_hf_checkpoint(gemma_params, dataclasses.replace(gemma, mlp_activation="gelu"), tmp_path / "d")
 
     class FakeQuantized:
         shape = (2, 64, 4, 16)

@@ -214,10 +214,19 @@ def _qwen2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
 _GELU = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
+def _no_bidirectional(hf: Mapping[str, Any]) -> None:
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("unsupported HF config field use_bidirectional_attention=True: Lumen LMs are causal")
+
+
 def _gemma_config(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """GemmaConfig: GeGLU, RMSNorm (1 + w), embeddings times sqrt(d_model), tied by default."""
+    """GemmaConfig: GeGLU, RMSNorm (1 + w), embeddings times sqrt(d_model), tied by default.
+
+    As transformers does, a legacy `hidden_act="gelu"` (the official Gemma releases) means the tanh approximation.
+    """
     _check_false(hf, "attention_bias")
-    act = _activation(hf, ("hidden_act", "hidden_activation"), "gelu_pytorch_tanh", _GELU)
+    _no_bidirectional(hf)
+    act = _activation(hf, ("hidden_act", "hidden_activation"), "gelu_pytorch_tanh", {**_GELU, "gelu": "gelu_tanh"})
     return {
         **_common_config(hf, tie_default=True),
         "mlp_activation": act,
@@ -229,8 +238,7 @@ def _gemma_config(hf: Mapping[str, Any]) -> dict[str, Any]:
 def _gemma2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Gemma2Config: Gemma plus sandwich norms, both softcaps, query_pre_attn_scalar, alternating local layers."""
     _check_false(hf, "attention_bias")
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError("unsupported HF config field use_bidirectional_attention=True: Lumen LMs are causal")
+    _no_bidirectional(hf)
     act = _activation(hf, ("hidden_activation", "hidden_act"), "gelu_pytorch_tanh", _GELU)
     softcaps = {k: hf.get(k, d) for k, d in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0))}
     return {
