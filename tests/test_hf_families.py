@@ -239,6 +239,9 @@ def test_load_hf_tokenizer(tmp_path):
         hf.load_hf_tokenizer(ASSETS / "llama_gqa", vocab_size=4)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json in .*config.json"):
         hf.load_hf_tokenizer(ASSETS / "llama_tied")
+    _, params = _load("llama_gqa")
+    out = hf.save_hf_checkpoint(params, cfg, tmp_path / "with_tok", tokenizer=tok)
+    assert hf.load_hf_tokenizer(out).encode(text).ids == ids
 
 
 _LIVE_FAMILIES = {

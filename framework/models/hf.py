@@ -257,6 +257,7 @@ def save_hf_checkpoint(
     *,
     model_type: str | None = None,
     max_shard_bytes: int | None = None,
+    tokenizer: Any = None,
 ) -> pathlib.Path:
     """Writes `params` as an HF folder (config.json + model.safetensors) that transformers and `load_hf_checkpoint`
     load: the exact inverse of the import (load(save(params)) is bitwise equal).
@@ -268,6 +269,7 @@ def save_hf_checkpoint(
       path: output folder (created; existing files of the same names are overwritten).
       model_type: HF family to write ("llama", "mistral", "qwen2", "gemma", "gemma2"); default from the config.
       max_shard_bytes: split into model-0000i-of-0000n.safetensors + index above this size (default: one file).
+      tokenizer: a `tokenizers.Tokenizer` (e.g. from `load_hf_tokenizer`) to write as tokenizer.json alongside.
 
     Raises:
       ValueError: a config field the family cannot express, a param not in its table, or a mis-shaped / non-float
@@ -308,6 +310,8 @@ def save_hf_checkpoint(
     dtypes = {str(x.dtype) for x in tensors.values()}
     hf_config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
     (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(str(path / TOKENIZER_FILE))
     shards: list[dict[str, np.ndarray]] = [{}]
     for name, x in tensors.items():
         if max_shard_bytes and shards[-1] and sum(t.nbytes for t in shards[-1].values()) + x.nbytes > max_shard_bytes:
