@@ -5,6 +5,9 @@ run loads without training) or trained here into `workdir/lm` from `config.lm.tr
 `config.harvest.hookpoints` are harvested in one pass per batch into `workdir/activations` (train split) and
 `workdir/activations_eval` (eval split); rerunning reuses both.
 
+The SAE's training state is checkpointed (orbax) into `workdir/sae_checkpoints` every `train.checkpoint_every`
+steps: rerunning the same command resumes there (a finished run only re-evaluates).
+
 Artifacts in `workdir`: config.json, metrics.jsonl (the SAE's training history), sae_params.safetensors,
 results/sae_metrics.json (reconstruction metrics on held-out tokens, CE loss recovered and delta LM loss spliced
 into the LM, density histogram, throughput), report/features.html, figures/density.png.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 import jax
@@ -71,8 +75,18 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
         )
     for key in ("train_tokens", "eval_tokens", "batch_size"):
         config_lib.require(config.harvest[key] > 0, f"harvest.{key}", f"must be positive, got {config.harvest[key]}")
-    for key in ("steps", "batch_size"):
+    for key in ("steps", "batch_size", "checkpoint_every"):
         config_lib.require(config.train[key] > 0, f"train.{key}", f"must be positive, got {config.train[key]}")
+    per = math.lcm(config.sae.steps_per_call, config.sae.log_every)
+    config_lib.require(
+        config.train.checkpoint_every % per == 0,
+        "train.checkpoint_every",
+        f"{config.train.checkpoint_every} is not a multiple of {per} (sae.steps_per_call and sae.log_every)",
+    )
+    try:
+        sharding.rules_from_config(config.mesh)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config section 'mesh': {e}") from None
     try:
         shape = sharding.mesh_shape(config.mesh)
     except ValueError as e:
@@ -144,7 +158,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.harvest.eval_tokens,
     )
     in_name, out_name = eval_store.resolve(config.sae)
-    # config.mesh: the batch over `data`, latents over `tensor` (one device: no mesh at all).
+    # config.mesh and its rules: the batch along the `batch` rule (data), latents along `latents` (tensor); one
+    # device: no mesh at all.
     mesh = sharding.make_mesh(config.mesh) if np.prod(sharding.mesh_shape(config.mesh)) > 1 else None
     sae_params, fit_metrics = sae.fit(
         train_store,
@@ -153,6 +168,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch_size=config.train.batch_size,
         seed=config.seed,
         mesh=mesh,
+        rules=sharding.rules_from_config(config.mesh),
+        checkpoint_dir=os.path.join(workdir, "sae_checkpoints"),
+        checkpoint_every=config.train.checkpoint_every,
         eval_activations=(np.asarray(eval_store.array(in_name)), np.asarray(eval_store.array(out_name))),
     )
     splice = splice_metrics(params, model_cfg, lm_config, sae_params, config)

@@ -27,8 +27,9 @@ def sae_experiment(arch: str, **sae_overrides) -> ml_collections.ConfigDict:
     config.sae = defaults.default_config(arch, d_in=common.MODEL_SIZES["tiny"]["d_model"], n_latents=512)
     config.sae.hookpoint = HOOKPOINT
     config.sae.update(sae_overrides)
-    config.train = ml_collections.ConfigDict(dict(steps=3000, batch_size=1024))
+    config.train = ml_collections.ConfigDict(dict(steps=3000, batch_size=1024, checkpoint_every=500))
     config.eval = ml_collections.ConfigDict(dict(splice_batches=4))
     config.report = ml_collections.ConfigDict(dict(n_features=24, top_contexts=8))
-    config.mesh = common.mesh_config()  # data = all devices; set tensor > 1 to shard latents of wide SAEs
+    # data = all devices; --config.mesh.tensor=2 (and data=-1) splits the latents of a wide SAE (rule "latents").
+    config.mesh = common.mesh_config()
     return config

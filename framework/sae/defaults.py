@@ -18,7 +18,8 @@ A config is a `ConfigDict`; `default_config(arch)` gives every key with the arch
   decoder_init_norm    norm of the initial decoder rows
   normalize_decoder    renormalise decoder rows to unit norm after every step
   aux_k, aux_k_coeff   AuxK: reconstruct the residual from the top aux_k dead latents (0: off; capped at L)
-  dead_window          a latent is dead after this many training tokens without firing
+  dead_window          a latent is dead after this many training tokens without firing (AuxK trains those; a short
+                       window flags merely rare latents, and AuxK then pushes them to death: keep it >> 1/density)
   normalize_inputs     scale inputs to mean squared norm d_in while training (folded back into the weights)
   lr, b1, b2, grad_clip, lr_warmup_steps, lr_decay (none|linear|cosine), lr_decay_frac (last fraction of steps)
   sparsity_warmup_steps   sparsity coefficient ramps linearly from 0 over these steps
@@ -53,7 +54,7 @@ _COMMON = dict(
     normalize_decoder=True,
     aux_k=0,
     aux_k_coeff=1.0 / 32,
-    dead_window=10_000,
+    dead_window=100_000,
     normalize_inputs=True,
     lr=3e-4,
     b1=0.9,

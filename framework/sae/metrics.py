@@ -107,6 +107,21 @@ def reconstruction_metrics(x, x_hat, latents) -> dict[str, float]:
     }
 
 
+def firing_counts(sae_params, sae_cfg, x_in, *, chunk: int = 8192) -> np.ndarray:
+    """Per latent [L] int: on how many rows of `x_in` it is non-zero (chunked: never holds all [N, L] latents).
+
+    `firing_counts(...) == 0` is "dead over a window of len(x_in) tokens"; use a window of many times 1/density
+    of the rarest latent worth keeping, else rare latents count as dead.
+    """
+    from framework.sae import model
+
+    count = jax.jit(lambda p, x: jnp.sum(model.encode(p, sae_cfg, x) != 0, axis=0, dtype=jnp.int32))
+    total = np.zeros(sae_cfg.n_latents, np.int64)
+    for i in range(0, len(x_in), chunk):
+        total += np.asarray(count(sae_params, jnp.asarray(x_in[i : i + chunk], jnp.float32)))
+    return total
+
+
 def evaluate(sae_params, sae_cfg, x_in, y_out=None, *, chunk: int = 4096) -> dict[str, Any]:
     """`reconstruction_metrics` of the SAE on (x_in -> y_out; y_out = x_in for an SAE) plus the density histogram.
 

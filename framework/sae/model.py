@@ -237,8 +237,9 @@ def losses(params, cfg, x_BD, y_BO, sparsity_scale, dead_L):
         def aux_loss(params):
             pre_dead = jnp.where(dead_L, extras["pre"], -jnp.inf)
             vals, idx = jax.lax.top_k(pre_dead, min(cfg.aux_k, cfg.n_latents))
-            # No ReLU (as in Gao et al. and SAELens): a dead latent's pre-activation is usually negative, and
-            # clipping it would leave it without gradient, i.e. dead for good.
+            # No ReLU (as SAELens; OpenAI's code clips with a ReLU): measured on the frontier's 2048-latent TopK,
+            # the ReLU left more latents silent on all 100k training tokens (8.3% vs 3.5%), since a dead latent
+            # whose pre-activation is negative gets no gradient through it.
             vals = jnp.where(jnp.isfinite(vals), vals, 0.0)
             e_hat = jnp.einsum("bk,bko->bo", vals, params["W_dec"][idx])
             denom = jnp.mean(jnp.sum((e - e.mean(axis=0)) ** 2, axis=-1))

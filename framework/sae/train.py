@@ -9,17 +9,25 @@ activations (the scales are reported in `metrics["norm_scale_in"|"norm_scale_out
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import time
 from typing import Any, Iterator
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from framework import sharding
 from framework.sae import defaults, model
 from framework.sae import metrics as metrics_lib
+from framework.training.checkpoint import Checkpointer
+
+log = logging.getLogger(__name__)
 
 _NORM_SAMPLE = 8192  # rows used for the input-norm scale and the b_dec initialisation
 
@@ -76,12 +84,33 @@ def _split(params):
     return trainable, buffers
 
 
+@flax.struct.dataclass
+class SAEState:
+    """Everything a resumed SAE run needs besides the config; the data position is `step` (what a checkpoint holds).
+
+    `params` are the trained parameters (in the normalised training space), `buffers` those set without gradient
+    (BatchTopK's threshold), `since_fired` the training tokens since each latent last fired.
+    """
+
+    step: jax.Array  # int32 scalar
+    params: dict
+    buffers: dict
+    opt_state: Any
+    since_fired: jax.Array  # int32 [L]
+
+
 def _make_chunk_fn(cfg, tx, steps: int):
     """(state, x_SBD, y_SBO, scales) -> (state, per-step records): S training steps in one lax.scan."""
 
-    def one_step(state, batch):
+    def one_step(state: SAEState, batch):
         x, y = batch
-        trainable, buffers, opt_state, since_fired, step_i = state
+        trainable, buffers, opt_state, since_fired, step_i = (
+            state.params,
+            state.buffers,
+            state.opt_state,
+            state.since_fired,
+            state.step,
+        )
         sparsity_scale = (
             jnp.minimum(1.0, (step_i + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
         )
@@ -113,7 +142,8 @@ def _make_chunk_fn(cfg, tx, steps: int):
             "fvu": 1.0 - metrics_lib.explained_variance(y, parts["y_hat"]),
             "dead_fraction": jnp.mean((since_fired >= cfg.dead_window).astype(jnp.float32)),
         }
-        return (trainable, buffers, opt_state, since_fired, step_i + 1), record
+        new = SAEState(step=step_i + 1, params=trainable, buffers=buffers, opt_state=opt_state, since_fired=since_fired)
+        return new, record
 
     def chunk(state, x_SBD, y_SBO, scale_in, scale_out):
         return jax.lax.scan(one_step, state, (x_SBD * scale_in, y_SBO * scale_out))
@@ -206,6 +236,17 @@ class _Source:
         x = jnp.asarray(np.stack(xs), jnp.float32)
         return x, (None if self.out_name == self.in_name else jnp.asarray(np.stack(ys), jnp.float32))
 
+    def skip(self, steps: int) -> None:
+        """Advances the stream past `steps` batches (resume: the data position is the step count)."""
+        if self.store is None:
+            for _ in range(steps // 1000):
+                self._indices_fast(1000)
+            if steps % 1000:
+                self._indices_fast(steps % 1000)
+        else:
+            for _ in range(steps):
+                next(self._iter)
+
     def _indices_fast(self, s: int) -> np.ndarray:
         need = s * self.batch_size
         parts = []
@@ -232,23 +273,47 @@ def fit(
     batch_size: int,
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    rules=None,
     eval_activations: Any = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
     progress: bool = False,
 ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """Trains an SAE (or transcoder) on `activations` and returns (sae_params, metrics).
 
     `activations`: an [N, d_in] array, a pair (x_in [N, d_in], y_out [N, d_out]) for a transcoder, or an
     `ActivationStore` (the hookpoints come from sae_cfg.hookpoint/out_hookpoint). Every input is checked (width,
-    NaN/Inf, config keys) before anything compiles. `mesh`: shard the batch over `data` and the latents over
-    `tensor`. `metrics` holds "history" (one record per sae_cfg.log_every steps), "final" (metrics of
-    `framework.sae.metrics` on `eval_activations`, default a sample of the training rows), "tokens_per_s"
-    (training throughput after the first, compiling call) and the input-normalisation scales.
+    NaN/Inf, config keys) before anything compiles. `mesh` (+ `rules`, a logical-axis table as in
+    `framework.sharding`, default DEFAULT_RULES): the batch is split along the `batch` rule's mesh axes and the
+    latents along the `latents` rule's (`tensor`). `checkpoint_dir`: orbax checkpoints of the whole training state
+    every `checkpoint_every` steps (a multiple of sae.steps_per_call and sae.log_every) and at the end; a rerun with
+    the same directory resumes from the newest verified one and ends with the parameters of an uninterrupted run. A
+    non-finite loss stops training with FloatingPointError before any checkpoint holds it. `metrics` holds
+    "history" (one record per sae_cfg.log_every steps), "final" (metrics of `framework.sae.metrics` on
+    `eval_activations`, default a sample of the training rows), "tokens_per_s" (training throughput after the
+    first, compiling call) and the input-normalisation scales.
     """
     defaults.validate(sae_cfg)
     for name, v in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise ValueError(f"{name} = {v!r}; expected a positive int")
     cfg = sae_cfg
+    if checkpoint_dir is not None:
+        per = math.lcm(cfg.steps_per_call, cfg.log_every)
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every = {checkpoint_every!r}; expected a positive int with checkpoint_dir")
+        if checkpoint_every % per:
+            raise ValueError(
+                f"checkpoint_every = {checkpoint_every}; expected a multiple of {per} (sae.steps_per_call = "
+                f"{cfg.steps_per_call} and sae.log_every = {cfg.log_every})"
+            )
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    if mesh is not None:
+        bad = batch_size % math.prod(mesh.shape[a] for a in _batch_axes(rules))
+        if bad:
+            raise ValueError(
+                f"batch_size = {batch_size} is not divisible by the mesh axes {_batch_axes(rules)} of the batch rule"
+            )
     src = _Source(activations, cfg, batch_size, seed)
     scale_in = _norm_scale(src.sample_in) if cfg.normalize_inputs else 1.0
     scale_out = (
@@ -259,47 +324,78 @@ def fit(
     params = model.init_params(cfg, jax.random.key(seed), src.sample_out * scale_out)
     trainable, buffers = _split(params)
     tx = _optimizer(cfg, steps)
-    state = (trainable, buffers, tx.init(trainable), jnp.zeros(cfg.n_latents, jnp.int32), jnp.zeros((), jnp.int32))
+    state = SAEState(
+        step=jnp.zeros((), jnp.int32),
+        params=trainable,
+        buffers=buffers,
+        opt_state=tx.init(trainable),
+        since_fired=jnp.zeros(cfg.n_latents, jnp.int32),
+    )
     if mesh is not None:
-        state = _shard_state(state, mesh)
+        state = jax.device_put(state, state_shardings(state, mesh, rules))
     chunk_fn = jax.jit(_make_chunk_fn(cfg, tx, steps), donate_argnums=0)
 
-    history, records, done = [], [], 0
-    t_first, t0, timed_tokens = None, None, 0
-    while done < steps:
-        s = min(cfg.steps_per_call, steps - done)
-        x, y = src.chunk(s)
-        if mesh is not None:
-            x, y = _shard_batch(x, mesh), (None if y is None else _shard_batch(y, mesh))
-        compiles = t0 is None or s != cfg.steps_per_call  # the first call, and a shorter last one, compile
-        if compiles and t0 is not None:
-            jax.block_until_ready(state)
-            seconds_before = time.perf_counter() - t0
-        state, rec = chunk_fn(state, x, x if y is None else y, scale_in, scale_out)
-        records.append(rec)
-        done += s
-        if t0 is None:
-            jax.block_until_ready(rec)
-            t0 = time.perf_counter()
-            t_first = done
-        elif compiles:  # leave the compile out of the throughput: restart the clock after it
-            jax.block_until_ready(rec)
-            t0 = time.perf_counter() - seconds_before
-        else:
-            timed_tokens += s * batch_size
-        if progress:
-            print(f"sae step {done}/{steps} loss {float(rec['loss'][-1]):.4f} l0 {float(rec['l0'][-1]):.1f}")
-    jax.block_until_ready(state)
-    seconds = time.perf_counter() - t0 if t0 is not None else 0.0
-    recs = {k: np.concatenate([np.asarray(r[k]) for r in records]) for k in records[0]}
-    for end in range(cfg.log_every, steps + 1, cfg.log_every):
-        history.append({"step": end, **{k: float(np.mean(v[end - cfg.log_every : end])) for k, v in recs.items()}})
-    if steps % cfg.log_every:
-        start = steps - steps % cfg.log_every
-        history.append({"step": steps, **{k: float(np.mean(v[start:])) for k, v in recs.items()}})
+    ckpt, history, start = None, [], 0
+    if checkpoint_dir is not None:
+        ckpt = Checkpointer(checkpoint_dir, keep=2)
+        digest = _run_digest(cfg, steps, batch_size, seed, src.n)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        restored = ckpt.restore_latest(abstract)
+        if restored is not None:
+            state, meta = restored
+            if meta.get("run_digest") != digest:
+                ckpt.close()
+                raise ValueError(
+                    f"{checkpoint_dir} holds a checkpoint of a different SAE run (config, steps, batch_size, seed or "
+                    f"activation rows differ: digest {meta.get('run_digest')} != {digest}); use a new directory"
+                )
+            start, history = int(state.step), list(meta["history"])
+            src.skip(start)
+            log.info("resumed SAE training from step %d in %s", start, checkpoint_dir)
 
-    trainable, buffers, _, since_fired, _ = jax.device_get(state)
-    sae_params = fold_scales({**trainable, **buffers}, cfg, scale_in, scale_out)
+    records, done = [], start
+    t_first, t0, timed_tokens = None, None, 0
+    try:
+        while done < steps:
+            s = min(cfg.steps_per_call, steps - done)
+            x, y = src.chunk(s)
+            if mesh is not None:
+                x, y = _shard_batch(x, mesh, rules), (None if y is None else _shard_batch(y, mesh, rules))
+            compiles = t0 is None or s != cfg.steps_per_call  # the first call, and a shorter last one, compile
+            if compiles and t0 is not None:
+                jax.block_until_ready(state)
+                seconds_before = time.perf_counter() - t0
+            state, rec = chunk_fn(state, x, x if y is None else y, scale_in, scale_out)
+            if records:  # the previous chunk has finished by now: checking it does not stall the pipeline
+                _check_losses(records[-1], done - len(records[-1]["loss"]))
+            records.append(rec)
+            done += s
+            if t0 is None:
+                jax.block_until_ready(rec)
+                t0 = time.perf_counter()
+                t_first = done
+            elif compiles:  # leave the compile out of the throughput: restart the clock after it
+                jax.block_until_ready(rec)
+                t0 = time.perf_counter() - seconds_before
+            else:
+                timed_tokens += s * batch_size
+            if progress:
+                print(f"sae step {done}/{steps} loss {float(rec['loss'][-1]):.4f} l0 {float(rec['l0'][-1]):.1f}")
+            if ckpt is not None and (done % checkpoint_every == 0 or done == steps):
+                _check_losses(rec, done - s)
+                upto = _history(_host(records), start, done, cfg.log_every, steps)
+                ckpt.save(state, meta={"run_digest": digest, "history": history + upto}, force=done == steps)
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+        if records:
+            _check_losses(records[-1], done - len(records[-1]["loss"]))
+            history = history + _history(_host(records), start, steps, cfg.log_every, steps)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+    state = jax.device_get(state)
+    sae_params = fold_scales({**state.params, **state.buffers}, cfg, scale_in, scale_out)
     sae_params = jax.tree.map(jnp.asarray, sae_params)
     if eval_activations is None:
         ev_in, ev_out = src.sample_in, src.sample_out
@@ -308,12 +404,13 @@ def fit(
     else:
         ev_in = ev_out = eval_activations
     final = metrics_lib.evaluate(sae_params, cfg, np.asarray(ev_in), np.asarray(ev_out))
-    final["dead_fraction_train"] = float(np.mean(np.asarray(since_fired) >= cfg.dead_window))
+    final["dead_fraction_train"] = float(np.mean(np.asarray(state.since_fired) >= cfg.dead_window))
     out = {
         "history": history,
         "final": final,
         "tokens_per_s": (timed_tokens / seconds) if seconds > 0 and timed_tokens else float("nan"),
-        "timed_steps": steps - t_first,
+        "timed_steps": steps - t_first if t_first is not None else 0,
+        "resumed_from": start,
         "norm_scale_in": scale_in,
         "norm_scale_out": scale_out,
         "steps": steps,
@@ -322,28 +419,74 @@ def fit(
     return sae_params, out
 
 
-_LATENT_SHARDED = {"W_enc": (None, "tensor"), "b_enc": ("tensor",), "W_dec": ("tensor", None)}
-_LATENT_SHARDED.update({"log_threshold": ("tensor",), "r_mag": ("tensor",), "b_mag": ("tensor",)})
+def _host(records) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([np.asarray(r[k]) for r in records]) for k in records[0]}
 
 
-def _shard_state(state, mesh):
+def _history(recs: dict[str, np.ndarray], start: int, end: int, log_every: int, steps: int) -> list[dict]:
+    """History records (means over log_every steps) of the steps start..end-1; recs[k][i] is step start + i."""
+    out = []
+    bounds = [b for b in range(start + log_every, end + 1, log_every)]
+    if end == steps and steps % log_every:
+        bounds.append(steps)
+    for b in bounds:
+        lo = (b - 1) // log_every * log_every
+        out.append({"step": b, **{k: float(np.mean(v[lo - start : b - start])) for k, v in recs.items()}})
+    return out
+
+
+def _check_losses(rec, first_step: int) -> None:
+    loss = np.asarray(rec["loss"])
+    bad = np.flatnonzero(~np.isfinite(loss))
+    if bad.size:
+        raise FloatingPointError(
+            f"SAE training loss is {loss[bad[0]]} at step {first_step + int(bad[0])}; stopped before checkpointing "
+            "it (lower sae.lr, set sae.grad_clip, or check the activations)"
+        )
+
+
+def _run_digest(cfg, steps: int, batch_size: int, seed: int, n_rows: int) -> str:
+    d = dict(cfg.to_dict(), steps=steps, batch_size=batch_size, seed=seed, n_rows=n_rows)
+    d.pop("log_every", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Logical axes of the SAE's parameters (the optimizer state mirrors them); sharded by the config's rules table.
+_LOGICAL = {
+    "W_enc": (None, "latents"),
+    "b_enc": ("latents",),
+    "W_dec": ("latents", None),
+    "log_threshold": ("latents",),
+    "r_mag": ("latents",),
+    "b_mag": ("latents",),
+}
+
+
+def _batch_axes(rules) -> tuple[str, ...]:
+    axes = dict(rules)["batch"]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules=None):
+    """NamedShardings of an SAE state: latent dims by the `latents` rule, since_fired too, the rest replicated."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+
     def place(path, x):
-        key = getattr(path[-1], "key", None) if path else None
-        if x.ndim and key in _LATENT_SHARDED and mesh.shape.get("tensor", 1) > 1:
-            return jax.device_put(x, NamedSharding(mesh, P(*_LATENT_SHARDED[key])))
-        return jax.device_put(x, NamedSharding(mesh, P()))
+        key = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+        spec = _LOGICAL.get(key, ("latents",) if key == "since_fired" else ())
+        return NamedSharding(mesh, sharding.logical_to_mesh_spec(P(*spec), np.shape(x), mesh, rules))
 
     return jax.tree_util.tree_map_with_path(place, state)
 
 
-def _shard_batch(x_SBD, mesh):
+def _shard_batch(x_SBD, mesh, rules):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    return jax.device_put(x_SBD, NamedSharding(mesh, P(None, "data", None)))
+    return jax.device_put(x_SBD, NamedSharding(mesh, P(None, _batch_axes(rules), None)))
 
 
 def iterate_chunks(x: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -28,6 +28,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 512, "SAE batch size.")
 _TOKENS = flags.DEFINE_integer("train_tokens", 100_000, "Harvested training tokens.")
 _WIDTH = flags.DEFINE_integer("width", 512, "Latents for the L0 frontier.")
 _WIDTHS = flags.DEFINE_list("widths", ["256", "1024", "2048"], "Latents for the dead-latent study.")
+_PARTS = flags.DEFINE_list(
+    "parts", ["frontier", "dead"], "What to (re)run: frontier and/or dead; a part not run is kept from an old JSON."
+)
 
 # Sparsity knob per architecture, from dense to sparse.
 SWEEPS = {
@@ -46,11 +49,16 @@ def _point(train_store, eval_x, params, model_cfg, lm_config, config, cfg):
     config.sae = cfg
     splice = sae_exp.splice_metrics(params, model_cfg, lm_config, sae_params, config)
     f = m["final"]
+    # Dead over the whole harvest (the 8192 held-out tokens are too short a window: a latent of density 1e-4 fires
+    # there about once, so "silent on held out" mixes rare latents with dead ones; both are reported).
+    counts = sae.metrics.firing_counts(sae_params, cfg, np.asarray(train_store.array(cfg.hookpoint)))
     return {
         "l0": f["l0"],
         "fvu": f["fvu"],
         "dead_fraction": f["dead_fraction"],
         "dead_fraction_train": f["dead_fraction_train"],
+        "dead_fraction_harvest": float(np.mean(counts == 0)),
+        "rare_fraction_harvest": float(np.mean(counts < 1e-4 * train_store.num_tokens)),  # density < 1e-4
         "delta_lm_loss": splice["delta_lm_loss"],
         "ce_loss_recovered": splice["ce_loss_recovered"],
         "seconds": time.perf_counter() - t0,
@@ -97,7 +105,18 @@ def main(argv):
         "frontier": {},
         "dead_vs_width": {},
     }
-    for arch, (knob, values) in SWEEPS.items():
+    path = os.path.join(workdir, "results", "sae_frontier.json")
+    unknown = sorted(set(_PARTS.value) - {"frontier", "dead"})
+    if unknown:
+        raise ValueError(f"--parts has {unknown}; expected some of ['frontier', 'dead']")
+    if set(_PARTS.value) != {"frontier", "dead"}:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--parts={','.join(_PARTS.value)} keeps the other part from {path}: missing")
+        with open(path) as f:
+            old = json.load(f)
+        results["frontier"], results["dead_vs_width"] = old["frontier"], old["dead_vs_width"]
+        results["command"] += f" --parts={','.join(_PARTS.value)}"
+    for arch, (knob, values) in SWEEPS.items() if "frontier" in _PARTS.value else ():
         rows = []
         for v in values:
             cfg = sae.default_config(arch, d_in=d, n_latents=_WIDTH.value, hookpoint=config.sae.hookpoint)
@@ -106,7 +125,7 @@ def main(argv):
             print(arch, json.dumps(row))
             rows.append(row)
         results["frontier"][arch] = rows
-    for tricks in (True, False):
+    for tricks in (True, False) if "dead" in _PARTS.value else ():
         rows = []
         for width in [int(w) for w in _WIDTHS.value]:
             cfg = sae.default_config(
@@ -123,7 +142,7 @@ def main(argv):
             rows.append(row)
         results["dead_vs_width"]["tied_init+auxk" if tricks else "plain"] = rows
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
-    with open(os.path.join(workdir, "results", "sae_frontier.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     _plot(results, os.path.join(workdir, "figures", "sae_frontier.png"))
     print(f"wrote {workdir}/results/sae_frontier.json and {workdir}/figures/sae_frontier.png")
@@ -145,8 +164,9 @@ def _plot(results, path):
     axes[0].set(xlabel="L0", ylabel="FVU (held out)", xscale="log", yscale="log", title="FVU vs L0")
     axes[1].set(xlabel="L0", ylabel="delta LM loss (nats)", xscale="log", title="spliced LM loss vs L0")
     for name, rows in results["dead_vs_width"].items():
-        axes[2].plot([r["width"] for r in rows], [r["dead_fraction"] for r in rows], marker="o", label=name)
-    axes[2].set(xlabel="latents", ylabel="dead fraction (held out)", xscale="log", title="TopK k=16: dead latents")
+        key = "dead_fraction_harvest" if "dead_fraction_harvest" in rows[0] else "dead_fraction"
+        axes[2].plot([r["width"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+    axes[2].set(xlabel="latents", ylabel="silent on all train tokens", xscale="log", title="TopK k=16: dead latents")
     for ax in axes:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log axes: no overlapping minor labels
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
