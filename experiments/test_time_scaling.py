@@ -2,13 +2,19 @@
 
 Stages: (1) the policy and the judge (a larger policy) are loaded from their train_lm workdirs or trained here;
 (2) PRM training traces are sampled from the policy and labelled by every source in `config.labels.sources` (gold,
-Monte-Carlo "mc:<n>", consensus "consensus:<n>", and "orm"); one value head per source is fitted (warm-started from
-the policy) and scored on held-out traces (ProcessBench F1, step AUROC against gold labels); (3) on held-out test
+Monte-Carlo "mc:<n>", consensus "consensus:<n>", and "orm"; all N_MC share one set of max(n) rollouts per step);
+one value head per source is fitted (warm-started from the policy; saved to workdir/verifiers/ and reused on a
+rerun) and scored on held-out traces (ProcessBench F1, step AUROC against gold labels); (3) on held-out test
 problems, one pool of max(budgets) samples per problem gives majority / best-of-N / weighted BoN / pass@N at every
-N by subsampling (search-and-learn's protocol), and beam search and DVTS are re-run per N; (4) difficulty bins by
-oracle pass@1 (the pool) and by the PRM's mean score, FLOPs (2 x params x tokens, policy and verifier apart), the
-judge's greedy accuracy as "scale the parameters instead", compute-optimal strategy per bin chosen on a selection
-half and scored on the other half, coverage pass@k with a fitted exp(a k^b).
+N by subsampling (search-and-learn's protocol), and beam search, DVTS and lookahead search are re-run per N up to
+`eval.search_max_n`, as is sequential revision at each serial:parallel ratio; (4) difficulty bins by oracle pass@1
+(the pool) and by the PRM's mean score, FLOPs (2 x params x tokens, policy and verifier apart), the judge's greedy
+accuracy as "scale the parameters instead", compute-optimal selection per bin chosen on a selection half and
+scored on the other half -- per N, and at equal FLOPs (every (strategy, N, M, serial:parallel split) that costs no
+more than best-of-N at N, against best-of-N at that N) -- and coverage pass@k with a fitted exp(a k^b).
+
+Search runs on `config.mesh` when it spans more than one device: policy and PRM replicated, every batch split over
+the mesh's batch axes (`framework.search.LMPolicy`, `framework.verifiers.Verifier`).
 
 Artifacts in `workdir`: config.json, results/{label_sources,scaling,coverage,compute_optimal}.json,
 figures/{accuracy_vs_n,accuracy_vs_flops,accuracy_by_difficulty,compute_optimal,coverage,label_sources}.png.
@@ -16,10 +22,12 @@ figures/{accuracy_vs_n,accuracy_vs_flops,accuracy_by_difficulty,compute_optimal,
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import os
+import shutil
 import time
 
 import jax
@@ -29,7 +37,7 @@ import numpy as np
 from configs.scaling.common import scaling_experiment
 from experiments import train_lm
 from framework import config as config_lib
-from framework import search, verifiers
+from framework import search, sharding, verifiers
 from framework.models import lm
 from framework.search import analysis, report, revision
 from framework.tasks import arithmetic, data
@@ -37,6 +45,7 @@ from framework.training import loop
 
 log = logging.getLogger(__name__)
 SOURCES = ("gold", "mc", "consensus", "orm")
+STUDY_STRATEGIES = ("majority", "best_of_n", "weighted_best_of_n", "beam", "dvts", "lookahead")
 
 
 def parse_source(source: str) -> tuple[str, int]:
@@ -84,12 +93,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     req(config.labels.bon_n <= max(budgets), "labels.bon_n", f"must be <= max(eval.budgets) = {max(budgets)}")
     for s in e.strategies:
-        req(
-            s in ("majority", "best_of_n", "weighted_best_of_n", "beam", "dvts"),
-            "eval.strategies",
-            f"unknown strategy {s!r}",
-        )
+        req(s in STUDY_STRATEGIES, "eval.strategies", f"unknown strategy {s!r}; expected some of {STUDY_STRATEGIES}")
     req(e.m >= 1, "eval.m", f"must be >= 1, got {e.m}")
+    req(
+        all(isinstance(m, int) and m >= 1 and m != e.m for m in e.extra_ms),
+        "eval.extra_ms",
+        f"must be ints >= 1 other than eval.m, got {e.extra_ms}",
+    )
+    req(e.search_max_n >= 1, "eval.search_max_n", f"must be >= 1, got {e.search_max_n}")
+    req(
+        "lookahead" not in e.strategies or e.lookahead >= 1,
+        "eval.lookahead",
+        f"the lookahead strategy needs k >= 1, got {e.lookahead}",
+    )
+    req(config.labels.pool >= config.labels.bon_n, "labels.pool", f"must be >= labels.bon_n={config.labels.bon_n}")
+    try:
+        sharding.mesh_shape(config.mesh)
+        sharding.rules_from_config(config.mesh)
+    except ValueError as err:
+        raise config_lib.ConfigError(f"config section 'mesh': {err}") from None
     req(e.aggregation in search.AGGREGATIONS, "eval.aggregation", f"must be one of {search.AGGREGATIONS}")
     req(0 < e.selection_fraction < 1, "eval.selection_fraction", f"must be in (0, 1), got {e.selection_fraction}")
     for key in ("problems", "n_bins"):
@@ -123,61 +145,106 @@ def _sample_traces(policy, problems, per_problem: int, seed: int):
     return rows, out.texts
 
 
-def make_labels(source: str, policy, judge, problems, texts, seed: int) -> list[np.ndarray]:
-    """Line labels of every trace from one source (see framework.verifiers.labels)."""
-    kind, n = parse_source(source)
-    if kind == "gold":
-        return [verifiers.gold_labels(p, t) for p, t in zip(problems, texts)]
-    if kind == "orm":
-        return [verifiers.outcome_labels(p, t) for p, t in zip(problems, texts)]
-    mc = verifiers.monte_carlo_labels(policy, problems, texts, n_rollouts=n, seed=seed)
-    if kind == "mc":
-        return mc.hard
-    return verifiers.consensus_labels(mc.hard, verifiers.judge_verdicts(judge, problems, texts).line_ok)
+def make_labels(sources, policy, judge, problems, texts, seed: int) -> dict[str, list[np.ndarray]]:
+    """Line labels of every trace from each source (see framework.verifiers.labels): one set of max(n) Monte-Carlo
+    rollouts per step serves every "mc:<n>" and "consensus:<n>", and the judge rewrites each line once."""
+    parsed = {s: parse_source(s) for s in sources}
+    ns = sorted({n for kind, n in parsed.values() if kind in ("mc", "consensus")})
+    mc = verifiers.monte_carlo_label_sets(policy, problems, texts, ns=ns, seed=seed) if ns else {}
+    judged = None
+    out = {}
+    for source, (kind, n) in parsed.items():
+        if kind == "gold":
+            out[source] = [verifiers.gold_labels(p, t) for p, t in zip(problems, texts)]
+        elif kind == "orm":
+            out[source] = [verifiers.outcome_labels(p, t) for p, t in zip(problems, texts)]
+        elif kind == "mc":
+            out[source] = mc[n].hard
+        else:
+            judged = judged or verifiers.judge_verdicts(judge, problems, texts)
+            out[source] = verifiers.consensus_labels(mc[n].hard, judged.line_ok)
+    return out
 
 
-def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs):
-    """One PRM/ORM per label source; held-out ProcessBench metrics against gold labels."""
+def _verifier_dir(workdir: str, source: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "verifiers", source.replace(":", "_"))
+
+
+def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs, workdir: str, mesh=None):
+    """One PRM/ORM per label source; held-out ProcessBench metrics against gold labels. Fitted params and their
+    training metrics are saved under workdir/verifiers/<source>; a rerun loads them instead of refitting."""
     c = config.prm
     train_p = _problems(config.seed, "train", 101, c.train_problems, c.num_steps, knobs)
     held_p = _problems(config.seed, "eval", 102, c.heldout_problems, c.num_steps, knobs)
     rows, texts = _sample_traces(policy, train_p, c.samples_per_problem, config.seed)
     held_rows, held_texts = _sample_traces(policy, held_p, c.samples_per_problem, config.seed + 1)
     held_gold = [verifiers.gold_labels(p, t) for p, t in zip(held_rows, held_texts)]
+    # A saved verifier is reused only if it was fitted from the same policy with the same settings.
+    digest = hashlib.sha256(
+        json.dumps([config.seed, config.prm.to_dict(), config.sampling.to_dict()], sort_keys=True).encode()
+    )
+    for leaf in jax.tree.leaves(policy_params):
+        digest.update(np.asarray(leaf).tobytes())
+    fingerprint = digest.hexdigest()
+
+    def cached(source):
+        path = os.path.join(_verifier_dir(workdir, source), "fit.json")
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            return json.load(f).get("fingerprint") == fingerprint
+
+    todo = [s for s in config.labels.sources if not cached(s)]
+    t0 = time.perf_counter()
+    labelled = make_labels(todo, policy, judge, rows, texts, config.seed) if todo else {}
+    label_seconds = time.perf_counter() - t0
+    like = verifiers.init(policy_params, policy_cfg, jax.random.key(config.seed))
+    bs = config.sampling.batch_size
     out = {}
     for source in config.labels.sources:
         t0 = time.perf_counter()
-        lab = make_labels(source, policy, judge, rows, texts, config.seed)
-        kept = [i for i, x in enumerate(lab) if np.any(~np.isnan(x))]
-        gold = [verifiers.gold_labels(rows[i], texts[i]) for i in kept]
-        flat = np.concatenate([lab[i] for i in kept]) if kept else np.zeros(0)
-        gold_flat = np.concatenate(gold) if gold else np.zeros(0)
-        has = ~np.isnan(flat)
-        params = verifiers.init(policy_params, policy_cfg, jax.random.key(config.seed))
-        params, hist = verifiers.fit(
-            params,
-            policy_cfg,
-            [rows[i] for i in kept],
-            [texts[i] for i in kept],
-            [lab[i] for i in kept],
-            steps=c.steps,
-            batch_size=c.batch_size,
-            lr=c.lr,
-            freeze_lm=c.freeze_lm,
-            seed=config.seed,
-        )
-        v = verifiers.Verifier(
-            params, policy_cfg, batch_size=config.sampling.batch_size, min_batch=config.sampling.batch_size
-        )
+        where = _verifier_dir(workdir, source)
+        if source not in labelled:
+            params = verifiers.load(os.path.join(where, "params"), like)
+            with open(os.path.join(where, "fit.json")) as f:
+                fit_m = dict(json.load(f), loaded=True)
+        else:
+            lab = labelled[source]
+            kept = [i for i, x in enumerate(lab) if np.any(~np.isnan(x))]
+            gold = [verifiers.gold_labels(rows[i], texts[i]) for i in kept]
+            flat = np.concatenate([lab[i] for i in kept]) if kept else np.zeros(0)
+            gold_flat = np.concatenate(gold) if gold else np.zeros(0)
+            has = ~np.isnan(flat)
+            params, hist = verifiers.fit(
+                like,
+                policy_cfg,
+                [rows[i] for i in kept],
+                [texts[i] for i in kept],
+                [lab[i] for i in kept],
+                steps=c.steps,
+                batch_size=c.batch_size,
+                lr=c.lr,
+                freeze_lm=c.freeze_lm,
+                seed=config.seed,
+            )
+            fit_m = dict(
+                label_agreement_with_gold=float(np.mean((flat[has] >= 0.5) == (gold_flat[has] >= 0.5)))
+                if has.any()
+                else float("nan"),
+                labelled_fraction=float(has.mean()) if has.size else 0.0,
+                final_train_loss=hist.loss[-1],
+                seconds=time.perf_counter() - t0 + label_seconds / len(labelled),
+                fingerprint=fingerprint,
+            )
+            if jax.process_index() == 0:
+                if os.path.exists(os.path.join(where, "params")):  # a run killed between the two writes
+                    shutil.rmtree(os.path.join(where, "params"))
+                verifiers.save(os.path.join(where, "params"), params)
+                with open(os.path.join(where, "fit.json"), "w") as f:
+                    json.dump(fit_m, f)
+        v = verifiers.Verifier(params, policy_cfg, batch_size=bs, min_batch=bs, mesh=mesh)
         m = verifiers.process_metrics(v.score(held_rows, held_texts).scores, held_gold)
-        m.update(
-            label_agreement_with_gold=float(np.mean((flat[has] >= 0.5) == (gold_flat[has] >= 0.5)))
-            if has.any()
-            else float("nan"),
-            labelled_fraction=float(has.mean()) if has.size else 0.0,
-            final_train_loss=hist.loss[-1],
-            seconds=time.perf_counter() - t0,
-        )
+        m.update({k: v for k, v in fit_m.items() if k != "fingerprint"})
         out[source] = (v, m)
         log.info("verifier %s: %s", source, m)
     return out
@@ -221,10 +288,56 @@ def _mean(x) -> float:
     return float(np.mean(x)) if len(x) else float("nan")
 
 
+def make_mesh(config):
+    """The search mesh from `config.mesh`, or None when it would span a single device."""
+    if jax.device_count() < 2:
+        return None, sharding.DEFAULT_RULES
+    return sharding.make_mesh(config.mesh), sharding.rules_from_config(config.mesh)
+
+
+def _search_configs(e) -> list[tuple[str, str, int, int]]:
+    """(name, search.run strategy, m, lookahead) of every re-run-per-N strategy of the study."""
+    out = []
+    for m in (e.m, *e.extra_ms):
+        suffix = "" if m == e.m else f"_m{m}"
+        for name, strategy, k in (("beam", "beam", 0), ("dvts", "dvts", 0), ("lookahead", "beam", e.lookahead)):
+            if name in e.strategies:
+                out.append((name + suffix, strategy, m, k))
+    return out
+
+
+def _compute_optimal(correct, flops, bins, select, budgets) -> tuple[dict, dict]:
+    """Per N and at equal FLOPs (see the module docstring); both judged on the evaluation half (~select)."""
+    per_n, at_flops = {}, {}
+    ref_name = "weighted_best_of_n" if "weighted_best_of_n" in correct else "best_of_n"
+    configs = {f"{k}@{n}": v for k, d in correct.items() if k != "pass_at_n" for n, v in d.items()}
+    config_flops = {f"{k}@{n}": flops[k][n] for k, d in correct.items() if k != "pass_at_n" for n in d}
+    ev = ~select
+    for kind, bb in bins.items():
+        per_n[kind], at_flops[kind] = {}, {}
+        for n in budgets:
+            cands = {k: d[n] for k, d in correct.items() if n in d and k != "pass_at_n"}
+            chosen, right = analysis.compute_optimal(cands, bb, select)
+            per_n[kind][n] = {"chosen": chosen, "accuracy": _mean(right[ev]), "bon": _mean(correct[ref_name][n][ev])}
+            if ref_name not in flops or n not in flops[ref_name]:
+                continue
+            budget = flops[ref_name][n]
+            chosen, right = analysis.compute_optimal_at_flops(configs, config_flops, budget, bb, select)
+            row = {"flops": budget, "chosen": chosen, "accuracy": _mean(right[ev])}
+            for ref in ("best_of_n", "weighted_best_of_n", "majority"):
+                if ref in correct:
+                    row[ref] = _mean(correct[ref][n][ev])
+                    curve = {flops[ref][k]: _mean(correct[ref][k][ev]) for k in correct[ref]}
+                    row[f"{ref}_flops_to_match"] = analysis.flops_to_match(row["accuracy"], curve)
+            at_flops[kind][n] = row
+    return per_n, at_flops
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every stage (see the module docstring), writes results and figures; returns the results dict."""
     validate(config)
     t_start = time.perf_counter()
+    load_start = os.getloadavg()
     os.makedirs(workdir, exist_ok=True)
     loop.write_config(config, workdir)
     pol_params, pol_cfg, pol_lm = load_or_train(config.policy, workdir, "policy")
@@ -234,14 +347,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         judge_params, judge_cfg, _ = load_or_train(config.judge, workdir, "judge")
     knobs = train_lm.knobs(pol_lm)
     s = config.sampling
-    policy = search.LMPolicy(
-        pol_params, pol_cfg, temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, min_batch=s.batch_size
-    )
-    judge = search.LMPolicy(judge_params, judge_cfg, temperature=0.0, batch_size=s.batch_size, min_batch=s.batch_size)
+    mesh, rules = make_mesh(config)
+    sample = dict(batch_size=s.batch_size, min_batch=s.batch_size, mesh=mesh, rules=rules)
+    policy = search.LMPolicy(pol_params, pol_cfg, temperature=s.temperature, top_p=s.top_p, **sample)
+    judge = search.LMPolicy(judge_params, judge_cfg, temperature=0.0, **sample)
 
     timings = {"models": time.perf_counter() - t_start}
-    vers = train_verifiers(config, pol_params, pol_cfg, policy, judge, knobs)
-    timings["verifiers"] = time.perf_counter() - t_start - sum(timings.values())
+
+    def lap(name):
+        timings[name] = time.perf_counter() - t_start - sum(timings.values())
+
+    vers = train_verifiers(config, pol_params, pol_cfg, policy, judge, knobs, workdir, mesh)
+    lap("verifiers")
     prm = vers[config.prm.label_source][0]
     e = config.eval
     problems = _problems(config.seed, "test", 103, e.problems, e.num_steps, knobs)
@@ -249,19 +366,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n_max = max(e.budgets)
     pool = search.run("majority", policy, None, problems, n=n_max, seed=config.seed)
     pool_answers = [[search.answer_of(p, c) for c in cands] for p, cands in zip(problems, pool.candidates)]
-    flat_p = [p for p, cands in zip(problems, pool.candidates) for _ in cands]
-    flat_t = [c for cands in pool.candidates for c in cands]
+    # The search PRM scores the whole pool; the other label sources' verifiers its first labels.pool samples.
     pool_scores = {}
     for source, (v, _) in vers.items():
+        k = n_max if source == config.prm.label_source else min(config.labels.pool, n_max)
+        flat_p = [p for p in problems for _ in range(k)]
+        flat_t = [c for cands in pool.candidates for c in cands[:k]]
         sc = v.score(flat_p, flat_t)
-        pool_scores[source] = ([sc.scores[i * n_max : (i + 1) * n_max] for i in range(len(problems))], sc.tokens)
+        pool_scores[source] = ([sc.scores[i * k : (i + 1) * k] for i in range(len(problems))], sc.tokens)
     lines, pool_tok_scored = pool_scores[config.prm.label_source]
     n_right = np.asarray([sum(a == g for a in ans) for ans, g in zip(pool_answers, gold)])
     pass1 = n_right / n_max
     prm_mean = np.asarray([np.mean([search.aggregate(x, e.aggregation) for x in ls]) for ls in lines])
     bins = {"oracle": analysis.difficulty_bins(pass1, e.n_bins), "prm": analysis.difficulty_bins(prm_mean, e.n_bins)}
+    lap("pool")
 
-    timings["pool"] = time.perf_counter() - t_start - sum(timings.values())
     # Greedy: the policy and the judge (the "bigger model" line).
     greedy = search.run("greedy", policy, None, problems, n=1)
     big = search.run("greedy", judge, None, problems, n=1)
@@ -281,32 +400,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 correct.setdefault(name, {})[n] = np.mean([x[name] for x in sub], axis=0)
                 scored = 0.0 if name in ("majority", "pass_at_n") else per_scored
                 flops.setdefault(name, {})[n] = 2.0 * n * (n_pol * per_gen + n_ver * scored)
-        for name in ("beam", "dvts"):
-            if name not in e.strategies or n < e.m or n % e.m:
+    for n in (n for n in e.budgets if n <= e.search_max_n):
+        for name, strategy, m, k in _search_configs(e):
+            if n < m or n % m:
                 continue
             runs = [
-                search.run(
-                    name, policy, prm, problems, n=n, m=e.m, lookahead=e.lookahead, seed=seed, aggregation=e.aggregation
-                )
+                search.run(strategy, policy, prm, problems, n=n, m=m, lookahead=k, seed=seed, aggregation=e.aggregation)
                 for seed in e.seeds
             ]
             correct.setdefault(name, {})[n] = np.mean([r.correct(problems) for r in runs], axis=0)
             flops.setdefault(name, {})[n] = float(np.mean([r.flops(n_pol, n_ver) for r in runs])) / len(problems)
             log.info("%s N=%d: acc %.3f", name, n, _mean(correct[name][n]))
+    lap("search")
 
-    timings["search"] = time.perf_counter() - t_start - sum(timings.values())
     rc = config.revision
     if rc.enabled:
         rev_params, rev_cfg = train_revision_policy(config, pol_params, pol_lm, workdir)
-        rev_policy = search.LMPolicy(
-            rev_params,
-            rev_cfg,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            batch_size=s.batch_size,
-            min_batch=s.batch_size,
-        )
-        for n in e.budgets:
+        rev_policy = search.LMPolicy(rev_params, rev_cfg, temperature=s.temperature, top_p=s.top_p, **sample)
+        for n in (n for n in e.budgets if n <= e.search_max_n):
             for r in rc.ratios:
                 if n % r:
                     continue
@@ -327,7 +438,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 correct.setdefault(name, {})[n] = np.mean([x.correct(problems) for x in runs], axis=0)
                 flops.setdefault(name, {})[n] = float(np.mean([x.flops(n_pol, n_ver) for x in runs])) / len(problems)
                 log.info("%s N=%d: acc %.3f", name, n, _mean(correct[name][n]))
-        timings["revision"] = time.perf_counter() - t_start - sum(timings.values())
+        lap("revision")
     curves = {k: {n: _mean(v) for n, v in d.items()} for k, d in correct.items()}
     by_bin = {
         kind: {
@@ -353,6 +464,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "problems": len(problems),
         "seeds": list(e.seeds),
         "num_steps": list(e.num_steps),
+        "mesh": None if mesh is None else dict(mesh.shape),
     }
 
     # Coverage: unbiased pass@k from the pool, with the exponentiated power-law fit.
@@ -361,27 +473,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fit = analysis.fit_coverage(ks, cov)
     coverage = {"k": ks, "coverage": cov, "fit": fit}
 
-    # Compute-optimal: per oracle / PRM bin, the best strategy at each budget chosen on a selection split.
-    rng = np.random.default_rng(config.seed)
-    select = rng.random(len(problems)) < e.selection_fraction
-    optimal = {}
-    for kind, bb in bins.items():
-        optimal[kind] = {}
-        for n in e.budgets:
-            cands = {k: d[n] for k, d in correct.items() if n in d and k != "pass_at_n"}
-            chosen, right = analysis.compute_optimal(cands, bb, select)
-            ref = correct["weighted_best_of_n" if "weighted_best_of_n" in correct else next(iter(cands))][n]
-            optimal[kind][n] = {"chosen": chosen, "accuracy": _mean(right[~select]), "bon": _mean(ref[~select])}
+    # Compute-optimal: per oracle / PRM bin, the best configuration chosen on a selection split, per N and per FLOPs.
+    select = np.random.default_rng(config.seed).random(len(problems)) < e.selection_fraction
+    optimal, optimal_flops = _compute_optimal(correct, flops, bins, select, e.budgets)
 
     # The label-source table: held-out F1/AUROC and weighted-BoN accuracy at bon_n with each verifier.
     label_table = {}
     for source, (v, m) in vers.items():
         ls = pool_scores[source][0]
+        pool_k = len(ls[0])
         acc = {}
         for agg in search.AGGREGATIONS:
             sub = [
                 analysis.subsample_pool(
-                    pool_answers, ls, gold, config.labels.bon_n, np.random.default_rng([seed, 7]), agg
+                    [a[:pool_k] for a in pool_answers],
+                    ls,
+                    gold,
+                    config.labels.bon_n,
+                    np.random.default_rng([seed, 7]),
+                    agg,
                 )
                 for seed in e.seeds
             ]
@@ -392,9 +502,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "scaling": scaling,
         "coverage": coverage,
         "compute_optimal": optimal,
+        "compute_optimal_flops": optimal_flops,
         "label_sources": label_table,
         "timings": timings,
         "seconds": time.perf_counter() - t_start,
+        "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
     }
     if jax.process_index() == 0:
         report.write(workdir, results)

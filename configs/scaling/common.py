@@ -7,7 +7,7 @@ from ml_collections import config_dict
 
 from configs import common
 
-STRATEGIES = ("majority", "best_of_n", "weighted_best_of_n", "beam", "dvts")
+STRATEGIES = ("majority", "best_of_n", "weighted_best_of_n", "beam", "dvts", "lookahead")
 
 
 def policy_lm(size: str = "tiny", steps: int = 1500, lr: float = 1e-2) -> ml_collections.ConfigDict:
@@ -32,6 +32,8 @@ def scaling_experiment() -> ml_collections.ConfigDict:
         {"workdir": config_dict.placeholder(str), "train_lm": policy_lm("small", 1500, 3e-3), "use_policy": False}
     )
     config.sampling = ml_collections.ConfigDict(dict(temperature=0.8, top_p=1.0, batch_size=256))
+    # Search batches are split over the mesh's batch axes (data by default) when it has more than one device.
+    config.mesh = common.mesh_config()
     # The PRM used for search (trained on `label_source`), warm-started from the policy's parameters.
     config.prm = ml_collections.ConfigDict(
         dict(
@@ -49,7 +51,8 @@ def scaling_experiment() -> ml_collections.ConfigDict:
     # The label-source study: one PRM per source ("mc:4" = Monte-Carlo hard labels from 4 rollouts per step;
     # "consensus:4" = those kept where the judge agrees), plus an ORM; F1/AUROC on held-out traces, BoN accuracy.
     config.labels = ml_collections.ConfigDict(
-        dict(sources=("gold", "mc:1", "mc:4", "mc:16", "consensus:4", "orm"), bon_n=16)
+        # pool: samples per problem the label-source verifiers score (the search PRM scores the whole pool).
+        dict(sources=("gold", "mc:1", "mc:4", "mc:16", "consensus:4", "orm"), bon_n=16, pool=64)
     )
     # Sequential revision: the policy fine-tuned on retry data (a wrong step, "!", the right step; wrong lines out of
     # the loss), then N = chains x ratio with (ratio - 1) x lines_per_sample retractions per chain, PRM-triggered.
@@ -69,11 +72,15 @@ def scaling_experiment() -> ml_collections.ConfigDict:
         dict(
             problems=100,
             num_steps=(3, 8),
-            budgets=(1, 2, 4, 8, 16, 32, 64),
+            # majority / BoN / weighted BoN / pass@N at every budget by subsampling one pool of max(budgets);
+            # beam, DVTS, lookahead and revision (re-run per N) up to search_max_n.
+            budgets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            search_max_n=64,
             seeds=(0, 1),
             m=4,
+            extra_ms=(),  # more beam widths for beam/DVTS ("beam_m<M>"), candidates for compute-optimal selection
             strategies=STRATEGIES,
-            lookahead=0,
+            lookahead=1,  # k of the "lookahead" strategy (beam search scoring k-line greedy rollouts)
             aggregation="last",
             n_bins=5,
             selection_fraction=0.5,

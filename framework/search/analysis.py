@@ -105,3 +105,32 @@ def compute_optimal(
         chosen[int(b)] = best
         out[bins == b] = correct[best][bins == b]
     return chosen, out
+
+
+def compute_optimal_at_flops(
+    correct: dict[str, np.ndarray],
+    flops: dict[str, float],
+    budget: float,
+    bins: np.ndarray,
+    select_mask: np.ndarray,
+) -> tuple[dict[int, str], np.ndarray]:
+    """`compute_optimal` among the configurations whose FLOPs per problem fit in `budget` (Snell et al.'s
+    compute-optimal scaling at equal compute: every (strategy, N, M, serial:parallel split) that costs no more).
+
+    `correct` maps a configuration name (e.g. "beam@16") to a bool [P] array, `flops` the same names to their mean
+    FLOPs per problem. ValueError when nothing fits.
+    """
+    missing = sorted(set(correct) - set(flops))
+    if missing:
+        raise ValueError(f"compute_optimal_at_flops: no FLOPs for {missing}")
+    fits = {k: v for k, v in correct.items() if flops[k] <= budget * (1 + 1e-9)}
+    if not fits:
+        raise ValueError(f"compute_optimal_at_flops: no configuration costs <= {budget:.3g} FLOPs per problem")
+    return compute_optimal(fits, bins, select_mask)
+
+
+def flops_to_match(accuracy: float, curve: dict[float, float]) -> float:
+    """The fewest FLOPs at which a reference curve ({FLOPs: accuracy}, e.g. best-of-N) reaches `accuracy`; inf if
+    it never does (how much more compute the reference needs to match a compute-optimal point)."""
+    hit = [f for f, a in curve.items() if a >= accuracy - 1e-12]
+    return float(min(hit)) if hit else float("inf")

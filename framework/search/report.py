@@ -13,6 +13,7 @@ LABELS = {
     "weighted_best_of_n": "weighted best-of-N",
     "beam": "beam search",
     "dvts": "DVTS",
+    "lookahead": "lookahead search",
     "pass_at_n": "pass@N (ceiling)",
 }
 
@@ -22,6 +23,9 @@ def label(name: str) -> str:
     if name.startswith("revision_r"):
         r = int(name[len("revision_r") :])
         return "revision, parallel only" if r == 1 else f"revision, serial:parallel {r - 1}:1"
+    base, _, m = name.partition("_m")
+    if m.isdigit() and base in LABELS:
+        return f"{LABELS[base]} (M={m})"
     return LABELS.get(name, name)
 
 
@@ -62,9 +66,12 @@ def write(workdir: str, results: dict) -> None:
     plt = _plt()
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
-    for key in ("scaling", "coverage", "compute_optimal", "label_sources"):
-        with open(os.path.join(workdir, "results", f"{key}.json"), "w") as f:
-            json.dump(results[key], f, indent=1, default=float)
+    for key in ("scaling", "coverage", "compute_optimal", "compute_optimal_flops", "label_sources"):
+        if key in results:
+            with open(os.path.join(workdir, "results", f"{key}.json"), "w") as f:
+                json.dump(results[key], f, indent=1, default=float)
+    with open(os.path.join(workdir, "results", "run.json"), "w") as f:
+        json.dump({k: results.get(k) for k in ("seconds", "timings", "machine")}, f, indent=1, default=float)
     sc = results["scaling"]
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -112,7 +119,9 @@ def write(workdir: str, results: dict) -> None:
         fig.savefig(os.path.join(workdir, "figures", f"accuracy_by_difficulty_{kind}.png"), dpi=110)
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    at_flops = results.get("compute_optimal_flops") or {}
+    fig, axes = plt.subplots(1, 2 if at_flops else 1, figsize=(10 if at_flops else 5, 3.5), squeeze=False)
+    ax = axes[0][0]
     for kind, d in results["compute_optimal"].items():
         ns = sorted(int(n) for n in d)
         ax.plot(ns, [d[n]["accuracy"] for n in ns], marker="o", label=f"compute-optimal ({kind} bins)")
@@ -120,9 +129,33 @@ def write(workdir: str, results: dict) -> None:
     ns = sorted(int(n) for n in d)
     ax.plot(ns, [d[n]["bon"] for n in ns], marker="s", ls="--", label="weighted best-of-N")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="N", ylabel="accuracy (evaluation half)", ylim=(-0.02, 1.02), title="compute-optimal vs best-of-N")
+    ax.set(xlabel="N", ylabel="accuracy (evaluation half)", ylim=(-0.02, 1.02), title="per N")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    if at_flops:
+        ax = axes[0][1]
+        for kind, d in at_flops.items():
+            ns = sorted(int(n) for n in d)
+            ax.plot(
+                [d[n]["flops"] for n in ns],
+                [d[n]["accuracy"] for n in ns],
+                marker="o",
+                label=f"compute-optimal ({kind} bins)",
+            )
+        d = next(iter(at_flops.values()))
+        ns = sorted(int(n) for n in d)
+        for ref, marker in (("weighted_best_of_n", "s"), ("best_of_n", "^"), ("majority", "v")):
+            if ref in d[ns[0]]:
+                ax.plot([d[n]["flops"] for n in ns], [d[n][ref] for n in ns], marker=marker, ls="--", label=label(ref))
+        ax.set(
+            xscale="log",
+            xlabel="FLOPs per problem (budget = weighted BoN at N)",
+            ylim=(-0.02, 1.02),
+            title="at equal FLOPs",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("compute-optimal vs best-of-N (chosen per difficulty bin on a selection half)")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "figures", "compute_optimal.png"), dpi=120)
     plt.close(fig)
@@ -198,4 +231,19 @@ def summary(results: dict) -> str:
             f"{b['last']['best_of_n']:.3f}     {b['last']['weighted_best_of_n']:.3f}      "
             f"{b['min']['weighted_best_of_n']:.3f}     {b['product']['weighted_best_of_n']:.3f}"
         )
+    at_flops = results.get("compute_optimal_flops") or {}
+    for kind, d in at_flops.items():
+        lines.append("")
+        lines.append(f"compute-optimal at equal FLOPs ({kind} bins; evaluation half)")
+        lines.append("N    FLOPs      optimal  wBoN     BoN      majority wBoN FLOPs to match  chosen per bin")
+        for n in sorted(d, key=int):
+            r = d[n]
+            match = r.get("weighted_best_of_n_flops_to_match", float("nan"))
+            ratio = match / r["flops"] if np.isfinite(match) else float("inf")
+            lines.append(
+                f"{int(n):<4d} {r['flops']:<10.3g} {r['accuracy']:<8.3f} {r.get('weighted_best_of_n', np.nan):<8.3f} "
+                f"{r.get('best_of_n', np.nan):<8.3f} {r.get('majority', np.nan):<8.3f} "
+                f"{'never' if not np.isfinite(ratio) else f'{ratio:.2g}x':<17} "
+                + " ".join(f"{b}:{c}" for b, c in sorted(r["chosen"].items(), key=lambda x: int(x[0])))
+            )
     return "\n".join(lines)
