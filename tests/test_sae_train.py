@@ -90,3 +90,53 @@ def test_sharded_fit_matches_single_device(x):
     sh = train.state_shardings(state, mesh, rules)
     assert tuple(sh.params["W_dec"].spec) == ("tensor", None) and tuple(sh.params["W_enc"].spec) == (None, "tensor")
     assert tuple(sh.since_fired.spec) == ("tensor",) and tuple(sh.params["b_dec"].spec) in ((), (None,))
+
+
+def _leaves(c, prefix=""):
+    from ml_collections import config_dict
+
+    for k in c.keys():
+        v = c[k]
+        if isinstance(v, config_dict.ConfigDict):
+            yield from _leaves(v, prefix + k + ".")
+        else:
+            yield prefix + k, v, (c.get_ref(k).get_type() if v is None else type(v))
+
+
+def test_every_config_key_overrides_from_the_command_line():
+    """scripts.launch parses `--config.<key>=<value>` for every leaf of an SAE experiment config (one process)."""
+    import json
+    import subprocess
+    import sys
+
+    from configs.sae import transcoder
+
+    samples = {int: ("7", 7), float: ("0.25", 0.25), str: ("blocks.0.resid_post", "blocks.0.resid_post")}
+    samples[tuple] = ("(1.0, 2.0)", [1.0, 2.0])
+    args, want = [], {}
+    for key, v, typ in _leaves(transcoder.get_config()):
+        if v is None:  # an unset key (e.g. sae.l1_coeff of a TopK config, lm.workdir): a typed placeholder
+            text, value = samples[typ]
+        elif isinstance(v, bool):
+            text, value = str(not v), not v
+        elif isinstance(v, (int, float)):
+            text, value = repr(v * 2), v * 2
+        elif isinstance(v, tuple):
+            text, value = repr(v), list(v)
+        else:
+            text, value = v, v
+        args.append(f"--config.{key}={text}")
+        want[key] = value
+    assert "--config.sae.d_out=128" in args and "--config.sae.l1_coeff=0.25" in args
+    code = "import sys; from absl import flags; import scripts.launch; flags.FLAGS(sys.argv); "
+    code += "print(flags.FLAGS.config.to_json())"
+    argv = [sys.executable, "-c", code, "--config=configs/sae/transcoder.py", "--workdir=unused", *args]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)
+    for key, value in want.items():
+        got_v = got
+        for part in key.split("."):
+            got_v = got_v[part]
+        assert got_v == pytest.approx(value), key
+    assert len(want) > 100 and got["sae"]["d_out"] == 128 and got["sae"]["l1_coeff"] == 0.25

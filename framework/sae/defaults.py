@@ -30,6 +30,7 @@ A config is a `ConfigDict`; `default_config(arch)` gives every key with the arch
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
@@ -68,6 +69,19 @@ _COMMON = dict(
     log_every=100,
 )
 
+# Types of the keys that may be None (unset).
+_TYPES = dict(
+    d_out=int,
+    hookpoint=str,
+    out_hookpoint=str,
+    k=int,
+    l1_coeff=float,
+    l0_coeff=float,
+    jumprelu_bandwidth=float,
+    jumprelu_init_threshold=float,
+    threshold_momentum=float,
+)
+
 _ARCH_DEFAULTS = {
     # Anthropic (April 2024 update): unconstrained decoder, L1 weighted by decoder row norms, small initial decoder.
     "relu": dict(
@@ -101,6 +115,9 @@ def default_config(arch: str = "topk", **overrides) -> ml_collections.ConfigDict
     if unknown:
         raise ValueError(f"unknown SAE config key(s) {unknown}; known keys: {sorted(cfg)}")
     cfg.update(overrides)
+    # An unset key is a typed placeholder, so `--config.sae.d_out=64` can set it from the command line (a plain None
+    # field has no type and ml_collections refuses to override it).
+    cfg = {k: config_dict.placeholder(_TYPES[k]) if v is None and k in _TYPES else v for k, v in cfg.items()}
     return ml_collections.ConfigDict(cfg)
 
 
