@@ -40,7 +40,9 @@ def model_config(size: str = "small", **overrides) -> ml_collections.ConfigDict:
         tie_embeddings=False,
         final_logit_softcap=config_dict.placeholder(float),
         attention_impl="xla",
-        scan_layers=True,
+        # The arithmetic sizes are shallow (<= 6 layers): the unrolled block loop trains ~1.2x faster than the layer
+        # scan on CPU for a negligible compile-time cost. Deep models want True (compile time independent of depth).
+        scan_layers=False,
         remat="none",
         dtype="float32",
         param_dtype="float32",
