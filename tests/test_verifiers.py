@@ -84,6 +84,21 @@ def test_monte_carlo_labels_hard_soft_and_consensus():
         labels.monte_carlo_labels(perfect, problems, texts, n_rollouts=0)
 
 
+def test_monte_carlo_label_sets_share_one_set_of_rollouts():
+    """Labels for each N_MC from one batch of max(N) rollouts equal labelling with N rollouts alone (the toy
+    policy draws per row key, so rollout r of a step prefix is the same draw in both)."""
+    policy = toy.ToyPolicy(0.5, branching=2)
+    problems, texts = [PROBLEM] * 3, [GOLD, WRONG_STEP_1, BACK_ON_PATH]
+    sets = labels.monte_carlo_label_sets(policy, problems, texts, ns=(1, 4, 16), seed=3)
+    for n in (1, 4, 16):
+        alone = labels.monte_carlo_labels(policy, problems, texts, n_rollouts=n, seed=3)
+        for a, b in zip(alone.soft + alone.hard, sets[n].soft + sets[n].hard):
+            np.testing.assert_array_equal(a, b)
+        assert sets[n].rollouts == alone.rollouts == 9 * n and sets[n].tokens_generated == alone.tokens_generated
+    with pytest.raises(ValueError, match="n_rollouts"):
+        labels.monte_carlo_label_sets(policy, problems, texts, ns=(4, 0))
+
+
 def test_earliest_error_f1_and_auroc_on_hand_made_cases():
     r = metrics.earliest_error_f1([None, 2, 1, None], [None, 2, 0, 1])
     assert r["acc_flawed"] == pytest.approx(1 / 3) and r["acc_correct"] == 1.0
@@ -160,6 +175,30 @@ def test_verifier_scores_do_not_depend_on_the_batch(trained, tiny_cfg):
     assert together.tokens.tolist() == [1 + len(arithmetic.format_prompt(p)) + len(t) for p, t in zip(problems, texts)]
     partial = v.score([problems[0]], [texts[0] + "1+"]).scores[0]  # an unfinished line is not scored
     np.testing.assert_allclose(partial, together.scores[0], atol=1e-5)
+
+
+def test_packed_rows_give_the_padded_loss(trained, tiny_cfg):
+    """Packing several traces per row (segment-masked attention, per-trace positions) leaves every line's logit,
+    hence the loss, as in one padded row per trace (what `fit(pack=True)` trains on)."""
+    params, _, problems, texts, lab = trained
+    enc = traces.encode_traces(problems, texts, seq_len=64, max_lines=8)
+    labels_BL, mask_BL = traces.pad_labels(lab, 8)
+    idx = np.arange(len(problems))
+    (packed,) = verifiers.pack_rows(enc, labels_BL, mask_BL, [idx], seq_len=64)
+    assert packed.tokens.shape[0] < len(idx) and packed.tokens.shape[0] % 8 == 0  # fewer rows than traces
+    assert packed.mask.sum() == mask_BL.sum() and packed.segment_ids.max() > 1
+    loss_p, _ = verifiers.model.loss_fn(params, packed._asdict(), tiny_cfg)
+    padded = {"tokens": enc.tokens, "ends": enc.ends, "labels": labels_BL, "mask": mask_BL}
+    loss_u, _ = verifiers.model.loss_fn(params, padded, tiny_cfg)
+    np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5)
+    logits_p = verifiers.model.line_logits(
+        params, packed.tokens, packed.ends, tiny_cfg, packed.positions, packed.segment_ids
+    )
+    logits_u = verifiers.model.line_logits(params, enc.tokens, enc.ends, tiny_cfg)
+    rows = verifiers.model._first_fit(enc.lengths, idx, 64)  # the layout pack_rows used: traces per row, in order
+    n_lines = enc.line_mask.sum(axis=1).astype(int)
+    expected = np.concatenate([np.asarray(logits_u)[i, : n_lines[i]] for row in rows for i in row])
+    np.testing.assert_allclose(np.asarray(logits_p)[packed.mask > 0], expected, atol=1e-4)
 
 
 def test_fit_rejects_bad_input(tiny_cfg):
