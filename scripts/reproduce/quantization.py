@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import quickstart
+from configs import common
 from experiments import train_lm
 from framework import quant
 from framework.models import lm
@@ -33,8 +33,13 @@ from framework.tasks import data, policy_eval
 from framework.training import loop
 from framework.training.loss import next_token_loss
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/quant_study", "Output directory.")
-_LM_WORKDIR = flags.DEFINE_string("lm_workdir", None, "A finished quickstart train_lm workdir (default: train one).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/quant_base", "Output directory.")
+_LM_WORKDIR = flags.DEFINE_string("lm_workdir", None, "Where the LM is trained/cached (default: <workdir>/lm).")
+_SIZE = flags.DEFINE_enum("size", "base", ["tiny", "small", "base"], "Model size (configs/common.MODEL_SIZES).")
+_STEPS = flags.DEFINE_integer("steps", 800, "LM training steps (batch 32).")
+_MODULUS = flags.DEFINE_integer("modulus", 10, "Task modulus: 10 (the quickstart's chains) or 100 (configs/lm/arith).")
+_LR = flags.DEFINE_float("lr", 3e-3, "LM peak learning rate.")
+_TRAIN_ONLY = flags.DEFINE_bool("train_only", False, "Train (or resume) the LM and stop.")
 _PROBLEMS = flags.DEFINE_integer("problems_per_k", 64, "Held-out problems per K for exact match.")
 _CALIB = flags.DEFINE_integer("calib_tokens", 4096, "Calibration tokens (train split) for AWQ/GPTQ.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Eval-split batches for perplexity.")
@@ -85,13 +90,30 @@ def _evaluate(params, model_cfg, lm_config, eval_batches) -> dict:
     }
 
 
+def lm_experiment_config(size: str, steps: int, modulus: int, lr: float):
+    """The train_lm config of the studied LM: `size` on K = 1..8 chains mod `modulus`, batch 32, `steps` steps."""
+    if modulus not in (10, 100):
+        raise ValueError(f"--modulus={modulus}: expected 10 or 100")
+    config = common.lm_experiment(size=size)
+    config.task.modulus = modulus
+    config.train.update(
+        steps=steps, batch_size=32, seq_len=80 if modulus == 10 else 112, lr=lr, checkpoint_every=100, log_every=50
+    )
+    config.lock()
+    return config
+
+
 def main(argv):
     del argv
     workdir = _WORKDIR.value
-    lm_config = quickstart.get_config()
+    lm_config = lm_experiment_config(_SIZE.value, _STEPS.value, _MODULUS.value, _LR.value)
     model_cfg, task = train_lm.make_task(lm_config)
     lm_dir = _LM_WORKDIR.value or os.path.join(workdir, "lm")
+    t0 = time.perf_counter()
     params = jax.device_get(loop.train(lm_config, lm_dir, task).params)
+    print(f"LM {_SIZE.value} mod {_MODULUS.value}, {_STEPS.value} steps: ready in {time.perf_counter() - t0:.0f}s")
+    if _TRAIN_ONLY.value:
+        return
 
     tc = lm_config.train
     eval_ds = data.make_dataset(
