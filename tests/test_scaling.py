@@ -45,6 +45,26 @@ def test_difficulty_bins_and_compute_optimal():
     assert chosen == {1: "a", 2: "b"} and right.tolist() == [True, True, True, True]
 
 
+def test_compute_optimal_at_equal_flops_only_picks_what_fits():
+    correct = {
+        "cheap@1": np.array([1, 0, 0, 0], bool),
+        "dear@4": np.array([1, 1, 1, 1], bool),
+        "mid@2": np.array([0, 1, 1, 0], bool),
+    }
+    flops = {"cheap@1": 1.0, "dear@4": 4.0, "mid@2": 2.0}
+    bins, select = np.array([1, 1, 2, 2]), np.array([True, True, True, True])
+    chosen, right = analysis.compute_optimal_at_flops(correct, flops, 2.0, bins, select)
+    assert chosen == {1: "cheap@1", 2: "mid@2"} and right.tolist() == [True, False, True, False]  # dear@4 > budget
+    chosen, _ = analysis.compute_optimal_at_flops(correct, flops, 4.0, bins, select)
+    assert chosen == {1: "dear@4", 2: "dear@4"}
+    with pytest.raises(ValueError, match="no configuration"):
+        analysis.compute_optimal_at_flops(correct, flops, 0.5, bins, select)
+    with pytest.raises(ValueError, match="no FLOPs"):
+        analysis.compute_optimal_at_flops(correct, {"cheap@1": 1.0}, 2.0, bins, select)
+    assert analysis.flops_to_match(0.5, {1.0: 0.25, 2.0: 0.5, 4.0: 0.75}) == 2.0
+    assert analysis.flops_to_match(0.9, {1.0: 0.25}) == float("inf")
+
+
 def test_subsample_pool_pass_at_n_bounds_every_selector():
     rng = np.random.default_rng(0)
     answers = [[int(x) for x in rng.integers(0, 3, 8)] for _ in range(20)]
@@ -63,7 +83,7 @@ def test_reproduction_runs_at_tiny_scale(tmp_path):
     cmd = [sys.executable, "-m", "scripts.reproduce.test_time_compute", f"--workdir={workdir}", "--scale=tiny"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for name in ("scaling", "coverage", "compute_optimal", "label_sources"):
+    for name in ("scaling", "coverage", "compute_optimal", "compute_optimal_flops", "label_sources", "run"):
         assert (workdir / "results" / f"{name}.json").exists()
     for name in (
         "accuracy_vs_n",
@@ -83,18 +103,28 @@ def test_reproduction_runs_at_tiny_scale(tmp_path):
         "pass_at_n",
         "beam",
         "dvts",
+        "lookahead",
         "revision_r1",
         "revision_r2",
     }
+    assert set(sc["accuracy"]["beam"]) == {"2"} and set(sc["accuracy"]["majority"]) == {"1", "2", "4"}
     for name, d in sc["accuracy"].items():
         for n, acc in d.items():
             assert (
                 0.0 <= acc <= sc["accuracy"]["pass_at_n"][n] + 1e-9
-                or name in ("beam", "dvts")
+                or name in ("beam", "dvts", "lookahead")
                 or name.startswith("revision")
             ), (name, n)
     flops = sc["flops_per_problem"]["weighted_best_of_n"]
     assert flops["1"] < flops["2"] < flops["4"]
+    assert sc["flops_per_problem"]["lookahead"]["2"] > sc["flops_per_problem"]["beam"]["2"]  # rollouts cost
+    at_flops = json.loads((workdir / "results" / "compute_optimal_flops.json").read_text())
+    for kind in ("oracle", "prm"):
+        for n, row in at_flops[kind].items():
+            assert row["flops"] == pytest.approx(flops[n])
+            for choice in row["chosen"].values():  # every chosen configuration fits the budget
+                name, at = choice.split("@")
+                assert sc["flops_per_problem"][name][at] <= flops[n] * (1 + 1e-9)
     table = json.loads((workdir / "results" / "label_sources.json").read_text())
     assert set(table) == {"gold", "mc:2", "consensus:2", "orm"}
     assert all(set(t["bon"]) == {"last", "min", "product"} for t in table.values())

@@ -11,14 +11,14 @@ from configs.scaling import common
 def get_config(arg: str | None = None):
     del arg
     config = common.scaling_experiment()
-    config.policy.train_lm.train.update(steps=60, checkpoint_every=60, log_every=30)
+    config.policy.train_lm.train.update(steps=20, checkpoint_every=20, log_every=10)
     config.judge.use_policy = True
     config.sampling.batch_size = 64
     config.prm.update(
-        train_problems=16, samples_per_problem=2, num_steps=(2, 3), heldout_problems=8, steps=10, batch_size=16
+        train_problems=16, samples_per_problem=2, num_steps=(2, 3), heldout_problems=8, steps=4, batch_size=16
     )
     config.labels.update(sources=("gold", "mc:2", "consensus:2", "orm"), bon_n=4, pool=4)
-    config.revision.update(steps=10, ratios=(1, 2), lines_per_sample=2)
-    config.eval.update(problems=8, num_steps=(2, 3), budgets=(1, 2, 4), search_max_n=4, seeds=(0,), m=2)
+    config.revision.update(steps=4, ratios=(1, 2), lines_per_sample=2)
+    config.eval.update(problems=8, num_steps=(2, 3), budgets=(1, 2, 4), search_max_n=2, seeds=(0,), m=2)
     config.lock()
     return config
