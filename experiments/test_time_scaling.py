@@ -236,10 +236,11 @@ def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs, wor
                 seconds=time.perf_counter() - t0 + label_seconds / len(labelled),
                 fingerprint=fingerprint,
             )
+            # Every process takes part in the orbax save (it writes from the primary); fit.json marks it complete.
+            if jax.process_index() == 0 and os.path.exists(os.path.join(where, "params")):
+                shutil.rmtree(os.path.join(where, "params"))  # a stale or half-written fit
+            verifiers.save(os.path.join(where, "params"), params)
             if jax.process_index() == 0:
-                if os.path.exists(os.path.join(where, "params")):  # a run killed between the two writes
-                    shutil.rmtree(os.path.join(where, "params"))
-                verifiers.save(os.path.join(where, "params"), params)
                 with open(os.path.join(where, "fit.json"), "w") as f:
                     json.dump(fit_m, f)
         v = verifiers.Verifier(params, policy_cfg, batch_size=bs, min_batch=bs, mesh=mesh)
