@@ -122,6 +122,18 @@ def pre_activations(params, cfg, x_BD: Float[Array, "B D"]) -> Float[Array, "B L
     return x_BD @ params["W_enc"] + params["b_enc"]
 
 
+def gathered_pre(params, cfg, x_BD, idx_BK) -> Float[Array, "B K"]:
+    """The pre-activations of latents idx_BK only: each token's K encoder columns gathered and dotted with it.
+
+    Equal to pre_activations(...)[rows, idx_BK], but its gradient is a scatter-add into K columns per token instead
+    of the two dense [B, L] products (d W_enc = x^T dpre, d b_dec = -dpre W_enc^T) the full product costs.
+    """
+    if not defaults.is_transcoder(cfg):
+        x_BD = x_BD - params["b_dec"]
+    W_BKD = params["W_enc"].T[idx_BK]
+    return jnp.einsum("bd,bkd->bk", x_BD, W_BKD) + params["b_enc"][idx_BK]
+
+
 def topk_mask(pre_BL, k: int):
     """1 where a latent is among the token's k largest pre-activations and positive, else 0."""
     kth_B1 = jax.lax.top_k(pre_BL, k)[0][:, -1:]
@@ -202,19 +214,35 @@ def losses(params, cfg, x_BD, y_BO, sparsity_scale, dead_L):
     aux_k_coeff * ||e - e_hat||^2 / ||e - mean(e)||^2, e_hat reconstructing the residual e from the top aux_k dead
     latents.
     """
+    stats = {}
     if cfg.arch == "topk":
-        # Sparse decode: gather the k decoder rows each token uses instead of a dense [B, L] @ [L, O] product
-        # (forward and both backward matmuls), the larger part of a TopK step when k << L. Same values.
+        # Sparse TopK: the [B, L] pre-activations only choose the latents (no gradient through them); each token's
+        # k values are recomputed from its k gathered encoder columns and decoded from its k gathered decoder rows.
+        # Same loss and gradients as the dense form (tested), but the backward pass is scatter-adds of k rows per
+        # token instead of dense [B, L] x [L, D] products (2048 latents, no AuxK: 19 -> 14.5 ms per step on CPU).
+        # With AuxK on, the dense pre-activations keep their gradient instead: the aux loss needs their backward
+        # anyway, and sharing it was measured cheaper on CPU (512 latents, aux_k 32: 18 vs 21 ms per step).
         pre = pre_activations(params, cfg, x_BD)
-        vals_BK, idx_BK = jax.lax.top_k(pre, cfg.k)
+        if cfg.aux_k:
+            vals_BK, idx_BK = jax.lax.top_k(pre, cfg.k)
+        else:
+            pre = jax.lax.stop_gradient(pre)
+            idx_BK = jax.lax.top_k(pre, cfg.k)[1]
+            vals_BK = gathered_pre(params, cfg, x_BD, idx_BK)
         vals_BK = jax.nn.relu(vals_BK)
         y_hat = jnp.einsum("bk,bko->bo", vals_BK, params["W_dec"][idx_BK]) + params["b_dec"]
-        rows_B1 = jnp.arange(pre.shape[0])[:, None]
-        f = jax.lax.stop_gradient(jnp.zeros_like(pre).at[rows_B1, idx_BK].set(vals_BK))  # for statistics only
+        on_BK = jax.lax.stop_gradient(vals_BK) > 0
+        # Statistics without a dense [B, L] latent array: which latents fired in the batch, and L0.
+        stats["fired"] = jnp.zeros(cfg.n_latents, bool).at[idx_BK.reshape(-1)].max(on_BK.reshape(-1))
+        stats["l0"] = jnp.mean(jnp.sum(on_BK, axis=-1, dtype=jnp.float32))
+        f = None
         extras = {"pre": pre}
     else:
         f, extras = encode_train(params, cfg, x_BD)
         y_hat = decode(params, cfg, f)
+        f_sg = jax.lax.stop_gradient(f)
+        stats["fired"] = jnp.any(f_sg != 0, axis=0)
+        stats["l0"] = jnp.mean(jnp.sum(f_sg != 0, axis=-1, dtype=jnp.float32))
     err = y_BO - y_hat
     mse = jnp.mean(jnp.sum(err**2, axis=-1))
     dec_norm_L = jnp.linalg.norm(params["W_dec"], axis=1)
@@ -237,10 +265,10 @@ def losses(params, cfg, x_BD, y_BO, sparsity_scale, dead_L):
         def aux_loss(params):
             pre_dead = jnp.where(dead_L, extras["pre"], -jnp.inf)
             vals, idx = jax.lax.top_k(pre_dead, min(cfg.aux_k, cfg.n_latents))
+            vals = jnp.where(jnp.isfinite(vals), vals, 0.0)
             # No ReLU (as SAELens; OpenAI's code clips with a ReLU): measured on the frontier's 2048-latent TopK,
             # the ReLU left more latents silent on all 100k training tokens (8.3% vs 3.5%), since a dead latent
             # whose pre-activation is negative gets no gradient through it.
-            vals = jnp.where(jnp.isfinite(vals), vals, 0.0)
             e_hat = jnp.einsum("bk,bko->bo", vals, params["W_dec"][idx])
             denom = jnp.mean(jnp.sum((e - e.mean(axis=0)) ** 2, axis=-1))
             return jnp.mean(jnp.sum((e - e_hat) ** 2, axis=-1)) / jnp.maximum(denom, 1e-12)
@@ -248,7 +276,7 @@ def losses(params, cfg, x_BD, y_BO, sparsity_scale, dead_L):
         # Most steps have no dead latent: skip the aux top-k then.
         aux = jax.lax.cond(jnp.any(dead_L), aux_loss, lambda p: jnp.zeros((), jnp.float32), params)
         total = total + cfg.aux_k_coeff * aux
-    parts = {"loss": total, "mse": mse, "sparsity": sparsity, "aux_loss": aux, "latents": f, "y_hat": y_hat}
+    parts = {"loss": total, "mse": mse, "sparsity": sparsity, "aux_loss": aux, "y_hat": y_hat, **stats}
     if "batch_threshold" in extras:
         parts["batch_threshold"] = extras["batch_threshold"]
     return total, parts

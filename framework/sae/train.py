@@ -125,8 +125,7 @@ def _make_chunk_fn(cfg, tx, steps: int):
         if cfg.normalize_decoder:
             W = trainable["W_dec"]
             trainable = dict(trainable, W_dec=W / jnp.maximum(jnp.linalg.norm(W, axis=1, keepdims=True), 1e-12))
-        f = parts["latents"]
-        fired = jnp.any(f != 0, axis=0)
+        fired = parts["fired"]
         since_fired = jnp.where(fired, 0, since_fired + x.shape[0])
         if "batch_threshold" in parts:
             m = cfg.threshold_momentum
@@ -138,7 +137,7 @@ def _make_chunk_fn(cfg, tx, steps: int):
             "mse": parts["mse"],
             "sparsity": parts["sparsity"],
             "aux_loss": parts["aux_loss"],
-            "l0": metrics_lib.l0(f),
+            "l0": parts["l0"],
             "fvu": 1.0 - metrics_lib.explained_variance(y, parts["y_hat"]),
             "dead_fraction": jnp.mean((since_fired >= cfg.dead_window).astype(jnp.float32)),
         }
