@@ -223,6 +223,18 @@ def test_resume_after_interruption_continues_the_same_loss_curve(uninterrupted, 
         np.testing.assert_array_equal(a, b)
 
 
+def test_rerun_after_an_interruption_before_the_first_checkpoint_starts_a_clean_curve(uninterrupted, tmp_path):
+    ref_dir, _ = uninterrupted
+    workdir, config = str(tmp_path), _config()
+    with pytest.raises(Interrupt):  # one step ran and was logged; the first checkpoint (step 2) never came
+        loop.train(config, workdir, _lm_task(config, interrupt_at=1))
+    assert [r["step"] for r in read_metrics(workdir)] == [1]
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == []
+    loop.train(config, workdir, _lm_task(config))
+    assert [r["step"] for r in read_metrics(workdir)] == list(range(1, STEPS + 1)), "stale records left behind"
+    assert _losses(workdir) == _losses(ref_dir)
+
+
 def test_completed_run_resumes_without_retraining(uninterrupted):
     ref_dir, ref_state = uninterrupted
     before, fetched = read_metrics(ref_dir), []

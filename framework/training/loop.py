@@ -247,6 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
         _truncate_metrics(workdir, int(state.step))
         log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     else:
+        # No usable checkpoint: training starts over, so records a killed earlier attempt logged are stale.
+        _truncate_metrics(workdir, -1)
         state = init_state(rng)
 
     writer = MetricsWriter(workdir)

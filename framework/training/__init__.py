@@ -1,0 +1,1 @@
+"""Training: the generic loop (`loop.train`), optimiser and schedule, checkpoints, metrics, train state."""
