@@ -133,3 +133,15 @@ def test_collate_and_encode_prompt():
         assert prompt.dtype == np.int32 and prompt[0] == BOS_ID
         assert np.array_equal(toks[:pl], prompt)
         assert np.array_equal(prompt[1:], encode(A.format_prompt(p)))
+
+
+def test_data_batches_with_out_of_range_ids_are_rejected_naming_id_and_position():
+    """The pipeline's boundary check (every batch passes it): jnp.take would clamp a bad id silently."""
+    good = D.collate(A.sample_problems(0, 2, num_steps=(1, 2)), seq_len=D.max_seq_len(2))
+    bad = dict(good, tokens=good["tokens"].copy())
+    bad["tokens"][1, 3] = VOCAB_SIZE
+    with pytest.raises(ValueError, match=rf"data batch: token id {VOCAB_SIZE} at position \(1, 3\)"):
+        D._checked(bad)
+    bad["tokens"][1, 3] = -1
+    with pytest.raises(ValueError, match=r"token id -1 at position \(1, 3\)"):
+        D._checked(bad)
