@@ -33,9 +33,9 @@ from framework.training.loss import next_token_loss
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/lora_study", "Output directory.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Adapter training steps per run.")
-_LRS = flags.DEFINE_list("lrs", ["1e-2", "3e-2"], "Learning-rate sweep (full fine-tuning uses LR/10).")
-_RANKS = flags.DEFINE_list("ranks", ["4"], "LoRA ranks (plain LoRA runs every rank; the variants the first).")
-_PROBLEMS = flags.DEFINE_integer("problems_per_k", 48, "Held-out problems per K for exact match.")
+_LRS = flags.DEFINE_list("lrs", ["3e-3", "1e-2", "3e-2"], "Learning-rate sweep (full fine-tuning uses LR/10).")
+_RANKS = flags.DEFINE_list("ranks", ["1", "8"], "Adapter ranks; every method runs at every rank.")
+_PROBLEMS = flags.DEFINE_integer("problems_per_k", 32, "Held-out problems per K for exact match.")
 
 BASE_OPS, NEW_OPS = "+-", "+-*"
 VARIANTS = {
@@ -106,7 +106,8 @@ def _eval_loss(params, model_cfg, eval_batches) -> float:
     return sum(float(s["loss_sum"]) for s in sums) / sum(float(s["tokens"]) for s in sums)
 
 
-def _exact_match(params, model_cfg, config) -> dict:
+def _exact_match(params, model_cfg, config) -> tuple[dict, dict]:
+    """Greedy ({K: exact match}, {K: step accuracy}) on held-out problems of `config`'s task."""
     acc = policy_eval.accuracy_by_k(
         params,
         model_cfg,
@@ -115,7 +116,7 @@ def _exact_match(params, model_cfg, config) -> dict:
         problems_per_k=_PROBLEMS.value,
         knobs=train_lm.knobs(config),
     )
-    return {k: v["exact_match"] for k, v in acc.items()}
+    return {k: v["exact_match"] for k, v in acc.items()}, {k: v["step_accuracy"] for k, v in acc.items()}
 
 
 def _schedule(lr):
@@ -131,11 +132,13 @@ def main(argv):
     eval_batches = list(_batches(new_config, "eval", 4))
     n_base = peft.count_params(base)
     rows = []
-    em_base = _exact_match(base, model_cfg, new_config)
-    print(f"base on {NEW_OPS!r}: eval loss {_eval_loss(base, model_cfg, eval_batches):.4f} EM {em_base}", flush=True)
+    em_base, step_base = _exact_match(base, model_cfg, new_config)
+    loss_base = _eval_loss(base, model_cfg, eval_batches)
+    print(f"base on {NEW_OPS!r}: eval loss {loss_base:.4f} EM {em_base}", flush=True)
+    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
 
-    runs = [("full", None)] + [("lora", int(r)) for r in _RANKS.value]
-    runs += [(m, int(_RANKS.value[0])) for m in VARIANTS if m != "lora"]
+    runs = [("full", None)] + [(m, int(r)) for r in _RANKS.value for m in VARIANTS]
     for method, rank in runs:
         sweep = []
         for lr in (float(x) for x in _LRS.value):
@@ -159,7 +162,7 @@ def main(argv):
             sweep.append(dict(lr=lr, eval_loss=ev, train_loss=train_loss, seconds=secs, params=params))
             print(f"{method:6s} r={rank} lr={lr:.0e}: eval loss {ev:.4f} ({secs:.0f}s)", flush=True)
         best = min(sweep, key=lambda s: s["eval_loss"])
-        em = _exact_match(best["params"], model_cfg, new_config)
+        em, step_acc = _exact_match(best["params"], model_cfg, new_config)
         row = dict(
             method=method,
             rank=rank,
@@ -170,13 +173,19 @@ def main(argv):
             eval_loss=best["eval_loss"],
             exact_match_by_k=em,
             exact_match_mean=float(np.mean(list(em.values()))),
+            step_accuracy_by_k=step_acc,
+            step_accuracy_mean=float(np.mean(list(step_acc.values()))),
             sweep=[{k: v for k, v in s.items() if k != "params"} for s in sweep],
         )
         rows.append(row)
-        print(f"==> {method} r={rank}: best lr {best['lr']:.0e} EM {row['exact_match_mean']:.3f}", flush=True)
+        print(
+            f"==> {method} r={rank}: best lr {best['lr']:.0e} EM {row['exact_match_mean']:.3f} "
+            f"step acc {row['step_accuracy_mean']:.3f}",
+            flush=True,
+        )
+        with open(os.path.join(workdir, "results", "lora_partial.json"), "w") as f:
+            json.dump(rows, f, indent=1)
 
-    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
-    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
     out = dict(
         base_ops=BASE_OPS,
         new_ops=NEW_OPS,
@@ -184,7 +193,10 @@ def main(argv):
         lrs=[float(x) for x in _LRS.value],
         base_params=n_base,
         base_exact_match_by_k=em_base,
+        base_step_accuracy_by_k=step_base,
+        base_eval_loss=loss_base,
         rows=rows,
+        vs_lora=vs_lora(rows),
     )
     with open(os.path.join(workdir, "results", "lora.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -192,23 +204,46 @@ def main(argv):
     print(table(out))
 
 
+def vs_lora(rows) -> list[dict]:
+    """Each variant's tuned held-out loss and step accuracy relative to plain LoRA at the same rank (the "variants
+    land within 1-2% of LoRA once LRs are tuned" check)."""
+    lora = {r["rank"]: r for r in rows if r["method"] == "lora"}
+    out = []
+    for r in rows:
+        ref = lora.get(r["rank"])
+        if ref is None or r["method"] in ("lora", "full"):
+            continue
+        rel = r["eval_loss"] / ref["eval_loss"] - 1
+        out.append(
+            dict(
+                method=r["method"],
+                rank=r["rank"],
+                eval_loss_rel_to_lora=rel,
+                step_accuracy_minus_lora=r["step_accuracy_mean"] - ref["step_accuracy_mean"],
+                within_2pct=abs(rel) <= 0.02,
+            )
+        )
+    return out
+
+
 def table(out) -> str:
     lines = [
-        "| method | rank | trainable params | % of base | trainable state | best LR | eval loss | EM mean | "
+        "| method | rank | trainable params | % of base | trainable state | best LR | eval loss | step acc | EM mean | "
         "EM K=1..8 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["rows"]:
         em = " ".join(f"{r['exact_match_by_k'][k]:.2f}" for k in sorted(r["exact_match_by_k"], key=int))
         lines.append(
             f"| {r['method']} | {r['rank'] or '-'} | {r['trainable_params']:,} | "
             f"{100 * r['trainable_fraction']:.1f}% | {r['trainable_state_bytes'] / 1024:.0f} KiB | "
-            f"{r['best_lr']:.0e} | {r['eval_loss']:.4f} | {r['exact_match_mean']:.3f} | {em} |"
+            f"{r['best_lr']:.0e} | {r['eval_loss']:.4f} | {r['step_accuracy_mean']:.3f} | "
+            f"{r['exact_match_mean']:.3f} | {em} |"
         )
     base = " ".join(f"{v:.2f}" for _, v in sorted(out["base_exact_match_by_k"].items(), key=lambda kv: int(kv[0])))
     lines.append(
-        f"| base (no adaptation) | - | 0 | 0% | - | - | - | "
-        f"{np.mean(list(out['base_exact_match_by_k'].values())):.3f} | {base} |"
+        f"| base (no adaptation) | - | 0 | 0% | - | - | {out['base_eval_loss']:.4f} | "
+        f"{np.mean(list(out['base_step_accuracy_by_k'].values())):.3f} | {np.mean(list(out['base_exact_match_by_k'].values())):.3f} | {base} |"
     )
     return "\n".join(lines)
 
@@ -221,8 +256,8 @@ def _plot(out, path):
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in out["rows"]:
-        ax1.scatter(r["trainable_params"], r["exact_match_mean"])
-        ax1.annotate(f"{r['method']} r{r['rank'] or ''}", (r["trainable_params"], r["exact_match_mean"]), fontsize=7)
+        ax1.scatter(r["trainable_params"], r["step_accuracy_mean"])
+        ax1.annotate(f"{r['method']} r{r['rank'] or ''}", (r["trainable_params"], r["step_accuracy_mean"]), fontsize=7)
         ax2.plot(
             [s["lr"] for s in r["sweep"]],
             [s["eval_loss"] for s in r["sweep"]],
@@ -231,7 +266,7 @@ def _plot(out, path):
         )
     ax1.set_xscale("log")
     ax1.set_xlabel("trainable parameters")
-    ax1.set_ylabel(f"greedy exact match on {out['new_ops']!r} chains (mean K=1..8)")
+    ax1.set_ylabel(f"greedy step accuracy on {out['new_ops']!r} chains (mean K=1..8)")
     ax2.set_xscale("log")
     ax2.set_xlabel("learning rate")
     ax2.set_ylabel("held-out loss")

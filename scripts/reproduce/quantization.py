@@ -14,6 +14,7 @@ Writes <workdir>/results/quantization.json and <workdir>/figures/quantization.pn
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +41,8 @@ _STEPS = flags.DEFINE_integer("steps", 800, "LM training steps (batch 32).")
 _MODULUS = flags.DEFINE_integer("modulus", 10, "Task modulus: 10 (the quickstart's chains) or 100 (configs/lm/arith).")
 _LR = flags.DEFINE_float("lr", 3e-3, "LM peak learning rate.")
 _TRAIN_ONLY = flags.DEFINE_bool("train_only", False, "Train (or resume) the LM and stop.")
+_JITTER = flags.DEFINE_integer("jitter_seeds", 3, "RTN repeats under random equivalent rescalings (noise floor).")
+_JITTER_SIGMA = 0.1  # log-std of the random per-input-channel scale s: W' = diag(s) W quantised, x / s at run time
 _PROBLEMS = flags.DEFINE_integer("problems_per_k", 64, "Held-out problems per K for exact match.")
 _CALIB = flags.DEFINE_integer("calib_tokens", 4096, "Calibration tokens (train split) for AWQ/GPTQ.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Eval-split batches for perplexity.")
@@ -64,7 +67,7 @@ def _target_bytes(params, per_element: float) -> float:
     )
 
 
-def _perplexity(params, model_cfg, batches) -> float:
+def _eval_loss(params, model_cfg, batches) -> float:
     @jax.jit
     def scored(p, b):
         logits = lm.apply(
@@ -73,7 +76,7 @@ def _perplexity(params, model_cfg, batches) -> float:
         return next_token_loss(logits, b["tokens"], b["loss_mask"])[1]
 
     sums = [jax.device_get(scored(params, b)) for b in batches]
-    return math.exp(sum(float(s["loss_sum"]) for s in sums) / sum(float(s["tokens"]) for s in sums))
+    return sum(float(s["loss_sum"]) for s in sums) / sum(float(s["tokens"]) for s in sums)
 
 
 def _evaluate(params, model_cfg, lm_config, eval_batches) -> dict:
@@ -83,11 +86,36 @@ def _evaluate(params, model_cfg, lm_config, eval_batches) -> dict:
         params, model_cfg, seed=lm_config.seed, ks=range(k_lo, k_hi + 1), problems_per_k=_PROBLEMS.value, knobs=kn
     )
     em = {k: v["exact_match"] for k, v in acc.items()}
+    loss = _eval_loss(params, model_cfg, eval_batches)
     return {
-        "perplexity": _perplexity(params, model_cfg, eval_batches),
+        "eval_loss": loss,
+        "perplexity": math.exp(loss),
         "exact_match_by_k": em,
         "exact_match_mean": float(np.mean(list(em.values()))),
     }
+
+
+def _jittered_rtn(params, qcfg: quant.QuantConfig, model_cfg, seed: int):
+    """RTN of diag(s) W with random s = exp(0.1 N(0, 1)) per input channel (x / s at run time): a quantisation as
+    good as RTN in expectation, whose spread over seeds is the perplexity noise of "which rounding did we get"."""
+    layout = quant.methods.linear_layout(model_cfg)
+    rng = np.random.default_rng(seed)
+
+    def one(path, w):
+        name = quant.methods.path_str(path)
+        if name not in layout or not re.fullmatch(qcfg.targets, name):
+            return w
+        n_in, n_stack = layout[name]
+        K = int(np.prod(w.shape[n_stack : n_stack + n_in]))
+        mats = np.asarray(w).reshape(-1, K, w.size // K // (int(np.prod(w.shape[:n_stack])) or 1))
+        qws = []
+        for m in mats:
+            s = np.exp(_JITTER_SIGMA * rng.normal(size=K)).astype(np.float32)
+            qw = quant.quantize_matrix(m * s[:, None], qcfg.fmt, bits=qcfg.bits, group_size=qcfg.group_size)
+            qws.append(dataclasses.replace(qw, in_scale=jnp.asarray(1.0 / s)[None, :]))
+        return quant.methods.qtensor.stack(qws) if n_stack else qws[0]
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def lm_experiment_config(size: str, steps: int, modulus: int, lr: float):
@@ -139,6 +167,7 @@ def main(argv):
     calib = [{k: np.asarray(b[k]) for k in ("tokens", "positions", "segment_ids")} for b in calib_ds]
 
     rows = []
+    lm_metrics = _last_train_metrics(lm_dir)
 
     def record(label, method, p, bytes_storage, bytes_ideal, seconds):
         r = dict(
@@ -150,8 +179,11 @@ def main(argv):
             **_evaluate(p, model_cfg, lm_config, eval_batches),
         )
         rows.append(r)
+        os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+        with open(os.path.join(workdir, "results", "quantization_partial.json"), "w") as f:
+            json.dump(rows, f, indent=1)
         print(
-            f"{label:10s} {method:5s} ppl {r['perplexity']:.4f} EM {r['exact_match_mean']:.3f} "
+            f"{label:10s} {method:5s} loss {r['eval_loss']:.3e} ppl {r['perplexity']:.4f} EM {r['exact_match_mean']:.3f} "
             f"bytes {bytes_storage:,.0f} ({seconds:.1f}s)",
             flush=True,
         )
@@ -165,11 +197,20 @@ def main(argv):
             qp = quant.quantize(params, quant.QuantConfig(**kw), method, calib, model_cfg=model_cfg)
             wb = quant.weight_bytes(qp)
             record(label, method, qp, wb["storage"], wb["ideal"], time.perf_counter() - t0)
+    jitter_cfg = quant.QuantConfig(fmt="int4", group_size=128)
+    for seed in range(_JITTER.value):
+        t0 = time.perf_counter()
+        qp = _jittered_rtn(params, jitter_cfg, model_cfg, seed)
+        wb = quant.weight_bytes(qp)
+        record("int4 g128", f"rtn-jitter{seed}", qp, wb["storage"], wb["ideal"], time.perf_counter() - t0)
 
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
     out = {
-        "lm": "quickstart (tiny, mod 10)",
+        "lm": f"{_SIZE.value} ({lm_config.model.d_model}-wide, {lm_config.model.n_layers} layers), K = 1..8 chains "
+        f"mod {_MODULUS.value}, {_STEPS.value} steps of batch {lm_config.train.batch_size} x {lm_config.train.seq_len}",
+        "lm_final_train_metrics": lm_metrics,
+        "command": "python -m scripts.reproduce.quantization " + " ".join(argv_flags()),
         "model": model_cfg.to_dict(),
         "calib_tokens": _CALIB.value,
         "problems_per_k": _PROBLEMS.value,
@@ -177,29 +218,46 @@ def main(argv):
     }
     with open(os.path.join(workdir, "results", "quantization.json"), "w") as f:
         json.dump(out, f, indent=1)
-    _plot(rows, os.path.join(workdir, "figures", "quantization.png"))
+    _plot(rows, os.path.join(workdir, "figures", "quantization.png"), "Post-training quantisation: " + out["lm"])
     print(table(rows))
+
+
+def argv_flags() -> list[str]:
+    return [f"--{n}={flags.FLAGS[n].value}" for n in ("workdir", "size", "steps", "modulus", "lr", "jitter_seeds")]
+
+
+def _last_train_metrics(lm_dir: str) -> dict:
+    """The last logged training-loss line of the LM's metrics.jsonl (empty when none was written)."""
+    path = os.path.join(lm_dir, "metrics.jsonl")
+    last = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if "loss" in rec or "train/loss" in rec:
+                    last = rec
+    return last
 
 
 def table(rows) -> str:
     """The README table: one line per (setting, method)."""
     ks = sorted(rows[0]["exact_match_by_k"], key=int)
     head = (
-        "| setting | method | ppl | EM mean | "
+        "| setting | method | eval loss (nats/token) | ppl | EM mean | "
         + " | ".join(f"K={k}" for k in ks)
         + " | bytes (held) | bytes (nominal) |"
     )
-    lines = [head, "|" + "---|" * (6 + len(ks))]
+    lines = [head, "|" + "---|" * (7 + len(ks))]
     for r in rows:
         em = " | ".join(f"{r['exact_match_by_k'][k]:.2f}" for k in ks)
         lines.append(
-            f"| {r['setting']} | {r['method']} | {r['perplexity']:.4f} | {r['exact_match_mean']:.3f} | {em} | "
+            f"| {r['setting']} | {r['method']} | {r['eval_loss']:.2e} | {r['perplexity']:.4f} | {r['exact_match_mean']:.3f} | {em} | "
             f"{r['weight_bytes'] / 1024:.1f} KiB | {r['weight_bytes_ideal'] / 1024:.1f} KiB |"
         )
     return "\n".join(lines)
 
 
-def _plot(rows, path):
+def _plot(rows, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,21 +265,22 @@ def _plot(rows, path):
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     colors = {"-": "black", "rtn": "tab:red", "awq": "tab:blue", "gptq": "tab:green"}
+    colors.update({r["method"]: "tab:orange" for r in rows if r["method"].startswith("rtn-jitter")})
     labels = [f"{r['setting']}\n{r['method']}" for r in rows]
-    ax1.bar(range(len(rows)), [r["perplexity"] for r in rows], color=[colors[r["method"]] for r in rows])
+    ax1.bar(range(len(rows)), [r["eval_loss"] for r in rows], color=[colors[r["method"]] for r in rows])
+    ax1.set_yscale("log")
     ax1.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
-    ax1.set_ylabel("held-out perplexity")
-    lo = min(r["perplexity"] for r in rows)
-    ax1.set_ylim(lo * 0.98, max(r["perplexity"] for r in rows) * 1.02)
+    ax1.set_ylabel("held-out loss, nats/token (log scale)")
     for r in rows:
         ax2.scatter(r["weight_bytes_ideal"] / 1024, r["exact_match_mean"], color=colors[r["method"]])
         ax2.annotate(r["setting"], (r["weight_bytes_ideal"] / 1024, r["exact_match_mean"]), fontsize=6)
     ax2.set_xlabel("projection weight bytes at nominal bits (KiB)")
     ax2.set_ylabel("greedy exact match (mean over K)")
-    for m, c in colors.items():
-        ax2.scatter([], [], color=c, label="float" if m == "-" else m)
+    for m, c in {"float": "black", "rtn": "tab:red", "awq": "tab:blue", "gptq": "tab:green"}.items():
+        ax2.scatter([], [], color=c, label=m)
+    ax2.scatter([], [], color="tab:orange", label="rtn, random rescaling (noise)")
     ax2.legend()
-    fig.suptitle("Post-training quantisation of the quickstart LM")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
