@@ -35,6 +35,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/lora_study", "Output directory."
 _STEPS = flags.DEFINE_integer("steps", 100, "Adapter training steps per run.")
 _LRS = flags.DEFINE_list("lrs", ["3e-3", "1e-2", "3e-2"], "Learning-rate sweep (full fine-tuning uses LR/10).")
 _RANKS = flags.DEFINE_list("ranks", ["1", "8"], "Adapter ranks; every method runs at every rank.")
+_METHODS = flags.DEFINE_list("methods", ["full", "lora", "rslora", "dora", "pissa", "qlora", "lora+"], "Methods run.")
 _PROBLEMS = flags.DEFINE_integer("problems_per_k", 32, "Held-out problems per K for exact match.")
 
 BASE_OPS, NEW_OPS = "+-", "+-*"
@@ -138,7 +139,11 @@ def main(argv):
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
 
-    runs = [("full", None)] + [(m, int(r)) for r in _RANKS.value for m in VARIANTS]
+    unknown = sorted(set(_METHODS.value) - {"full", *VARIANTS})
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; expected among full, {', '.join(VARIANTS)}")
+    runs = [("full", None)] if "full" in _METHODS.value else []
+    runs += [(m, int(r)) for r in _RANKS.value for m in VARIANTS if m in _METHODS.value]
     for method, rank in runs:
         sweep = []
         for lr in (float(x) for x in _LRS.value):
