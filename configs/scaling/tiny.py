@@ -1,8 +1,9 @@
 """The test-time scaling pipeline at CI scale: every stage runs, nothing is meant to be accurate.
 
 COMMAND: python -m scripts.launch --config=configs/scaling/tiny.py --workdir=runs/tts_tiny
-RUNTIME: ~45 s on a quiet 2-core CPU, ~5 min on a heavily loaded one (most of it compiling). EXPECT: every figure and JSON written; a 60-step policy
-  is mostly wrong, so the accuracies are near 0 and the curves are flat.
+RUNTIME: measured 55 s as tests/test_scaling.py's reproduction test (script in a subprocess) on the 2-core CPU at
+  load average 0.8-3; 131 s at load ~8 (most of it compiling). EXPECT: every figure and JSON written; a 20-step
+  policy is mostly wrong, so the accuracies are near 0 and the curves are flat.
 """
 
 from configs.scaling import common
