@@ -1,7 +1,7 @@
 """Test-time compute on the arithmetic task: accuracy vs N (greedy, majority, BoN, weighted BoN, beam, DVTS, lookahead,
 revision at serial:parallel ratios, pass@N), the same per difficulty bin, FLOPs, compute-optimal vs best-of-N per N
-and at equal FLOPs, coverage with a fitted curve, the PRM label-source table (gold vs Monte-Carlo with N_MC in {1, 4, 16} vs consensus vs ORM: F1, AUROC, BoN accuracy) and the aggregation
-ablation (last / min / product).
+and at equal FLOPs, coverage with a fitted curve, the PRM label-source table (gold vs Monte-Carlo with N_MC in
+{1, 4, 16} vs consensus vs ORM: F1, AUROC, BoN accuracy) and the aggregation ablation (last / min / product).
 
   python -m scripts.reproduce.test_time_compute --workdir=runs/test_time_compute            # default scale
   python -m scripts.reproduce.test_time_compute --workdir=/tmp/ttc --scale=tiny              # CI scale (~1 min)
@@ -10,8 +10,9 @@ ablation (last / min / product).
 
 The policy (the quickstart's tiny LM) and the judge (the small size, same task) are trained into <workdir>/policy
 and <workdir>/judge unless given; rerunning resumes them and reuses the fitted verifiers. Default scale, policies
-given: 53 min wall on the 2-core CPU at load average 7-11 (1652 CPU-seconds); see README "Test-time compute". Writes <workdir>/results/*.json, <workdir>/figures/*.png
-and <workdir>/results/summary.txt (the tables quoted in README.md).
+given: 53 min wall on the 2-core CPU at load average 7-11 (1652 CPU-seconds); see README "Test-time compute".
+Writes <workdir>/results/*.json, <workdir>/figures/*.png and <workdir>/results/summary.txt (the tables quoted in
+README.md).
 """
 
 from __future__ import annotations
