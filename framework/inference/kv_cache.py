@@ -70,26 +70,17 @@ def _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype, 
 
 
 def _heads_major_attend(q_BTHD, k_BKSD, v_BKSD, pos_BT, compute_dtype, *, window=None, softcap=None, sm_scale=None):
-    """Causal grouped-query attention of a chunk's queries over a heads-major dense cache (slot s = position s).
-
-    The G = H // K query heads of a kv head are folded with time (M = G * T), so both matmuls batch over (b, k) and
-    contract one axis each, reading the cache where it lies. Scores and softmax in fp32, as `attention.xla_attention`.
-    Every query sees at least itself (its own token was just written), so no row is fully masked.
-    """
-    B, T, H, D = q_BTHD.shape
-    K, S = k_BKSD.shape[1], k_BKSD.shape[2]
-    G = H // K
-    q_BKMD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-    k_BKSD, v_BKSD = k_BKSD.astype(compute_dtype), v_BKSD.astype(compute_dtype)
-    scale = D**-0.5 if sm_scale is None else sm_scale
-    s_BKMS = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        s_BKMS = softcap * jnp.tanh(s_BKMS / softcap)
-    mask_BTS = attn_lib.make_mask(pos_BT, jnp.arange(S)[None, :], causal=True, window=window)
-    mask_B1MS = jnp.broadcast_to(mask_BTS[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
-    p_BKMS = jax.nn.softmax(jnp.where(mask_B1MS, s_BKMS, jnp.finfo(jnp.float32).min), axis=-1)
-    o_BKMD = jnp.einsum("bkms,bksd->bkmd", p_BKMS.astype(compute_dtype), v_BKSD)
-    return o_BKMD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+    """Causal attention of a chunk's queries over a heads-major dense cache (slot s holds position s). Every query
+    sees at least itself (its own token was just written), so no row needs zeroing."""
+    mask_BTS = attn_lib.make_mask(pos_BT, jnp.arange(k_BKSD.shape[2])[None, :], causal=True, window=window)
+    return attn_lib.grouped_attention(
+        q_BTHD,
+        k_BKSD.astype(compute_dtype),
+        v_BKSD.astype(compute_dtype),
+        mask_BTS=mask_BTS,
+        softcap=softcap,
+        sm_scale=q_BTHD.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
+    )
 
 
 def _dense_page_size(S: int) -> int:
