@@ -3,7 +3,8 @@ parameters per method and rank, each with a small learning-rate sweep, plus the 
 
   python -m scripts.reproduce.lora --workdir=runs/lora_study
 
-RUNTIME: ~25 min on a heavily shared 2-core CPU (base ~11 min, ~1 min per adapter run); results in README.md.
+RUNTIME: ~35 min on a heavily shared 2-core CPU with the base cached (base ~11 min; ~30-90 s per adapter run);
+results in README.md and docs/figures/lora.{png,json}.
 The base is the quickstart model (tiny, mod 10) trained on ops "+-" only (<workdir>/base);
 every method then trains for --steps on "+-*" chains (packed batches, AdamW, linear warm-up, constant LR) with the
 base frozen: LoRA (alpha/r), rsLoRA (alpha/sqrt r), DoRA, PiSSA init, QLoRA (NF4 + double-quantised base), LoRA+
