@@ -5,8 +5,8 @@ best-of-N at equal FLOPs, coverage, and the PRM label-source table.
 COMMAND: python -m scripts.launch --config=configs/scaling/default.py --workdir=runs/tts/v2 \
            --config.policy.workdir=runs/tts/policy --config.judge.workdir=runs/tts/judge
          (or scripts/reproduce/test_time_compute.py, which trains the two policies first when they are missing)
-RUNTIME: measured 53 min wall (1652 CPU-seconds) on the 2-core CPU at load average 7-11 (other agents' jobs), both
-  policies already trained; not yet timed on a quiet machine (target 30 min). Training the policies adds ~7 min
+RUNTIME: measured 19.2 min wall (1601 CPU-seconds) on the 2-core CPU at load average 1.7-4.4, both policies
+  already trained; 53 min at load 7-11. Training the policies adds ~7 min
   (policy) and ~20 min (judge) on a loaded machine. A rerun reuses the fitted verifiers in <workdir>/verifiers/.
 EXPECT (measured, README "Test-time compute"): greedy 0.30; majority 0.355 and weighted BoN 0.35 at N = 256, naive
   BoN falling to 0.18; beam / DVTS / lookahead 0.29-0.32 at N = 4-8, falling at N = 32-64; pass@256 1.00; gold and

@@ -10,7 +10,7 @@ and at equal FLOPs, coverage with a fitted curve, the PRM label-source table (go
 
 The policy (the quickstart's tiny LM) and the judge (the small size, same task) are trained into <workdir>/policy
 and <workdir>/judge unless given; rerunning resumes them and reuses the fitted verifiers. Default scale, policies
-given: 53 min wall on the 2-core CPU at load average 7-11 (1652 CPU-seconds); see README "Test-time compute".
+given: 19.2 min wall on the 2-core CPU at load average 1.7-4.4 (53 min at load 7-11); see README.
 Writes <workdir>/results/*.json, <workdir>/figures/*.png and <workdir>/results/summary.txt (the tables quoted in
 README.md).
 """
