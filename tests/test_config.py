@@ -43,6 +43,33 @@ def test_quickstart_loads_and_validates():
     train_lm.validate(config)
 
 
+_TRAINING_CONFIGS = [
+    "configs.quickstart",
+    "configs.lm.arith",
+    *(f"configs.sae.{a}" for a in ("topk", "batchtopk", "jumprelu", "relu", "gated", "transcoder")),
+    "configs.scaling.default",
+    "configs.scaling.tiny",
+]
+
+
+@pytest.mark.parametrize("module", _TRAINING_CONFIGS)
+def test_every_training_config_has_the_foundation_keys(module):
+    """seed, train.steps, train.checkpoint_every, model.* and mesh.* exist everywhere, and a model override reaches
+    the model that the experiment builds (in the sae/scaling configs `model` is the LM's own section)."""
+    config = importlib.import_module(module).get_config()
+    assert isinstance(config.seed, int)
+    assert config.train.steps > 0 and config.train.checkpoint_every > 0
+    assert {"d_model", "n_layers", "vocab_size"} <= set(config.model) and "data" in config.mesh
+    config.model.d_model = 96
+    config.train.steps = 7
+    lm_section = {"sae": lambda c: c.lm.train_lm, "test_time_scaling": lambda c: c.policy.train_lm}.get(
+        config.experiment, lambda c: c
+    )(config)
+    assert lm_section.model.d_model == 96
+    if config.experiment == "test_time_scaling":
+        assert lm_section.train.steps == 7
+
+
 def test_unknown_size_names_the_choices():
     with pytest.raises(ValueError, match=r"'huge' is not one of \['base', 'small', 'tiny'\]"):
         importlib.import_module("configs.lm.arith").get_config("size=huge")

@@ -32,4 +32,7 @@ def sae_experiment(arch: str, **sae_overrides) -> ml_collections.ConfigDict:
     config.report = ml_collections.ConfigDict(dict(n_features=24, top_contexts=8))
     # data = all devices; --config.mesh.tensor=2 (and data=-1) splits the latents of a wide SAE (rule "latents").
     config.mesh = common.mesh_config()
+    # `model` is the LM's model section itself (one object, two names), so `--config.model.*` works here as in every
+    # training config; it has no effect when `lm.workdir` loads a trained LM (that LM's own config.json decides).
+    config.model = lm_cfg.model
     return config

@@ -34,6 +34,10 @@ def scaling_experiment() -> ml_collections.ConfigDict:
     config.sampling = ml_collections.ConfigDict(dict(temperature=0.8, top_p=1.0, batch_size=256))
     # Search batches are split over the mesh's batch axes (data by default) when it has more than one device.
     config.mesh = common.mesh_config()
+    # `train` and `model` are the policy's sections themselves (one object, two names), so `--config.train.steps`
+    # and `--config.model.*` work here as in every training config (no effect when `policy.workdir` is set).
+    config.train = config.policy.train_lm.train
+    config.model = config.policy.train_lm.model
     # The PRM used for search (trained on `label_source`), warm-started from the policy's parameters.
     config.prm = ml_collections.ConfigDict(
         dict(
