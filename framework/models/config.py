@@ -1,0 +1,162 @@
+"""The decoder LM's hyper-parameters (`LMConfig`) and their validation; re-exported by `framework.models.lm`.
+
+Kept apart from the modules so that configs, loaders and tools can build and check a model config without Flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from framework.models import attention as attn_lib
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MLP_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Hyper-parameters of the decoder LM (hashable: usable as a static jit argument)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    final_logit_softcap: float | None = None
+    # Model-family features (HF import: Qwen2, Mistral, Gemma, Gemma-2); the defaults are plain Llama.
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    sliding_window: int | None = None  # query sees its `sliding_window` most recent keys, itself included (Mistral)
+    sliding_window_layers: tuple[int, ...] | None = None  # layers that use the window; None = all (Gemma-2: even)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma-2)
+    query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5 instead of head_dim**-0.5 (Gemma-2)
+    mlp_activation: str = "silu"  # gated MLP activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU, Gemma) or "gelu"
+    norm_plus_one: bool = False  # RMSNorm multiplies by (1 + scale), scale initialised at 0 (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(d_model), rounded to the compute dtype (Gemma)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add (Gemma-2)
+    attention_impl: str = "xla"
+    scan_layers: bool = True
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    bos_id: int | None = 1
+    eos_ids: tuple[int, ...] = (2,)
+    pad_id: int = 0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+        if self.sliding_window_layers is not None:
+            object.__setattr__(self, "sliding_window_layers", tuple(int(l) for l in self.sliding_window_layers))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field for any inconsistent setting."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"model.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        if self.attention_impl not in attn_lib.available_impls():
+            raise ValueError(f"model.attention_impl {self.attention_impl!r} is not one of {attn_lib.available_impls()}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"model.mlp_activation must be one of {sorted(MLP_ACTIVATIONS)}, got {self.mlp_activation!r}"
+            )
+        for name in ("final_logit_softcap", "attn_logit_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"model.{name} must be None or > 0, got {value!r}")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool)
+            or int(self.sliding_window) != self.sliding_window
+            or self.sliding_window < 1
+        ):
+            raise ValueError(f"model.sliding_window must be None or an int >= 1, got {self.sliding_window!r}")
+        if self.sliding_window_layers is not None:
+            if self.sliding_window is None:
+                raise ValueError(
+                    f"model.sliding_window_layers={self.sliding_window_layers} needs model.sliding_window to be set"
+                )
+            bad = [l for l in self.sliding_window_layers if not 0 <= l < self.n_layers]
+            if bad or len(set(self.sliding_window_layers)) != len(self.sliding_window_layers):
+                raise ValueError(
+                    f"model.sliding_window_layers={self.sliding_window_layers} must be distinct layer indices in "
+                    f"[0, model.n_layers={self.n_layers})"
+                )
+        if self.attention_impl == "cudnn" and self.attn_logit_softcap is not None:
+            raise ValueError(
+                f"model.attention_impl='cudnn' has no attention-logit softcap (model.attn_logit_softcap="
+                f"{self.attn_logit_softcap}); use 'pallas' or 'xla'"
+            )
+        ids = [i for i in (self.bos_id, self.pad_id, *self.eos_ids) if i is not None]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"special token ids {bad} are outside [0, model.vocab_size={self.vocab_size})")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | "LMConfig") -> "LMConfig":
+        """Builds an LMConfig from a ConfigDict/dict (e.g. `config.model`), ignoring no key silently."""
+        if isinstance(config, LMConfig):
+            return config
+        d = dict(config.items()) if hasattr(config, "items") else dict(config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        for key in ("eos_ids", "sliding_window_layers"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None = full causal attention)."""
+        if self.sliding_window is None:
+            return (None,) * self.n_layers
+        local = set(range(self.n_layers) if self.sliding_window_layers is None else self.sliding_window_layers)
+        return tuple(self.sliding_window if l in local else None for l in range(self.n_layers))
+
+    @property
+    def sm_scale(self) -> float:
+        """Attention score scale: query_pre_attn_scalar**-0.5 when set, else head_dim**-0.5."""
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
