@@ -16,29 +16,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from hf_golden import ASSETS, PARITY_ATOL, max_logit_diff
+from hf_golden import CASES as GOLDEN_CASES
 
 from framework import inference
 from framework.models import hf, lm
-
-ASSETS = pathlib.Path(__file__).parent / "assets" / "hf"
-GOLDEN_CASES = (
-    "llama_gqa",
-    "llama_tied",
-    "llama_sharded",
-    "qwen2_bias",
-    "mistral_window",
-    "gemma_geglu",
-    "gemma2_softcap",
-)
-# fp32 logits of |x| ~ 5 after a few layers: 1e-4 allows only accumulation-order noise. Never loosen it.
-PARITY_ATOL = 1e-4
-
-
-def _max_logit_diff(case_dir: pathlib.Path, cfg: lm.LMConfig, params) -> float:
-    golden = safetensors.numpy.load_file(str(case_dir / "golden.safetensors"))
-    logits_BTV = lm.apply(params, golden["input_ids"].astype(np.int32), cfg)
-    assert logits_BTV.shape == golden["logits"].shape
-    return float(np.abs(np.asarray(logits_BTV, np.float32) - golden["logits"]).max())
 
 
 def _copy_case(case: str, dst: pathlib.Path) -> pathlib.Path:
@@ -56,7 +38,7 @@ def _edit_config(folder: pathlib.Path, **changes) -> None:
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 def test_golden_logit_parity(case):
     cfg, params = hf.load_hf_checkpoint(ASSETS / case)
-    diff = _max_logit_diff(ASSETS / case, cfg, params)
+    diff = max_logit_diff(case, cfg, params)
     assert diff <= PARITY_ATOL, f"{case}: max |logits - transformers| = {diff:.3g} > {PARITY_ATOL}"
 
 
@@ -201,7 +183,7 @@ def test_tied_checkpoint_with_redundant_lm_head(tmp_path):
     safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"))
     cfg, params = hf.load_hf_checkpoint(folder)
     assert "lm_head" not in params
-    assert _max_logit_diff(ASSETS / "llama_tied", cfg, params) <= PARITY_ATOL
+    assert max_logit_diff("llama_tied", cfg, params) <= PARITY_ATOL
     tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1.0
     safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match="lm_head.weight differs"):

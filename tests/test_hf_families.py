@@ -8,7 +8,6 @@ round trip, the unsupported-architecture error and `load_hf_tokenizer`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import pathlib
@@ -18,49 +17,23 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from hf_golden import ASSETS, PARITY_ATOL, load, max_logit_diff
+from hf_golden import CASES as ALL_CASES
+from hf_golden import golden as load_golden
 
 from framework import inference
 from framework.models import hf, lm
 
-ASSETS = pathlib.Path(__file__).parent / "assets" / "hf"
-ALL_CASES = (
-    "llama_gqa",
-    "llama_tied",
-    "llama_sharded",
-    "qwen2_bias",
-    "mistral_window",
-    "gemma_geglu",
-    "gemma2_softcap",
-)
-PARITY_ATOL = 1e-4  # as in test_hf.py: fp32 accumulation-order noise only. Never loosen it.
-
-
-@functools.lru_cache(maxsize=None)
-def _load(case: str):
-    return hf.load_hf_checkpoint(ASSETS / case)
-
-
-def _golden(case: str) -> dict[str, np.ndarray]:
-    return safetensors.numpy.load_file(str(ASSETS / case / "golden.safetensors"))
-
-
-_apply = jax.jit(lm.apply, static_argnums=2)  # one compile per config beats eager op-by-op dispatch here
-
-
-def _max_diff(case: str, cfg: lm.LMConfig, params) -> float:
-    golden = _golden(case)
-    return float(np.abs(np.asarray(_apply(params, golden["input_ids"], cfg)) - golden["logits"]).max())
-
 
 def test_config_mapping_per_family():
-    qwen, _ = _load("qwen2_bias")
+    qwen, _ = load("qwen2_bias")
     assert qwen.qkv_bias and qwen.sliding_window is None and qwen.rope_theta == 1e6 and not qwen.tie_embeddings
-    mistral, _ = _load("mistral_window")
+    mistral, _ = load("mistral_window")
     assert mistral.layer_windows == (5, 5) and not mistral.qkv_bias
-    gemma, _ = _load("gemma_geglu")
+    gemma, _ = load("gemma_geglu")
     assert (gemma.head_dim, gemma.n_kv_heads, gemma.mlp_activation) == (24, 1, "gelu_tanh")
     assert gemma.norm_plus_one and gemma.scale_embeddings and gemma.tie_embeddings and not gemma.post_norms
-    g2, _ = _load("gemma2_softcap")
+    g2, _ = load("gemma2_softcap")
     assert g2.layer_windows == (6, None, 6) and g2.sliding_window_layers == (0, 2)
     assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.query_pre_attn_scalar) == (5.0, 8.0, 24.0)
     assert g2.post_norms and g2.sm_scale == 24.0**-0.5
@@ -101,15 +74,15 @@ def test_family_config_defaults():
 )
 def test_goldens_exercise_each_feature(case, change):
     """Switching a feature off moves the logits well past the parity tolerance: the goldens really test it."""
-    cfg, params = _load(case)
-    assert _max_diff(case, dataclasses.replace(cfg, **change), params) > 10 * PARITY_ATOL
+    cfg, params = load(case)
+    assert max_logit_diff(case, dataclasses.replace(cfg, **change), params) > 10 * PARITY_ATOL
 
 
 def test_flash_kernel_training_path_parity():
     """Cache-free forward through the Pallas flash kernel (interpret mode): window, softcap and the score scale
     reach the kernel, the local/global choice made by lax.switch under the layer scan."""
-    cfg, params = _load("gemma2_softcap")
-    assert _max_diff("gemma2_softcap", dataclasses.replace(cfg, attention_impl="interpret"), params) <= PARITY_ATOL
+    cfg, params = load("gemma2_softcap")
+    assert max_logit_diff("gemma2_softcap", dataclasses.replace(cfg, attention_impl="interpret"), params) <= PARITY_ATOL
 
 
 def test_embedding_scale_is_rounded_to_the_weights_dtype():
@@ -134,8 +107,8 @@ def test_windowed_decode_paged_kernel_matches_transformers(case):
     """Greedy tokens equal HF `generate` with a paged cache: the prompt goes through the paged reference path,
     every new token through the decode kernel (interpret mode) with window and softcap. (test_hf.py covers the
     dense cache with the reference attention.)"""
-    cfg, params = _load(case)
-    golden = _golden(case)
+    cfg, params = load(case)
+    golden = load_golden(case)
     cfg = dataclasses.replace(cfg, attention_impl="interpret")
     out = inference.generate(
         params, cfg, golden["input_ids"][:, :8], max_new_tokens=12, stop_tokens=(), kv_layout="paged", page_size=4
@@ -146,8 +119,8 @@ def test_windowed_decode_paged_kernel_matches_transformers(case):
 def test_stacked_cache_forward_with_alternating_windows():
     """Under the layer scan (traced layer index) local/global layers pick their window by lax.switch; chunked
     prefill + decode over a stacked cache equals one full forward pass."""
-    cfg, params = _load("gemma2_softcap")
-    golden = _golden("gemma2_softcap")
+    cfg, params = load("gemma2_softcap")
+    golden = load_golden("gemma2_softcap")
     tokens = golden["input_ids"]
     cache = inference.kv_cache.init_cache(cfg, tokens.shape[0], 32)
     first = lm.forward(params, tokens[:, :9], cfg, kv_cache=cache)
@@ -160,7 +133,7 @@ def test_stacked_cache_forward_with_alternating_windows():
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_save_round_trip_is_exact(case, tmp_path):
     """load(save(x)) is bitwise x, same config; the written tensors are bitwise the transformers-written ones."""
-    cfg, params = _load(case)
+    cfg, params = load(case)
     out = hf.save_hf_checkpoint(params, cfg, tmp_path / case)
     cfg2, params2 = hf.load_hf_checkpoint(out)
     assert cfg2 == cfg
@@ -177,7 +150,7 @@ def test_save_round_trip_is_exact(case, tmp_path):
 
 
 def test_save_bf16_sharded_and_unstacked(tmp_path):
-    cfg, params = _load("gemma2_softcap")
+    cfg, params = load("gemma2_softcap")
     bf16 = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params)
     out = hf.save_hf_checkpoint(lm.unstack_layers(bf16, cfg), cfg, tmp_path / "bf16", max_shard_bytes=60_000)
     assert (out / hf.INDEX_FILE).exists() and len(list(out.glob("model-*.safetensors"))) > 1
@@ -188,13 +161,13 @@ def test_save_bf16_sharded_and_unstacked(tmp_path):
 
 
 def test_save_reports_what_a_family_cannot_hold(tmp_path):
-    cfg, params = _load("llama_gqa")
+    cfg, params = load("llama_gqa")
     with pytest.raises(ValueError, match=r"model_type='llama' cannot express model\.final_logit_softcap=30\.0"):
         hf.save_hf_checkpoint(params, dataclasses.replace(cfg, final_logit_softcap=30.0), tmp_path / "a")
-    g2, g2_params = _load("gemma2_softcap")
+    g2, g2_params = load("gemma2_softcap")
     with pytest.raises(ValueError, match=r"cannot express .*model\.post_norms=True"):
         hf.save_hf_checkpoint(g2_params, g2, tmp_path / "b", model_type="gemma")
-    gemma, gemma_params = _load("gemma_geglu")
+    gemma, gemma_params = load("gemma_geglu")
     with pytest.raises(ValueError, match=r"model_type='gemma' cannot express model\.mlp_activation='gelu'"):
         hf.save_hf_checkpoint(gemma_params, dataclasses.replace(gemma, mlp_activation="gelu"), tmp_path / "d")
 
@@ -229,7 +202,7 @@ def test_unsupported_architecture_names_it_and_the_supported_list(tmp_path):
 
 
 def test_load_hf_tokenizer(tmp_path):
-    cfg, _ = _load("llama_gqa")
+    cfg, _ = load("llama_gqa")
     tok = hf.load_hf_tokenizer(ASSETS / "llama_gqa", vocab_size=cfg.vocab_size)
     text = "Q 12+34\nA 46\n"
     ids = tok.encode(text).ids
@@ -239,7 +212,7 @@ def test_load_hf_tokenizer(tmp_path):
         hf.load_hf_tokenizer(ASSETS / "llama_gqa", vocab_size=4)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json in .*config.json"):
         hf.load_hf_tokenizer(ASSETS / "llama_tied")
-    _, params = _load("llama_gqa")
+    _, params = load("llama_gqa")
     out = hf.save_hf_checkpoint(params, cfg, tmp_path / "with_tok", tokenizer=tok)
     assert hf.load_hf_tokenizer(out).encode(text).ids == ids
 
