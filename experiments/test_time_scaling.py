@@ -145,12 +145,16 @@ def _sample_traces(policy, problems, per_problem: int, seed: int):
     return rows, out.texts
 
 
-def make_labels(sources, policy, judge, problems, texts, seed: int) -> dict[str, list[np.ndarray]]:
+def make_labels(sources, policy, judge, problems, texts, seed: int, timings=None) -> dict[str, list[np.ndarray]]:
     """Line labels of every trace from each source (see framework.verifiers.labels): one set of max(n) Monte-Carlo
-    rollouts per step serves every "mc:<n>" and "consensus:<n>", and the judge rewrites each line once."""
+    rollouts per step serves every "mc:<n>" and "consensus:<n>", and the judge rewrites each line once. `timings`
+    (a dict) gets the seconds of the Monte-Carlo rollouts and of the judge."""
+    timings = {} if timings is None else timings
     parsed = {s: parse_source(s) for s in sources}
     ns = sorted({n for kind, n in parsed.values() if kind in ("mc", "consensus")})
+    t0 = time.perf_counter()
     mc = verifiers.monte_carlo_label_sets(policy, problems, texts, ns=ns, seed=seed) if ns else {}
+    timings["labels_mc"] = time.perf_counter() - t0
     judged = None
     out = {}
     for source, (kind, n) in parsed.items():
@@ -161,7 +165,10 @@ def make_labels(sources, policy, judge, problems, texts, seed: int) -> dict[str,
         elif kind == "mc":
             out[source] = mc[n].hard
         else:
-            judged = judged or verifiers.judge_verdicts(judge, problems, texts)
+            if judged is None:
+                t0 = time.perf_counter()
+                judged = verifiers.judge_verdicts(judge, problems, texts)
+                timings["labels_judge"] = time.perf_counter() - t0
             out[source] = verifiers.consensus_labels(mc[n].hard, judged.line_ok)
     return out
 
@@ -170,15 +177,19 @@ def _verifier_dir(workdir: str, source: str) -> str:
     return os.path.join(os.path.abspath(workdir), "verifiers", source.replace(":", "_"))
 
 
-def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs, workdir: str, mesh=None):
+def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs, workdir: str, mesh=None, timings=None):
     """One PRM/ORM per label source; held-out ProcessBench metrics against gold labels. Fitted params and their
-    training metrics are saved under workdir/verifiers/<source>; a rerun loads them instead of refitting."""
+    training metrics are saved under workdir/verifiers/<source>; a rerun loads them instead of refitting.
+    `timings` (a dict) gets seconds per sub-stage: traces, labels_mc, labels_judge, fit, heldout."""
+    timings = {} if timings is None else timings
     c = config.prm
+    t_traces = time.perf_counter()
     train_p = _problems(config.seed, "train", 101, c.train_problems, c.num_steps, knobs)
     held_p = _problems(config.seed, "eval", 102, c.heldout_problems, c.num_steps, knobs)
     rows, texts = _sample_traces(policy, train_p, c.samples_per_problem, config.seed)
     held_rows, held_texts = _sample_traces(policy, held_p, c.samples_per_problem, config.seed + 1)
     held_gold = [verifiers.gold_labels(p, t) for p, t in zip(held_rows, held_texts)]
+    timings["traces"] = time.perf_counter() - t_traces
     # A saved verifier is reused only if it was fitted from the same policy with the same settings.
     digest = hashlib.sha256(
         json.dumps([config.seed, config.prm.to_dict(), config.sampling.to_dict()], sort_keys=True).encode()
@@ -196,7 +207,7 @@ def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs, wor
 
     todo = [s for s in config.labels.sources if not cached(s)]
     t0 = time.perf_counter()
-    labelled = make_labels(todo, policy, judge, rows, texts, config.seed) if todo else {}
+    labelled = make_labels(todo, policy, judge, rows, texts, config.seed, timings) if todo else {}
     label_seconds = time.perf_counter() - t0
     like = verifiers.init(policy_params, policy_cfg, jax.random.key(config.seed))
     bs = config.sampling.batch_size
@@ -243,8 +254,11 @@ def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs, wor
             if jax.process_index() == 0:
                 with open(os.path.join(where, "fit.json"), "w") as f:
                     json.dump(fit_m, f)
+        timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
         v = verifiers.Verifier(params, policy_cfg, batch_size=bs, min_batch=bs, mesh=mesh)
         m = verifiers.process_metrics(v.score(held_rows, held_texts).scores, held_gold)
+        timings["heldout"] = timings.get("heldout", 0.0) + time.perf_counter() - t0
         m.update({k: v for k, v in fit_m.items() if k != "fingerprint"})
         out[source] = (v, m)
         log.info("verifier %s: %s", source, m)
@@ -283,6 +297,21 @@ def train_revision_policy(config, pol_params, pol_lm, workdir: str):
     )
     state = loop.train(lm_config, os.path.join(workdir, "revision_policy"), task)
     return jax.device_get(state.params), model_cfg
+
+
+# Seconds spent tracing, lowering and compiling (XLA) since import: the stage timings report each stage's share.
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_seconds = [0.0]
+_listening = [False]
+
+
+def _on_event(event: str, duration: float, **kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
 
 
 def _mean(x) -> float:
@@ -341,11 +370,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     load_start = os.getloadavg()
     os.makedirs(workdir, exist_ok=True)
     loop.write_config(config, workdir)
+    if not _listening[0]:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _listening[0] = True
+    # Per stage: wall seconds (`timings`), process CPU seconds and compile seconds (both cumulative deltas).
+    timings, cpu_timings, compile_timings = {}, {}, {}
+    cpu_start, compile_start = time.process_time(), _compile_seconds[0]
+
+    def lap(name):
+        timings[name] = time.perf_counter() - t_start - sum(timings.values())
+        cpu_timings[name] = time.process_time() - cpu_start - sum(cpu_timings.values())
+        compile_timings[name] = _compile_seconds[0] - compile_start - sum(compile_timings.values())
+
     pol_params, pol_cfg, pol_lm = load_or_train(config.policy, workdir, "policy")
+    lap("policy")
     if config.judge.use_policy:
         judge_params, judge_cfg = pol_params, pol_cfg
     else:
         judge_params, judge_cfg, _ = load_or_train(config.judge, workdir, "judge")
+    lap("judge")
     knobs = train_lm.knobs(pol_lm)
     s = config.sampling
     mesh, rules = make_mesh(config)
@@ -353,12 +396,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     policy = search.LMPolicy(pol_params, pol_cfg, temperature=s.temperature, top_p=s.top_p, **sample)
     judge = search.LMPolicy(judge_params, judge_cfg, temperature=0.0, **sample)
 
-    timings = {"models": time.perf_counter() - t_start}
-
-    def lap(name):
-        timings[name] = time.perf_counter() - t_start - sum(timings.values())
-
-    vers = train_verifiers(config, pol_params, pol_cfg, policy, judge, knobs, workdir, mesh)
+    detail = {}
+    vers = train_verifiers(config, pol_params, pol_cfg, policy, judge, knobs, workdir, mesh, detail)
     lap("verifiers")
     prm = vers[config.prm.label_source][0]
     e = config.eval
@@ -390,6 +429,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     per_scored = pool_tok_scored.sum() / (len(problems) * n_max)
 
     correct: dict[str, dict[int, np.ndarray]] = {}  # name -> N -> [P] fraction right over seeds
+    run_seconds: dict[str, dict[int, float]] = {}  # name -> N -> wall seconds of the re-run-per-N searches (all seeds)
     flops: dict[str, dict[int, float]] = {}
     for n in e.budgets:
         sub = [
@@ -405,13 +445,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for name, strategy, m, k in _search_configs(e):
             if n < m or n % m:
                 continue
+            t0 = time.perf_counter()
             runs = [
                 search.run(strategy, policy, prm, problems, n=n, m=m, lookahead=k, seed=seed, aggregation=e.aggregation)
                 for seed in e.seeds
             ]
             correct.setdefault(name, {})[n] = np.mean([r.correct(problems) for r in runs], axis=0)
             flops.setdefault(name, {})[n] = float(np.mean([r.flops(n_pol, n_ver) for r in runs])) / len(problems)
-            log.info("%s N=%d: acc %.3f", name, n, _mean(correct[name][n]))
+            run_seconds.setdefault(name, {})[n] = time.perf_counter() - t0
+            log.info("%s N=%d: acc %.3f (%.1f s)", name, n, _mean(correct[name][n]), run_seconds[name][n])
     lap("search")
 
     rc = config.revision
@@ -423,6 +465,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if n % r:
                     continue
                 name = f"revision_r{r}"
+                t0 = time.perf_counter()
                 runs = [
                     revision.revise(
                         rev_policy,
@@ -438,7 +481,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 ]
                 correct.setdefault(name, {})[n] = np.mean([x.correct(problems) for x in runs], axis=0)
                 flops.setdefault(name, {})[n] = float(np.mean([x.flops(n_pol, n_ver) for x in runs])) / len(problems)
-                log.info("%s N=%d: acc %.3f", name, n, _mean(correct[name][n]))
+                run_seconds.setdefault(name, {})[n] = time.perf_counter() - t0
+                log.info("%s N=%d: acc %.3f (%.1f s)", name, n, _mean(correct[name][n]), run_seconds[name][n])
         lap("revision")
     curves = {k: {n: _mean(v) for n, v in d.items()} for k, d in correct.items()}
     by_bin = {
@@ -499,6 +543,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             acc[agg] = {k: _mean(np.mean([x[k] for x in sub], axis=0)) for k in ("best_of_n", "weighted_best_of_n")}
         label_table[source] = dict(m, bon=acc)
 
+    lap("analysis")
     results = {
         "scaling": scaling,
         "coverage": coverage,
@@ -506,6 +551,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "compute_optimal_flops": optimal_flops,
         "label_sources": label_table,
         "timings": timings,
+        "timings_verifiers": detail,
+        "cpu_seconds": cpu_timings,
+        "compile_seconds": compile_timings,
+        "search_seconds": run_seconds,
         "seconds": time.perf_counter() - t_start,
         "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
     }
@@ -513,4 +562,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         report.write(workdir, results)
         print(report.summary(results))
         print("seconds per stage:", {k: round(v, 1) for k, v in timings.items()})
+        print("CPU seconds per stage:", {k: round(v, 1) for k, v in cpu_timings.items()})
+        print("compile seconds per stage:", {k: round(v, 1) for k, v in compile_timings.items()})
+        print("verifier sub-stages:", {k: round(v, 1) for k, v in detail.items()})
     return results

@@ -27,9 +27,11 @@ def scaling_experiment() -> ml_collections.ConfigDict:
     # `workdir` names a finished train_lm run to load; unset, `train_lm` is trained into <workdir>/policy.
     config.policy = ml_collections.ConfigDict({"workdir": config_dict.placeholder(str), "train_lm": policy_lm()})
     # The judge for consensus labels and the "scale the parameters instead" line: a larger policy (small size).
+    # 600 steps (was 1500): the judge's greedy answer accuracy on the study's 100 test problems is 1.00 either way
+    # (measured 2026-11-23; eval token accuracy 0.9997), and its training was the largest single cost of a fresh run.
     # use_policy=True makes the policy its own judge (tiny CI runs: one model fewer to train).
     config.judge = ml_collections.ConfigDict(
-        {"workdir": config_dict.placeholder(str), "train_lm": policy_lm("small", 1500, 3e-3), "use_policy": False}
+        {"workdir": config_dict.placeholder(str), "train_lm": policy_lm("small", 600, 3e-3), "use_policy": False}
     )
     config.sampling = ml_collections.ConfigDict(dict(temperature=0.8, top_p=1.0, batch_size=256))
     # Search batches are split over the mesh's batch axes (data by default) when it has more than one device.

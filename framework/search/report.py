@@ -71,7 +71,23 @@ def write(workdir: str, results: dict) -> None:
             with open(os.path.join(workdir, "results", f"{key}.json"), "w") as f:
                 json.dump(results[key], f, indent=1, default=float)
     with open(os.path.join(workdir, "results", "run.json"), "w") as f:
-        json.dump({k: results.get(k) for k in ("seconds", "timings", "machine")}, f, indent=1, default=float)
+        json.dump(
+            {
+                k: results.get(k)
+                for k in (
+                    "seconds",
+                    "timings",
+                    "timings_verifiers",
+                    "cpu_seconds",
+                    "compile_seconds",
+                    "search_seconds",
+                    "machine",
+                )
+            },
+            f,
+            indent=1,
+            default=float,
+        )
     sc = results["scaling"]
 
     fig, ax = plt.subplots(figsize=(6, 4))
