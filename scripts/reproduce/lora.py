@@ -1,16 +1,22 @@
-"""The LoRA family adapting an arithmetic LM trained on `+`/`-` chains to chains with `*`: accuracy vs trainable
-parameters per method and rank, each with a small learning-rate sweep, plus the memory of the trainable state.
+"""The LoRA family adapting an arithmetic LM to a task it was not trained on: accuracy and held-out loss vs trainable
+parameters per method and rank, each with a learning-rate sweep and several seeds, plus the memory of the trainable
+state.
 
-  python -m scripts.reproduce.lora --workdir=runs/lora_study
+  python -m scripts.reproduce.lora --workdir=runs/lora_len
 
-RUNTIME: ~35 min on a heavily shared 2-core CPU with the base cached (base ~11 min; ~30-90 s per adapter run);
-results in README.md and docs/figures/lora.{png,json}.
-The base is the quickstart model (tiny, mod 10) trained on ops "+-" only (<workdir>/base);
-every method then trains for --steps on "+-*" chains (packed batches, AdamW, linear warm-up, constant LR) with the
-base frozen: LoRA (alpha/r), rsLoRA (alpha/sqrt r), DoRA, PiSSA init, QLoRA (NF4 + double-quantised base), LoRA+
-(B's LR x16), and full fine-tuning as the reference.  Per (method, rank) the LR with the lowest held-out loss is kept
-and its greedy exact match by K is measured on held-out "+-*" problems.  Trainable-state memory = trainable params
-+ the two Adam moments, fp32.  Writes <workdir>/results/lora.json and <workdir>/figures/lora.png.
+RUNTIME: see README.md ("LoRA family") for the measured CPU time of the committed run; results in README.md and
+docs/figures/lora.{png,json}.
+Default setting ("longer chains", one of the two the issue allows): the base is the quickstart model (tiny, mod 10)
+trained on `+`/`-` chains with K = 1..4 steps (<workdir>/base); every method then trains for --steps on `+`/`-`
+chains with K = 5..8 (packed batches, AdamW, linear warm-up, constant LR) with the base frozen: LoRA (alpha/r),
+rsLoRA (alpha/sqrt r), DoRA, PiSSA init, QLoRA (NF4 + double-quantised base), LoRA+ (B's LR x16), and full
+fine-tuning as the reference. `--new_ops=+-* --new_k=1,8 --base_k=1,8` gives the earlier "chains with *" setting.
+Every (method, rank, LR) runs once per seed (the seed draws the adapter init and the order of the training data; the
+base, the held-out loss batches and the held-out problems are shared). Per (method, rank) the LR with the lowest
+seed-mean held-out loss is kept, and its greedy exact match and step accuracy by K are measured per seed on
+--problems_per_k held-out problems for each K of the new range. Trainable-state memory = the bytes of the trainable
+arrays + the optimiser state (fp32 AdamW: two moments). Writes <workdir>/results/lora.json and
+<workdir>/figures/lora.png.
 """
 
 from __future__ import annotations
@@ -28,18 +34,32 @@ from configs import quickstart
 from experiments import train_lm
 from framework import peft
 from framework.models import lm
-from framework.tasks import data, policy_eval
+from framework.tasks import arithmetic, data, policy_eval
 from framework.training import loop
 from framework.training.loss import next_token_loss
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/lora_study", "Output directory.")
-_STEPS = flags.DEFINE_integer("steps", 100, "Adapter training steps per run.")
-_LRS = flags.DEFINE_list("lrs", ["3e-3", "1e-2", "3e-2"], "Learning-rate sweep (full fine-tuning uses LR/10).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/lora_mul", "Output directory.")
+_BASE_OPS = flags.DEFINE_string("base_ops", "+-", "Ops the base is trained on.")
+_BASE_K = flags.DEFINE_list("base_k", ["1", "4"], "Inclusive K range the base is trained on.")
+_BASE_STEPS = flags.DEFINE_integer("base_steps", 2000, "Base training steps (quickstart recipe otherwise).")
+_NEW_OPS = flags.DEFINE_string("new_ops", "+-*", "Ops of the adaptation task.")
+_NEW_K = flags.DEFINE_list("new_k", ["1", "4"], "Inclusive K range of the adaptation task (and of the evaluation).")
+_STEPS = flags.DEFINE_integer("steps", 300, "Adapter training steps per run.")
+_LRS = flags.DEFINE_list("lrs", ["3e-3", "1e-2", "3e-2"], "Learning-rate sweep of the adapters.")
+_FULL_LR_SCALE = flags.DEFINE_float("full_lr_scale", 1 / 3, "Full fine-tuning sweeps --lrs times this.")
 _RANKS = flags.DEFINE_list("ranks", ["1", "8"], "Adapter ranks; every method runs at every rank.")
 _METHODS = flags.DEFINE_list("methods", ["full", "lora", "rslora", "dora", "pissa", "qlora", "lora+"], "Methods run.")
-_PROBLEMS = flags.DEFINE_integer("problems_per_k", 32, "Held-out problems per K for exact match.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Adaptation seeds (adapter init and training-data order).")
+_SWEEP_SEEDS = flags.DEFINE_integer(
+    "sweep_seeds", 1, "How many of --seeds run at every LR; the others run only at the LR chosen on these."
+)
+_PROBLEMS = flags.DEFINE_integer("problems_per_k", 64, "Held-out problems per K for exact match.")
+_REPLOT = flags.DEFINE_bool("replot", False, "Only redraw the figure and table from <workdir>/results/lora.json.")
+_MERGE = flags.DEFINE_list(
+    "merge", [], "Workdirs of runs of this study (same base and task) whose results are joined into <workdir>."
+)
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Held-out packed batches for the loss.")
 
-BASE_OPS, NEW_OPS = "+-", "+-*"
 VARIANTS = {
     "lora": dict(),
     "rslora": dict(scaling="rslora"),
@@ -50,14 +70,20 @@ VARIANTS = {
 }
 
 
-def _configs():
-    base = quickstart.get_config()
-    base.unlock()
-    base.task.ops = BASE_OPS
-    new = quickstart.get_config()
-    new.unlock()
-    new.task.ops = NEW_OPS
-    return base, new
+def _k_range(values) -> tuple[int, int]:
+    lo, hi = (int(v) for v in values)
+    return lo, hi
+
+
+def _task_config(ops: str, k: tuple[int, int], seed_offset: int = 0, steps: int | None = None):
+    config = quickstart.get_config()
+    config.unlock()
+    config.task.ops = ops
+    config.task.num_steps = k
+    config.seed = config.seed + seed_offset
+    if steps is not None:
+        config.train.steps = steps
+    return config
 
 
 def _batches(config, split, n=None):
@@ -83,9 +109,16 @@ def _loss(params, batch, model_cfg):
     return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 
+def _nbytes(tree) -> int:
+    return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
 def _train(trainable, to_params, tx, model_cfg, config):
-    """Trains `trainable` (adapters or full params) for --steps; returns (trained, final train loss, seconds)."""
+    """Trains `trainable` (adapters or full params) for --steps on `config`'s training stream.
+
+    Returns (trained, final train loss, CPU seconds of this process, bytes of trainable + optimiser state)."""
     state = tx.init(trainable)
+    state_bytes = _nbytes(trainable) + _nbytes(state)
 
     @jax.jit
     def step(tr, st, batch):
@@ -93,13 +126,13 @@ def _train(trainable, to_params, tx, model_cfg, config):
         upd, st = tx.update(g, st, tr)
         return optax.apply_updates(tr, upd), st, loss
 
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     batches = _batches(config, "train")
     losses = []
     for _ in range(_STEPS.value):
         trainable, state, loss = step(trainable, state, next(batches))
         losses.append(float(loss))
-    return trainable, float(np.mean(losses[-20:])), time.perf_counter() - t0
+    return trainable, float(np.mean(losses[-10:])), time.process_time() - t0, state_bytes
 
 
 def _eval_loss(params, model_cfg, eval_batches) -> float:
@@ -108,35 +141,87 @@ def _eval_loss(params, model_cfg, eval_batches) -> float:
     return sum(float(s["loss_sum"]) for s in sums) / sum(float(s["tokens"]) for s in sums)
 
 
-def _exact_match(params, model_cfg, config) -> tuple[dict, dict]:
-    """Greedy ({K: exact match}, {K: step accuracy}) on held-out problems of `config`'s task."""
-    acc = policy_eval.accuracy_by_k(
-        params,
-        model_cfg,
-        seed=config.seed,
-        ks=range(1, 9),
-        problems_per_k=_PROBLEMS.value,
-        knobs=train_lm.knobs(config),
-    )
-    return {k: v["exact_match"] for k, v in acc.items()}, {k: v["step_accuracy"] for k, v in acc.items()}
+def _accuracy(params, model_cfg, config, ks) -> dict[str, dict[int, float]]:
+    """Greedy accuracy by K on held-out problems of `config`'s task: exact match, step accuracy (fraction of locally
+    correct steps) and the step accuracy over the steps of the adaptation's new op (the last of --new_ops absent
+    from --base_ops), where the base has the most to learn."""
+    new = sorted(set(_NEW_OPS.value) - set(_BASE_OPS.value))
+    out = {"exact_match": {}, "step_accuracy": {}, "new_op_step_accuracy": {}}
+    for k in ks:
+        problems = policy_eval.eval_problems(config.seed, k, _PROBLEMS.value, **train_lm.knobs(config))
+        texts = policy_eval.complete(params, model_cfg, problems)
+        results = [arithmetic.check_solution(p, t) for p, t in zip(problems, texts)]
+        g = policy_eval.grade(problems, texts)
+        out["exact_match"][k], out["step_accuracy"][k] = g["exact_match"], g["step_accuracy"]
+        ok = [o for p, r in zip(problems, results) for op, o in zip(p.ops, r.step_ok) if op in new]
+        out["new_op_step_accuracy"][k] = float(np.mean(ok)) if ok else float("nan")
+    return out
 
 
 def _schedule(lr):
-    return optax.linear_schedule(0.0, lr, 20)
+    return optax.linear_schedule(0.0, lr, min(20, _STEPS.value // 5))
+
+
+def _run(method, rank, lr, seed, base, model_cfg, train_config, n_base):
+    """One adaptation run; returns (merged params, trainable params, train loss, CPU s, state bytes)."""
+    if method == "full":
+        tx = optax.adamw(_schedule(lr), weight_decay=0.0)
+        trained, train_loss, secs, nbytes = _train(base, lambda t: t, tx, model_cfg, train_config)
+        return trained, n_base, train_loss, secs, nbytes
+    lcfg = peft.LoraConfig(rank=rank, alpha=2.0 * rank, **VARIANTS[method])
+    adapted = peft.add_adapters(base, lcfg, jax.random.key(seed), model_cfg=model_cfg)
+    ad = peft.adapter_params(adapted)
+    tx = peft.lora_plus(_schedule(lr), 16.0) if method == "lora+" else optax.adamw(_schedule(lr), weight_decay=0.0)
+    ad, train_loss, secs, nbytes = _train(ad, lambda t: peft.set_adapters(adapted, t), tx, model_cfg, train_config)
+    return peft.merge(peft.set_adapters(adapted, ad)), peft.count_params(ad), train_loss, secs, nbytes
+
+
+def _mean(xs) -> float:
+    return float(np.mean(xs))
 
 
 def main(argv):
     del argv
     workdir = _WORKDIR.value
-    base_config, new_config = _configs()
+    if _MERGE.value:  # one study run as several processes (e.g. one per rank): rows concatenated, base from the first
+        parts = []
+        for d in _MERGE.value:
+            with open(os.path.join(d, "results", "lora.json")) as f:
+                parts.append(json.load(f))
+        out = dict(parts[0], rows=[r for p in parts for r in p["rows"]], merged_from=list(_MERGE.value))
+        os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+        os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+        with open(os.path.join(workdir, "results", "lora.json"), "w") as f:
+            json.dump(out, f)
+    if _REPLOT.value or _MERGE.value:
+        with open(os.path.join(workdir, "results", "lora.json")) as f:
+            out = json.load(f)
+        out["vs_lora"] = vs_lora(out["rows"])
+        with open(os.path.join(workdir, "results", "lora.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        _plot(out, os.path.join(workdir, "figures", "lora.png"))
+        print(table(out))
+        return
+    base_k, new_k = _k_range(_BASE_K.value), _k_range(_NEW_K.value)
+    seeds = [int(s) for s in _SEEDS.value]
+    base_config = _task_config(_BASE_OPS.value, base_k, steps=_BASE_STEPS.value)
+    new_config = _task_config(_NEW_OPS.value, new_k)
     model_cfg, task = train_lm.make_task(base_config)
+    t0 = time.process_time()
     base = jax.device_get(loop.train(base_config, os.path.join(workdir, "base"), task).params)
-    eval_batches = list(_batches(new_config, "eval", 4))
+    print(f"base: {time.process_time() - t0:.0f} CPU-s (0 if cached)", flush=True)
+    eval_batches = list(_batches(new_config, "eval", _EVAL_BATCHES.value))
+    ks = range(new_k[0], new_k[1] + 1)
     n_base = peft.count_params(base)
-    rows = []
-    em_base, step_base = _exact_match(base, model_cfg, new_config)
+    all_ks = range(1, max(base_k[1], new_k[1]) + 1)
+    acc_base = _accuracy(base, model_cfg, new_config, all_ks)
+    em_base, step_base = acc_base["exact_match"], acc_base["step_accuracy"]
     loss_base = _eval_loss(base, model_cfg, eval_batches)
-    print(f"base on {NEW_OPS!r}: eval loss {loss_base:.4f} EM {em_base}", flush=True)
+    print(
+        f"base on {_NEW_OPS.value!r} K={new_k}: eval loss {loss_base:.4f} EM {em_base} step {step_base} "
+        f"new-op step {acc_base['new_op_step_accuracy']}",
+        flush=True,
+    )
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
 
@@ -145,61 +230,88 @@ def main(argv):
         raise ValueError(f"--methods: unknown {unknown}; expected among full, {', '.join(VARIANTS)}")
     runs = [("full", None)] if "full" in _METHODS.value else []
     runs += [(m, int(r)) for r in _RANKS.value for m in VARIANTS if m in _METHODS.value]
+    rows = []
     for method, rank in runs:
         sweep = []
-        for lr in (float(x) for x in _LRS.value):
-            if method == "full":
-                lr = lr / 10
-                tx = optax.adamw(_schedule(lr), weight_decay=0.0)
-                trained, train_loss, secs = _train(base, lambda t: t, tx, model_cfg, new_config)
-                params, n_train = trained, n_base
-            else:
-                lcfg = peft.LoraConfig(rank=rank, alpha=2.0 * rank, **VARIANTS[method])
-                adapted = peft.add_adapters(base, lcfg, jax.random.key(0), model_cfg=model_cfg)
-                ad = peft.adapter_params(adapted)
-                tx = (
-                    peft.lora_plus(_schedule(lr), 16.0)
-                    if method == "lora+"
-                    else optax.adamw(_schedule(lr), weight_decay=0.0)
-                )
-                ad, train_loss, secs = _train(ad, lambda t: peft.set_adapters(adapted, t), tx, model_cfg, new_config)
-                params, n_train = peft.merge(peft.set_adapters(adapted, ad)), peft.count_params(ad)
+
+        def one(lr, seed):
+            train_config = _task_config(_NEW_OPS.value, new_k, seed_offset=seed)
+            params, n_train, train_loss, secs, nbytes = _run(
+                method, rank, lr, seed, base, model_cfg, train_config, n_base
+            )
             ev = _eval_loss(params, model_cfg, eval_batches)
-            sweep.append(dict(lr=lr, eval_loss=ev, train_loss=train_loss, seconds=secs, params=params))
-            print(f"{method:6s} r={rank} lr={lr:.0e}: eval loss {ev:.4f} ({secs:.0f}s)", flush=True)
+            print(f"{method:6s} r={rank} lr={lr:.0e} seed={seed}: eval loss {ev:.4f} ({secs:.0f} CPU-s)", flush=True)
+            return (
+                dict(seed=seed, eval_loss=ev, train_loss=train_loss, cpu_seconds=secs, params=params),
+                n_train,
+                nbytes,
+            )
+
+        for lr in (float(x) for x in _LRS.value):
+            lr = lr * _FULL_LR_SCALE.value if method == "full" else lr
+            per_seed = []
+            for seed in seeds[: _SWEEP_SEEDS.value]:
+                run, n_train, nbytes = one(lr, seed)
+                per_seed.append(run)
+            sweep.append(dict(lr=lr, eval_loss=_mean([s["eval_loss"] for s in per_seed]), seeds=per_seed))
         best = min(sweep, key=lambda s: s["eval_loss"])
-        em, step_acc = _exact_match(best["params"], model_cfg, new_config)
+        for seed in seeds[_SWEEP_SEEDS.value :]:
+            best["seeds"].append(one(best["lr"], seed)[0])
+        accs = [_accuracy(s["params"], model_cfg, new_config, ks) for s in best["seeds"]]
+        by_seed = {m: [_mean(list(a[m].values())) for a in accs] for m in accs[0]}
+        em_seeds, step_seeds = by_seed["exact_match"], by_seed["step_accuracy"]
         row = dict(
             method=method,
             rank=rank,
             trainable_params=n_train,
             trainable_fraction=n_train / n_base,
-            trainable_state_bytes=3 * 4 * n_train,
+            trainable_state_bytes=nbytes,
             best_lr=best["lr"],
-            eval_loss=best["eval_loss"],
-            exact_match_by_k=em,
-            exact_match_mean=float(np.mean(list(em.values()))),
-            step_accuracy_by_k=step_acc,
-            step_accuracy_mean=float(np.mean(list(step_acc.values()))),
-            sweep=[{k: v for k, v in s.items() if k != "params"} for s in sweep],
+            eval_loss=_mean([s["eval_loss"] for s in best["seeds"]]),
+            eval_loss_by_seed=[s["eval_loss"] for s in best["seeds"]],
+            exact_match_by_k={k: _mean([a["exact_match"][k] for a in accs]) for k in ks},
+            exact_match_mean=_mean(em_seeds),
+            exact_match_by_seed=em_seeds,
+            step_accuracy_by_k={k: _mean([a["step_accuracy"][k] for a in accs]) for k in ks},
+            step_accuracy_mean=_mean(step_seeds),
+            step_accuracy_by_seed=step_seeds,
+            new_op_step_accuracy_by_k={k: _mean([a["new_op_step_accuracy"][k] for a in accs]) for k in ks},
+            new_op_step_accuracy_mean=_mean(by_seed["new_op_step_accuracy"]),
+            new_op_step_accuracy_by_seed=by_seed["new_op_step_accuracy"],
+            sweep=[
+                dict(
+                    lr=s["lr"],
+                    eval_loss=s["eval_loss"],
+                    seeds=[{k: v for k, v in d.items() if k != "params"} for d in s["seeds"]],
+                )
+                for s in sweep
+            ],
         )
         rows.append(row)
         print(
-            f"==> {method} r={rank}: best lr {best['lr']:.0e} EM {row['exact_match_mean']:.3f} "
-            f"step acc {row['step_accuracy_mean']:.3f}",
+            f"==> {method} r={rank}: best lr {best['lr']:.0e} loss {row['eval_loss']:.4f} EM {row['exact_match_mean']:.3f} "
+            f"{em_seeds} step acc {row['step_accuracy_mean']:.3f}",
             flush=True,
         )
         with open(os.path.join(workdir, "results", "lora_partial.json"), "w") as f:
             json.dump(rows, f, indent=1)
 
     out = dict(
-        base_ops=BASE_OPS,
-        new_ops=NEW_OPS,
+        base_ops=_BASE_OPS.value,
+        base_k=base_k,
+        base_steps=_BASE_STEPS.value,
+        new_ops=_NEW_OPS.value,
+        new_k=new_k,
         steps=_STEPS.value,
+        full_lr_scale=_FULL_LR_SCALE.value,
         lrs=[float(x) for x in _LRS.value],
+        seeds=seeds,
+        sweep_seeds=seeds[: _SWEEP_SEEDS.value],
+        problems_per_k=_PROBLEMS.value,
         base_params=n_base,
         base_exact_match_by_k=em_base,
         base_step_accuracy_by_k=step_base,
+        base_new_op_step_accuracy_by_k=acc_base["new_op_step_accuracy"],
         base_eval_loss=loss_base,
         rows=rows,
         vs_lora=vs_lora(rows),
@@ -211,8 +323,8 @@ def main(argv):
 
 
 def vs_lora(rows) -> list[dict]:
-    """Each variant's tuned held-out loss and step accuracy relative to plain LoRA at the same rank (the "variants
-    land within 1-2% of LoRA once LRs are tuned" check)."""
+    """Each variant's tuned held-out loss (relative) and accuracy (difference in points) vs plain LoRA at the same rank
+    (the "variants land within 1-2% of LoRA once LRs are tuned" check), next to LoRA's own seed spread."""
     lora = {r["rank"]: r for r in rows if r["method"] == "lora"}
     out = []
     for r in rows:
@@ -225,6 +337,8 @@ def vs_lora(rows) -> list[dict]:
                 method=r["method"],
                 rank=r["rank"],
                 eval_loss_rel_to_lora=rel,
+                lora_seed_spread_rel=(max(ref["eval_loss_by_seed"]) - min(ref["eval_loss_by_seed"])) / ref["eval_loss"],
+                exact_match_minus_lora=r["exact_match_mean"] - ref["exact_match_mean"],
                 step_accuracy_minus_lora=r["step_accuracy_mean"] - ref["step_accuracy_mean"],
                 within_2pct=abs(rel) <= 0.02,
             )
@@ -232,24 +346,35 @@ def vs_lora(rows) -> list[dict]:
     return out
 
 
+def _fmt_seeds(xs, fmt) -> str:
+    return "/".join(format(x, fmt) for x in xs)
+
+
 def table(out) -> str:
+    klo, khi = out["new_k"]
     lines = [
-        "| method | rank | trainable params | % of base | trainable state | best LR | eval loss | step acc | EM mean | "
-        "EM K=1..8 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | rank | trainable params | % of base | trainable state | best LR | eval loss (per seed) | "
+        f"step acc (per seed) | `*`-step acc (per seed) | EM mean (per seed) | EM K={klo}..{khi} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["rows"]:
         em = " ".join(f"{r['exact_match_by_k'][k]:.2f}" for k in sorted(r["exact_match_by_k"], key=int))
         lines.append(
             f"| {r['method']} | {r['rank'] or '-'} | {r['trainable_params']:,} | "
             f"{100 * r['trainable_fraction']:.1f}% | {r['trainable_state_bytes'] / 1024:.0f} KiB | "
-            f"{r['best_lr']:.0e} | {r['eval_loss']:.4f} | {r['step_accuracy_mean']:.3f} | "
-            f"{r['exact_match_mean']:.3f} | {em} |"
+            f"{r['best_lr']:.0e} | {r['eval_loss']:.4f} ({_fmt_seeds(r['eval_loss_by_seed'], '.4f')}) | "
+            f"{r['step_accuracy_mean']:.3f} ({_fmt_seeds(r['step_accuracy_by_seed'], '.3f')}) | "
+            f"{r['new_op_step_accuracy_mean']:.3f} ({_fmt_seeds(r['new_op_step_accuracy_by_seed'], '.3f')}) | "
+            f"{r['exact_match_mean']:.3f} ({_fmt_seeds(r['exact_match_by_seed'], '.3f')}) | {em} |"
         )
-    base = " ".join(f"{v:.2f}" for _, v in sorted(out["base_exact_match_by_k"].items(), key=lambda kv: int(kv[0])))
+    em_base = {int(k): v for k, v in out["base_exact_match_by_k"].items()}
+    st_base = {int(k): v for k, v in out["base_step_accuracy_by_k"].items()}
+    no_base = {int(k): v for k, v in out["base_new_op_step_accuracy_by_k"].items()}
+    new = [k for k in sorted(em_base) if klo <= k <= khi]
     lines.append(
         f"| base (no adaptation) | - | 0 | 0% | - | - | {out['base_eval_loss']:.4f} | "
-        f"{np.mean(list(out['base_step_accuracy_by_k'].values())):.3f} | {np.mean(list(out['base_exact_match_by_k'].values())):.3f} | {base} |"
+        f"{np.mean([st_base[k] for k in new]):.3f} | {np.nanmean([no_base[k] for k in new]):.3f} | "
+        f"{np.mean([em_base[k] for k in new]):.3f} | " + " ".join(f"{em_base[k]:.2f}" for k in new) + " |"
     )
     return "\n".join(lines)
 
@@ -260,26 +385,55 @@ def _plot(out, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    klo, khi = out["new_k"]
+    new_op = "".join(sorted(set(out["new_ops"]) - set(out["base_ops"])))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
+    markers = {1: "o", 8: "s", None: "*"}
+    panels = [
+        ("new_op_step_accuracy", f"greedy `{new_op}`-step accuracy, mean K={klo}..{khi}"),
+        ("exact_match", f"greedy exact match, mean K={klo}..{khi}"),
+        ("eval_loss", "held-out loss (nats/token)"),
+    ]
+    base_vals = {
+        "new_op_step_accuracy": np.nanmean(list(out["base_new_op_step_accuracy_by_k"].values())),
+        "exact_match": np.mean([v for k, v in out["base_exact_match_by_k"].items() if klo <= int(k) <= khi]),
+        "eval_loss": out["base_eval_loss"],
+    }
+    for ax, (key, ylabel) in zip(axes, panels):
+        for r in out["rows"]:
+            label = f"{r['method']} r{r['rank']}" if r["rank"] else r["method"]
+            mean = r["eval_loss"] if key == "eval_loss" else r[f"{key}_mean"]
+            seeds = r[f"{key}_by_seed"]
+            err = [[max(0.0, mean - min(seeds))], [max(0.0, max(seeds) - mean)]]
+            ax.errorbar(r["trainable_params"], mean, yerr=err, fmt=markers.get(r["rank"], "^"), capsize=2)
+            ax.annotate(label, (r["trainable_params"], mean), fontsize=7)
+        if key != "eval_loss":
+            ax.axhline(base_vals[key], color="gray", ls="--", lw=0.8, label="base, no adaptation")
+            ax.legend(fontsize=7)
+        else:
+            ax.set_title(f"base, no adaptation: {base_vals[key]:.2f}", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(ylabel + " (bars: seed range)", fontsize=8)
+    ax = axes[3]
     for r in out["rows"]:
-        ax1.scatter(r["trainable_params"], r["step_accuracy_mean"])
-        ax1.annotate(f"{r['method']} r{r['rank'] or ''}", (r["trainable_params"], r["step_accuracy_mean"]), fontsize=7)
-        ax2.plot(
+        ax.plot(
             [s["lr"] for s in r["sweep"]],
             [s["eval_loss"] for s in r["sweep"]],
-            marker="o",
-            label=f"{r['method']} r{r['rank'] or ''}",
+            marker=markers.get(r["rank"], "^"),
+            label=f"{r['method']} r{r['rank']}" if r["rank"] else r["method"],
         )
-    ax1.set_xscale("log")
-    ax1.set_xlabel("trainable parameters")
-    ax1.set_ylabel(f"greedy step accuracy on {out['new_ops']!r} chains (mean K=1..8)")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("learning rate")
-    ax2.set_ylabel("held-out loss")
-    ax2.legend(fontsize=6)
-    fig.suptitle(f"Adapting a {out['base_ops']!r} LM to {out['new_ops']!r} chains ({out['steps']} steps)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"held-out loss, seed {out.get('sweep_seeds', out['seeds'])} (LR selection)", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(
+        f"Adapting a {out['base_ops']!r} K={out['base_k'][0]}..{out['base_k'][1]} LM to {out['new_ops']!r} "
+        f"K={klo}..{khi} ({out['steps']} steps, {len(out['seeds'])} seeds)"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,19 @@ EXTRA = [
     ("int8 W8A8", dict(fmt="int8", act_quant=True), ("rtn",)),
     ("nf4 b64", dict(fmt="nf4"), ("rtn", "gptq")),
 ]
+# Further rows, picked by name with --settings (low-bit stress rows).
+MORE = [
+    ("int3 g64", dict(fmt="int4", bits=3, group_size=64), ("rtn", "awq", "gptq")),
+    ("int3 g128", dict(fmt="int4", bits=3, group_size=128), ("rtn", "awq", "gptq")),
+    ("int2 g32", dict(fmt="int4", bits=2, group_size=32), ("rtn", "awq", "gptq")),
+    ("int2 g128", dict(fmt="int4", bits=2, group_size=128), ("rtn", "awq", "gptq")),
+]
+_SETTINGS = flags.DEFINE_list(
+    "settings",
+    [label for label, _, _ in SETTINGS],
+    "Rows to run, by label, among: " + ", ".join(label for label, _, _ in SETTINGS + EXTRA + MORE),
+)
+_JITTER_AT = flags.DEFINE_string("jitter_setting", "int4 g128", "The setting whose RTN gets the jitter (noise) rows.")
 
 
 def _target_bytes(params, per_element: float) -> float:
@@ -123,13 +136,13 @@ def _jittered_rtn(params, qcfg: quant.QuantConfig, model_cfg, seed: int):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def _jitter_rows(params, model_cfg, record):
-    cfg = quant.QuantConfig(fmt="int4", group_size=128)
+def _jitter_rows(params, model_cfg, record, kw):
+    cfg = quant.QuantConfig(**kw)
     for seed in range(_JITTER.value):
         t0 = time.perf_counter()
         qp = _jittered_rtn(params, cfg, model_cfg, seed)
         wb = quant.weight_bytes(qp)
-        record("int4 g128", f"rtn-jitter{seed}", qp, wb["storage"], wb["ideal"], time.perf_counter() - t0)
+        record(_JITTER_AT.value, f"rtn-jitter{seed}", qp, wb["storage"], wb["ideal"], time.perf_counter() - t0)
 
 
 def lm_experiment_config(size: str, steps: int, modulus: int, lr: float):
@@ -205,14 +218,20 @@ def main(argv):
     record("fp32", "-", params, _target_bytes(params, 4), _target_bytes(params, 4), 0.0)
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
     record("bf16", "-", bf16, _target_bytes(params, 2), _target_bytes(params, 2), 0.0)
-    for label, kw, methods in SETTINGS + (EXTRA if _EXTRA.value else []):
+    known = {label: (kw, methods) for label, kw, methods in SETTINGS + EXTRA + MORE}
+    unknown = [label for label in _SETTINGS.value if label not in known]
+    if unknown:
+        raise ValueError(f"--settings: unknown {unknown}; expected among {list(known)}")
+    chosen = [(label, *known[label]) for label in _SETTINGS.value]
+    chosen += [row for row in EXTRA if _EXTRA.value and row[0] not in _SETTINGS.value]
+    for label, kw, methods in chosen:
         for method in methods:
             t0 = time.perf_counter()
             qp = quant.quantize(params, quant.QuantConfig(**kw), method, calib, model_cfg=model_cfg)
             wb = quant.weight_bytes(qp)
             record(label, method, qp, wb["storage"], wb["ideal"], time.perf_counter() - t0)
-        if label == "int4 g128":  # the noise floor of RTN's rounding luck, next to the rows it qualifies
-            _jitter_rows(params, model_cfg, record)
+        if label == _JITTER_AT.value:  # the noise floor of RTN's rounding luck, next to the rows it qualifies
+            _jitter_rows(params, model_cfg, record, kw)
 
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
@@ -235,8 +254,8 @@ def main(argv):
 def argv_flags() -> list[str]:
     return [
         f"--{n}={flags.FLAGS[n].value}"
-        for n in ("workdir", "size", "steps", "modulus", "lr", "jitter_seeds", "problems_per_k")
-    ]
+        for n in ("workdir", "size", "steps", "modulus", "lr", "jitter_seeds", "jitter_setting", "problems_per_k")
+    ] + [f"--settings={','.join(flags.FLAGS.settings)}"]
 
 
 def _last_train_metrics(lm_dir: str) -> dict:
