@@ -387,6 +387,8 @@ def forward(
         if layers is not None:
             layers = tuple(jax.tree.map(lambda a, l=l: a[l], layers) for l in range(cfg.n_layers))
         unstacked = True
+    if not unstacked:
+        _check_scannable(params["layers"])
     model = Decoder(cfg, tuple(layer_iv), tuple(top_iv), unstacked)
     args = (tokens_BT, positions_BT, layers, segment_ids_BT, page_table)
     if wanted:
@@ -410,6 +412,17 @@ def forward(
     if restack:
         layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     return Output(logits, kv_cache.replace(layers=layers), captured)
+
+
+def _check_scannable(layer_params: Params) -> None:
+    """Rejects what flax's nn.scan cannot run with a clear message (its own error names no cause)."""
+    leaves = jax.tree.leaves(layer_params, is_leaf=lambda x: hasattr(x, "impl"))
+    if any(getattr(leaf, "impl", None) == "interpret_tpu" for leaf in leaves):
+        raise ValueError(
+            "quantised weights with impl='interpret_tpu' cannot run inside the layer scan (model.scan_layers=True): "
+            "TPU interpret mode calls back to the host (io callbacks), which flax's nn.scan rejects; set "
+            "model.scan_layers=False or use impl='interpret'"
+        )
 
 
 def unstack_layers(params: Params, cfg: LMConfig | Mapping[str, Any]) -> Params:

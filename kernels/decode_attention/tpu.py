@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.dce import droppable
 from kernels.decode_attention.common import NEG, DecodeConfig, dequant, finish, page_update
 
 
@@ -51,6 +52,7 @@ def _kernel(lens_ref, pt_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeConfig):
         o_ref[...] = finish(l_ref[...], acc_ref[...]).astype(o_ref.dtype)
 
 
+@droppable("cfg")
 def paged_decode(q_BKGD, k_pages, v_pages, k_scales, v_scales, page_table_BN, lengths_B, cfg: DecodeConfig):
     """q [B, K, G, D]; pages [P, C, K, D] (+ scales [P, C, K] when quantised) -> o [B, K, G, D]."""
     B, K, G, D = q_BKGD.shape

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels.dce import droppable
+
 
 def dot(a, b, acc_dtype=jnp.float32):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype)
@@ -55,6 +57,7 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, bk: int, nk: int):
     o_ref[...] = (acc * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
+@droppable("bm", "bn", "bk", "interpret")
 def int8_matmul(x_MK, q_KN, s_1N, *, bm: int, bn: int, bk: int, interpret: bool):
     """Weight-only int8: x [M, K] @ (q [K, N] * s [1, N]) on padded inputs; output dtype = x dtype."""
     M, K = x_MK.shape
@@ -93,6 +96,7 @@ def _int4_kernel(x_ref, w_ref, s_ref, *rest, group: int, n_half: int, codebook, 
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+@droppable("group", "codebook", "bm", "bn", "interpret")
 def int4_matmul(x_MK, packed_PN, s_GN, z_GN, *, group: int, codebook, bm: int, bn: int, interpret: bool):
     """Weight-only int4 (affine, symmetric or codebook) on padded inputs: x [M, K_pad], packed [K_pad/2, N]."""
     M, K = x_MK.shape
@@ -131,6 +135,7 @@ def _int8_int8_kernel(x_ref, w_ref, o_ref, *, bk: int, nk: int):
     o_ref[...] = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
 
 
+@droppable("bm", "bn", "bk", "interpret")
 def int8_int8_matmul(x_MK, w_KN, *, bm: int, bn: int, bk: int, interpret: bool):
     """int8 [M, K] x int8 [K, N] -> int32 [M, N] on padded inputs."""
     M, K = x_MK.shape

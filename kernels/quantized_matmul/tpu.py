@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.dce import droppable
 from kernels.quantized_matmul.gpu import dequant_group, dot
 
 
@@ -48,6 +49,7 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref):
         o_ref[...] = (acc_ref[...] * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
+@droppable("bm", "bn", "bk", "interpret")
 def int8_matmul(x_MK, q_KN, s_1N, *, bm: int, bn: int, bk: int, interpret: bool):
     """Weight-only int8 on padded inputs; grid (M/bm, N/bn, K/bk)."""
     M, K = x_MK.shape
@@ -91,6 +93,7 @@ def _int4_kernel(x_lo_ref, x_hi_ref, w_ref, s_lo_ref, s_hi_ref, *rest, codebook,
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
+@droppable("group", "codebook", "bm", "bn", "interpret")
 def int4_matmul(x_MK, packed_PN, s_GN, z_GN, *, group: int, codebook, bm: int, bn: int, interpret: bool):
     """Weight-only int4 on padded inputs; grid (M/bm, N/bn, P/G), one packed block (two groups) per step."""
     M, K = x_MK.shape
@@ -127,6 +130,7 @@ def _int8_int8_kernel(x_ref, w_ref, o_ref, acc_ref):
         o_ref[...] = acc_ref[...]
 
 
+@droppable("bm", "bn", "bk", "interpret")
 def int8_int8_matmul(x_MK, w_KN, *, bm: int, bn: int, bk: int, interpret: bool):
     """int8 x int8 -> int32 on padded inputs; grid (M/bm, N/bn, K/bk)."""
     M, K = x_MK.shape
