@@ -205,20 +205,54 @@ def test_experiment_config_errors_before_compile(no_compile):
     assert sae_exp.validate(config).d_model == 64
 
 
-def test_topk_sparse_decode_equals_dense():
+def test_topk_loss_equals_lax_top_k_definition():
     cfg = sae.default_config("topk", d_in=16, n_latents=64, k=4, aux_k=0)
     p = model.init_params(cfg, jax.random.key(0))
     p = dict(p, b_dec=jnp.linspace(-1, 1, 16), b_enc=jnp.linspace(-0.1, 0.1, 64))
     x = jax.random.normal(jax.random.key(1), (32, 16))
 
-    def sparse(p):
+    def sparse(p):  # the training loss (kth_largest masking, b_dec's gradient through the zero-valued term)
         return model.losses(p, cfg, x, x, 1.0, jnp.zeros(64, bool))[0]
 
-    def dense(p):
-        f, _ = model.encode_train(p, cfg, x)
-        return jnp.mean(jnp.sum((x - model.decode(p, cfg, f)) ** 2, axis=-1))
+    def dense(p):  # the definition: keep each token's top k positive pre-activations (lax.top_k), decode densely
+        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        mask = jax.lax.stop_gradient((pre >= jax.lax.top_k(pre, 4)[0][:, -1:]) & (pre > 0))
+        return jnp.mean(jnp.sum((x - (pre * mask) @ p["W_dec"] - p["b_dec"]) ** 2, axis=-1))
 
     np.testing.assert_allclose(sparse(p), dense(p), rtol=1e-6)
     gs, gd = jax.grad(sparse)(p), jax.grad(dense)(p)
     for key in gs:
         np.testing.assert_allclose(gs[key], gd[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])  # 40 > MAX_PASSES_K: lax.top_k itself
+def test_kth_largest_equals_lax_top_k(k):
+    smooth = jax.random.normal(jax.random.key(0), (8, 64))
+    tied = jnp.round(smooth * 2) / 2  # many exact ties: the max-and-remove passes must fall back
+    for x in (smooth, tied):
+        np.testing.assert_array_equal(
+            jax.jit(model.kth_largest, static_argnums=1)(x, k), jax.lax.top_k(x, k)[0][:, -1:]
+        )
+
+
+@pytest.mark.parametrize("n_dead", [3, 6, 20])  # fewer than, exactly, more than aux_k dead latents
+def test_auxk_loss_matches_top_k_reference(n_dead):
+    cfg = sae.default_config("topk", d_in=8, n_latents=32, k=2, aux_k=6)
+    p = dict(model.init_params(cfg, jax.random.key(0)), b_dec=jnp.linspace(-1, 1, 8))
+    x = jax.random.normal(jax.random.key(1), (16, 8))
+    e = jax.random.normal(jax.random.key(2), (16, 8))
+    dead = jax.random.permutation(jax.random.key(3), jnp.arange(32) < n_dead)
+
+    def reference(p):  # the definition: top aux_k dead pre-activations by lax.top_k, no ReLU
+        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        vals, idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), 6)
+        e_hat = jnp.einsum("bk,bko->bo", jnp.where(jnp.isfinite(vals), vals, 0.0), p["W_dec"][idx])
+        return jnp.mean(jnp.sum((e - e_hat) ** 2, -1)) / jnp.mean(jnp.sum((e - e.mean(0)) ** 2, -1))
+
+    def ours(p):
+        return model.aux_k_loss(p, cfg, x, e, model.pre_activations(p, cfg, x), dead)
+
+    np.testing.assert_allclose(ours(p), reference(p), rtol=1e-5)
+    g, g_ref = jax.grad(ours)(p), jax.grad(reference)(p)
+    for key in g_ref:
+        np.testing.assert_allclose(g[key], g_ref[key], rtol=1e-4, atol=1e-6)

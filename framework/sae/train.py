@@ -145,7 +145,10 @@ def _make_chunk_fn(cfg, tx, steps: int):
         return new, record
 
     def chunk(state, x_SBD, y_SBO, scale_in, scale_out):
-        return jax.lax.scan(one_step, state, (x_SBD * scale_in, y_SBO * scale_out))
+        # y_SBO None: an SAE (targets = inputs), scaled once; a scale of exactly 1 (normalize_inputs off) is skipped.
+        x_SBD = x_SBD if scale_in is None else x_SBD * scale_in
+        y_SBO = x_SBD if y_SBO is None else (y_SBO if scale_out is None else y_SBO * scale_out)
+        return jax.lax.scan(one_step, state, (x_SBD, y_SBO))
 
     return chunk
 
@@ -364,7 +367,7 @@ def fit(
             if compiles and t0 is not None:
                 jax.block_until_ready(state)
                 seconds_before = time.perf_counter() - t0
-            state, rec = chunk_fn(state, x, x if y is None else y, scale_in, scale_out)
+            state, rec = chunk_fn(state, x, y, *(None if v == 1.0 else v for v in (scale_in, scale_out)))
             if records:  # the previous chunk has finished by now: checking it does not stall the pipeline
                 _check_losses(records[-1], done - len(records[-1]["loss"]))
             records.append(rec)
