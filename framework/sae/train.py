@@ -295,103 +295,34 @@ def fit(
     `eval_activations`, default a sample of the training rows), "tokens_per_s" (training throughput after the
     first, compiling call) and the input-normalisation scales.
     """
-    defaults.validate(sae_cfg)
-    for name, v in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-            raise ValueError(f"{name} = {v!r}; expected a positive int")
     cfg = sae_cfg
-    if checkpoint_dir is not None:
-        per = math.lcm(cfg.steps_per_call, cfg.log_every)
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every <= 0:
-            raise ValueError(f"checkpoint_every = {checkpoint_every!r}; expected a positive int with checkpoint_dir")
-        if checkpoint_every % per:
-            raise ValueError(
-                f"checkpoint_every = {checkpoint_every}; expected a multiple of {per} (sae.steps_per_call = "
-                f"{cfg.steps_per_call} and sae.log_every = {cfg.log_every})"
-            )
     rules = sharding.DEFAULT_RULES if rules is None else rules
-    if mesh is not None:
-        bad = batch_size % math.prod(mesh.shape[a] for a in _batch_axes(rules))
-        if bad:
-            raise ValueError(
-                f"batch_size = {batch_size} is not divisible by the mesh axes {_batch_axes(rules)} of the batch rule"
-            )
+    _check_fit_args(cfg, steps, batch_size, mesh, rules, checkpoint_dir, checkpoint_every)
     src = _Source(activations, cfg, batch_size, seed)
-    scale_in = _norm_scale(src.sample_in) if cfg.normalize_inputs else 1.0
-    scale_out = (
-        scale_in if src.sample_out is src.sample_in else (_norm_scale(src.sample_out) if cfg.normalize_inputs else 1.0)
-    )
-    if not defaults.is_transcoder(cfg):
-        scale_out = scale_in
-    params = model.init_params(cfg, jax.random.key(seed), src.sample_out * scale_out)
-    trainable, buffers = _split(params)
+    scale_in, scale_out = src.scales = _scales(cfg, src)
+    src.mesh, src.rules = mesh, rules  # what _train_loop reads off the source besides its batches
     tx = _optimizer(cfg, steps)
-    state = SAEState(
-        step=jnp.zeros((), jnp.int32),
-        params=trainable,
-        buffers=buffers,
-        opt_state=tx.init(trainable),
-        since_fired=jnp.zeros(cfg.n_latents, jnp.int32),
-    )
-    if mesh is not None:
-        state = jax.device_put(state, state_shardings(state, mesh, rules))
+    state = _init_state(cfg, src, tx, seed, scale_out, mesh, rules)
     chunk_fn = jax.jit(_make_chunk_fn(cfg, tx, steps), donate_argnums=0)
 
-    ckpt, history, start = None, [], 0
+    ckpt, history, start, digest = None, [], 0, None
     if checkpoint_dir is not None:
         ckpt = Checkpointer(checkpoint_dir, keep=2)
         digest = _run_digest(cfg, steps, batch_size, seed, src.n)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = ckpt.restore_latest(abstract)
+        try:
+            restored = _restore(ckpt, state, digest, checkpoint_dir)
+        except BaseException:
+            ckpt.close()
+            raise
         if restored is not None:
-            state, meta = restored
-            if meta.get("run_digest") != digest:
-                ckpt.close()
-                raise ValueError(
-                    f"{checkpoint_dir} holds a checkpoint of a different SAE run (config, steps, batch_size, seed or "
-                    f"activation rows differ: digest {meta.get('run_digest')} != {digest}); use a new directory"
-                )
-            start, history = int(state.step), list(meta["history"])
+            state, history = restored
+            start = int(state.step)
             src.skip(start)
             log.info("resumed SAE training from step %d in %s", start, checkpoint_dir)
 
-    records, done = [], start
-    t_first, t0, timed_tokens = None, None, 0
     try:
-        while done < steps:
-            s = min(cfg.steps_per_call, steps - done)
-            x, y = src.chunk(s)
-            if mesh is not None:
-                x, y = _shard_batch(x, mesh, rules), (None if y is None else _shard_batch(y, mesh, rules))
-            compiles = t0 is None or s != cfg.steps_per_call  # the first call, and a shorter last one, compile
-            if compiles and t0 is not None:
-                jax.block_until_ready(state)
-                seconds_before = time.perf_counter() - t0
-            state, rec = chunk_fn(state, x, y, *(None if v == 1.0 else v for v in (scale_in, scale_out)))
-            if records:  # the previous chunk has finished by now: checking it does not stall the pipeline
-                _check_losses(records[-1], done - len(records[-1]["loss"]))
-            records.append(rec)
-            done += s
-            if t0 is None:
-                jax.block_until_ready(rec)
-                t0 = time.perf_counter()
-                t_first = done
-            elif compiles:  # leave the compile out of the throughput: restart the clock after it
-                jax.block_until_ready(rec)
-                t0 = time.perf_counter() - seconds_before
-            else:
-                timed_tokens += s * batch_size
-            if progress:
-                print(f"sae step {done}/{steps} loss {float(rec['loss'][-1]):.4f} l0 {float(rec['l0'][-1]):.1f}")
-            if ckpt is not None and (done % checkpoint_every == 0 or done == steps):
-                _check_losses(rec, done - s)
-                upto = _history(_host(records), start, done, cfg.log_every, steps)
-                ckpt.save(state, meta={"run_digest": digest, "history": history + upto}, force=done == steps)
-        jax.block_until_ready(state)
-        seconds = time.perf_counter() - t0 if t0 is not None else 0.0
-        if records:
-            _check_losses(records[-1], done - len(records[-1]["loss"]))
-            history = history + _history(_host(records), start, steps, cfg.log_every, steps)
+        saver = None if ckpt is None else (ckpt, checkpoint_every, digest)
+        state, history, timing = _train_loop(chunk_fn, state, src, cfg, steps, start, history, saver, progress)
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -399,14 +330,9 @@ def fit(
     state = jax.device_get(state)
     sae_params = fold_scales({**state.params, **state.buffers}, cfg, scale_in, scale_out)
     sae_params = jax.tree.map(jnp.asarray, sae_params)
-    if eval_activations is None:
-        ev_in, ev_out = src.sample_in, src.sample_out
-    elif isinstance(eval_activations, (tuple, list)):
-        ev_in, ev_out = eval_activations
-    else:
-        ev_in = ev_out = eval_activations
-    final = metrics_lib.evaluate(sae_params, cfg, np.asarray(ev_in), np.asarray(ev_out))
+    final = _final_metrics(sae_params, cfg, src, eval_activations)
     final["dead_fraction_train"] = float(np.mean(np.asarray(state.since_fired) >= cfg.dead_window))
+    seconds, timed_tokens, t_first = timing
     out = {
         "history": history,
         "final": final,
@@ -419,6 +345,130 @@ def fit(
         "batch_size": batch_size,
     }
     return sae_params, out
+
+
+def _check_fit_args(cfg, steps, batch_size, mesh, rules, checkpoint_dir, checkpoint_every) -> None:
+    """fit's argument checks (before anything compiles)."""
+    defaults.validate(cfg)
+    for name, v in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{name} = {v!r}; expected a positive int")
+    if checkpoint_dir is not None:
+        per = math.lcm(cfg.steps_per_call, cfg.log_every)
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every = {checkpoint_every!r}; expected a positive int with checkpoint_dir")
+        if checkpoint_every % per:
+            raise ValueError(
+                f"checkpoint_every = {checkpoint_every}; expected a multiple of {per} (sae.steps_per_call = "
+                f"{cfg.steps_per_call} and sae.log_every = {cfg.log_every})"
+            )
+    if mesh is not None:
+        bad = batch_size % math.prod(mesh.shape[a] for a in _batch_axes(rules))
+        if bad:
+            raise ValueError(
+                f"batch_size = {batch_size} is not divisible by the mesh axes {_batch_axes(rules)} of the batch rule"
+            )
+
+
+def _scales(cfg, src) -> tuple[float, float]:
+    """(scale_in, scale_out): input normalisation to mean squared norm d_in (1.0 when off); an SAE has one scale."""
+    scale_in = _norm_scale(src.sample_in) if cfg.normalize_inputs else 1.0
+    scale_out = (
+        scale_in if src.sample_out is src.sample_in else (_norm_scale(src.sample_out) if cfg.normalize_inputs else 1.0)
+    )
+    if not defaults.is_transcoder(cfg):
+        scale_out = scale_in
+    return scale_in, scale_out
+
+
+def _init_state(cfg, src, tx, seed: int, scale_out: float, mesh, rules) -> SAEState:
+    """Step-0 training state (placed on `mesh` when given)."""
+    params = model.init_params(cfg, jax.random.key(seed), src.sample_out * scale_out)
+    trainable, buffers = _split(params)
+    state = SAEState(
+        step=jnp.zeros((), jnp.int32),
+        params=trainable,
+        buffers=buffers,
+        opt_state=tx.init(trainable),
+        since_fired=jnp.zeros(cfg.n_latents, jnp.int32),
+    )
+    if mesh is not None:
+        state = jax.device_put(state, state_shardings(state, mesh, rules))
+    return state
+
+
+def _restore(ckpt, state, digest: str, checkpoint_dir: str):
+    """(state, history) of the newest verified checkpoint, None without one; a different run's checkpoint errors."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        return None
+    state, meta = restored
+    if meta.get("run_digest") != digest:
+        raise ValueError(
+            f"{checkpoint_dir} holds a checkpoint of a different SAE run (config, steps, batch_size, seed or "
+            f"activation rows differ: digest {meta.get('run_digest')} != {digest}); use a new directory"
+        )
+    return state, list(meta["history"])
+
+
+def _train_loop(chunk_fn, state, src, cfg, steps: int, start: int, history: list, saver, progress: bool):
+    """Runs chunks of sae.steps_per_call steps from `start` to `steps`; returns (state, history, timing).
+
+    timing = (seconds, timed_tokens, t_first): the clock starts after the first (compiling) chunk and leaves out a
+    shorter last chunk's compile, so tokens / seconds is the training throughput. `saver`: None or (Checkpointer,
+    checkpoint_every, run digest). src.scales are passed to the chunk, a scale of exactly 1 as None (skipped).
+    """
+    scale_args = tuple(None if v == 1.0 else v for v in src.scales)
+    mesh, rules, batch_size = src.mesh, src.rules, src.batch_size
+    records, done = [], start
+    t_first, t0, timed_tokens = None, None, 0
+    while done < steps:
+        s = min(cfg.steps_per_call, steps - done)
+        x, y = src.chunk(s)
+        if mesh is not None:
+            x, y = _shard_batch(x, mesh, rules), (None if y is None else _shard_batch(y, mesh, rules))
+        compiles = t0 is None or s != cfg.steps_per_call  # the first call, and a shorter last one, compile
+        if compiles and t0 is not None:
+            jax.block_until_ready(state)
+            seconds_before = time.perf_counter() - t0
+        state, rec = chunk_fn(state, x, y, *scale_args)
+        if records:  # the previous chunk has finished by now: checking it does not stall the pipeline
+            _check_losses(records[-1], done - len(records[-1]["loss"]))
+        records.append(rec)
+        done += s
+        if t0 is None:
+            jax.block_until_ready(rec)
+            t0 = time.perf_counter()
+            t_first = done
+        elif compiles:  # leave the compile out of the throughput: restart the clock after it
+            jax.block_until_ready(rec)
+            t0 = time.perf_counter() - seconds_before
+        else:
+            timed_tokens += s * batch_size
+        if progress:
+            print(f"sae step {done}/{steps} loss {float(rec['loss'][-1]):.4f} l0 {float(rec['l0'][-1]):.1f}")
+        if saver is not None and (done % saver[1] == 0 or done == steps):
+            _check_losses(rec, done - s)
+            upto = _history(_host(records), start, done, cfg.log_every, steps)
+            saver[0].save(state, meta={"run_digest": saver[2], "history": history + upto}, force=done == steps)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+    if records:
+        _check_losses(records[-1], done - len(records[-1]["loss"]))
+        history = history + _history(_host(records), start, steps, cfg.log_every, steps)
+    return state, history, (seconds, timed_tokens, t_first)
+
+
+def _final_metrics(sae_params, cfg, src, eval_activations) -> dict:
+    """framework.sae.metrics on eval_activations (default: the training sample)."""
+    if eval_activations is None:
+        ev_in, ev_out = src.sample_in, src.sample_out
+    elif isinstance(eval_activations, (tuple, list)):
+        ev_in, ev_out = eval_activations
+    else:
+        ev_in = ev_out = eval_activations
+    return metrics_lib.evaluate(sae_params, cfg, np.asarray(ev_in), np.asarray(ev_out))
 
 
 def _host(records) -> dict[str, np.ndarray]:
