@@ -1,22 +1,35 @@
-"""The LoRA family adapting an arithmetic LM to a task it was not trained on: accuracy and held-out loss vs trainable
+"""The LoRA family adapting an arithmetic LM to an op it was never trained on: accuracy and held-out loss vs trainable
 parameters per method and rank, each with a learning-rate sweep and several seeds, plus the memory of the trainable
 state.
 
-  python -m scripts.reproduce.lora --workdir=runs/lora_len
+  python -m scripts.reproduce.lora --workdir=runs/lora_study          (the whole grid in one process)
 
-RUNTIME: see README.md ("LoRA family") for the measured CPU time of the committed run; results in README.md and
-docs/figures/lora.{png,json}.
-Default setting ("longer chains", one of the two the issue allows): the base is the quickstart model (tiny, mod 10)
-trained on `+`/`-` chains with K = 1..4 steps (<workdir>/base); every method then trains for --steps on `+`/`-`
-chains with K = 5..8 (packed batches, AdamW, linear warm-up, constant LR) with the base frozen: LoRA (alpha/r),
-rsLoRA (alpha/sqrt r), DoRA, PiSSA init, QLoRA (NF4 + double-quantised base), LoRA+ (B's LR x16), and full
-fine-tuning as the reference. `--new_ops=+-* --new_k=1,8 --base_k=1,8` gives the earlier "chains with *" setting.
-Every (method, rank, LR) runs once per seed (the seed draws the adapter init and the order of the training data; the
-base, the held-out loss batches and the held-out problems are shared). Per (method, rank) the LR with the lowest
-seed-mean held-out loss is kept, and its greedy exact match and step accuracy by K are measured per seed on
---problems_per_k held-out problems for each K of the new range. Trainable-state memory = the bytes of the trainable
-arrays + the optimiser state (fp32 AdamW: two moments). Writes <workdir>/results/lora.json and
-<workdir>/figures/lora.png.
+The committed study ran the grid as two niced processes (rank 1 + full fine-tuning; rank 8) and joined them; README.md
+("LoRA family") has the exact commands and the CPU time:
+  python -m scripts.reproduce.lora --workdir=runs/lora_study_a --ranks=1
+  python -m scripts.reproduce.lora --workdir=runs/lora_study_b --ranks=8 --methods=lora,rslora,dora,pissa,qlora,lora+ \
+      --nobase_eval
+  python -m scripts.reproduce.lora --workdir=runs/lora_study --merge=runs/lora_study_a,runs/lora_study_b
+(the first merged run must have evaluated the base; a run stopped early contributes the rows of its
+results/lora_partial.json). Results in README.md and docs/figures/lora.{png,json}.
+
+Setting: the base is the quickstart model (tiny, mod 10) trained for --base_steps on `+`/`-` chains with K = 1..4
+(<workdir>/base, reused if present) that has never seen `*`. Every method then trains for --steps on `+-*` chains
+with K = 1..4 (packed batches, AdamW, linear warm-up, constant LR) with the base frozen: LoRA (alpha = 2r, scale
+alpha/r), rsLoRA (alpha/sqrt r), DoRA, PiSSA init, QLoRA (NF4 + double-quantised base), LoRA+ (B's LR x16), and full
+fine-tuning as the reference. The metric that moves is the greedy accuracy of the `*` steps (the base gets 0.00: it
+has no multiplication table); exact match mixes it with the `+`/`-` steps the base already mostly solves. The other
+setting the issue allows ("longer chains": `--new_ops=+- --new_k=5,8`) was tried first and dropped: after 100-600
+adapter steps exact match on K = 5..8 stayed at 0 for every method.
+LRs: --lrs for every method (full fine-tuning: times --full_lr_scale), chosen per (method, rank) by the held-out loss
+of the sweep seeds; while the chosen LR is the smallest or largest swept, the grid is widened by a half-decade step
+on that side (at most --lr_extend times), so the kept LR is bracketed unless the table marks it "(edge)".
+Seeds: the first --sweep_seeds of --seeds run at every LR; the others only at the chosen LR (the seed draws the
+adapter init and the order of the training data; the base, the held-out loss batches and the held-out problems are
+shared). rsLoRA at rank 1 is LoRA at rank 1 (alpha/sqrt(1) = alpha/1; an earlier run gave bit-equal losses), so that
+row is copied rather than rerun. Greedy accuracies by K (exact match, step accuracy, `*`-step accuracy) are measured
+per seed on --problems_per_k held-out problems per K. Trainable-state memory = the bytes of the trainable arrays +
+the optimiser state (fp32 AdamW: two moments). Writes <workdir>/results/lora.json and <workdir>/figures/lora.png.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from framework.tasks import arithmetic, data, policy_eval
 from framework.training import loop
 from framework.training.loss import next_token_loss
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/lora_mul", "Output directory.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/lora_study", "Output directory.")
 _BASE_OPS = flags.DEFINE_string("base_ops", "+-", "Ops the base is trained on.")
 _BASE_K = flags.DEFINE_list("base_k", ["1", "4"], "Inclusive K range the base is trained on.")
 _BASE_STEPS = flags.DEFINE_integer("base_steps", 2000, "Base training steps (quickstart recipe otherwise).")
@@ -49,14 +62,21 @@ _LRS = flags.DEFINE_list("lrs", ["3e-3", "1e-2", "3e-2"], "Learning-rate sweep o
 _FULL_LR_SCALE = flags.DEFINE_float("full_lr_scale", 1 / 3, "Full fine-tuning sweeps --lrs times this.")
 _RANKS = flags.DEFINE_list("ranks", ["1", "8"], "Adapter ranks; every method runs at every rank.")
 _METHODS = flags.DEFINE_list("methods", ["full", "lora", "rslora", "dora", "pissa", "qlora", "lora+"], "Methods run.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Adaptation seeds (adapter init and training-data order).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Adaptation seeds (adapter init and training-data order).")
 _SWEEP_SEEDS = flags.DEFINE_integer(
     "sweep_seeds", 1, "How many of --seeds run at every LR; the others run only at the LR chosen on these."
 )
-_PROBLEMS = flags.DEFINE_integer("problems_per_k", 64, "Held-out problems per K for exact match.")
+_PROBLEMS = flags.DEFINE_integer("problems_per_k", 128, "Held-out problems per K for exact match.")
 _REPLOT = flags.DEFINE_bool("replot", False, "Only redraw the figure and table from <workdir>/results/lora.json.")
 _MERGE = flags.DEFINE_list(
     "merge", [], "Workdirs of runs of this study (same base and task) whose results are joined into <workdir>."
+)
+_BASE_EVAL = flags.DEFINE_bool("base_eval", True, "Greedy accuracy of the unadapted base (skip in extra processes).")
+_LR_EXTEND = flags.DEFINE_integer(
+    "lr_extend",
+    2,
+    "While the LR chosen on the sweep seeds is the smallest or largest swept, sweep one more half-decade step beyond "
+    "it, at most this many times per (method, rank), so that the kept LR is bracketed.",
 )
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Held-out packed batches for the loss.")
 
@@ -180,15 +200,40 @@ def _mean(xs) -> float:
     return float(np.mean(xs))
 
 
+def _lr_step(x: float, up: bool) -> float:
+    """The next LR of a half-decade grid (1, 3, 10, 30, ... x 10^k) above or below x."""
+    m = x / 10 ** np.floor(np.log10(x))
+    if up:
+        y = x * (3 if m < 2 else 10 / 3)
+    else:
+        y = x / (10 / 3 if m < 2 else 3)
+    return float(f"{y:.3g}")
+
+
+def _finite(x: float) -> float:
+    return x if np.isfinite(x) else float("inf")
+
+
 def main(argv):
     del argv
+    wall0 = time.time()
     workdir = _WORKDIR.value
-    if _MERGE.value:  # one study run as several processes (e.g. one per rank): rows concatenated, base from the first
+    if _MERGE.value:  # one study run as several processes: rows joined, base and settings from the first
         parts = []
         for d in _MERGE.value:
-            with open(os.path.join(d, "results", "lora.json")) as f:
-                parts.append(json.load(f))
-        out = dict(parts[0], rows=[r for p in parts for r in p["rows"]], merged_from=list(_MERGE.value))
+            full = os.path.join(d, "results", "lora.json")
+            if os.path.exists(full):
+                with open(full) as f:
+                    parts.append(json.load(f))
+            else:  # a process stopped after its last complete row: the rows written so far
+                with open(os.path.join(d, "results", "lora_partial.json")) as f:
+                    parts.append(dict(rows=json.load(f)))
+        order = ["full", *VARIANTS]
+        rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (r["rank"] or 0, order.index(r["method"])))
+        lrs = sorted({s["lr"] for r in rows for s in r["sweep"]})
+        out = dict(parts[0], rows=rows, lrs=lrs, merged_from=list(_MERGE.value))
+        out["process_cpu_seconds_by_part"] = [p.get("process_cpu_seconds") for p in parts]
+        out["process_wall_seconds_by_part"] = [p.get("process_wall_seconds") for p in parts]
         os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
         os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
         with open(os.path.join(workdir, "results", "lora.json"), "w") as f:
@@ -214,7 +259,11 @@ def main(argv):
     ks = range(new_k[0], new_k[1] + 1)
     n_base = peft.count_params(base)
     all_ks = range(1, max(base_k[1], new_k[1]) + 1)
-    acc_base = _accuracy(base, model_cfg, new_config, all_ks)
+    acc_base = (
+        _accuracy(base, model_cfg, new_config, all_ks)
+        if _BASE_EVAL.value
+        else {m: {} for m in ("exact_match", "step_accuracy", "new_op_step_accuracy")}
+    )
     em_base, step_base = acc_base["exact_match"], acc_base["step_accuracy"]
     loss_base = _eval_loss(base, model_cfg, eval_batches)
     print(
@@ -247,14 +296,34 @@ def main(argv):
                 nbytes,
             )
 
-        for lr in (float(x) for x in _LRS.value):
-            lr = lr * _FULL_LR_SCALE.value if method == "full" else lr
+        if method == "rslora" and rank == 1 and any(r["method"] == "lora" and r["rank"] == 1 for r in rows):
+            # alpha/sqrt(1) == alpha/1: rsLoRA at rank 1 is LoRA at rank 1 step for step (checked bit-equal in an
+            # earlier run of this study), so its row is LoRA's.
+            rows.append(dict(next(r for r in rows if r["method"] == "lora" and r["rank"] == 1), method="rslora"))
+            rows[-1]["same_as"] = "lora r=1 (alpha/sqrt(r) == alpha/r at r = 1; not rerun)"
+            print("==> rslora r=1: identical to lora r=1 (alpha/sqrt(1) == alpha/1), row copied", flush=True)
+            continue
+        scale = _FULL_LR_SCALE.value if method == "full" else 1.0
+        swept = {}  # grid value (before the full-FT scale) -> entry
+
+        def sweep_at(x):
             per_seed = []
             for seed in seeds[: _SWEEP_SEEDS.value]:
-                run, n_train, nbytes = one(lr, seed)
+                run, n_train, nbytes = one(x * scale, seed)
                 per_seed.append(run)
-            sweep.append(dict(lr=lr, eval_loss=_mean([s["eval_loss"] for s in per_seed]), seeds=per_seed))
-        best = min(sweep, key=lambda s: s["eval_loss"])
+            swept[x] = dict(lr=x * scale, eval_loss=_mean([s["eval_loss"] for s in per_seed]), seeds=per_seed)
+            return n_train, nbytes
+
+        for x in (float(v) for v in _LRS.value):
+            n_train, nbytes = sweep_at(x)
+        for _ in range(_LR_EXTEND.value):  # widen the grid while the best LR sits on its edge
+            best_x = min(swept, key=lambda x: _finite(swept[x]["eval_loss"]))
+            if best_x not in (min(swept), max(swept)):
+                break
+            sweep_at(_lr_step(best_x, up=best_x == max(swept)))
+        sweep = [swept[x] for x in sorted(swept)]
+        best_x = min(swept, key=lambda x: _finite(swept[x]["eval_loss"]))
+        best = swept[best_x]
         for seed in seeds[_SWEEP_SEEDS.value :]:
             best["seeds"].append(one(best["lr"], seed)[0])
         accs = [_accuracy(s["params"], model_cfg, new_config, ks) for s in best["seeds"]]
@@ -267,6 +336,7 @@ def main(argv):
             trainable_fraction=n_train / n_base,
             trainable_state_bytes=nbytes,
             best_lr=best["lr"],
+            best_lr_on_grid_edge=best_x in (min(swept), max(swept)),
             eval_loss=_mean([s["eval_loss"] for s in best["seeds"]]),
             eval_loss_by_seed=[s["eval_loss"] for s in best["seeds"]],
             exact_match_by_k={k: _mean([a["exact_match"][k] for a in accs]) for k in ks},
@@ -315,6 +385,8 @@ def main(argv):
         base_eval_loss=loss_base,
         rows=rows,
         vs_lora=vs_lora(rows),
+        process_cpu_seconds=time.process_time(),
+        process_wall_seconds=time.time() - wall0,
     )
     with open(os.path.join(workdir, "results", "lora.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -332,14 +404,22 @@ def vs_lora(rows) -> list[dict]:
         if ref is None or r["method"] in ("lora", "full"):
             continue
         rel = r["eval_loss"] / ref["eval_loss"] - 1
+
+        def spread(row, key):
+            return max(row[key]) - min(row[key])
+
         out.append(
             dict(
                 method=r["method"],
                 rank=r["rank"],
                 eval_loss_rel_to_lora=rel,
-                lora_seed_spread_rel=(max(ref["eval_loss_by_seed"]) - min(ref["eval_loss_by_seed"])) / ref["eval_loss"],
+                seed_spread_rel=spread(r, "eval_loss_by_seed") / r["eval_loss"],
+                lora_seed_spread_rel=spread(ref, "eval_loss_by_seed") / ref["eval_loss"],
                 exact_match_minus_lora=r["exact_match_mean"] - ref["exact_match_mean"],
+                exact_match_seed_spread=spread(r, "exact_match_by_seed"),
+                lora_exact_match_seed_spread=spread(ref, "exact_match_by_seed"),
                 step_accuracy_minus_lora=r["step_accuracy_mean"] - ref["step_accuracy_mean"],
+                new_op_step_accuracy_minus_lora=r["new_op_step_accuracy_mean"] - ref["new_op_step_accuracy_mean"],
                 within_2pct=abs(rel) <= 0.02,
             )
         )
@@ -362,7 +442,7 @@ def table(out) -> str:
         lines.append(
             f"| {r['method']} | {r['rank'] or '-'} | {r['trainable_params']:,} | "
             f"{100 * r['trainable_fraction']:.1f}% | {r['trainable_state_bytes'] / 1024:.0f} KiB | "
-            f"{r['best_lr']:.0e} | {r['eval_loss']:.4f} ({_fmt_seeds(r['eval_loss_by_seed'], '.4f')}) | "
+            f"{r['best_lr']:.0e}{' (edge)' if r.get('best_lr_on_grid_edge') else ''} | {r['eval_loss']:.4f} ({_fmt_seeds(r['eval_loss_by_seed'], '.4f')}) | "
             f"{r['step_accuracy_mean']:.3f} ({_fmt_seeds(r['step_accuracy_by_seed'], '.3f')}) | "
             f"{r['new_op_step_accuracy_mean']:.3f} ({_fmt_seeds(r['new_op_step_accuracy_by_seed'], '.3f')}) | "
             f"{r['exact_match_mean']:.3f} ({_fmt_seeds(r['exact_match_by_seed'], '.3f')}) | {em} |"
