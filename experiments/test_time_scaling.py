@@ -6,8 +6,9 @@ Monte-Carlo "mc:<n>", consensus "consensus:<n>", and "orm"; all N_MC share one s
 one value head per source is fitted (warm-started from the policy; saved to workdir/verifiers/ and reused on a
 rerun) and scored on held-out traces (ProcessBench F1, step AUROC against gold labels); (3) on held-out test
 problems, one pool of max(budgets) samples per problem gives majority / best-of-N / weighted BoN / pass@N at every
-N by subsampling (search-and-learn's protocol), and beam search, DVTS and lookahead search are re-run per N up to
-`eval.search_max_n`, as is sequential revision at each serial:parallel ratio; (4) difficulty bins by oracle pass@1
+N by subsampling (search-and-learn's protocol), and beam search and DVTS are re-run per N up to `eval.search_max_n`,
+lookahead search up to `eval.lookahead_max_n` and sequential revision at each serial:parallel ratio up to
+`eval.revision_max_n`; (4) difficulty bins by oracle pass@1
 (the pool) and by the PRM's mean score, FLOPs (2 x params x tokens, policy and verifier apart), the judge's greedy
 accuracy as "scale the parameters instead", compute-optimal selection per bin chosen on a selection half and
 scored on the other half -- per N, and at equal FLOPs (every (strategy, N, M, serial:parallel split) that costs no
@@ -100,7 +101,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "eval.extra_ms",
         f"must be ints >= 1 other than eval.m, got {e.extra_ms}",
     )
-    req(e.search_max_n >= 1, "eval.search_max_n", f"must be >= 1, got {e.search_max_n}")
+    for key in ("search_max_n", "lookahead_max_n", "revision_max_n"):
+        req(e[key] >= 1, f"eval.{key}", f"must be >= 1, got {e[key]}")
     req(
         "lookahead" not in e.strategies or e.lookahead >= 1,
         "eval.lookahead",
@@ -441,9 +443,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 correct.setdefault(name, {})[n] = np.mean([x[name] for x in sub], axis=0)
                 scored = 0.0 if name in ("majority", "pass_at_n") else per_scored
                 flops.setdefault(name, {})[n] = 2.0 * n * (n_pol * per_gen + n_ver * scored)
-    for n in (n for n in e.budgets if n <= e.search_max_n):
+    for n in (n for n in e.budgets if n <= max(e.search_max_n, e.lookahead_max_n)):
         for name, strategy, m, k in _search_configs(e):
-            if n < m or n % m:
+            if n < m or n % m or n > (e.lookahead_max_n if k else e.search_max_n):
                 continue
             t0 = time.perf_counter()
             runs = [
@@ -460,7 +462,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if rc.enabled:
         rev_params, rev_cfg = train_revision_policy(config, pol_params, pol_lm, workdir)
         rev_policy = search.LMPolicy(rev_params, rev_cfg, temperature=s.temperature, top_p=s.top_p, **sample)
-        for n in (n for n in e.budgets if n <= e.search_max_n):
+        for n in (n for n in e.budgets if n <= e.revision_max_n):
             for r in rc.ratios:
                 if n % r:
                     continue

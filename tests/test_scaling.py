@@ -129,3 +129,14 @@ def test_reproduction_runs_at_tiny_scale(tmp_path):
     assert set(table) == {"gold", "mc:2", "consensus:2", "orm"}
     assert all(set(t["bon"]) == {"last", "min", "product"} for t in table.values())
     assert "weighted best-of-N" in (workdir / "results" / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("key", ["search_max_n", "lookahead_max_n", "revision_max_n"])
+def test_search_caps_are_validated_by_name(key):
+    from configs.scaling import tiny
+    from experiments import test_time_scaling
+
+    config = tiny.get_config()
+    config.eval[key] = 0
+    with pytest.raises(ValueError, match=rf"eval\.{key}.*must be >= 1, got 0"):
+        test_time_scaling.validate(config)

@@ -20,6 +20,15 @@ def get_config(arg: str | None = None):
     )
     config.labels.update(sources=("gold", "mc:2", "consensus:2", "orm"), bon_n=4, pool=4)
     config.revision.update(steps=4, ratios=(1, 2), lines_per_sample=2)
-    config.eval.update(problems=8, num_steps=(2, 3), budgets=(1, 2, 4), search_max_n=2, seeds=(0,), m=2)
+    config.eval.update(
+        problems=8,
+        num_steps=(2, 3),
+        budgets=(1, 2, 4),
+        search_max_n=2,
+        lookahead_max_n=2,
+        revision_max_n=2,
+        seeds=(0,),
+        m=2,
+    )
     config.lock()
     return config
