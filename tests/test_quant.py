@@ -266,3 +266,23 @@ def test_generate_runs_quantised_weights(tiny):
     want = inference.generate(_dequantized_params(qparams, params), cfg, prompts, max_new_tokens=4)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+
+
+def test_quantize_infers_model_cfg_from_params(tiny):
+    """`quantize(params, cfg, method, calib_batches)` (the issue's signature): without model_cfg the config is read
+    off the params' shapes, and RTN and GPTQ (calibration forward pass included) give the same weights as with it."""
+    cfg, params, tokens = tiny
+    got = quant.methods.infer_model_cfg(params)
+    shape_fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "tie_embeddings")
+    assert {f: getattr(got, f) for f in shape_fields} == {f: getattr(cfg, f) for f in shape_fields}
+    variant = dataclasses.replace(cfg, tie_embeddings=True, qkv_bias=True, post_norms=True, n_kv_heads=1, d_ff=96)
+    shapes = jax.eval_shape(lambda: lm.init(variant, jax.random.key(0)))
+    got = quant.methods.infer_model_cfg(shapes)
+    assert (got.tie_embeddings, got.qkv_bias, got.post_norms, got.n_kv_heads, got.d_ff) == (True, True, True, 1, 96)
+    qcfg = quant.QuantConfig(fmt="int4", bits=3, group_size=32)
+    for method, calib in (("rtn", None), ("gptq", [tokens])):
+        inferred = quant.quantize(params, qcfg, method, calib)
+        given = quant.quantize(params, qcfg, method, calib, model_cfg=cfg)
+        jax.tree.map(np.testing.assert_array_equal, inferred, given)
+    with pytest.raises(ValueError, match="pass model_cfg"):
+        quant.quantize(lm.unstack_layers(params, cfg), qcfg, "rtn")

@@ -3,6 +3,7 @@
 Glossary: n calibration tokens, K input features, N output features, G group size, L stacked layers.
 
   qparams = quantize(params, QuantConfig(fmt="int4", group_size=64), "gptq", calib_batches, model_cfg=cfg)
+  qparams = quantize(params, QuantConfig(fmt="int8"), "rtn")   # model_cfg inferred from the params' shapes
   logits = lm.apply(qparams, tokens, cfg)        # lm.Linear runs QuantizedWeight.matmul
 
 Target kernels are chosen by a regex over '/'-joined param paths (default: every attention/MLP projection; the
@@ -74,6 +75,47 @@ class QuantConfig:
 
 def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def infer_model_cfg(params) -> lm.LMConfig:
+    """The LMConfig that `quantize` uses when no `model_cfg` is given, read off the (stacked) params' shapes.
+
+    Exact for everything the params determine: vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff,
+    tie_embeddings (no lm_head), qkv_bias, post_norms, param_dtype; so the Linear layout (which kernels, how each
+    flattens to [K, N]) is right for any Lumen LM.  What no weight shape records stays at the LMConfig defaults
+    (Lumen's Llama settings): rope_theta, norm_eps, mlp_activation, norm_plus_one, scale_embeddings, sliding windows,
+    softcaps, query_pre_attn_scalar, pad_id.  Only AWQ/GPTQ's calibration forward pass reads those; a model that
+    differs there (HF-imported Gemma/Mistral, a non-default rope_theta) needs its real `model_cfg`, or the
+    calibration activations are those of a different model (the result still runs, with worse-chosen scales).
+    """
+    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+    try:
+        layers = params["layers"]
+        V, D = params["embed"]["embedding"].shape
+        q, k = layers["attn"]["q_proj"]["kernel"], layers["attn"]["k_proj"]["kernel"]
+        gate = layers["mlp"]["gate_proj"]["kernel"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"cannot infer the model config from params (missing {e}): it needs the stacked layout (lm.init's, "
+            "'layers' with attn/q_proj, k_proj and mlp/gate_proj, and embed/embedding); pass model_cfg"
+        ) from None
+    if any(is_q(x) for x in (q, k, gate)):
+        raise ValueError("cannot infer head counts from already quantised q/k/gate projections; pass model_cfg")
+    L, _, H, Dh = q.shape
+    dtype = str(jnp.dtype(params["embed"]["embedding"].dtype))
+    return lm.LMConfig(
+        vocab_size=V,
+        d_model=D,
+        n_layers=L,
+        n_heads=H,
+        n_kv_heads=k.shape[2],
+        head_dim=Dh,
+        d_ff=gate.shape[-1],
+        tie_embeddings="lm_head" not in params,
+        qkv_bias="bias" in layers["attn"]["q_proj"],
+        post_norms="post_attn_norm" in layers,
+        param_dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
+    )
 
 
 def linear_layout(model_cfg: lm.LMConfig) -> dict[str, tuple[int, int]]:
@@ -342,17 +384,26 @@ def quantize_linear(w_KN, cfg: QuantConfig, method: str = "rtn", x_nK=None) -> Q
 
 
 def quantize(
-    params: dict[str, Any], cfg: QuantConfig, method: str = "rtn", calib_batches: Iterable | None = None, *, model_cfg
+    params: dict[str, Any],
+    cfg: QuantConfig,
+    method: str = "rtn",
+    calib_batches: Iterable | None = None,
+    *,
+    model_cfg: lm.LMConfig | Any = None,
 ) -> dict[str, Any]:
     """Params with every target kernel replaced by a QuantizedWeight (stacked per layer); others untouched.
 
     `calib_batches` (AWQ/GPTQ): int token arrays [B, T], or dicts with "tokens" and optionally "positions" and
     "segment_ids" (packed rows); padding tokens are skipped; at most `cfg.max_calib_tokens` tokens are used.
+    `model_cfg` (LMConfig or its dict): omitted, it is inferred from the params' shapes (`infer_model_cfg`): exact
+    for RTN on any Lumen LM and for AWQ/GPTQ on models with the default non-shape hyperparameters (rope_theta,
+    norm_eps, activation, ...); pass it for any other model so that calibration runs the model as it is.
     """
     if method not in METHODS:
         raise ValueError(f"quantisation method {method!r}: expected one of {METHODS}")
     if method != "rtn" and calib_batches is None:
         raise ValueError(f"method {method!r} needs calib_batches (int token arrays [B, T])")
+    model_cfg = infer_model_cfg(params) if model_cfg is None else lm.LMConfig.from_config(model_cfg)
     layout = linear_layout(model_cfg)
     pattern = re.compile(cfg.targets)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
