@@ -4,14 +4,16 @@ state.
 
   python -m scripts.reproduce.lora --workdir=runs/lora_study          (the whole grid in one process)
 
-The committed study ran the grid as two niced processes (rank 1 + full fine-tuning; rank 8) and joined them; README.md
-("LoRA family") has the exact commands and the CPU time:
+The committed study ran the grid as three niced processes and joined them; README.md ("LoRA family") has the CPU
+time and which cells finished:
   python -m scripts.reproduce.lora --workdir=runs/lora_study_a --ranks=1
-  python -m scripts.reproduce.lora --workdir=runs/lora_study_b --ranks=8 --methods=lora,rslora,dora,pissa,qlora,lora+ \
+  python -m scripts.reproduce.lora --workdir=runs/lora_study_b --ranks=8 --methods=lora,rslora,dora,pissa \
       --nobase_eval
-  python -m scripts.reproduce.lora --workdir=runs/lora_study --merge=runs/lora_study_a,runs/lora_study_b
-(the first merged run must have evaluated the base; a run stopped early contributes the rows of its
-results/lora_partial.json). Results in README.md and docs/figures/lora.{png,json}.
+  python -m scripts.reproduce.lora --workdir=runs/lora_study_c --ranks=1,8 --methods=qlora,lora+ --nobase_eval
+  python -m scripts.reproduce.lora --workdir=runs/lora_study --merge=runs/lora_study_a,runs/lora_study_b,...
+(settings and base results come from the first merged run, or, if it stopped early, from the flags and a fresh
+measurement of its base; a run stopped early contributes the rows of its results/lora_partial.json). Results in
+README.md and docs/figures/lora.{png,json}.
 
 Setting: the base is the quickstart model (tiny, mod 10) trained for --base_steps on `+`/`-` chains with K = 1..4
 (<workdir>/base, reused if present) that has never seen `*`. Every method then trains for --steps on `+-*` chains
@@ -62,7 +64,7 @@ _LRS = flags.DEFINE_list("lrs", ["3e-3", "1e-2", "3e-2"], "Learning-rate sweep o
 _FULL_LR_SCALE = flags.DEFINE_float("full_lr_scale", 1 / 3, "Full fine-tuning sweeps --lrs times this.")
 _RANKS = flags.DEFINE_list("ranks", ["1", "8"], "Adapter ranks; every method runs at every rank.")
 _METHODS = flags.DEFINE_list("methods", ["full", "lora", "rslora", "dora", "pissa", "qlora", "lora+"], "Methods run.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Adaptation seeds (adapter init and training-data order).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Adaptation seeds (adapter init and training-data order).")
 _SWEEP_SEEDS = flags.DEFINE_integer(
     "sweep_seeds", 1, "How many of --seeds run at every LR; the others run only at the LR chosen on these."
 )
@@ -214,6 +216,51 @@ def _finite(x: float) -> float:
     return x if np.isfinite(x) else float("inf")
 
 
+def _setup(workdir, base_eval):
+    """Trains (or restores) the base in <workdir>/base and measures it on the adaptation task: (base, model config,
+    adaptation-task config, held-out loss batches, the study's settings and base results for lora.json)."""
+    base_k, new_k = _k_range(_BASE_K.value), _k_range(_NEW_K.value)
+    seeds = [int(s) for s in _SEEDS.value]
+    base_config = _task_config(_BASE_OPS.value, base_k, steps=_BASE_STEPS.value)
+    new_config = _task_config(_NEW_OPS.value, new_k)
+    model_cfg, task = train_lm.make_task(base_config)
+    t0 = time.process_time()
+    base = jax.device_get(loop.train(base_config, os.path.join(workdir, "base"), task).params)
+    print(f"base: {time.process_time() - t0:.0f} CPU-s (0 if cached)", flush=True)
+    eval_batches = list(_batches(new_config, "eval", _EVAL_BATCHES.value))
+    all_ks = range(1, max(base_k[1], new_k[1]) + 1)
+    acc_base = (
+        _accuracy(base, model_cfg, new_config, all_ks)
+        if base_eval
+        else {m: {} for m in ("exact_match", "step_accuracy", "new_op_step_accuracy")}
+    )
+    loss_base = _eval_loss(base, model_cfg, eval_batches)
+    print(
+        f"base on {_NEW_OPS.value!r} K={new_k}: eval loss {loss_base:.4f} EM {acc_base['exact_match']} "
+        f"step {acc_base['step_accuracy']} new-op step {acc_base['new_op_step_accuracy']}",
+        flush=True,
+    )
+    settings = dict(
+        base_ops=_BASE_OPS.value,
+        base_k=base_k,
+        base_steps=_BASE_STEPS.value,
+        new_ops=_NEW_OPS.value,
+        new_k=new_k,
+        steps=_STEPS.value,
+        full_lr_scale=_FULL_LR_SCALE.value,
+        lrs=[float(x) for x in _LRS.value],
+        seeds=seeds,
+        sweep_seeds=seeds[: _SWEEP_SEEDS.value],
+        problems_per_k=_PROBLEMS.value,
+        base_params=peft.count_params(base),
+        base_exact_match_by_k=acc_base["exact_match"],
+        base_step_accuracy_by_k=acc_base["step_accuracy"],
+        base_new_op_step_accuracy_by_k=acc_base["new_op_step_accuracy"],
+        base_eval_loss=loss_base,
+    )
+    return base, model_cfg, new_config, eval_batches, settings
+
+
 def main(argv):
     del argv
     wall0 = time.time()
@@ -231,7 +278,10 @@ def main(argv):
         order = ["full", *VARIANTS]
         rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (r["rank"] or 0, order.index(r["method"])))
         lrs = sorted({s["lr"] for r in rows for s in r["sweep"]})
-        out = dict(parts[0], rows=rows, lrs=lrs, merged_from=list(_MERGE.value))
+        head = parts[0]
+        if "base_exact_match_by_k" not in head:  # first part stopped early: settings from the flags, base measured here
+            head = _setup(_MERGE.value[0], True)[-1]
+        out = dict(head, rows=rows, lrs=lrs, merged_from=list(_MERGE.value))
         out["process_cpu_seconds_by_part"] = [p.get("process_cpu_seconds") for p in parts]
         out["process_wall_seconds_by_part"] = [p.get("process_wall_seconds") for p in parts]
         os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
@@ -247,30 +297,9 @@ def main(argv):
         _plot(out, os.path.join(workdir, "figures", "lora.png"))
         print(table(out))
         return
-    base_k, new_k = _k_range(_BASE_K.value), _k_range(_NEW_K.value)
-    seeds = [int(s) for s in _SEEDS.value]
-    base_config = _task_config(_BASE_OPS.value, base_k, steps=_BASE_STEPS.value)
-    new_config = _task_config(_NEW_OPS.value, new_k)
-    model_cfg, task = train_lm.make_task(base_config)
-    t0 = time.process_time()
-    base = jax.device_get(loop.train(base_config, os.path.join(workdir, "base"), task).params)
-    print(f"base: {time.process_time() - t0:.0f} CPU-s (0 if cached)", flush=True)
-    eval_batches = list(_batches(new_config, "eval", _EVAL_BATCHES.value))
+    base, model_cfg, new_config, eval_batches, settings = _setup(workdir, _BASE_EVAL.value)
+    seeds, new_k, n_base = settings["seeds"], settings["new_k"], settings["base_params"]
     ks = range(new_k[0], new_k[1] + 1)
-    n_base = peft.count_params(base)
-    all_ks = range(1, max(base_k[1], new_k[1]) + 1)
-    acc_base = (
-        _accuracy(base, model_cfg, new_config, all_ks)
-        if _BASE_EVAL.value
-        else {m: {} for m in ("exact_match", "step_accuracy", "new_op_step_accuracy")}
-    )
-    em_base, step_base = acc_base["exact_match"], acc_base["step_accuracy"]
-    loss_base = _eval_loss(base, model_cfg, eval_batches)
-    print(
-        f"base on {_NEW_OPS.value!r} K={new_k}: eval loss {loss_base:.4f} EM {em_base} step {step_base} "
-        f"new-op step {acc_base['new_op_step_accuracy']}",
-        flush=True,
-    )
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
 
@@ -367,22 +396,7 @@ def main(argv):
             json.dump(rows, f, indent=1)
 
     out = dict(
-        base_ops=_BASE_OPS.value,
-        base_k=base_k,
-        base_steps=_BASE_STEPS.value,
-        new_ops=_NEW_OPS.value,
-        new_k=new_k,
-        steps=_STEPS.value,
-        full_lr_scale=_FULL_LR_SCALE.value,
-        lrs=[float(x) for x in _LRS.value],
-        seeds=seeds,
-        sweep_seeds=seeds[: _SWEEP_SEEDS.value],
-        problems_per_k=_PROBLEMS.value,
-        base_params=n_base,
-        base_exact_match_by_k=em_base,
-        base_step_accuracy_by_k=step_base,
-        base_new_op_step_accuracy_by_k=acc_base["new_op_step_accuracy"],
-        base_eval_loss=loss_base,
+        settings,
         rows=rows,
         vs_lora=vs_lora(rows),
         process_cpu_seconds=time.process_time(),
