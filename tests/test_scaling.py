@@ -140,3 +140,14 @@ def test_search_caps_are_validated_by_name(key):
     config.eval[key] = 0
     with pytest.raises(ValueError, match=rf"eval\.{key}.*must be >= 1, got 0"):
         test_time_scaling.validate(config)
+
+
+def test_compute_optimal_keeps_fractional_correctness():
+    """Correctness averaged over seeds (0, 0.5, 1) comes back unrounded: the chosen configuration's accuracy is the
+    same mean the reference curves report (a bool result once counted every half-right problem as right)."""
+    correct = {"a": np.array([0.5, 0.0, 1.0, 0.5]), "b": np.array([0.0, 0.5, 0.5, 0.0])}
+    bins, select = np.array([1, 1, 2, 2]), np.array([True, True, True, True])
+    chosen, right = analysis.compute_optimal(correct, bins, select)
+    assert chosen == {1: "a", 2: "a"} and right.tolist() == [0.5, 0.0, 1.0, 0.5]
+    _, right = analysis.compute_optimal_at_flops(correct, {"a": 1.0, "b": 1.0}, 1.0, bins, select)
+    assert right.mean() == correct["a"].mean()

@@ -92,12 +92,13 @@ def compute_optimal(
     """Per difficulty bin, the configuration with the best accuracy on the selection problems (`select_mask`);
     returns ({bin: chosen name}, per-problem correctness of the chosen configuration). Ties go to the first name.
 
-    `correct` maps a configuration name to a bool [P] array (all at one compute budget).
+    `correct` maps a configuration name to a [P] array (all at one compute budget): bool, or the fraction of seeds
+    on which each problem was right; the result keeps that scale (a fraction is never rounded to right/wrong).
     """
     names = list(correct)
     if not names:
         raise ValueError("compute_optimal: no configurations")
-    chosen, out = {}, np.zeros(len(bins), bool)
+    chosen, out = {}, np.zeros(len(bins), np.result_type(*(np.asarray(v) for v in correct.values())))
     for b in np.unique(bins):
         sel = (bins == b) & select_mask
         accs = [float(np.mean(correct[k][sel])) if sel.any() else 0.0 for k in names]
