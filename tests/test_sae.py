@@ -256,3 +256,48 @@ def test_auxk_loss_matches_top_k_reference(n_dead):
     g, g_ref = jax.grad(ours)(p), jax.grad(reference)(p)
     for key in g_ref:
         np.testing.assert_allclose(g[key], g_ref[key], rtol=1e-4, atol=1e-6)
+
+
+def test_rank_by_decoder_norm_is_sae_lens_rescaled_topk():
+    """rank_by_decoder_norm: TopK keeps each token's k largest pre x ||d_i|| (SAELens' rescale_acts_by_decoder_norm:
+    relu(topk(pre * n)) / n @ W_dec), AuxK ranks dead latents the same way; loss and gradients equal that definition."""
+    cfg = sae.default_config("topk", d_in=16, n_latents=64, k=4, aux_k=5, aux_k_coeff=0.5)
+    cfg.normalize_decoder, cfg.rank_by_decoder_norm = False, True
+    p = model.init_params(cfg, jax.random.key(0))
+    norms = jnp.exp(jax.random.normal(jax.random.key(4), (64,)))  # rows of very different norms
+    p = dict(p, W_dec=p["W_dec"] * norms[:, None], b_dec=jnp.linspace(-1, 1, 16), b_enc=jnp.linspace(-0.1, 0.1, 64))
+    x = jax.random.normal(jax.random.key(1), (32, 16))
+    dead = jnp.arange(64) % 3 == 0  # 22 dead > aux_k: the masked (kth_largest) AuxK branch
+
+    def ours(p):
+        return model.losses(p, cfg, x, x, 1.0, dead)[0]
+
+    def reference(p):
+        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        n = jnp.linalg.norm(p["W_dec"], axis=1)
+        vals, idx = jax.lax.top_k(pre * n, 4)
+        acts = jnp.zeros_like(pre).at[jnp.arange(32)[:, None], idx].set(jax.nn.relu(vals))
+        x_hat = (acts / n) @ p["W_dec"] + p["b_dec"]
+        e = jax.lax.stop_gradient(x - x_hat)
+        aux_vals, aux_idx = jax.lax.top_k(jnp.where(dead, pre * n, -jnp.inf), 5)
+        aux = jnp.zeros_like(pre).at[jnp.arange(32)[:, None], aux_idx].set(aux_vals)
+        e_hat = (aux / n) @ p["W_dec"]
+        aux_loss = jnp.mean(jnp.sum((e - e_hat) ** 2, -1)) / jnp.mean(jnp.sum((e - e.mean(0)) ** 2, -1))
+        return jnp.mean(jnp.sum((x - x_hat) ** 2, -1)) + 0.5 * aux_loss
+
+    np.testing.assert_allclose(ours(p), reference(p), rtol=1e-5)
+    g, g_ref = jax.grad(ours)(p), jax.grad(reference)(p)
+    for key in g_ref:
+        np.testing.assert_allclose(g[key], g_ref[key], rtol=1e-4, atol=1e-5)
+    plain = sae.default_config("topk", d_in=16, n_latents=64, k=4, normalize_decoder=False)
+    assert not np.array_equal(sae.encode(p, plain, x) != 0, sae.encode(p, cfg, x) != 0)  # the ranking changed
+
+
+def test_batchtopk_threshold_folds_with_rank_by_decoder_norm():
+    cfg = sae.default_config("batchtopk", d_in=8, n_latents=16, k=3, normalize_decoder=False, rank_by_decoder_norm=True)
+    p = model.init_params(cfg, jax.random.key(0))
+    p = dict(p, W_dec=p["W_dec"] * jnp.linspace(0.5, 2.0, 16)[:, None], threshold=jnp.asarray(0.7))
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32) * 7
+    s = 0.3
+    folded = train.fold_scales(p, cfg, s, s)
+    np.testing.assert_allclose(sae.encode(folded, cfg, x), sae.encode(p, cfg, x * s), rtol=1e-5, atol=1e-5)

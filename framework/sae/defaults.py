@@ -17,6 +17,8 @@ A config is a `ConfigDict`; `default_config(arch)` gives every key with the arch
   tied_init            encoder initialised as the decoder's transpose
   decoder_init_norm    norm of the initial decoder rows
   normalize_decoder    renormalise decoder rows to unit norm after every step
+  rank_by_decoder_norm TopK/BatchTopK/AuxK rank latents by pre-activation x decoder-row norm (the norm of their
+                       contribution; SAELens' rescale_acts_by_decoder_norm); no effect with normalize_decoder
   aux_k, aux_k_coeff   AuxK: reconstruct the residual from the top aux_k dead latents (0: off; capped at L)
   dead_window          a latent is dead after this many training tokens without firing (AuxK trains those; a short
                        window flags merely rare latents, and AuxK then pushes them to death: keep it >> 1/density)
@@ -53,6 +55,7 @@ _COMMON = dict(
     tied_init=True,
     decoder_init_norm=1.0,
     normalize_decoder=True,
+    rank_by_decoder_norm=False,
     aux_k=0,
     aux_k_coeff=1.0 / 32,
     dead_window=100_000,

@@ -156,6 +156,19 @@ def kth_largest(x_BL, k: int):
     return jax.lax.cond(ties, lambda: jax.lax.top_k(x_BL, k)[0][..., -1:], lambda: m_B1)
 
 
+def ranking_scores(params, cfg, pre_BL):
+    """What TopK, BatchTopK and AuxK rank and threshold: the pre-activations, or with `rank_by_decoder_norm` each
+    pre-activation times its latent's decoder-row norm (no gradient through the norm), i.e. the norm of the latent's
+    contribution to the reconstruction (SAELens' rescale_acts_by_decoder_norm; selection only: the latents and their
+    gradients are unchanged). With an unconstrained decoder the row norms drift apart during training, and ranking
+    by the raw pre-activation then keeps latents whose contribution is small over ones whose contribution is large.
+    A no-op with normalize_decoder (rows of equal norm rank as the pre-activations do), where it is skipped.
+    """
+    if not cfg.rank_by_decoder_norm or cfg.normalize_decoder:
+        return pre_BL
+    return pre_BL * jax.lax.stop_gradient(jnp.linalg.norm(params["W_dec"], axis=1))
+
+
 def topk_mask(pre_BL, k: int):
     """1 where a latent is among the token's k largest pre-activations and positive, else 0."""
     kth_B1 = kth_largest(pre_BL, k)
@@ -176,12 +189,14 @@ def encode_train(params, cfg, x_BD):
     """(latents [B, L], extras) with training-time behaviour (BatchTopK's batch-level selection)."""
     pre = pre_activations(params, cfg, x_BD)
     extras = {"pre": pre}
+    if cfg.arch in ("topk", "batchtopk"):
+        extras["score"] = ranking_scores(params, cfg, pre)
     if cfg.arch == "relu":
         f = jax.nn.relu(pre)
     elif cfg.arch == "topk":
-        f = pre * jax.lax.stop_gradient(topk_mask(pre, cfg.k))
+        f = pre * jax.lax.stop_gradient(topk_mask(extras["score"], cfg.k))
     elif cfg.arch == "batchtopk":
-        mask, kept_min = batch_topk_mask(pre, cfg.k)
+        mask, kept_min = batch_topk_mask(extras["score"], cfg.k)
         f = pre * jax.lax.stop_gradient(mask)
         extras["batch_threshold"] = jax.lax.stop_gradient(kept_min)
     elif cfg.arch == "jumprelu":
@@ -208,7 +223,7 @@ def encode(params, cfg, x_BD: Float[Array, "B D"]) -> Float[Array, "B L"]:
     x_BD = jnp.asarray(x_BD, jnp.float32).reshape(-1, x_BD.shape[-1])
     if cfg.arch == "batchtopk":
         pre = pre_activations(params, cfg, x_BD)
-        f = jnp.where(pre > jnp.maximum(params["threshold"], 0.0), pre, 0.0)
+        f = jnp.where(ranking_scores(params, cfg, pre) > jnp.maximum(params["threshold"], 0.0), pre, 0.0)
     elif cfg.arch == "jumprelu":
         pre = pre_activations(params, cfg, x_BD)
         f = jnp.where(pre > jnp.exp(params["log_threshold"]), pre, 0.0)
@@ -261,7 +276,7 @@ def losses(params, cfg, x_BD, y_BO, sparsity_scale, dead_L):
     total = mse + sparsity_scale * sparsity
     aux = jnp.zeros((), jnp.float32)
     if cfg.aux_k:
-        aux = aux_k_loss(params, cfg, x_BD, jax.lax.stop_gradient(err), extras["pre"], dead_L)
+        aux = aux_k_loss(params, cfg, x_BD, jax.lax.stop_gradient(err), extras.get("score", extras["pre"]), dead_L)
         total = total + cfg.aux_k_coeff * aux
     parts = {"loss": total, "mse": mse, "sparsity": sparsity, "aux_loss": aux, "y_hat": y_hat, **stats}
     if "batch_threshold" in extras:
@@ -273,7 +288,7 @@ def aux_k_loss(params, cfg, x_BD, e_BO, pre_BL, dead_L):
     """||e - e_hat||^2 / ||e - mean(e)||^2 (batch means): e_hat reconstructs the residual e from the aux_k largest
     pre-activations of dead latents (all of them when at most aux_k are dead; 0 when none is).
 
-    `pre_BL` (the encoder pre-activations) only selects; the selected values are recomputed from `params` inside the
+    `pre_BL` (the encoder pre-activations, or ranking_scores of them) only selects; the selected values are recomputed from `params` inside the
     branch that runs, so no dense [B, L] cotangent crosses the branch. No ReLU (as SAELens; OpenAI's code clips with a
     ReLU): measured on the frontier's 2048-latent TopK, the ReLU left more latents silent on all 100k training tokens
     (8.3% vs 3.5%), since a dead latent whose pre-activation is negative gets no gradient through it. Three branches,

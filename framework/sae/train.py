@@ -166,6 +166,8 @@ def fold_scales(params: dict, cfg, scale_in: float, scale_out: float) -> dict:
     p["W_enc"] = params["W_enc"] * scale_in
     p["b_dec"] = params["b_dec"] / scale_out
     p["W_dec"] = params["W_dec"] / scale_out
+    if "threshold" in p and cfg.rank_by_decoder_norm and not cfg.normalize_decoder:
+        p["threshold"] = params["threshold"] / scale_out  # it thresholds pre x ||W_dec row||, scaled by 1 / s_out
     return p
 
 
