@@ -301,3 +301,18 @@ def test_batchtopk_threshold_folds_with_rank_by_decoder_norm():
     s = 0.3
     folded = train.fold_scales(p, cfg, s, s)
     np.testing.assert_allclose(sae.encode(folded, cfg, x), sae.encode(p, cfg, x * s), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_dead", [3, 20])  # fewer than aux_k dead: weighted n_dead / aux_k; more: weight 1
+def test_auxk_dead_scale(n_dead):
+    cfg = sae.default_config("topk", d_in=8, n_latents=32, k=2, aux_k=6)
+    p = dict(model.init_params(cfg, jax.random.key(0)), b_dec=jnp.linspace(-1, 1, 8))
+    x = jax.random.normal(jax.random.key(1), (16, 8))
+    e = jax.random.normal(jax.random.key(2), (16, 8))
+    dead = jax.random.permutation(jax.random.key(3), jnp.arange(32) < n_dead)
+    pre = model.pre_activations(p, cfg, x)
+    plain = model.aux_k_loss(p, cfg, x, e, pre, dead)
+    cfg.aux_k_dead_scale = True
+    scaled = model.aux_k_loss(p, cfg, x, e, pre, dead)
+    np.testing.assert_allclose(scaled, min(n_dead / 6, 1.0) * plain, rtol=1e-6)
+    assert float(plain) > 0

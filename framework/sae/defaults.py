@@ -20,6 +20,8 @@ A config is a `ConfigDict`; `default_config(arch)` gives every key with the arch
   rank_by_decoder_norm TopK/BatchTopK/AuxK rank latents by pre-activation x decoder-row norm (the norm of their
                        contribution; SAELens' rescale_acts_by_decoder_norm); no effect with normalize_decoder
   aux_k, aux_k_coeff   AuxK: reconstruct the residual from the top aux_k dead latents (0: off; capped at L)
+  aux_k_dead_scale     AuxK loss weighted by min(n_dead / aux_k, 1) (EleutherAI sae, SAELens); off: full weight
+                       whenever any latent is dead (OpenAI's paper)
   dead_window          a latent is dead after this many training tokens without firing (AuxK trains those; a short
                        window flags merely rare latents, and AuxK then pushes them to death: keep it >> 1/density)
   normalize_inputs     scale inputs to mean squared norm d_in while training (folded back into the weights)
@@ -58,6 +60,7 @@ _COMMON = dict(
     rank_by_decoder_norm=False,
     aux_k=0,
     aux_k_coeff=1.0 / 32,
+    aux_k_dead_scale=False,
     dead_window=100_000,
     normalize_inputs=True,
     lr=3e-4,

@@ -295,6 +295,11 @@ def aux_k_loss(params, cfg, x_BD, e_BO, pre_BL, dead_L):
     one run per step: no dead latent (no work); at most aux_k dead (every dead latent is selected, no top-k: their
     encoder columns and decoder rows are gathered, [B, D] x [D, aux_k] x [aux_k, O]); more (masked by the aux_k-th
     largest dead pre-activation, kth_largest, and decoded densely).
+
+    With `aux_k_dead_scale` the loss is weighted by min(n_dead / aux_k, 1), as EleutherAI's sae and SAELens do: a few
+    dead latents then get a proportionally small share instead of the full loss. On the SAE bench (2048 latents,
+    k=32, aux_k=32, ~7 dead) the unscaled loss left Lumen's held-out FVU at 0.0158 against SAELens' 0.0137; scaled,
+    0.0138 (at 512 latents, k=16, where ~4% are dead, 0.0222 -> 0.0220).
     """
     aux_k = min(cfg.aux_k, cfg.n_latents)
     n_dead = jnp.sum(dead_L, dtype=jnp.int32)
@@ -311,7 +316,8 @@ def aux_k_loss(params, cfg, x_BD, e_BO, pre_BL, dead_L):
         idx_K = jnp.nonzero(dead_L, size=aux_k, fill_value=0)[0]
         cols = {**params, "W_enc": params["W_enc"][:, idx_K], "b_enc": params["b_enc"][idx_K]}
         vals_BK = jnp.where(jnp.arange(aux_k) < n_dead, pre_activations(cols, cfg, x_BD), 0.0)
-        return loss(vals_BK @ params["W_dec"][idx_K])
+        scale = n_dead.astype(jnp.float32) / aux_k if cfg.aux_k_dead_scale else 1.0
+        return scale * loss(vals_BK @ params["W_dec"][idx_K])
 
     def many(params):
         keep = dead_L & (pre_BL >= kth_largest(jnp.where(dead_L, pre_BL, -jnp.inf), aux_k))
