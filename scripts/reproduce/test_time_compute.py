@@ -9,8 +9,8 @@ and at equal FLOPs, coverage with a fitted curve, the PRM label-source table (go
       --policy_workdir=runs/tts/policy --judge_workdir=runs/tts/judge                       # reuse trained policies
 
 The policy (the quickstart's tiny LM) and the judge (the small size, same task) are trained into <workdir>/policy
-and <workdir>/judge unless given; rerunning resumes them and reuses the fitted verifiers. Default scale, policies
-given: 19.2 min wall on the 2-core CPU at load average 1.7-4.4 (53 min at load 7-11); see README.
+and <workdir>/judge unless given; rerunning resumes them and reuses the fitted verifiers. Default scale from a fresh
+workdir: 27:37 wall on a quiet 2-core AMD EPYC (policies trained here); see README.
 Writes <workdir>/results/*.json, <workdir>/figures/*.png and <workdir>/results/summary.txt (the tables quoted in
 README.md).
 """
