@@ -235,13 +235,18 @@ def test_kth_largest_equals_lax_top_k(k):
         )
 
 
-@pytest.mark.parametrize("n_dead", [3, 6, 20])  # fewer than, exactly, more than aux_k dead latents
-def test_auxk_loss_matches_top_k_reference(n_dead):
+def _auxk_case(n_dead):
+    """A TopK config with aux_k=6 over 32 latents, params, inputs, residuals and `n_dead` randomly placed dead."""
     cfg = sae.default_config("topk", d_in=8, n_latents=32, k=2, aux_k=6)
     p = dict(model.init_params(cfg, jax.random.key(0)), b_dec=jnp.linspace(-1, 1, 8))
     x = jax.random.normal(jax.random.key(1), (16, 8))
     e = jax.random.normal(jax.random.key(2), (16, 8))
-    dead = jax.random.permutation(jax.random.key(3), jnp.arange(32) < n_dead)
+    return cfg, p, x, e, jax.random.permutation(jax.random.key(3), jnp.arange(32) < n_dead)
+
+
+@pytest.mark.parametrize("n_dead", [3, 6, 20])  # fewer than, exactly, more than aux_k dead latents
+def test_auxk_loss_matches_top_k_reference(n_dead):
+    cfg, p, x, e, dead = _auxk_case(n_dead)
 
     def reference(p):  # the definition: top aux_k dead pre-activations by lax.top_k, no ReLU
         pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
@@ -305,11 +310,7 @@ def test_batchtopk_threshold_folds_with_rank_by_decoder_norm():
 
 @pytest.mark.parametrize("n_dead", [3, 20])  # fewer than aux_k dead: weighted n_dead / aux_k; more: weight 1
 def test_auxk_dead_scale(n_dead):
-    cfg = sae.default_config("topk", d_in=8, n_latents=32, k=2, aux_k=6)
-    p = dict(model.init_params(cfg, jax.random.key(0)), b_dec=jnp.linspace(-1, 1, 8))
-    x = jax.random.normal(jax.random.key(1), (16, 8))
-    e = jax.random.normal(jax.random.key(2), (16, 8))
-    dead = jax.random.permutation(jax.random.key(3), jnp.arange(32) < n_dead)
+    cfg, p, x, e, dead = _auxk_case(n_dead)
     pre = model.pre_activations(p, cfg, x)
     plain = model.aux_k_loss(p, cfg, x, e, pre, dead)
     cfg.aux_k_dead_scale = True
