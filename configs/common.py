@@ -86,6 +86,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         grad_clip=1.0,
         log_every=25,
         eval_every=0,
+        stop_when="",  # early stopping on an eval metric, e.g. "token_accuracy>=0.98" (needs eval_every > 0)
         checkpoint_every=250,
         keep_checkpoints=3,
         keep_checkpoint_every=0,  # also keep every checkpoint whose step is a multiple of this (0 = none)

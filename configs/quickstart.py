@@ -1,13 +1,19 @@
 """The default experiment: a small arithmetic LM, trained on CPU and scored by number of steps K.
 
 COMMAND: python -m scripts.launch --config=configs/quickstart.py --workdir=runs/quickstart   (or `make quickstart`)
-RUNTIME: ~2.5 min on a 2-core CPU (1500 steps of the 100k-parameter `tiny` model, then evaluation).
-EXPECT: greedy exact match 1.0 at K=1-2, falling through ~0.6 at K=4 to ~0 at K=7-8; per-step accuracy 1.0 at
-K=1-2, ~0.8 mid-range (measured numbers, and how they move with the step count, in README.md).
+RUNTIME: ~2-3 min on a 2-core CPU (at most 2000 steps of the 100k-parameter `tiny` model, then evaluation).
+EXPECT: a deliberately partly trained policy: greedy exact match ~0.85-1.0 at K=1, ~0.4-0.9 at K=4-5, <=0.36 at
+K=8; per-step accuracy 0.85-1.0 (the spread over six seeds is in README.md).
 
 The task is the modular-arithmetic chain with modulus 10 (one-digit numbers, `Q 3+4*7-1`), all three ops and
 K = 1..8: the format, checker and difficulty knobs of the full task, at a size a 2-core CPU learns in minutes. The
 mod-100 task (`configs/lm/arith.py`) needs a longer run.
+
+Training stops when the held-out token accuracy reaches 0.98 (`train.stop_when`, checked every 25 steps) or after
+2000 steps. A fixed step count does not give a stable partly trained policy here: when the tiny model learns where
+each step's operand sits in the prompt varies from a few hundred to thousands of steps with the seed (and with the
+CPU's rounding), so the same 1500-step run gave a policy that solved every K on one seed, none beyond K=1 on another,
+and different tables on two CPUs. Stopping at a measured quality gave the same kind of policy on all six seeds tried.
 """
 
 from configs import common
@@ -17,7 +23,18 @@ def get_config(arg: str | None = None):
     del arg
     config = common.lm_experiment(size="tiny")
     config.task.modulus = 10
-    config.train.update(steps=1500, batch_size=32, seq_len=80, lr=1e-2, checkpoint_every=500, log_every=100)
-    config.eval.problems_per_k = 64
+    # Train until the held-out token accuracy reaches 0.98 (checked every 25 steps), at most 2000 steps: the policy's
+    # quality, not a step count, is what must not depend on the seed or the CPU (see the module docstring).
+    config.train.update(
+        steps=2000,
+        batch_size=32,
+        seq_len=80,
+        lr=3e-3,
+        checkpoint_every=500,
+        log_every=100,
+        eval_every=25,
+        stop_when="token_accuracy>=0.98",
+    )
+    config.eval.problems_per_k = 128
     config.lock()
     return config

@@ -26,6 +26,9 @@ from framework.training.loss import next_token_loss
 
 log = logging.getLogger(__name__)
 
+# What the held-out eval (every train.eval_every steps and at the end) returns; train.stop_when may name either.
+EVAL_METRICS = ("loss", "token_accuracy")
+
 
 def knobs(config: ml_collections.ConfigDict) -> dict:
     """Task knobs (arithmetic.Knobs fields) from `config.task`."""
@@ -77,6 +80,11 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
         f"must be >= 0 (0 = keep only the newest train.keep_checkpoints), got {tc.keep_checkpoint_every}",
     )
     req(tc.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = only at the end), got {tc.eval_every}")
+    criterion = loop.parse_stop_when(tc.stop_when)
+    if criterion:
+        metric = criterion[0]
+        req(metric in EVAL_METRICS, "train.stop_when", f"metric {metric!r} is not one of the eval's {EVAL_METRICS}")
+        req(tc.eval_every > 0, "train.stop_when", f"needs train.eval_every > 0 to evaluate, got {tc.eval_every}")
     req(tc.nonfinite in ("stop", "skip"), "train.nonfinite", f"must be 'stop' or 'skip', got {tc.nonfinite!r}")
     req(tc.lr > 0, "train.lr", f"must be positive, got {tc.lr}")
     req(config.task.loss_on in data.LOSS_ON, "task.loss_on", f"must be one of {data.LOSS_ON}")
@@ -216,6 +224,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {"step": int(state.step), "accuracy_by_k": acc, "decode_parity": parity}
     if jax.process_index() == 0:
         _write_artifacts(workdir, results)
+        stopped = f" (train.stop_when {config.train.stop_when!r} met)" if int(state.step) < config.train.steps else ""
+        print(f"greedy accuracy by K after {int(state.step)} of {config.train.steps} steps{stopped}:")
         print(format_table(acc))
         print("decode parity vs no-cache reference:", json.dumps(parity))
     return dict(results, params=params)

@@ -129,6 +129,9 @@ def _add(path, value):
         (_set("model.remat", "half"), "model.remat", r"model.remat must be one of"),
         (_set("mesh.data", 3), "mesh", r"config section 'mesh': .*needs 3 devices, 8 available"),
         (_set("task.num_steps", (3, 1)), "task", r"config section 'task'"),
+        (_set("train.stop_when", "acc>0.9"), "train.stop_when", r"is not '<eval metric> >= <number>'"),
+        (_set("train.stop_when", "accuracy>=0.9"), "train.stop_when", r"metric 'accuracy' is not one of the eval's"),
+        (_set("train.stop_when", "loss<=0.1"), "train.stop_when", r"needs train.eval_every > 0"),
     ],
 )
 def test_invalid_configs_name_the_key(mutate, key, match):

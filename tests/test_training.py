@@ -358,3 +358,57 @@ def test_extending_train_steps_continues_the_run_and_other_changes_warn(tmp_path
     with caplog.at_level("WARNING", logger="framework.training.loop"):
         loop.train(_config(steps=8, log_every=2, checkpoint_every=2, lr=1e-3), workdir, _toy_task())
     assert "resuming from a checkpoint written under a different config" in caplog.text
+
+
+def test_stop_when_ends_at_the_first_eval_meeting_it_and_a_rerun_trains_no_further(tmp_path, caplog):
+    workdir, seen = str(tmp_path), []
+
+    def eval_fn(state):  # a "quality" that crosses 0.5 at step 6
+        seen.append(int(state.step))
+        return {"score": int(state.step) / 12, "loss": 1.0}
+
+    config = _config(steps=12, eval_every=3, log_every=4, checkpoint_every=4, stop_when="score>=0.5")
+    with caplog.at_level("WARNING", logger="framework.training.loop"):
+        state = loop.train(config, workdir, _toy_task(eval_fn=eval_fn))
+    assert int(state.step) == 6 and seen == [3, 6]
+    assert "step 6 meets train.stop_when 'score>=0.5'" in caplog.text
+    # The stopping step is checkpointed (off the checkpoint_every grid) with the criterion, and its train metrics
+    # (steps 5-6, after the step-4 log) are flushed.
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.latest_step() == 6
+    restored, meta = ckpt.restore(jax.eval_shape(lambda: _toy_state(config)))
+    assert meta["stopped_early"] == {"criterion": "score>=0.5", "value": 0.5}
+    ckpt.close()
+    assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [4, 6]
+    # Rerunning the same command does not train (no eval, no new metrics); a changed criterion trains on.
+    before = read_metrics(workdir)
+    again = loop.train(config, workdir, _toy_task(eval_fn=eval_fn))
+    assert int(again.step) == 6 and seen == [3, 6] and read_metrics(workdir) == before
+    on = loop.train(
+        _config(steps=12, eval_every=3, log_every=4, checkpoint_every=4, stop_when="loss<=0.5"),
+        workdir,
+        _toy_task(eval_fn=eval_fn),
+    )
+    assert int(on.step) == 12 and seen == [3, 6, 9, 12]
+
+
+@pytest.mark.parametrize(
+    "spec, eval_every, match",
+    [
+        ("score>0.5", 3, "is not '<eval metric> >= <number>'"),
+        ("score>=high", 3, "is not '<eval metric> >= <number>'"),
+        ("score>=0.5", 0, "needs periodic evaluation"),
+        ("accuracy>=0.5", 3, "the eval returns no metric 'accuracy'; it returns \\['score'\\]"),
+    ],
+)
+def test_stop_when_errors_name_the_key(tmp_path, spec, eval_every, match):
+    config = _config(steps=4, eval_every=eval_every, stop_when=spec)
+    with pytest.raises(ValueError, match=match) as err:
+        loop.train(config, str(tmp_path), _toy_task(eval_fn=lambda state: {"score": 0.0}))
+    assert "train.stop_when" in str(err.value)
+
+
+def test_parse_stop_when():
+    assert loop.parse_stop_when("") is None
+    assert loop.parse_stop_when(" eval/token_accuracy >= 0.98 ") == ("token_accuracy", ">=", 0.98)
+    assert loop.parse_stop_when("loss<=1e-2") == ("loss", "<=", 0.01)

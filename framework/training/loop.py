@@ -11,6 +11,13 @@ changes). Under several processes (`jax.distributed`) each process loads only it
 and only process 0 writes config, metrics and logs. Fault tolerance: the newest checkpoint that verifies is
 restored (a damaged one is moved aside with a warning); SIGTERM (pre-emption) finishes the current step, writes a
 checkpoint and raises `Preempted`, which the launcher turns into exit status 0.
+
+Early stopping: `train.stop_when = "token_accuracy>=0.98"` (any key the task's eval returns, `>=` or `<=`) ends
+training at the first evaluation (every `train.eval_every` steps) that meets it, checkpoints that step and records
+the criterion in the checkpoint, so rerunning the command does not train further. It pins a run's outcome to a
+measured quality instead of a step count, which matters for deliberately partly trained models: how fast a small
+model learns varies a lot with the seed (and with the CPU's rounding), what it has learned at a given quality much
+less.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -75,6 +83,35 @@ class _Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+_STOP_WHEN = re.compile(r"^\s*(?:eval/)?([A-Za-z_][\w/]*)\s*(>=|<=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_stop_when(spec: str) -> tuple[str, str, float] | None:
+    """`train.stop_when`: "" (off) or "<eval metric> >= <x>" / "<eval metric> <= <x>" -> (metric, op, x).
+
+    Raises ConfigError naming the key for anything else.
+    """
+    if not spec:
+        return None
+    m = _STOP_WHEN.match(spec)
+    if m is None:
+        raise config_lib.ConfigError(
+            f"config key 'train.stop_when': {spec!r} is not '<eval metric> >= <number>' or '<eval metric> <= <number>'"
+            " (e.g. 'token_accuracy>=0.98'; '' turns early stopping off)"
+        )
+    return m.group(1), m.group(2), float(m.group(3))
+
+
+def _criterion_met(criterion: tuple[str, str, float], metrics: Mapping[str, float]) -> bool:
+    key, op, x = criterion
+    if key not in metrics:
+        raise config_lib.ConfigError(
+            f"config key 'train.stop_when': the eval returns no metric {key!r}; it returns {sorted(metrics)}"
+        )
+    value = float(metrics[key])
+    return value >= x if op == ">=" else value <= x
 
 
 LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -218,6 +255,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
     `devices` (default: all) are the devices the mesh spans. Raises `Preempted` after checkpointing on SIGTERM.
     """
     tc = config.train
+    criterion = parse_stop_when(tc.get("stop_when", ""))
+    if criterion and not (task.eval_fn and tc.eval_every):
+        raise config_lib.ConfigError(
+            "config key 'train.stop_when': early stopping needs periodic evaluation (train.eval_every > 0 and a task "
+            f"with an eval), got eval_every={tc.eval_every}"
+        )
     write_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_from_config(config.mesh)
@@ -236,6 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
     digest = config_digest(config)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
     restored = ckpt.restore_latest(target)
+    last = tc.steps
     if restored is not None:
         state, meta = restored
         if meta.get("config_digest") != digest:
@@ -246,6 +290,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
             )
         _truncate_metrics(workdir, int(state.step))
         log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+        stopped = meta.get("stopped_early")
+        if stopped and stopped.get("criterion") == tc.get("stop_when", ""):
+            log.warning(
+                "step %d met train.stop_when %r (%s = %.6g) in an earlier run: not training further",
+                int(state.step),
+                stopped["criterion"],
+                criterion[0],
+                stopped["value"],
+            )
+            last = int(state.step)
     else:
         # No usable checkpoint: training starts over, so records a killed earlier attempt logged are stale.
         _truncate_metrics(workdir, -1)
@@ -280,7 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
     preemption, saved = _Preemption(), start
     try:
         with sharding.rules_context(mesh, rules):
-            for step, batch in zip(range(start, tc.steps), batches):
+            for step, batch in zip(range(start, last), batches):
                 rows = tc.batch_size if multi else int(np.shape(next(iter(batch.values())))[0])
                 batch = sharding.global_batch(batch, mesh, rows, rules)
                 if step_fn is None:
@@ -294,7 +348,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
                     t0 = time.perf_counter()
                 else:
                     timed, window = timed + 1, window + rows
-                if done % tc.log_every == 0 or done == tc.steps:
+                # eval_every = 0: only at the end (as validated and documented in train_lm).
+                evaluate = task.eval_fn and (done == tc.steps or (tc.eval_every and done % tc.eval_every == 0))
+                if evaluate:
+                    jax.block_until_ready(state)  # the eval's time stays out of the step timings
+                    t_eval = time.perf_counter()
+                    evaluated = task.eval_fn(state)
+                    if t0 is not None:
+                        t0 += time.perf_counter() - t_eval
+                met = bool(criterion and evaluate and done < tc.steps and _criterion_met(criterion, evaluated))
+                if done % tc.log_every == 0 or done == tc.steps or met:
                     _check_finite(state, tc.nonfinite)
                     seconds = time.perf_counter() - t0
                     logged = _summarise(jax.device_get(acc), timed, window, seconds, task, tc)
@@ -302,16 +365,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
                     writer.write(done, logged, prefix="train/")
                     bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
                     acc, timed, window, t0 = [], 0, 0, time.perf_counter()
-                # eval_every = 0: only at the end (as validated and documented in train_lm).
-                if task.eval_fn and (done == tc.steps or (tc.eval_every and done % tc.eval_every == 0)):
-                    writer.write(done, task.eval_fn(state), prefix="eval/")
-                    timed, window, t0 = 0, 0, time.perf_counter()
+                if evaluate:
+                    writer.write(done, evaluated, prefix="eval/")
                 stop = preemption.requested(done) and done < tc.steps
-                if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
+                meta = {"config_digest": digest}
+                if met:
+                    meta["stopped_early"] = {"criterion": tc.stop_when, "value": float(evaluated[criterion[0]])}
+                    log.warning(
+                        "step %d meets train.stop_when %r (%s = %.6g): stopping early",
+                        done,
+                        tc.stop_when,
+                        criterion[0],
+                        meta["stopped_early"]["value"],
+                    )
+                if done % tc.checkpoint_every == 0 or done == tc.steps or stop or met:
                     _check_finite(state, tc.nonfinite)
-                    ckpt.save(state, meta={"config_digest": digest}, force=done == tc.steps or stop)
+                    ckpt.save(state, meta=meta, force=done == tc.steps or stop or met)
                     saved = done
                 bar.update(1)
+                if met:
+                    break
                 if stop:
                     ckpt.wait()
                     log.warning("SIGTERM: stopped after step %d and checkpointed it in %s", saved, ckpt.directory)
