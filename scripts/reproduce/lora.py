@@ -4,13 +4,12 @@ state.
 
   python -m scripts.reproduce.lora --workdir=runs/lora_study          (the whole grid in one process)
 
-The committed study ran the grid as three niced processes and joined them; README.md ("LoRA family") has the CPU
-time and which cells finished:
+The committed study ran the grid as two niced processes (ranks 1 and 8) and joined them; README.md ("LoRA family")
+has the CPU time and the table:
   python -m scripts.reproduce.lora --workdir=runs/lora_study_a --ranks=1
-  python -m scripts.reproduce.lora --workdir=runs/lora_study_b --ranks=8 --methods=lora,rslora,dora,pissa \
+  python -m scripts.reproduce.lora --workdir=runs/lora_study_b --ranks=8 --methods=lora,rslora,dora,pissa,qlora,lora+ \
       --nobase_eval
-  python -m scripts.reproduce.lora --workdir=runs/lora_study_c --ranks=1,8 --methods=qlora,lora+ --nobase_eval
-  python -m scripts.reproduce.lora --workdir=runs/lora_study --merge=runs/lora_study_a,runs/lora_study_b,...
+  python -m scripts.reproduce.lora --workdir=runs/lora_study --merge=runs/lora_study_a,runs/lora_study_b
 (settings and base results come from the first merged run, or, if it stopped early, from the flags and a fresh
 measurement of its base; a run stopped early contributes the rows of its results/lora_partial.json). Results in
 README.md and docs/figures/lora.{png,json}.
