@@ -6,15 +6,12 @@ trained models with larger logits reach ~2e-5). Rerunning both in float64 with t
 """
 
 import dataclasses
-import importlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from framework.inference import generate, kv_cache, reference_generate
-from framework.models import config as model_config
+from framework.inference import generate, reference_generate
 from framework.models import lm
 from scripts.bench import decode_parity_fp64 as fp64
 
@@ -24,11 +21,7 @@ def float64_mode(monkeypatch):
     """x64 on and the model's fp32 casts re-pointed at float64 for this test only."""
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
-    monkeypatch.setitem(model_config._DTYPES, "float64", jnp.float64)
-    monkeypatch.setattr(kv_cache, "KV_DTYPES", (*kv_cache.KV_DTYPES, "float64"))
-    monkeypatch.setattr(importlib.import_module("framework.inference.reference"), "np", fp64._Float64Numpy(np))
-    for name in fp64._PATCHED:
-        monkeypatch.setattr(importlib.import_module(name), "jnp", fp64._Float64Numpy(jnp))
+    fp64.use_float64(setattr=monkeypatch.setattr, setitem=monkeypatch.setitem)
     try:
         yield
     finally:

@@ -2,10 +2,10 @@
 
     python -m scripts.bench.decode_parity_fp64 --workdir=runs/quickstart
 
-Loads a finished train_lm run and runs `generate` (KV cache) against `reference_generate` (no cache) on the
-quickstart's decode-parity prompts, greedy and sampled (T=1), twice: as shipped (fp32), and with the weights and
-every computation in float64. A correct cache gives identical tokens and log-probs equal to float64 rounding
-(~1e-14) in the second pass; whatever gap the fp32 pass shows is then rounding.
+Loads a finished train_lm run and compares `generate` (KV cache) with `reference_generate` (no cache) on the run's
+decode-parity prompts (`train_lm.decode_parity`), greedy and sampled (T=1), twice: as shipped (fp32), and with the
+weights and every computation in float64. A correct cache gives identical tokens and log-probs equal to float64
+rounding (~1e-14) in the second pass; whatever gap the fp32 pass shows is then rounding.
 
 The model code computes norms, RoPE, attention scores, logits and sampling in fp32 on purpose (`jnp.float32` casts).
 For the float64 pass this diagnostic re-points those modules' `jnp.float32` at float64 and registers "float64" as a
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import operator
 import os
 
 from absl import app, flags
@@ -43,24 +44,21 @@ class _Float64Numpy:
         return getattr(self._module, "float64" if name == "float32" else name)
 
 
-def _compare(params, model_cfg, prompts, max_new, seed) -> dict:
-    import jax
+def use_float64(setattr=setattr, setitem=operator.setitem) -> None:
+    """Registers "float64" as a model and KV-cache dtype and re-points the fp32 casts of the model, cache, sampling
+    and reference decode at float64 (needs jax_enable_x64). `setattr` / `setitem` do the patching: pytest's
+    monkeypatch.setattr / setitem undo it after a test."""
+    import jax.numpy as jnp
     import numpy as np
 
-    from framework import inference
-    from framework.inference import reference
+    from framework.inference import kv_cache
+    from framework.models import config as model_config
 
-    out = {}
-    for mode, kw in (("greedy", {}), ("sampled", dict(temperature=1.0, rng=jax.random.key(seed + 1)))):
-        fast = inference.generate(params, model_cfg, prompts, max_new_tokens=max_new, **kw)
-        slow = reference.reference_generate(params, model_cfg, prompts, max_new_tokens=max_new, **kw)
-        f, s = (np.asarray(x.logprobs, np.float64) for x in (fast, slow))
-        out[mode] = {
-            "tokens_identical": bool(np.array_equal(np.asarray(fast.tokens), np.asarray(slow.tokens))),
-            "max_abs_logprob_diff": float(np.max(np.abs(f - s))),
-            "logprob_dtype": str(np.asarray(fast.logprobs).dtype),
-        }
-    return out
+    setitem(model_config._DTYPES, "float64", jnp.float64)
+    setattr(kv_cache, "KV_DTYPES", (*kv_cache.KV_DTYPES, "float64"))
+    setattr(importlib.import_module("framework.inference.reference"), "np", _Float64Numpy(np))  # host log-prob buffer
+    for name in _PATCHED:
+        setattr(importlib.import_module(name), "jnp", _Float64Numpy(jnp))
 
 
 def main(argv):
@@ -68,14 +66,10 @@ def main(argv):
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
     import ml_collections
     import numpy as np
 
     from experiments import train_lm
-    from framework.inference import kv_cache
-    from framework.models import config as model_config
-    from framework.tasks import arithmetic, data, policy_eval
     from framework.training import loop
     from framework.training.checkpoint import Checkpointer
 
@@ -90,23 +84,12 @@ def main(argv):
     config.train.steps, config.train.progress = step, False  # restore only: nothing left to train
     params = jax.device_get(loop.train(config, _WORKDIR.value, task).params)
 
-    k_max = arithmetic.make_knobs(**train_lm.knobs(config)).steps_range[1]
-    problems = policy_eval.eval_problems(
-        config.seed, k_max, config.eval.decode_parity_problems, **train_lm.knobs(config)
-    )
-    prompts = [data.encode_prompt(p) for p in problems]
-    max_new = arithmetic.solution_length(problems[0].num_steps, problems[0].modulus) + 1
-    results = {"fp32": _compare(params, model_cfg, prompts, max_new, config.seed)}
+    results = {"fp32": train_lm.decode_parity(params, model_cfg, config)}
 
-    model_config._DTYPES["float64"] = jnp.float64
-    kv_cache.KV_DTYPES = (*kv_cache.KV_DTYPES, "float64")
-    importlib.import_module("framework.inference.reference").np = _Float64Numpy(np)  # its host log-prob buffer
-    for name in _PATCHED:
-        module = importlib.import_module(name)
-        module.jnp = _Float64Numpy(jnp)
+    use_float64()
     cfg64 = dataclasses.replace(model_cfg, dtype="float64", param_dtype="float64")
     params64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-    results["fp64"] = _compare(params64, cfg64, prompts, max_new, config.seed)
+    results["fp64"] = train_lm.decode_parity(params64, cfg64, config)
     print(json.dumps({"workdir": _WORKDIR.value, "step": step, **results}, indent=1))
 
 
