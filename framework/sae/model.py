@@ -288,8 +288,8 @@ def aux_k_loss(params, cfg, x_BD, e_BO, pre_BL, dead_L):
     """||e - e_hat||^2 / ||e - mean(e)||^2 (batch means): e_hat reconstructs the residual e from the aux_k largest
     pre-activations of dead latents (all of them when at most aux_k are dead; 0 when none is).
 
-    `pre_BL` (the encoder pre-activations, or ranking_scores of them) only selects; the selected values are recomputed from `params` inside the
-    branch that runs, so no dense [B, L] cotangent crosses the branch. No ReLU (as SAELens; OpenAI's code clips with a
+    `pre_BL` (the encoder pre-activations, or ranking_scores of them) only selects; the selected values are recomputed
+    from `params` inside the branch that runs, so no dense [B, L] cotangent crosses the branch. No ReLU (as SAELens; OpenAI's code clips with a
     ReLU): measured on the frontier's 2048-latent TopK, the ReLU left more latents silent on all 100k training tokens
     (8.3% vs 3.5%), since a dead latent whose pre-activation is negative gets no gradient through it. Three branches,
     one run per step: no dead latent (no work); at most aux_k dead (every dead latent is selected, no top-k: their

@@ -368,19 +368,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, device
                 if evaluate:
                     writer.write(done, evaluated, prefix="eval/")
                 stop = preemption.requested(done) and done < tc.steps
-                meta = {"config_digest": digest}
+                save_meta = {"config_digest": digest}
                 if met:
-                    meta["stopped_early"] = {"criterion": tc.stop_when, "value": float(evaluated[criterion[0]])}
+                    save_meta["stopped_early"] = {"criterion": tc.stop_when, "value": float(evaluated[criterion[0]])}
                     log.warning(
                         "step %d meets train.stop_when %r (%s = %.6g): stopping early",
                         done,
                         tc.stop_when,
                         criterion[0],
-                        meta["stopped_early"]["value"],
+                        save_meta["stopped_early"]["value"],
                     )
                 if done % tc.checkpoint_every == 0 or done == tc.steps or stop or met:
                     _check_finite(state, tc.nonfinite)
-                    ckpt.save(state, meta=meta, force=done == tc.steps or stop or met)
+                    ckpt.save(state, meta=save_meta, force=done == tc.steps or stop or met)
                     saved = done
                 bar.update(1)
                 if met:

@@ -55,7 +55,9 @@ from framework.training.loss import next_token_loss
 _WORKDIR = flags.DEFINE_string("workdir", "runs/lora_study", "Output directory.")
 _BASE_OPS = flags.DEFINE_string("base_ops", "+-", "Ops the base is trained on.")
 _BASE_K = flags.DEFINE_list("base_k", ["1", "4"], "Inclusive K range the base is trained on.")
-_BASE_STEPS = flags.DEFINE_integer("base_steps", 2000, "Base training steps (quickstart recipe otherwise).")
+_BASE_STEPS = flags.DEFINE_integer(
+    "base_steps", 2000, "Base training steps (quickstart model and batch shape, LR 1e-2)."
+)
 _NEW_OPS = flags.DEFINE_string("new_ops", "+-*", "Ops of the adaptation task.")
 _NEW_K = flags.DEFINE_list("new_k", ["1", "4"], "Inclusive K range of the adaptation task (and of the evaluation).")
 _STEPS = flags.DEFINE_integer("steps", 300, "Adapter training steps per run.")

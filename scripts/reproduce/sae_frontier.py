@@ -3,9 +3,10 @@ vs width with and without tied init + AuxK.
 
   python -m scripts.reproduce.sae_frontier --workdir=runs/sae_frontier [--lm_workdir=runs/quickstart]
 
-The LM is the quickstart's (loaded from --lm_workdir, or trained into <workdir>/lm); activations of
-blocks.1.resid_post are harvested once (train and eval splits) and every SAE trains from that store. Writes
-<workdir>/results/sae_frontier.json and <workdir>/figures/sae_frontier.png.
+The LM is the quickstart-sized tiny LM (loaded from --lm_workdir, e.g. a quickstart run, or trained into
+<workdir>/lm by `configs/sae/common.py`'s recipe); activations of blocks.1.resid_post are harvested once (train and
+eval splits) and every SAE trains from that store. Writes <workdir>/results/sae_frontier.json and
+<workdir>/figures/sae_frontier.png.
 """
 
 from __future__ import annotations
