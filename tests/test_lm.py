@@ -172,6 +172,25 @@ def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward(model):
         np.testing.assert_allclose(out.logits[:, 0], full[:, t], atol=ATOL, rtol=0, err_msg=f"position {t}")
 
 
+def test_logits_at_computes_the_output_layer_at_chosen_positions_only(model):
+    cfg, params = model
+    tokens = _tokens(cfg, B=3, T=10, seed=2)
+    full = _forward(params, tokens, cfg).logits
+    at_BN = jnp.asarray([[9, 0], [4, 4], [0, 7]], jnp.int32)
+    some = jax.jit(lambda p, t, a: lm.apply(p, t, cfg, logits_at=a))(params, tokens, at_BN)
+    assert some.shape == (3, 2, cfg.vocab_size)
+    # The output matmul runs on 6 rows instead of 30: equal up to the backend's fp32 rounding for that row count.
+    np.testing.assert_allclose(some, jnp.take_along_axis(full, at_BN[:, :, None], axis=1), atol=1e-5, rtol=0)
+    # With a KV cache (generate's prefill): the chunk is cached in full, logits come back only where asked.
+    cache = kv_cache.init_cache(cfg, 3, 16)
+    pos = jnp.broadcast_to(jnp.arange(10, dtype=jnp.int32), (3, 10))
+    out = lm.forward(params, tokens, cfg, positions_BT=pos, kv_cache=cache, logits_at=at_BN[:, :1])
+    ref = lm.forward(params, tokens, cfg, positions_BT=pos, kv_cache=cache)
+    assert out.logits.shape == (3, 1, cfg.vocab_size)
+    np.testing.assert_array_equal(out.kv_cache.layers.k, ref.kv_cache.layers.k)
+    np.testing.assert_allclose(out.logits[:, 0], full[jnp.arange(3), at_BN[:, 0]], atol=1e-5, rtol=0)
+
+
 def test_kv_cache_with_right_padded_ragged_batch(model):
     """Rows of different lengths, right-padded: each row's logits equal its own unpadded forward, and decoding
     continues every row at its own position (overwriting the pad slots before they become visible)."""

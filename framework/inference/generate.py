@@ -204,8 +204,10 @@ def _generate_jit(
         pool, table, ok = kvc.allocate(cache.pool, (prompt_lens_B + C - 1) // C, cache.page_table.shape[1])
         cache = cache.replace(pool=pool, page_table=table)
     pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    out = lm.forward(params, tokens_BT, cfg, positions_BT=pos_BT, kv_cache=cache)
-    last_BV = jnp.take_along_axis(out.logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
+    out = lm.forward(
+        params, tokens_BT, cfg, positions_BT=pos_BT, kv_cache=cache, logits_at=(prompt_lens_B - 1)[:, None]
+    )
+    last_BV = out.logits[:, 0]
     tok_B, lp_B = pick(last_BV, 0)
     tokens_BN = jnp.full((B, N), cfg.pad_id, jnp.int32).at[:, 0].set(tok_B)
     logprobs_BN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B)

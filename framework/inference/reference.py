@@ -31,8 +31,7 @@ def _last_logits(
     params: lm.Params, tokens_BT: Int[Array, "B T"], last_B: Int[Array, "B"], cfg: lm.LMConfig
 ) -> Float[Array, "B V"]:
     # Jitted only to dispatch the model as one program (eager apply re-traces its layer scan on every call).
-    logits_BTV = lm.apply(params, tokens_BT, cfg)
-    return jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
+    return lm.apply(params, tokens_BT, cfg, logits_at=last_B[:, None])[:, 0]
 
 
 def reference_generate(

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from framework.models import invariant
+
 
 class AttentionImpl(Protocol):
     def __call__(self, q_BTHD, k_BSKD, v_BSKD, *, mask_BTS, softcap, sm_scale) -> jax.Array: ...
@@ -120,7 +122,7 @@ def grouped_attention(
         s_BKMS = softcap * jnp.tanh(s_BKMS / softcap)
     m_B1MS = jnp.broadcast_to(mask_BTS[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
     s_BKMS = jnp.where(m_B1MS, s_BKMS, jnp.finfo(jnp.float32).min)
-    p_BKMS = jax.nn.softmax(s_BKMS, axis=-1)
+    p_BKMS = invariant.softmax(s_BKMS)  # batch-invariant: a decode step's row equals the cache-free pass's
     o_BKMD = jnp.einsum("bkms,bksd->bkmd", p_BKMS.astype(v_BKSD.dtype), v_BKSD)
     return o_BKMD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 

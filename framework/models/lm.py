@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from framework.models import attention as attn_lib
+from framework.models import invariant
 from framework.models.config import MLP_ACTIVATIONS, REMAT_POLICIES, LMConfig  # noqa: F401 (re-exported)
 
 Params = dict[str, Any]
@@ -46,6 +47,9 @@ def _normal(std: float):
 
 
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) * scale in fp32. The mean is `invariant.pairwise_sum`: a token's output is bitwise the
+    same whatever batch or sequence it is computed in (XLA's own reduction order depends on the array's size)."""
+
     cfg: LMConfig
 
     @nn.compact
@@ -54,7 +58,8 @@ class RMSNorm(nn.Module):
         init = nn.initializers.zeros if plus_one else nn.initializers.ones
         scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("embed",), init).astype(jnp.float32)
         x32 = x_BTD.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        mean_sq = invariant.pairwise_sum(x32 * x32) / x32.shape[-1]
+        y = x32 * jax.lax.rsqrt(mean_sq + self.cfg.norm_eps)
         return (y * (1.0 + scale_D if plus_one else scale_D)).astype(self.cfg.compute_dtype)
 
 
@@ -276,7 +281,7 @@ class Decoder(nn.Module):
         return x
 
     @nn.compact
-    def __call__(self, tokens_BT, pos_BT, layer_cache, seg_BT=None, page_table=None):
+    def __call__(self, tokens_BT, pos_BT, layer_cache, seg_BT=None, page_table=None, logits_at_BN=None):
         c = self.cfg
         embed = Embed(c, name="embed")
         x_BTD = embed(tokens_BT)
@@ -306,6 +311,8 @@ class Decoder(nn.Module):
             x_BTD, layer_cache = layers(x_BTD, jnp.arange(c.n_layers), layer_cache, pos_BT, seg_BT, page_table)
 
         x_BTD = self._top_hook("final_norm", RMSNorm(c, name="final_norm")(x_BTD))
+        if logits_at_BN is not None:  # only these positions reach the output layer: [B, N, D]
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BN[:, :, None], axis=1)
         if c.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
@@ -318,7 +325,8 @@ class Decoder(nn.Module):
 
 
 class Output(NamedTuple):
-    """What `forward` returns: fp32 logits, the updated KV cache or None, and captured hookpoint activations."""
+    """What `forward` returns: fp32 logits ([B, N, V] with `logits_at`), the updated KV cache or None, and captured
+    hookpoint activations."""
 
     logits: Float[Array, "B T V"]
     kv_cache: Any
@@ -355,6 +363,7 @@ def forward(
     kv_cache: Any = None,
     capture: Sequence[str] = (),
     interventions: Mapping[str, Intervention] | None = None,
+    logits_at: Int[Array, "B N"] | None = None,
 ) -> Output:
     """Runs the LM; optionally with a KV cache, capturing hookpoints, or replacing activations at hookpoints.
 
@@ -363,7 +372,9 @@ def forward(
     (dense or paged, float or int8): the chunk is written at its positions and attends over the cache; the updated
     cache comes back in `Output.kv_cache`. `interventions` maps hookpoint names to functions applied
     to the activation there (e.g. an SAE's reconstruction); `capture` lists hookpoints whose activations (after
-    any intervention) are returned.
+    any intervention) are returned. `logits_at` [B, N] (indices into each row's T tokens) computes the logits at
+    those tokens only, `Output.logits` [B, N, V]: what decoding needs from a prompt, without the [B, T, V] tensor
+    (HF's `logits_to_keep`).
     """
     cfg = LMConfig.from_config(cfg)
     B, T = tokens_BT.shape
@@ -390,7 +401,7 @@ def forward(
     if not unstacked:
         _check_scannable(params["layers"])
     model = Decoder(cfg, tuple(layer_iv), tuple(top_iv), unstacked)
-    args = (tokens_BT, positions_BT, layers, segment_ids_BT, page_table)
+    args = (tokens_BT, positions_BT, layers, segment_ids_BT, page_table, logits_at)
     if wanted:
         (logits, layers), state = model.apply({"params": params}, *args, mutable=["intermediates"])
         inter = state["intermediates"]

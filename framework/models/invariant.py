@@ -1,0 +1,68 @@
+"""Batch-invariant reductions: a row's result depends on that row alone, bit for bit, whatever else is computed with it.
+
+Why: a cached decode step runs the model on one token per sequence ([B, 1]); the cache-free forward pass that
+scores or re-checks the same tokens runs on [B, T]. Mathematically the last position's logits are the same. In fp32
+they were not: XLA chooses how to reduce by the size of the whole array. XLA:CPU, for one, hands large reductions
+(and the ops fused around them: the softmax's subtract-and-exp) to YNNPACK kernels and splits small ones into
+32-wide windows, so the same row reduced alone and inside a batch could differ in its last bits. Through the
+layers those bits became ~1e-5 gaps between cached and cache-free log-probs of a trained model, with identical
+tokens (`scripts/bench/decode_parity_fp64.py` shows the gap vanishing in float64). RL and PRM pipelines that
+compare sampler and scorer log-probs inherit such gaps.
+
+How: the reductions on the decode path are written as fixed pairwise trees of elementwise ops (halves combined
+until one element is left). XLA never reassociates elementwise float ops, and no reduction is left for a backend
+to route to a size-dependent kernel, so the order of every addition is fixed by the row length alone. Zero-padding
+to a power of two (-inf for the max) makes trailing masked or padded entries exact no-ops, so a row of S cache
+slots and the same row inside a T-token pass give the same bits. Pairwise summation is also the accurate order:
+its error grows as O(log n) ulps, a sequential sum's as O(n).
+
+Used by RMSNorm (`framework.models.lm`) and the reference attention's softmax (`framework.models.attention`);
+with the output layer applied only at the positions a decoder needs (`lm.forward(logits_at=...)`), cached decoding
+reproduces the cache-free pass bit for bit on XLA:CPU (tests/test_generate.py). Matmuls stay the backend's: XLA:CPU's
+output layer (vocab 24) gave different bits for 8 rows than for 8 x T rows, which `logits_at` sidesteps by giving
+both passes the same [B, D] rows; the projections were invariant at the shapes tested. Nothing here makes a matmul
+batch-invariant on every backend, and the Pallas kernels keep their own orders.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _pairwise(x: jax.Array, combine, pad_value: float) -> jax.Array:
+    n = x.shape[-1]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - n)], constant_values=pad_value)
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = combine(x[..., :half], x[..., half:])
+    return x
+
+
+def pairwise_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis (kept, size 1) by a fixed pairwise tree; batch-invariant (module docstring)."""
+    return _pairwise(x, jnp.add, 0.0)
+
+
+def pairwise_max(x: jax.Array) -> jax.Array:
+    """Max over the last axis (kept, size 1) by a fixed pairwise tree. A max is exact in any order; the tree keeps
+    the reduction (and the ops a compiler would fuse with it) away from size-dependent backend kernels."""
+    return _pairwise(x, jnp.maximum, -jnp.inf)
+
+
+@jax.custom_jvp
+def softmax(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis with `pairwise_max` / `pairwise_sum`: each row's probabilities are bitwise the same
+    whatever the batch, the number of query rows, or trailing masked entries. Gradients as `jax.nn.softmax`'s."""
+    e = jnp.exp(x - jax.lax.stop_gradient(pairwise_max(x)))
+    return e / pairwise_sum(e)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    p = softmax(x)
+    # The tangent needs no invariance (training, not decoding), so it uses a plain reduction.
+    return p, p * (t - jnp.sum(p * t, axis=-1, keepdims=True))
