@@ -102,11 +102,11 @@ def _task_config(ops: str, k: tuple[int, int], seed_offset: int = 0, steps: int 
     config = quickstart.get_config()
     config.unlock()
     # The study's base recipe, fixed here: the quickstart's model, task format and batch shape, at the LR it had when
-    # the study was designed, trained for exactly --base_steps (no early stopping).
+    # the study was designed, trained for exactly --base_steps (no early stopping), from seed 0.
     config.train.update(lr=1e-2, eval_every=0, stop_when="")
     config.task.ops = ops
     config.task.num_steps = k
-    config.seed = config.seed + seed_offset
+    config.seed = seed_offset
     if steps is not None:
         config.train.steps = steps
     return config
