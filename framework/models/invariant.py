@@ -9,19 +9,20 @@ layers those bits became ~1e-5 gaps between cached and cache-free log-probs of a
 tokens (`scripts/bench/decode_parity_fp64.py` shows the gap vanishing in float64). RL and PRM pipelines that
 compare sampler and scorer log-probs inherit such gaps.
 
-How: the reductions on the decode path are written as fixed pairwise trees of elementwise ops (halves combined
-until one element is left). XLA never reassociates elementwise float ops, and no reduction is left for a backend
-to route to a size-dependent kernel, so the order of every addition is fixed by the row length alone. Zero-padding
-to a power of two (-inf for the max) makes trailing masked or padded entries exact no-ops, so a row of S cache
-slots and the same row inside a T-token pass give the same bits. Pairwise summation is also the accurate order:
-its error grows as O(log n) ulps, a sequential sum's as O(n).
+How: the reductions on the decode path are written as fixed pairwise trees of elementwise ops (halves combined until
+one element is left). XLA does not reassociate float additions (without fast-math), and no reduction is left for a
+backend to route to a size-dependent kernel, so the order of every addition is fixed by the row length alone.
+Zero-padding to a power of two (-inf for the max) makes trailing masked or padded entries exact no-ops, so a row of
+S cache slots and the same row inside a T-token pass give the same bits. Pairwise summation is also the accurate
+order: its error grows as O(log n) ulps, a sequential sum's as O(n).
 
-Used by RMSNorm (`framework.models.lm`) and the reference attention's softmax (`framework.models.attention`);
-with the output layer applied only at the positions a decoder needs (`lm.forward(logits_at=...)`), cached decoding
-reproduces the cache-free pass bit for bit on XLA:CPU (tests/test_generate.py). Matmuls stay the backend's: XLA:CPU's
-output layer (vocab 24) gave different bits for 8 rows than for 8 x T rows, which `logits_at` sidesteps by giving
-both passes the same [B, D] rows; the projections were invariant at the shapes tested. Nothing here makes a matmul
-batch-invariant on every backend, and the Pallas kernels keep their own orders.
+Used by RMSNorm (`framework.models.lm`) and the reference attention's softmax (`framework.models.attention`); with
+the output layer applied only at the positions a decoder needs (`lm.forward(logits_at=...)`), cached decoding
+reproduced the cache-free pass bit for bit on XLA:CPU for 30 trained quickstart policies (README.md; the reductions
+themselves are tested bitwise in tests/test_invariant.py). Matmuls stay the backend's: XLA:CPU's output layer (vocab
+24) gave different bits for 8 rows than for 8 x T rows, which `logits_at` sidesteps by giving both passes the same
+[B, D] rows; the projections were invariant at the shapes tested. Nothing here makes a matmul batch-invariant on
+every backend, and the Pallas kernels keep their own orders.
 """
 
 from __future__ import annotations
