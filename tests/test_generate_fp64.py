@@ -1,8 +1,9 @@
 """The KV-cache decode is exact, not merely close: in float64 it equals the cache-free reference to rounding.
 
-In fp32 the two paths differ by summation order (`tests/test_generate.py` bounds that at 1e-5 on random weights;
-trained models with larger logits reach ~2e-5). Rerunning both in float64 with the diagnostic's patch
-(`scripts/bench/decode_parity_fp64.py`) separates rounding from a real cache error: what remains must be ~1e-14.
+In fp32 the two paths may differ by the backend's rounding (the model's reductions are batch-invariant,
+`framework/models/invariant.py`, but matmuls are not; `tests/test_generate.py` bounds the gap at 1e-5). Rerunning
+both in float64 with the diagnostic's patch (`scripts/bench/decode_parity_fp64.py`) separates rounding from a real
+cache error: what remains must be ~1e-14.
 """
 
 import dataclasses

@@ -289,12 +289,12 @@ def aux_k_loss(params, cfg, x_BD, e_BO, pre_BL, dead_L):
     pre-activations of dead latents (all of them when at most aux_k are dead; 0 when none is).
 
     `pre_BL` (the encoder pre-activations, or ranking_scores of them) only selects; the selected values are recomputed
-    from `params` inside the branch that runs, so no dense [B, L] cotangent crosses the branch. No ReLU (as SAELens; OpenAI's code clips with a
-    ReLU): measured on the frontier's 2048-latent TopK, the ReLU left more latents silent on all 100k training tokens
-    (8.3% vs 3.5%), since a dead latent whose pre-activation is negative gets no gradient through it. Three branches,
-    one run per step: no dead latent (no work); at most aux_k dead (every dead latent is selected, no top-k: their
-    encoder columns and decoder rows are gathered, [B, D] x [D, aux_k] x [aux_k, O]); more (masked by the aux_k-th
-    largest dead pre-activation, kth_largest, and decoded densely).
+    from `params` inside the branch that runs, so no dense [B, L] cotangent crosses the branch. No ReLU (as SAELens;
+    OpenAI's code clips with a ReLU): measured on the frontier's 2048-latent TopK, the ReLU left more latents silent on
+    all 100k training tokens (8.3% vs 3.5%), since a dead latent whose pre-activation is negative gets no gradient
+    through it. Three branches, one run per step: no dead latent (no work); at most aux_k dead (every dead latent is
+    selected, no top-k: their encoder columns and decoder rows are gathered, [B, D] x [D, aux_k] x [aux_k, O]); more
+    (masked by the aux_k-th largest dead pre-activation, kth_largest, and decoded densely).
 
     With `aux_k_dead_scale` the loss is weighted by min(n_dead / aux_k, 1), as EleutherAI's sae and SAELens do: a few
     dead latents then get a proportionally small share instead of the full loss. On the SAE bench (2048 latents,

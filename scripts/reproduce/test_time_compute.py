@@ -8,9 +8,10 @@ and at equal FLOPs, coverage with a fitted curve, the PRM label-source table (go
   python -m scripts.reproduce.test_time_compute --workdir=runs/ttc \\
       --policy_workdir=runs/tts/policy --judge_workdir=runs/tts/judge                       # reuse trained policies
 
-The policy (the tiny LM on the quickstart's task, `configs/scaling/common.py`) and the judge (the small size, same task) are trained into <workdir>/policy
-and <workdir>/judge unless given; rerunning resumes them and reuses the fitted verifiers. Default scale from a fresh
-workdir: 27:37 wall on a quiet 2-core AMD EPYC (policies trained here); see README.
+The policy (the tiny LM on the quickstart's task, `configs/scaling/common.py`) and the judge (the small size, same
+task) are trained into <workdir>/policy and <workdir>/judge unless given; rerunning resumes them and reuses the
+fitted verifiers. Default scale from a fresh workdir: 27:37 wall on a quiet 2-core AMD EPYC (policies trained here);
+see README.
 Writes <workdir>/results/*.json, <workdir>/figures/*.png and <workdir>/results/summary.txt (the tables quoted in
 README.md).
 """
