@@ -12,9 +12,10 @@ compare sampler and scorer log-probs inherit such gaps.
 How: the reductions on the decode path are written as fixed pairwise trees of elementwise ops (halves combined until
 one element is left). XLA does not reassociate float additions (without fast-math), and no reduction is left for a
 backend to route to a size-dependent kernel, so the order of every addition is fixed by the row length alone.
-Zero-padding to a power of two (-inf for the max) makes trailing masked or padded entries exact no-ops, so a row of
-S cache slots and the same row inside a T-token pass give the same bits. Pairwise summation is also the accurate
-order: its error grows as O(log n) ulps, a sequential sum's as O(n).
+The tree is the one over the row zero-padded to a power of two (-inf for the max), so trailing masked or padded
+entries are exact no-ops and a row of S cache slots and the same row inside a T-token pass give the same bits (the
+padding itself is never built: entries it would meet pass through the first level unchanged). Pairwise summation
+is also the accurate order: its error grows as O(log n) ulps, a sequential sum's as O(n).
 
 Used by RMSNorm (`framework.models.lm`) and the reference attention's softmax (`framework.models.attention`); with
 the output layer applied only at the positions a decoder needs (`lm.forward(logits_at=...)`), cached decoding
@@ -31,11 +32,18 @@ import jax
 import jax.numpy as jnp
 
 
-def _pairwise(x: jax.Array, combine, pad_value: float) -> jax.Array:
+def _pairwise(x: jax.Array, combine) -> jax.Array:
+    """The halving tree over the last axis, as if padded to a power of two with combine's identity.
+
+    Level one pairs entry i with entry i + half (half: the largest power of two below n); entries without a partner
+    would meet padding, an exact no-op, so they pass through and no padded copy of x is ever built. Every level
+    after that halves a power of two.
+    """
     n = x.shape[-1]
-    width = 1 << max(n - 1, 0).bit_length()
-    if width != n:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - n)], constant_values=pad_value)
+    if n > 1:
+        half = 1 << ((n - 1).bit_length() - 1)
+        paired = combine(x[..., : n - half], x[..., half:])
+        x = paired if n == 2 * half else jnp.concatenate([paired, x[..., n - half : half]], axis=-1)
     while x.shape[-1] > 1:
         half = x.shape[-1] // 2
         x = combine(x[..., :half], x[..., half:])
@@ -44,13 +52,13 @@ def _pairwise(x: jax.Array, combine, pad_value: float) -> jax.Array:
 
 def pairwise_sum(x: jax.Array) -> jax.Array:
     """Sum over the last axis (kept, size 1) by a fixed pairwise tree; batch-invariant (module docstring)."""
-    return _pairwise(x, jnp.add, 0.0)
+    return _pairwise(x, jnp.add)
 
 
 def pairwise_max(x: jax.Array) -> jax.Array:
     """Max over the last axis (kept, size 1) by a fixed pairwise tree. A max is exact in any order; the tree keeps
     the reduction (and the ops a compiler would fuse with it) away from size-dependent backend kernels."""
-    return _pairwise(x, jnp.maximum, -jnp.inf)
+    return _pairwise(x, jnp.maximum)
 
 
 @jax.custom_jvp

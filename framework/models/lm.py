@@ -63,21 +63,37 @@ class RMSNorm(nn.Module):
         return (y * (1.0 + scale_D if plus_one else scale_D)).astype(self.cfg.compute_dtype)
 
 
-def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
+class Rope(NamedTuple):
+    """Rotary tables for a block of positions; computed once per forward pass and shared by every layer."""
+
+    cos: Float[Array, "B T 1 Dh"]
+    sin: Float[Array, "B T 1 Dh"]  # rotate_half's sign folded in: -sin on the first half, +sin on the second
+
+
+def rope_tables(pos_BT: jax.Array, head_dim: int, theta: float) -> Rope:
+    """cos/sin of each position's angles, over the full head dim (split-halves convention, as HF Llama)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
+    sign = jnp.concatenate([-jnp.ones(half, jnp.float32), jnp.ones(half, jnp.float32)])
+    ang_BTD = pos_BT[..., None].astype(jnp.float32) * jnp.concatenate([inv_freq, inv_freq])
+    # The barrier makes XLA compute the tables once; without it XLA fused the sin and cos into every rotation that
+    # reads them (each layer's q and k), evaluating them again for every head.
+    cos_BTD, sin_BTD = jax.lax.optimization_barrier((jnp.cos(ang_BTD), jnp.sin(ang_BTD) * sign))
+    return Rope(cos_BTD[:, :, None, :], sin_BTD[:, :, None, :])
+
+
+def apply_rope(x_BTHD: jax.Array, rope: Rope) -> jax.Array:
     """Rotary embedding in the split-halves (rotate_half) convention used by HF Llama.
 
     out = [x1 cos - x2 sin, x2 cos + x1 sin] is written as x * cos + swap_halves(x) * (sign * sin), every factor
     over the full head dim: no concatenate of results, so XLA fuses the whole rotation (forward and gradient) into
-    one elementwise loop (4 -> 2 ops forward, 5 -> 2 with the gradient; the values are bitwise the same).
+    one elementwise loop (4 -> 2 ops forward, 5 -> 2 with the gradient; the values are bitwise the same). The
+    tables come from `rope_tables`, once per pass.
     """
     half = x_BTHD.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
-    sign = jnp.concatenate([-jnp.ones(half, jnp.float32), jnp.ones(half, jnp.float32)])
-    ang_BTD = pos_BT[..., None].astype(jnp.float32) * jnp.concatenate([inv_freq, inv_freq])
-    cos, sin = jnp.cos(ang_BTD)[:, :, None, :], (jnp.sin(ang_BTD) * sign)[:, :, None, :]
     x = x_BTHD.astype(jnp.float32)
     swapped = x.reshape(*x.shape[:-1], 2, half)[..., ::-1, :].reshape(x.shape)  # [x2, x1]
-    return (x * cos + swapped * sin).astype(x_BTHD.dtype)
+    return (x * rope.cos + swapped * rope.sin).astype(x_BTHD.dtype)
 
 
 class Linear(nn.Module):
@@ -145,7 +161,7 @@ class Attention(nn.Module):
     cfg: LMConfig
 
     @nn.compact
-    def __call__(self, x_BTD, pos_BT, seg_BT, layer_cache, page_table, layer_idx=0):
+    def __call__(self, x_BTD, pos_BT, seg_BT, layer_cache, page_table, layer_idx, rope: Rope):
         c = self.cfg
         D, H, K, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         std = c.init_std
@@ -153,8 +169,8 @@ class Attention(nn.Module):
         q_BTHD = proj((D, H, Dh), ("embed", "heads", "head_dim"), std, c.qkv_bias, name="q_proj")(x_BTD)
         k_BTKD = proj((D, K, Dh), ("embed", "kv_heads", "head_dim"), std, c.qkv_bias, name="k_proj")(x_BTD)
         v_BTKD = proj((D, K, Dh), ("embed", "kv_heads", "head_dim"), std, c.qkv_bias, name="v_proj")(x_BTD)
-        q_BTHD = apply_rope(q_BTHD, pos_BT, c.rope_theta)
-        k_BTKD = apply_rope(k_BTKD, pos_BT, c.rope_theta)
+        q_BTHD = apply_rope(q_BTHD, rope)
+        k_BTKD = apply_rope(k_BTKD, rope)
         if layer_cache is not None and seg_BT is not None:
             raise ValueError("segment_ids (packed rows) are for cache-free forward passes, not decoding")
         args = (q_BTHD, k_BTKD, v_BTKD, layer_cache, pos_BT, seg_BT, page_table)
@@ -240,11 +256,11 @@ class Block(nn.Module):
         return x
 
     @nn.compact
-    def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT, seg_BT, page_table):
+    def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT, seg_BT, page_table, rope):
         c = self.cfg
         x_BTD = self._hook("resid_pre", x_BTD, layer_idx)
         a_BTD, layer_cache = Attention(c, name="attn")(
-            RMSNorm(c, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache, page_table, layer_idx
+            RMSNorm(c, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache, page_table, layer_idx, rope
         )
         if c.post_norms:  # Gemma-2 sandwich: the sublayer output is normalised before the residual add
             a_BTD = RMSNorm(c, name="post_attn_norm")(a_BTD)
@@ -288,6 +304,7 @@ class Decoder(nn.Module):
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
         x_BTD = self._top_hook("embed", x_BTD)
 
+        rope = rope_tables(pos_BT, c.head_dim, c.rope_theta)
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
@@ -295,7 +312,7 @@ class Decoder(nn.Module):
             caches = []
             for l in range(c.n_layers):
                 x_BTD, cache_l = block(c, self.interventions, name=f"layer_{l}")(
-                    x_BTD, l, None if layer_cache is None else layer_cache[l], pos_BT, seg_BT, page_table
+                    x_BTD, l, None if layer_cache is None else layer_cache[l], pos_BT, seg_BT, page_table, rope
                 )
                 caches.append(cache_l)
             layer_cache = None if layer_cache is None else tuple(caches)
@@ -304,11 +321,11 @@ class Decoder(nn.Module):
                 block,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
-                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, self.interventions, name="layers")
-            x_BTD, layer_cache = layers(x_BTD, jnp.arange(c.n_layers), layer_cache, pos_BT, seg_BT, page_table)
+            x_BTD, layer_cache = layers(x_BTD, jnp.arange(c.n_layers), layer_cache, pos_BT, seg_BT, page_table, rope)
 
         x_BTD = self._top_hook("final_norm", RMSNorm(c, name="final_norm")(x_BTD))
         if logits_at_BN is not None:  # only these positions reach the output layer: [B, N, D]
