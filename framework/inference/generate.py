@@ -299,15 +299,16 @@ def generate(
     stop_E = np.full(bucket_length(len(req.stop_tokens) or 1, 1 << 30, minimum=4), -1, np.int32)
     stop_E[: len(req.stop_tokens)] = req.stop_tokens
     greedy = req.temperature == 0.0
+    # Host values go to the jitted call as numpy: each eager jnp conversion was a dispatch of its own (~2 ms a call).
     out, ok = _generate_jit(
         params,
-        jnp.asarray(tokens_BT),
-        jnp.asarray(lens, jnp.int32),
-        jnp.asarray(stop_E),
-        jax.random.key(0) if greedy else rng,
-        jnp.float32(req.temperature or 1.0),
-        jnp.int32(req.top_k or 1),
-        jnp.float32(req.top_p or 1.0),
+        tokens_BT,
+        np.asarray(lens, np.int32),
+        stop_E,
+        _unused_key() if greedy else rng,
+        np.float32(req.temperature or 1.0),
+        np.int32(req.top_k or 1),
+        np.float32(req.top_p or 1.0),
         cfg=cfg,
         max_new_tokens=int(max_new_tokens),
         spec=spec,
@@ -321,6 +322,12 @@ def generate(
             f"batch={len(lens)}); pass a larger num_pages (the worst case is {len(lens) * spec.seq_len // spec.page_size})"
         )
     return out
+
+
+@functools.cache
+def _unused_key() -> jax.Array:
+    """The PRNG key greedy decoding passes (and never reads), made once."""
+    return jax.random.key(0)
 
 
 def _cache_spec(cfg, batch, cache_len, layout, dtype, page_size, num_pages) -> CacheSpec:
