@@ -6,18 +6,25 @@ EXPECT: identical greedy tokens on both sides; the target is Lumen >= 3x HF toke
 
 One random `LlamaForCausalLM` per size is built by transformers and saved as safetensors; Lumen loads that same
 folder with `load_hf_checkpoint`. Both decode the same prompts greedily in fp32, exactly `--max_new_tokens` each
-(no early stop: Lumen `stop_tokens=()`, HF `eos_token_id=None`, `min_new_tokens=max_new_tokens`). Tokens/s =
-batch * new tokens / wall seconds of the whole call (prefill included), median of `--runs` after one warm-up
-(Lumen's warm-up compiles). torch uses as many threads as there are cores; XLA:CPU always uses every core.
+(no early stop: Lumen `stop_tokens=()`, HF `eos_token_id=None`, `min_new_tokens=max_new_tokens`). A call's time is
+the wall seconds of the whole call (prefill included). After one warm-up call on each side (Lumen's compiles), the
+two sides alternate: `--runs` rounds of one HF call then one Lumen call, never at the same time. Each round's ratio
+(HF seconds / Lumen seconds) compares them under the same machine conditions; the table reports the median ratio
+and its range, and tokens/s from each side's median call. On the shared VMs we run on, the machine's speed drifts
+over minutes (Lumen's batch-8 call took 0.14 s in one process and 0.27 s in another on 2026-11-24, while a
+2048^2 matmul held 160-173 GFLOP/s), so timing one side's runs and then the other's a minute later compared
+different machines. Each side's timed call follows an untimed call of its own. torch uses as many threads as there
+are cores; XLA:CPU always uses every core.
 
 If `import torch, transformers` works here, the HF side runs in this process; otherwise it runs in
-`--hf_python` (a Python with torch + transformers, e.g. .venv-parity) through `hf_decode_worker.py`, which needs
-neither JAX nor Lumen. The two sides run one after the other, never at the same time.
+`--hf_python` (a Python with torch + transformers, e.g. .venv-parity) as `hf_decode_worker.py`, which needs
+neither JAX nor Lumen and answers one timed call per request.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import pathlib
@@ -25,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -70,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3, help="timed runs per case (median reported), after one warm-up")
+    p.add_argument("--runs", type=int, default=7, help="timed rounds per case (HF call, then Lumen call)")
     p.add_argument("--threads", type=int, default=common.num_cores(), help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf_python", "--hf-python", default=None, help="a Python with torch+transformers (subprocess)")
@@ -88,47 +96,98 @@ def _torch_here() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "safetensors"))
 
 
-def run_hf(request: dict[str, Any], hf_python: str | None) -> tuple[dict[str, Any], str]:
-    """The HF side, in process when torch is importable here, else in `hf_python`; returns (result, where)."""
+class _HFWorker:
+    """The HF side as a subprocess of `hf_python` running `hf_decode_worker.py` (one JSON line per request)."""
+
+    def __init__(self, request: dict[str, Any], hf_python: str, tmp: str):
+        req = pathlib.Path(tmp, "request.json")
+        req.write_text(json.dumps(request))
+        self.cmd = [hf_python, hf_decode_worker.__file__, "--request", str(req)]
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        for line in self.proc.stdout:  # anything a library prints on stdout is skipped
+            if line.startswith("{"):
+                return json.loads(line)
+        raise SystemExit(f"HF worker exited with {self.proc.wait()} ({shlex.join(self.cmd)}); see its stderr above")
+
+    def time_once(self, batch: str) -> dict[str, Any]:
+        self.proc.stdin.write(batch + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+@contextlib.contextmanager
+def hf_side(request: dict[str, Any], hf_python: str | None):
+    """Yields (session with `time_once(batch)`, versions info, where it runs): in process when torch is importable
+    here, else a worker in `hf_python`."""
     if hf_python is None and _torch_here():
-        return hf_decode_worker.run(request), "in-process"
+        session = hf_decode_worker.Session(request)
+        yield session, session.versions(), "in-process"
+        return
     if hf_python is None:
         raise SystemExit(
             "torch/transformers are not importable in this Python; pass --hf_python PATH of one that has them "
             "(e.g. --hf_python .venv-parity/bin/python)"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        req, res = pathlib.Path(tmp, "request.json"), pathlib.Path(tmp, "result.json")
-        req.write_text(json.dumps(request))
-        cmd = [hf_python, hf_decode_worker.__file__, "--request", str(req), "--result", str(res)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"HF worker failed ({shlex.join(cmd)}):\n{proc.stderr[-4000:]}")
-        return json.loads(res.read_text()), f"subprocess {hf_python}"
+        worker = _HFWorker(request, hf_python, tmp)
+        try:
+            yield worker, worker.info, f"subprocess {hf_python}"
+        finally:
+            worker.close()
 
 
-def run_lumen(ckpt_dir: str, prompts: dict[str, list[list[int]]], max_new_tokens: int, runs: int) -> dict[str, Any]:
-    """Loads the saved HF folder into Lumen and times greedy `generate` for each batch of prompts."""
+def lumen_side(ckpt_dir: str, prompts: dict[str, list[list[int]]], max_new_tokens: int):
+    """Loads the saved HF folder into Lumen; returns `time_once(batch)` -> {"seconds", "tokens"} (the first call of
+    each batch, which compiles, is a warm-up done before)."""
     import jax
 
     from framework.inference import generate
     from framework.models.hf import load_hf_checkpoint
 
     cfg, params = load_hf_checkpoint(ckpt_dir)
-    out = {}
-    for b, rows in prompts.items():
-        tokens_BT = np.asarray(rows, np.int32)
-        result = {}
+    warm: set[str] = set()
 
-        def once():
-            result["out"] = generate(params, cfg, tokens_BT, max_new_tokens=max_new_tokens, stop_tokens=())
-            jax.block_until_ready(result["out"].tokens)
+    def call(batch: str):
+        out = generate(params, cfg, np.asarray(prompts[batch], np.int32), max_new_tokens=max_new_tokens, stop_tokens=())
+        jax.block_until_ready(out.tokens)
+        return out
 
-        seconds = common.time_runs(once, runs)
-        gen = result["out"]
-        if int(np.min(gen.lengths)) != max_new_tokens:
-            raise RuntimeError(f"Lumen generated {np.asarray(gen.lengths)} tokens, expected {max_new_tokens} each")
-        out[b] = {"seconds": seconds, "median_s": common.median(seconds), "tokens": np.asarray(gen.tokens).tolist()}
+    def time_once(batch: str) -> dict[str, Any]:
+        if batch not in warm:
+            call(batch)
+            warm.add(batch)
+        t0 = time.perf_counter()
+        out = call(batch)
+        seconds = time.perf_counter() - t0
+        if int(np.min(out.lengths)) != max_new_tokens:
+            raise RuntimeError(f"Lumen generated {np.asarray(out.lengths)} tokens, expected {max_new_tokens} each")
+        return {"seconds": seconds, "tokens": np.asarray(out.tokens).tolist()}
+
+    return time_once
+
+
+def interleaved(hf, lumen, batch: str, rounds: int) -> dict[str, list]:
+    """`rounds` rounds of one HF call then one Lumen call on `batch` (never at the same time): each round's ratio
+    compares the two under the same machine conditions, which drift on a shared VM over minutes."""
+    out = {"hf_s": [], "lumen_s": []}
+    for _ in range(rounds):
+        # Each side's timed call follows an untimed one of its own: timed right after the other side's call, HF's
+        # batch-1 call took 0.66 s instead of 0.42 s (likely cold caches and the other side's threads still awake).
+        hf.time_once(batch)
+        h = hf.time_once(batch)
+        lumen(batch)
+        j = lumen(batch)
+        out["hf_s"].append(h["seconds"])
+        out["lumen_s"].append(j["seconds"])
+        out["hf_tokens"], out["lumen_tokens"] = h["tokens"], j["tokens"]
+    out["ratios"] = [h / j for h, j in zip(out["hf_s"], out["lumen_s"])]
     return out
 
 
@@ -141,7 +200,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
 
 
 def bench_size(size: str, args: argparse.Namespace) -> tuple[list[list[Any]], dict[str, Any]]:
-    """Both sides on one model size; returns the table rows and the HF result (for its versions)."""
+    """Both sides on one model size; returns the table rows and the HF side's info (versions, threads, where)."""
     llama = {**_LLAMA_BASE, **SIZES[size]}
     rng = np.random.default_rng(args.seed)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -149,6 +208,7 @@ def bench_size(size: str, args: argparse.Namespace) -> tuple[list[list[Any]], di
     for b in batch_sizes:  # BOS, then random ids past the special tokens; equal lengths, so no padding anywhere
         body = rng.integers(3, llama["vocab_size"], size=(b, args.prompt_len - 1))
         prompts[str(b)] = np.concatenate([np.full((b, 1), llama["bos_token_id"]), body], axis=1).tolist()
+    rows = []
     with tempfile.TemporaryDirectory() as ckpt_dir:
         request = dict(
             llama_config=llama,
@@ -156,34 +216,34 @@ def bench_size(size: str, args: argparse.Namespace) -> tuple[list[list[Any]], di
             out_dir=ckpt_dir,
             prompts=prompts,
             max_new_tokens=args.max_new_tokens,
-            runs=args.runs,
             threads=args.threads,
         )
-        hf, where = run_hf(request, args.hf_python)
-        hf["where"] = where
-        lumen = run_lumen(ckpt_dir, prompts, args.max_new_tokens, args.runs)
-    rows = []
-    for b in batch_sizes:
-        h, j = hf["batches"][str(b)], lumen[str(b)]
-        tps = lambda s: b * args.max_new_tokens / s  # noqa: E731
-        prefix, frac = agreement(h["tokens"], j["tokens"])
-        rows.append(
-            [
-                size,
-                b,
-                f"{tps(h['median_s']):.0f}",
-                f"{tps(j['median_s']):.0f}",
-                f"{h['median_s'] / j['median_s']:.2f}x",
-                f"{prefix}/{args.max_new_tokens}",
-                f"{frac:.1%}",
-                _spread(h["seconds"]),
-                _spread(j["seconds"]),
-            ]
-        )
-    return rows, hf
+        with hf_side(request, args.hf_python) as (hf, info, where):
+            info = {**info, "where": where}
+            lumen = lumen_side(ckpt_dir, prompts, args.max_new_tokens)
+            for b in batch_sizes:
+                r = interleaved(hf, lumen, str(b), args.runs)
+                tps = lambda s: b * args.max_new_tokens / s  # noqa: E731
+                prefix, frac = agreement(r["hf_tokens"], r["lumen_tokens"])
+                rows.append(
+                    [
+                        size,
+                        b,
+                        f"{tps(common.median(r['hf_s'])):.0f}",
+                        f"{tps(common.median(r['lumen_s'])):.0f}",
+                        f"{common.median(r['ratios']):.2f}x",
+                        f"{min(r['ratios']):.2f}-{max(r['ratios']):.2f}x",
+                        f"{prefix}/{args.max_new_tokens}",
+                        f"{frac:.1%}",
+                        _spread(r["hf_s"]),
+                        _spread(r["lumen_s"]),
+                    ]
+                )
+    return rows, info
 
 
-HEADERS = ["size", "batch", "HF tok/s", "Lumen tok/s", "Lumen / HF", "identical greedy steps", "equal tokens"]
+HEADERS = ["size", "batch", "HF tok/s", "Lumen tok/s", "Lumen / HF", "per round (min-max)"]
+HEADERS += ["identical greedy steps", "equal tokens"]
 HEADERS += ["HF s/call (min-max)", "Lumen s/call (min-max)"]
 
 
@@ -209,7 +269,10 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"Random Llama ({shapes}), fp32, greedy, prompt {args.prompt_len} tokens, exactly {args.max_new_tokens} "
             f"new tokens (no early stop); tok/s = batch x new tokens / wall time of the whole call, prefill included; "
-            f"median of {args.runs} runs after one warm-up (Lumen's compiles). HF: `model.generate`, default "
+            f"{args.runs} rounds of one HF call then one Lumen call, each after an untimed call of its own side "
+            f"(the first compiles Lumen); "
+            f"tok/s from each side's median call, Lumen / HF = the median of the rounds' ratios (HF s / Lumen s). "
+            f"HF: `model.generate`, default "
             f"dynamic KV cache, torch threads = {hf['torch_threads']}, run {hf['where']}. Lumen: "
             f"`framework.inference.generate` on `load_hf_checkpoint` of the same folder, XLA:CPU on all "
             f"{common.num_cores()} cores ({jax.devices()[0].device_kind}).",

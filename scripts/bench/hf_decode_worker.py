@@ -3,11 +3,13 @@
 Runs under any Python with torch + transformers + safetensors and never imports JAX or Lumen, so the decode
 benchmark can drive it in a separate interpreter (`--hf-python`) when torch is not installable next to JAX:
 
-  python scripts/bench/hf_decode_worker.py --request req.json --result out.json
+  python scripts/bench/hf_decode_worker.py --request req.json   # then batch keys on stdin, one per line
 
 The request (JSON) holds the Llama config, the init seed, the checkpoint folder to write, the prompts per batch
-size, max_new_tokens, the number of timed runs and the torch thread count; the result holds the versions, the
-per-run seconds and the greedy tokens of each batch, for the agreement check on the Lumen side.
+size, max_new_tokens and the torch thread count. The worker builds and saves the model, prints one JSON line with
+the versions, then answers each batch key read on stdin (one per line) with one JSON line: the wall seconds of one
+`generate` call on that batch and its greedy tokens (the first call of each batch is a warm-up, done before). The
+benchmark alternates these calls with Lumen's, so both sides are timed under the same machine conditions.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import inspect
 import json
 import pathlib
 import platform
-import statistics
+import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 
 def build_and_save(llama_config: dict[str, Any], seed: int, out_dir: str):
@@ -38,68 +40,78 @@ def build_and_save(llama_config: dict[str, Any], seed: int, out_dir: str):
     return model
 
 
-def time_generate(model, prompts: list[list[int]], max_new_tokens: int, runs: int) -> dict[str, Any]:
-    """Greedy `generate` of exactly `max_new_tokens` (EOS disabled) on equal-length prompts; a warm-up run first."""
-    import torch
-    from transformers import GenerationConfig
+class Session:
+    """The saved model and a timed greedy `generate` of exactly `max_new_tokens` (EOS disabled) per batch of
+    equal-length prompts."""
 
-    input_ids = torch.tensor(prompts, dtype=torch.long)
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,  # never stop early: both sides decode exactly N tokens
-        pad_token_id=model.config.pad_token_id,
-        bos_token_id=model.config.bos_token_id,
-    )
+    def __init__(self, request: dict[str, Any]):
+        import torch
+        from transformers import GenerationConfig
 
-    def once():
+        torch.set_num_threads(int(request["threads"]))
+        self.model = build_and_save(request["llama_config"], int(request["seed"]), request["out_dir"])
+        self.max_new_tokens = int(request["max_new_tokens"])
+        self.inputs = {b: torch.tensor(rows, dtype=torch.long) for b, rows in request["prompts"].items()}
+        self.gen_cfg = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,  # never stop early: both sides decode exactly N tokens
+            pad_token_id=self.model.config.pad_token_id,
+            bos_token_id=self.model.config.bos_token_id,
+        )
+        self.warm: set[str] = set()
+
+    def versions(self) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        return {
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def _generate(self, batch: str):
+        import torch
+
+        input_ids = self.inputs[batch]
         with torch.inference_mode():
-            return model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_cfg
+            return self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=self.gen_cfg
             )
 
-    out = once()  # warm-up (allocator, kernels), excluded
-    seconds = []
-    for _ in range(runs):
+    def time_once(self, batch: str) -> dict[str, Any]:
+        """Wall seconds of one `generate` call on `batch` and its new tokens; warms the batch up first if needed."""
+        if batch not in self.warm:
+            self._generate(batch)  # allocator, kernels: excluded
+            self.warm.add(batch)
         t0 = time.perf_counter()
-        out = once()
-        seconds.append(time.perf_counter() - t0)
-    new = out[:, input_ids.shape[1] :]
-    if new.shape[1] != max_new_tokens:
-        raise RuntimeError(f"HF generate produced {new.shape[1]} new tokens, expected {max_new_tokens}")
-    return {"seconds": seconds, "median_s": statistics.median(seconds), "tokens": new.tolist()}
+        out = self._generate(batch)
+        seconds = time.perf_counter() - t0
+        new = out[:, self.inputs[batch].shape[1] :]
+        if new.shape[1] != self.max_new_tokens:
+            raise RuntimeError(f"HF generate produced {new.shape[1]} new tokens, expected {self.max_new_tokens}")
+        return {"seconds": seconds, "tokens": new.tolist()}
 
 
-def run(request: dict[str, Any]) -> dict[str, Any]:
-    """Builds and saves the model, then times generate for every batch in `request["prompts"]`."""
-    import torch
-    import transformers
-
-    torch.set_num_threads(int(request["threads"]))
-    model = build_and_save(request["llama_config"], int(request["seed"]), request["out_dir"])
-    batches = {
-        str(b): time_generate(model, prompts, int(request["max_new_tokens"]), int(request["runs"]))
-        for b, prompts in request["prompts"].items()
-    }
-    return {
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "torch_threads": torch.get_num_threads(),
-        "batches": batches,
-    }
+def serve(request: dict[str, Any], stdin: TextIO, stdout: TextIO) -> None:
+    """The worker's loop: versions first, then one timed call per batch key read."""
+    session = Session(request)
+    print(json.dumps(session.versions()), file=stdout, flush=True)
+    for line in stdin:
+        if line.strip():
+            print(json.dumps(session.time_once(line.strip())), file=stdout, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--request", required=True, help="request JSON file")
-    parser.add_argument("--result", required=True, help="where to write the result JSON")
     args = parser.parse_args()
-    result = run(json.loads(pathlib.Path(args.request).read_text()))
-    pathlib.Path(args.result).write_text(json.dumps(result))
+    serve(json.loads(pathlib.Path(args.request).read_text()), sys.stdin, sys.stdout)
 
 
 if __name__ == "__main__":
