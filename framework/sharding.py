@@ -77,7 +77,8 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int | None = None) -> t
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `Mesh` with axes (data, fsdp, tensor) over all devices (or `devices`), in Auto mode (pjit-style propagation)."""
+    """A `Mesh` with axes (data, fsdp, tensor) over all devices (or `devices`), in Auto mode (pjit-style
+    propagation)."""
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if devices is None:
         return jax.make_mesh(mesh_shape(mesh_cfg), MESH_AXES, axis_types=auto)

@@ -96,7 +96,10 @@ def test_each_mode_trains_to_the_one_device_losses(one_device, runs, tmp_path_fa
         "tp": (P(None, None, "tensor"), P(None, None, "tensor")),
         "fsdp_tp": (P(None, "fsdp", "tensor"), P(None, "fsdp", "tensor")),
     }[mode]
-    strip = lambda spec: P(*tuple(spec)[: max([i + 1 for i, a in enumerate(spec) if a is not None], default=0)])  # noqa: E731
+
+    def strip(spec):  # trailing None axes dropped
+        return P(*tuple(spec)[: max([i + 1 for i, a in enumerate(spec) if a is not None], default=0)])
+
     assert (strip(q.sharding.spec), strip(mlp.sharding.spec)) == expect
     mu = state.opt_state[1][0].mu["layers"]["attn"]["q_proj"]["kernel"]  # Adam's moment shards like its param
     assert mu.sharding.spec == q.sharding.spec

@@ -1,4 +1,6 @@
-"""BatchTopK SAE (Bussmann et al. 2024): top k*B over the batch while training, a learned threshold at inference, on the quickstart-sized LM's blocks.1.resid_post (512 latents).
+"""BatchTopK SAE (Bussmann et al. 2024): top k*B over the batch while training, a learned threshold at inference.
+
+On the quickstart-sized LM's blocks.1.resid_post (512 latents).
 
 COMMAND: python -m scripts.launch --config=configs/sae/batchtopk.py --workdir=runs/sae_batchtopk
          (reuse a trained LM: --config.lm.workdir=runs/quickstart; shorter: --config.train.steps=500)

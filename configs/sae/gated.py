@@ -1,4 +1,6 @@
-"""Gated SAE (Rajamanoharan et al. 2024): gate with L1 + frozen-decoder auxiliary loss, magnitude path, on the quickstart-sized LM's blocks.1.resid_post (512 latents).
+"""Gated SAE (Rajamanoharan et al. 2024): gate with L1 + frozen-decoder auxiliary loss, magnitude path.
+
+On the quickstart-sized LM's blocks.1.resid_post (512 latents).
 
 COMMAND: python -m scripts.launch --config=configs/sae/gated.py --workdir=runs/sae_gated
          (reuse a trained LM: --config.lm.workdir=runs/quickstart; shorter: --config.train.steps=500)

@@ -1,4 +1,6 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024): straight-through L0 with a rectangle kernel, fp32 log-thresholds, on the quickstart-sized LM's blocks.1.resid_post (512 latents).
+"""JumpReLU SAE (Rajamanoharan et al. 2024): straight-through L0 with a rectangle kernel, fp32 log-thresholds.
+
+On the quickstart-sized LM's blocks.1.resid_post (512 latents).
 
 COMMAND: python -m scripts.launch --config=configs/sae/jumprelu.py --workdir=runs/sae_jumprelu
          (reuse a trained LM: --config.lm.workdir=runs/quickstart; shorter: --config.train.steps=500)

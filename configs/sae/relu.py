@@ -1,4 +1,6 @@
-"""ReLU SAE with decoder-norm-weighted L1 (Anthropic, April 2024), on the quickstart-sized LM's blocks.1.resid_post (512 latents).
+"""ReLU SAE with decoder-norm-weighted L1 (Anthropic, April 2024).
+
+On the quickstart-sized LM's blocks.1.resid_post (512 latents).
 
 COMMAND: python -m scripts.launch --config=configs/sae/relu.py --workdir=runs/sae_relu
          (reuse a trained LM: --config.lm.workdir=runs/quickstart; shorter: --config.train.steps=500)

@@ -1,4 +1,6 @@
-"""TopK SAE (Gao et al. 2024) with AuxK for dead latents, on the quickstart-sized LM's blocks.1.resid_post (512 latents).
+"""TopK SAE (Gao et al. 2024) with AuxK for dead latents.
+
+On the quickstart-sized LM's blocks.1.resid_post (512 latents).
 
 COMMAND: python -m scripts.launch --config=configs/sae/topk.py --workdir=runs/sae_topk
          (reuse a trained LM: --config.lm.workdir=runs/quickstart; shorter: --config.train.steps=500)

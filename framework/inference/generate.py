@@ -317,9 +317,10 @@ def generate(
         use_top_p=req.top_p is not None and not greedy,
     )
     if not bool(ok):
+        worst = len(lens) * spec.seq_len // spec.page_size
         raise RuntimeError(
             f"generate: the paged KV cache ran out of pages (num_pages={spec.num_pages}, page_size={spec.page_size}, "
-            f"batch={len(lens)}); pass a larger num_pages (the worst case is {len(lens) * spec.seq_len // spec.page_size})"
+            f"batch={len(lens)}); pass a larger num_pages (the worst case is {worst})"
         )
     return out
 

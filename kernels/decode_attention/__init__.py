@@ -1,4 +1,4 @@
-"""Paged decode attention: Pallas kernels (GPU/Triton and TPU/Mosaic style, CPU-interpretable) beside a jnp reference."""
+"""Paged decode attention: Pallas kernels (GPU/Triton and TPU/Mosaic style, CPU-interpretable) and a jnp reference."""
 
 from kernels.decode_attention.api import IMPLS, dense_as_pages, paged_attention
 from kernels.decode_attention.reference import dequantize_kv, paged_attention_reference, quantize_kv

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             table,
             "",
             f"`configs.common.lm_experiment(size={args.size!r})`, fp32, task.pack={config.task.pack}, the loop's "
-            f"jitted train step (AdamW, grad clipping, non-finite guard; donated state) on {jax.devices()[0].device_kind} x{jax.device_count()}. "
+            f"jitted train step (AdamW, grad clipping, non-finite guard; donated state) on "
+            f"{jax.devices()[0].device_kind} x{jax.device_count()}. "
             f"{args.steps} rounds after 2 warm-ups, each round one fp32 `jnp.dot` NxN per N then one train step; "
             f"medians reported (step min {min(step_s) * 1e3:.1f} ms, max {max(step_s) * 1e3:.1f} ms). MFU = model "
             f"FLOP/s / best matmul FLOP/s; best case = fastest step / fastest matmul. Model FLOPs per step = "

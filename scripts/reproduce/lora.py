@@ -392,8 +392,8 @@ def main(argv):
         )
         rows.append(row)
         print(
-            f"==> {method} r={rank}: best lr {best['lr']:.0e} loss {row['eval_loss']:.4f} EM {row['exact_match_mean']:.3f} "
-            f"{em_seeds} step acc {row['step_accuracy_mean']:.3f}",
+            f"==> {method} r={rank}: best lr {best['lr']:.0e} loss {row['eval_loss']:.4f} "
+            f"EM {row['exact_match_mean']:.3f} {em_seeds} step acc {row['step_accuracy_mean']:.3f}",
             flush=True,
         )
         with open(os.path.join(workdir, "results", "lora_partial.json"), "w") as f:
@@ -460,7 +460,8 @@ def table(out) -> str:
         lines.append(
             f"| {r['method']} | {r['rank'] or '-'} | {r['trainable_params']:,} | "
             f"{100 * r['trainable_fraction']:.1f}% | {r['trainable_state_bytes'] / 1024:.0f} KiB | "
-            f"{r['best_lr']:.0e}{' (edge)' if r.get('best_lr_on_grid_edge') else ''} | {r['eval_loss']:.4f} ({_fmt_seeds(r['eval_loss_by_seed'], '.4f')}) | "
+            f"{r['best_lr']:.0e}{' (edge)' if r.get('best_lr_on_grid_edge') else ''} | "
+            f"{r['eval_loss']:.4f} ({_fmt_seeds(r['eval_loss_by_seed'], '.4f')}) | "
             f"{r['step_accuracy_mean']:.3f} ({_fmt_seeds(r['step_accuracy_by_seed'], '.3f')}) | "
             f"{r['new_op_step_accuracy_mean']:.3f} ({_fmt_seeds(r['new_op_step_accuracy_by_seed'], '.3f')}) | "
             f"{r['exact_match_mean']:.3f} ({_fmt_seeds(r['exact_match_by_seed'], '.3f')}) | {em} |"

@@ -236,7 +236,8 @@ def main(argv):
         with open(os.path.join(workdir, "results", "quantization_partial.json"), "w") as f:
             json.dump(rows, f, indent=1)
         print(
-            f"{label:10s} {method:5s} loss {r['eval_loss']:.3e} ppl {r['perplexity']:.4f} EM {r['exact_match_mean']:.3f} "
+            f"{label:10s} {method:5s} loss {r['eval_loss']:.3e} ppl {r['perplexity']:.4f} "
+            f"EM {r['exact_match_mean']:.3f} "
             f"bytes {bytes_storage:,.0f} ({seconds:.1f}s)",
             flush=True,
         )
@@ -313,7 +314,8 @@ def table(rows) -> str:
     for r in rows:
         em = " | ".join(f"{r['exact_match_by_k'][k]:.2f}" for k in ks)
         lines.append(
-            f"| {r['setting']} | {r['method']} | {r['eval_loss']:.2e} | {r['perplexity']:.4f} | {r['exact_match_mean']:.3f} | {em} | "
+            f"| {r['setting']} | {r['method']} | {r['eval_loss']:.2e} | {r['perplexity']:.4f} | "
+            f"{r['exact_match_mean']:.3f} | {em} | "
             f"{r['weight_bytes'] / 1024:.1f} KiB | {r['weight_bytes_ideal'] / 1024:.1f} KiB |"
         )
     return "\n".join(lines)
