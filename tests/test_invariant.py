@@ -30,6 +30,12 @@ def test_pairwise_sum_and_max_values(n):
     np.testing.assert_array_equal(jax.jit(invariant.pairwise_max)(x), x.max(-1, keepdims=True))
 
 
+def test_an_empty_axis_reduces_to_the_identity():
+    x = np.zeros((3, 0), np.float32)
+    np.testing.assert_array_equal(invariant.pairwise_sum(x), np.zeros((3, 1), np.float32))
+    np.testing.assert_array_equal(invariant.pairwise_max(x), np.full((3, 1), -np.inf, np.float32))
+
+
 @pytest.mark.parametrize("n", LENGTHS)
 def test_a_row_gives_the_same_bits_alone_in_a_batch_or_padded(n):
     x = _rows(n, rows=40)

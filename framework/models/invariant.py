@@ -32,14 +32,16 @@ import jax
 import jax.numpy as jnp
 
 
-def _pairwise(x: jax.Array, combine) -> jax.Array:
+def _pairwise(x: jax.Array, combine, identity: float) -> jax.Array:
     """The halving tree over the last axis, as if padded to a power of two with combine's identity.
 
     Level one pairs entry i with entry i + half (half: the largest power of two below n); entries without a partner
     would meet padding, an exact no-op, so they pass through and no padded copy of x is ever built. Every level
-    after that halves a power of two.
+    after that halves a power of two. An empty axis reduces to the identity.
     """
     n = x.shape[-1]
+    if n == 0:
+        return jnp.full((*x.shape[:-1], 1), identity, x.dtype)
     if n > 1:
         half = 1 << ((n - 1).bit_length() - 1)
         paired = combine(x[..., : n - half], x[..., half:])
@@ -52,13 +54,13 @@ def _pairwise(x: jax.Array, combine) -> jax.Array:
 
 def pairwise_sum(x: jax.Array) -> jax.Array:
     """Sum over the last axis (kept, size 1) by a fixed pairwise tree; batch-invariant (module docstring)."""
-    return _pairwise(x, jnp.add)
+    return _pairwise(x, jnp.add, 0.0)
 
 
 def pairwise_max(x: jax.Array) -> jax.Array:
     """Max over the last axis (kept, size 1) by a fixed pairwise tree. A max is exact in any order; the tree keeps
     the reduction (and the ops a compiler would fuse with it) away from size-dependent backend kernels."""
-    return _pairwise(x, jnp.maximum)
+    return _pairwise(x, jnp.maximum, -jnp.inf)
 
 
 @jax.custom_jvp
