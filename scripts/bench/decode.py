@@ -7,14 +7,13 @@ EXPECT: identical greedy tokens on both sides; the target is Lumen >= 3x HF toke
 One random `LlamaForCausalLM` per size is built by transformers and saved as safetensors; Lumen loads that same
 folder with `load_hf_checkpoint`. Both decode the same prompts greedily in fp32, exactly `--max_new_tokens` each
 (no early stop: Lumen `stop_tokens=()`, HF `eos_token_id=None`, `min_new_tokens=max_new_tokens`). A call's time is
-the wall seconds of the whole call (prefill included). After one warm-up call on each side (Lumen's compiles), the
-two sides alternate: `--runs` rounds of one HF call then one Lumen call, never at the same time. Each round's ratio
-(HF seconds / Lumen seconds) compares them under the same machine conditions; the table reports the median ratio
-and its range, and tokens/s from each side's median call. On the shared VMs we run on, the machine's speed drifts
-over minutes (Lumen's batch-8 call took 0.14 s in one process and 0.27 s in another on 2026-11-24, while a
-2048^2 matmul held 160-173 GFLOP/s), so timing one side's runs and then the other's a minute later compared
-different machines. Each side's timed call follows an untimed call of its own. torch uses as many threads as there
-are cores; XLA:CPU always uses every core.
+the wall seconds of the whole call (prefill included). The two sides alternate: `--runs` rounds of one HF call then
+one Lumen call, never at the same time, each timed call after an untimed call of its own side (the first compiles
+Lumen). Each round's ratio (HF seconds / Lumen seconds) compares them under the same machine conditions; the table
+reports the median ratio and its range, and tokens/s from each side's median call. On the shared VMs we run on, the
+machine's speed drifts over minutes (Lumen's batch-8 call took 0.14 s in one process and 0.27 s in another on
+2026-11-24, while a 2048^2 matmul held 160-173 GFLOP/s), so timing one side's runs and then the other's a minute
+later compared different machines. torch uses as many threads as there are cores; XLA:CPU always uses every core.
 
 If `import torch, transformers` works here, the HF side runs in this process; otherwise it runs in
 `--hf_python` (a Python with torch + transformers, e.g. .venv-parity) as `hf_decode_worker.py`, which needs
@@ -144,27 +143,19 @@ def hf_side(request: dict[str, Any], hf_python: str | None):
 
 
 def lumen_side(ckpt_dir: str, prompts: dict[str, list[list[int]]], max_new_tokens: int):
-    """Loads the saved HF folder into Lumen; returns `time_once(batch)` -> {"seconds", "tokens"} (the first call of
-    each batch, which compiles, is a warm-up done before)."""
+    """Loads the saved HF folder into Lumen; returns `time_once(batch)` -> {"seconds", "tokens"} of one call."""
     import jax
 
     from framework.inference import generate
     from framework.models.hf import load_hf_checkpoint
 
     cfg, params = load_hf_checkpoint(ckpt_dir)
-    warm: set[str] = set()
-
-    def call(batch: str):
-        out = generate(params, cfg, np.asarray(prompts[batch], np.int32), max_new_tokens=max_new_tokens, stop_tokens=())
-        jax.block_until_ready(out.tokens)
-        return out
 
     def time_once(batch: str) -> dict[str, Any]:
-        if batch not in warm:
-            call(batch)
-            warm.add(batch)
+        tokens_BT = np.asarray(prompts[batch], np.int32)
         t0 = time.perf_counter()
-        out = call(batch)
+        out = generate(params, cfg, tokens_BT, max_new_tokens=max_new_tokens, stop_tokens=())
+        jax.block_until_ready(out.tokens)
         seconds = time.perf_counter() - t0
         if int(np.min(out.lengths)) != max_new_tokens:
             raise RuntimeError(f"Lumen generated {np.asarray(out.lengths)} tokens, expected {max_new_tokens} each")

@@ -8,7 +8,7 @@ benchmark can drive it in a separate interpreter (`--hf-python`) when torch is n
 The request (JSON) holds the Llama config, the init seed, the checkpoint folder to write, the prompts per batch
 size, max_new_tokens and the torch thread count. The worker builds and saves the model, prints one JSON line with
 the versions, then answers each batch key read on stdin (one per line) with one JSON line: the wall seconds of one
-`generate` call on that batch and its greedy tokens (the first call of each batch is a warm-up, done before). The
+`generate` call on that batch and its greedy tokens (the benchmark times each call after an untimed one). The
 benchmark alternates these calls with Lumen's, so both sides are timed under the same machine conditions.
 """
 
@@ -60,7 +60,6 @@ class Session:
             pad_token_id=self.model.config.pad_token_id,
             bos_token_id=self.model.config.bos_token_id,
         )
-        self.warm: set[str] = set()
 
     def versions(self) -> dict[str, Any]:
         import torch
@@ -85,10 +84,7 @@ class Session:
             )
 
     def time_once(self, batch: str) -> dict[str, Any]:
-        """Wall seconds of one `generate` call on `batch` and its new tokens; warms the batch up first if needed."""
-        if batch not in self.warm:
-            self._generate(batch)  # allocator, kernels: excluded
-            self.warm.add(batch)
+        """Wall seconds of one `generate` call on `batch` and its new tokens."""
         t0 = time.perf_counter()
         out = self._generate(batch)
         seconds = time.perf_counter() - t0
