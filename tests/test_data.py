@@ -145,3 +145,43 @@ def test_data_batches_with_out_of_range_ids_are_rejected_naming_id_and_position(
     bad["tokens"][1, 3] = -1
     with pytest.raises(ValueError, match=r"token id -1 at position \(1, 3\)"):
         D._checked(bad)
+
+
+def _direct_batch(seed, bsz, i, seq_len, loss_on="solution", split="train", **knobs):
+    """Batch i built straight from the task's primitives: problem_at, format_*, the arithmetic character ids."""
+    out = {"tokens": [], "loss_mask": [], "prompt_lengths": [], "num_steps": []}
+    for j in range(bsz):
+        p = A.problem_at(D.split_seed(seed, split), i * bsz + j, **knobs)
+        prompt = [BOS_ID, *encode(A.format_prompt(p))]
+        ids = prompt + [*encode(A.format_solution(p)), EOS_ID]
+        tokens = np.full(seq_len, PAD_ID, np.int32)
+        tokens[: len(ids)] = ids
+        mask = np.zeros(seq_len, np.float32)
+        mask[len(prompt) if loss_on == "solution" else 1 : len(ids)] = 1
+        for k, v in zip(out, (tokens, mask, np.int32(len(prompt)), np.int32(p.num_steps))):
+            out[k].append(v)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize(
+    "seed, kw", [(0, {}), (7, dict(loss_on="all", num_steps=(2, 5))), (3, dict(answer_mod=7, split="eval"))]
+)
+def test_arithmetic_batches_are_bitwise_the_direct_encoding(seed, kw):
+    """The arithmetic task through the general (prompt, completion) pipeline: same keys, order, dtypes and bits."""
+    knobs = {k: v for k, v in kw.items() if k not in ("loss_on", "split")}
+    ds = D.make_dataset(seed=seed, batch_size=3, seq_len=SEQ + 5, **kw)
+    general = D.make_text_dataset(
+        D.arithmetic_source(**knobs),
+        "arith",
+        seed=seed,
+        batch_size=3,
+        seq_len=SEQ + 5,
+        loss_on="all" if kw.get("loss_on") == "all" else "completion",
+        split=kw.get("split", "train"),
+    )
+    for i in (0, 4, 10**7):
+        want = _direct_batch(seed, 3, i, SEQ + 5, kw.get("loss_on", "solution"), kw.get("split", "train"), **knobs)
+        for got in (ds[i], general[i]):
+            assert list(got) == list(want)
+            for k in want:
+                assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k

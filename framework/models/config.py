@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from framework.models import attention as attn_lib
+from framework.tasks import tokenizer as tokenizer_lib
 
 REMAT_POLICIES = {
     "none": None,
@@ -62,6 +63,9 @@ class LMConfig:
     eos_ids: tuple[int, ...] = (2,)
     pad_id: int = 0
     init_std: float = 0.02
+    # The tokenizer the model reads: "arith" (the arithmetic characters), "text" (printable text), "hf" (the
+    # tokenizer.json of the imported checkpoint's folder) or a path to one; built by `tasks.tokenizer.tokenizer_for`.
+    tokenizer: str = "arith"
 
     def __post_init__(self):
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
@@ -121,6 +125,24 @@ class LMConfig:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"special token ids {bad} are outside [0, model.vocab_size={self.vocab_size})")
+        self._validate_tokenizer()
+
+    def _validate_tokenizer(self) -> None:
+        """A known tokenizer name (or a path, not opened here); a character tokenizer's special ids are the model's."""
+        try:
+            tokenizer_lib.check_tokenizer_name(self.tokenizer)
+        except ValueError as e:
+            raise ValueError(f"model.{e}") from None
+        tok = tokenizer_lib.BUILTIN.get(self.tokenizer)
+        if tok is None:
+            return
+        specials = [tok.pad_id, tok.bos_id, tok.eos_id]
+        if max(specials) >= self.vocab_size:
+            raise ValueError(
+                f"model.tokenizer={self.tokenizer!r} has special ids {specials}, outside [0, model.vocab_size="
+                f"{self.vocab_size})"
+            )
+        tokenizer_lib.check_special_ids(self, tok)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | "LMConfig") -> "LMConfig":

@@ -6,6 +6,10 @@ Glossary: L layers, D model, H heads, K kv-heads, Dh head dim, F mlp, V vocab.
   logits_BTV = lm.apply(params, tokens_BT, cfg)
   save_hf_checkpoint(params, cfg, "out_folder")              # config.json + model.safetensors, transformers-loadable
   tokenizer = load_hf_tokenizer("path/to/hf_folder")         # a `tokenizers.Tokenizer` from tokenizer.json
+  tok = tokenizer.tokenizer_for(cfg, folder="path/to/hf_folder")  # the same as a framework.tasks Tokenizer
+
+An imported config's `tokenizer` is "hf": the folder's tokenizer.json, wrapped with the folder's special ids by
+`framework.tasks.hf_tokenizer.HFTokenizer` (`framework.tasks.tokenizer.tokenizer_for` builds and checks it).
 
 The families (name tables and config converters) live in `hf_families` (`ARCHITECTURES`). Tensors are streamed one
 at a time with `safetensors.safe_open` (numpy; never pickle, never torch) through the family's table; per-layer

@@ -414,17 +414,20 @@ def _arch_spec(hf_config: Mapping[str, Any]) -> ArchSpec:
 def hf_config_to_lm_config(hf_config: Mapping[str, Any], **overrides: Any) -> LMConfig:
     """Converts an HF `config.json` dict to an LMConfig; `overrides` (e.g. attention_impl='cudnn') win.
 
+    Its `tokenizer` is "hf": the tokenizer.json beside config.json (`tokenizer.get_tokenizer("hf", folder=path)`).
     Raises ValueError naming the field for an unsupported model_type/architectures or feature (rope scaling,
     biases, an activation Lumen lacks).
     """
     kwargs = _arch_spec(hf_config).config_fn(hf_config)
+    kwargs["tokenizer"] = "hf"
     kwargs.update(overrides)
     return LMConfig(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- export config
-# LMConfig fields that choose how Lumen runs a model, not what the checkpoint holds: never part of config.json.
-_RUNTIME_FIELDS = ("attention_impl", "scan_layers", "remat", "dtype", "param_dtype", "init_std")
+# LMConfig fields that choose how Lumen runs a model, not what the checkpoint holds: never part of config.json (the
+# tokenizer travels as its own tokenizer.json file).
+_RUNTIME_FIELDS = ("attention_impl", "scan_layers", "remat", "dtype", "param_dtype", "init_std", "tokenizer")
 
 
 def default_model_type(cfg: LMConfig) -> str:

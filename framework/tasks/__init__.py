@@ -1,1 +1,3 @@
-"""Tasks with exact ground truth: the modular-arithmetic reference task, its tokenizer and data pipeline."""
+"""Tasks with exact ground truth and what turns them into batches: the modular-arithmetic reference task, toy text
+tasks (`text`), the tokenizers behind one protocol (`tokenizer`, `hf_tokenizer`) and the (prompt, completion) data
+pipeline (`data`)."""
