@@ -36,10 +36,12 @@ def _inputs(seed, B, T, S, H, K, D, dtype=jnp.float32, n_segments=0):
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "opts"))
-def _fwd_and_grads(q, k, v, do, seg, impl, opts):
+def _fwd_and_grads(q, k, v, do, seg, impl, opts, prefix=None):
     kw = dict(opts)
     if "block" in kw:
         kw["block_sizes"] = BlockSizes(*kw.pop("block"))
+    if prefix is not None:
+        kw["prefix_len"] = prefix
 
     def f(q, k, v):
         return kernels.flash_attention(q, k, v, segment_ids=seg, impl=impl, **kw)
@@ -48,13 +50,13 @@ def _fwd_and_grads(q, k, v, do, seg, impl, opts):
     return o, vjp(do.astype(o.dtype))
 
 
-def _check(q, k, v, do, seg=None, fwd_tol=FP32_FWD, grad_tol=FP32_GRAD, impl="interpret", **opts):
+def _check(q, k, v, do, seg=None, fwd_tol=FP32_FWD, grad_tol=FP32_GRAD, impl="interpret", prefix=None, **opts):
     """Kernel (interpret) vs reference (xla, fp32 of the same inputs): forward and dq, dk, dv max-abs errors."""
     do = do.astype(q.dtype).astype(jnp.float32)  # the kernel sees the cotangent in its own dtype: so does the reference
-    o, grads = _fwd_and_grads(q, k, v, do, seg, impl, tuple(sorted(opts.items())))
+    o, grads = _fwd_and_grads(q, k, v, do, seg, impl, tuple(sorted(opts.items())), prefix)
     ref_opts = tuple(sorted((n, x) for n, x in opts.items() if n != "block"))
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    o_ref, grads_ref = _fwd_and_grads(*f32, do, seg, "xla", ref_opts)
+    o_ref, grads_ref = _fwd_and_grads(*f32, do, seg, "xla", ref_opts, prefix)
     assert o.dtype == q.dtype and o.shape == q.shape
     errs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) for a, b in zip((o, *grads), (o_ref, *grads_ref))]
     assert all(np.isfinite(errs)), errs
@@ -64,8 +66,8 @@ def _check(q, k, v, do, seg=None, fwd_tol=FP32_FWD, grad_tol=FP32_GRAD, impl="in
     return o, grads
 
 
-def _naive_numpy(q, k, v, causal, window, softcap, seg):
-    """Loop-per-row numpy softmax attention (fp64): the reference's own reference."""
+def _naive_numpy(q, k, v, causal, window, softcap, seg, prefix=None):
+    """Loop-per-row numpy softmax attention (fp64): the reference's own reference (`prefix`: [B] prefix lengths)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -74,10 +76,11 @@ def _naive_numpy(q, k, v, causal, window, softcap, seg):
         for h in range(H):
             for i in range(T):
                 pos = i + S - T
+                P = 0 if prefix is None else prefix[b]
                 keys = [
                     j
                     for j in range(S)
-                    if (not causal or (j <= pos and (window is None or j > pos - window)))
+                    if (not causal or ((j <= pos or (pos < P and j < P)) and (window is None or j > pos - window)))
                     and (seg is None or seg[b, i] == seg[b, j])
                 ]
                 if not keys:
@@ -196,17 +199,81 @@ def test_random_shapes_fp32(data, T, heads, D, causal, block):
     "T,S,bq,bk,window",
     [(64, 64, 16, 32, None), (64, 64, 32, 16, 20), (48, 80, 16, 16, 5), (64, 32, 16, 16, None), (64, 64, 16, 16, 2)],
 )
-def test_block_skipping_is_tight(T, S, bq, bk, window):
+@pytest.mark.parametrize("prefix", [None, 0, 23, 40, 64])  # prefix lengths inside, at and past block edges
+def test_block_skipping_is_tight(T, S, bq, bk, window, prefix):
     """Loop bounds visit exactly the kv (q) blocks holding a visible entry: masked blocks are skipped, not visited."""
-    cfg = gpu.KernelConfig(1.0, True, window, None, bq, bk, S - T, S, False, True)
-    vis_TS = np.asarray(mask_TS(T, S, causal=True, window=window))
+    cfg = gpu.KernelConfig(1.0, True, window, None, bq, bk, S - T, S, False, True, prefix is not None)
+    P = None if prefix is None else min(prefix, S)  # api.py clamps prefix lengths to [0, S]
+    vis_TS = np.asarray(mask_TS(T, S, causal=True, window=window, prefix_len=P))
     blocks_QC = vis_TS.reshape(T // bq, bq, S // bk, bk).any(axis=(1, 3))
+    P = None if P is None else jnp.int32(P)
     for i in range(T // bq):
-        lo, hi = (int(x) for x in gpu.kv_block_range(i, cfg, S // bk))
+        lo, hi = (int(x) for x in gpu.kv_block_range(i, cfg, S // bk, P))
         assert list(range(lo, hi)) == list(np.flatnonzero(blocks_QC[i])), (i, lo, hi)
     for j in range(S // bk):
-        lo, hi = (int(x) for x in gpu.q_block_range(j, cfg, T // bq))
+        lo, hi = (int(x) for x in gpu.q_block_range(j, cfg, T // bq, P))
         assert list(range(lo, hi)) == list(np.flatnonzero(blocks_QC[:, j])), (j, lo, hi)
+
+
+# ------------------------------------------------------------------------------------------ prefix-LM masks
+
+
+@pytest.mark.parametrize("T,S,window,softcap,n_seg", [(9, 9, None, None, 0), (9, 9, 3, 2.0, 2), (5, 9, 2, None, 0)])
+def test_reference_prefix_matches_naive_numpy(T, S, window, softcap, n_seg):
+    q, k, v, _, seg = _inputs(0, 3, T, S, 4, 2, 8, n_segments=n_seg)
+    prefix = np.array([6, 0, S])  # mid-sequence, none, everything
+    out = attention_reference(
+        q, k, v, window=window, softcap=softcap, segment_ids=None if seg is None else (seg, seg), prefix_len=prefix
+    )
+    expect = _naive_numpy(q, k, v, True, window, softcap, None if seg is None else np.asarray(seg), prefix)
+    np.testing.assert_allclose(np.asarray(out), expect, atol=1e-5)
+
+
+PREFIXES = {"mid_block": [23, 5], "zero": [0, 0], "whole": [40, 40], "mixed": [0, 40]}
+
+
+@pytest.mark.parametrize("features", ["causal", "all"])
+@pytest.mark.parametrize("prefix", list(PREFIXES))  # the lengths are traced: one compile serves every prefix
+def test_prefix_kernel_fp32(features, prefix):
+    """The GPU-style kernel (interpret) under a prefix-LM mask, forward and gradients, against the reference."""
+    f = dict(FEATURES[features])
+    H, K, n_seg = f.pop("H", 2), f.pop("K", 2), f.pop("n_seg", 0)
+    q, k, v, do, seg = _inputs(12, 2, 40, 40, H, K, 16, n_segments=n_seg)
+    _check(q, k, v, do, seg, block=(16, 16), prefix=jnp.asarray(PREFIXES[prefix]), **f)
+
+
+def test_prefix_tpu_kernel_interpret():
+    """The Mosaic-style kernel's prefix (scalar-prefetched into its index maps and masks), all features at once."""
+    f = dict(FEATURES["all"])
+    H, K, n_seg = f.pop("H", 2), f.pop("K", 2), f.pop("n_seg", 0)
+    q, k, v, do, seg = _inputs(13, 2, 40, 40, H, K, 16, n_segments=n_seg)
+    _check(q, k, v, do, seg, impl="interpret_tpu", block=(16, 16), prefix=jnp.asarray([23, 0]), **f)
+
+
+@pytest.mark.slow
+def test_prefix_kernel_bf16():
+    q, k, v, do, _ = _inputs(14, 2, 48, 48, 2, 1, 32, jnp.bfloat16)
+    _check(q, k, v, do, None, BF16_FWD, BF16_GRAD, block=(16, 32), prefix=jnp.asarray([20, 48]))
+
+
+def test_prefix_kernel_cross_lengths():
+    """T != S (a chunk after a cache, bottom-right aligned): the prefix counts key positions."""
+    q, k, v, do, _ = _inputs(15, 2, 24, 56, 2, 1, 16)
+    _check(q, k, v, do, None, block=(16, 16), window=20, prefix=jnp.asarray([45, 30]))
+
+
+def test_prefix_errors_are_actionable():
+    q, k, v, _, _ = _inputs(16, 2, 8, 8, 2, 1, 16)
+    prefix = jnp.asarray([3, 4])
+    for impl in ("cudnn", "splash", "splash_interpret"):
+        with pytest.raises(ValueError, match="no prefix-LM mask"):
+            kernels.flash_attention(q, k, v, impl=impl, prefix_len=prefix)
+    with pytest.raises(ValueError, match="requires causal=True"):
+        kernels.flash_attention(q, k, v, causal=False, prefix_len=prefix)
+    with pytest.raises(ValueError, match=r"shape \[B=2\]"):
+        kernels.flash_attention(q, k, v, prefix_len=jnp.asarray([3]))
+    with pytest.raises(ValueError, match=r"shape \[B=2\]"):
+        kernels.flash_attention(q, k, v, prefix_len=jnp.asarray([3.0, 4.0]))
 
 
 def test_auto_is_reference_on_cpu_and_errors_are_actionable():

@@ -398,6 +398,56 @@ def test_flops_per_token_matches_a_hand_count():
     assert lm.param_count(cfg, include_embedding=False) - norms == n_matmul
 
 
+def test_inference_flops_match_a_hand_count():
+    """`lm.flops`: 2·N per token of prompt + new tokens, 4·H·Dh per (query, visible key) pair per layer."""
+    cfg = lm.LMConfig(vocab_size=10, d_model=4, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=2, d_ff=5)
+    n_matmul, pair = 364, 4 * 2 * 2  # N as in the hand count above; q·k + p·v for H=2 heads of Dh=2: 16 per pair
+    # A prefill of 5 tokens and 3 decoded ones: 8 tokens, the token at position t sees t + 1 keys: 36 pairs a layer.
+    assert lm.flops(cfg, 5, 3) == 2 * n_matmul * 8 + 3 * 36 * pair == 7552.0
+    assert lm.flops(cfg, 8, 0) == lm.flops(cfg, 0, 8) == lm.flops(cfg, 5, 3)  # scoring a text costs as writing it
+    # A sliding window of 3 on layer 0 caps each query's keys: 1 + 2 + 3 + 3 + 3 + 3 + 3 + 3 = 21 pairs there.
+    local = dataclasses.replace(cfg, sliding_window=3, sliding_window_layers=(0,))
+    assert lm.flops(local, 5, 3) == 2 * n_matmul * 8 + (21 + 36 + 36) * pair
+    # Per-row arrays (broadcast), and nothing to do costs nothing.
+    rows = lm.flops(cfg, np.array([5, 0, 1]), np.array([3, 8, 1]))
+    np.testing.assert_array_equal(rows, [7552.0, 7552.0, 2 * n_matmul * 2 + 3 * 3 * pair])
+    assert rows.dtype == np.float64 and lm.flops(cfg, 0, 0) == 0.0
+    for bad in (-1, 2.5, True, "5"):
+        with pytest.raises(ValueError, match="prompt_tokens"):
+            lm.flops(cfg, bad, 3)
+
+
+def test_search_flops_go_through_lm_flops(tiny_cfg):
+    """`SearchResults.flops` prices every recorded policy call and verifier pass with `lm.flops`."""
+    from framework import search
+    from framework.search import toy
+    from framework.tasks import arithmetic
+
+    problems = arithmetic.sample_problems(3, 1, num_steps=(2, 3), modulus=100)
+    verifier_cfg = dataclasses.replace(tiny_cfg, n_layers=1)
+    # Greedy with a perfect toy policy: one call per problem, nothing prefilled, the gold solution written.
+    greedy = search.run("greedy", toy.ToyPolicy(1.0), None, problems, n=1)
+    for p, per in zip(problems, greedy.flops_per_problem(tiny_cfg)):
+        assert per == lm.flops(tiny_cfg, 0, len(arithmetic.format_solution(p)))
+    # Beam search: one row per candidate per depth, each a prefill of its prefix plus a line, and verifier passes.
+    res = search.run("beam", toy.ToyPolicy(0.5, branching=3), toy.OracleScorer(), problems, n=4, m=2, seed=0)
+    expected = np.zeros(len(problems))
+    for pids, prompt, new in res.policy_calls:
+        for p, a, b in zip(pids, prompt, new):
+            expected[p] += lm.flops(tiny_cfg, int(a), int(b))
+    for pids, tokens in res.scorer_calls:
+        for p, a in zip(pids, tokens):
+            expected[p] += lm.flops(verifier_cfg, int(a), 0)
+    assert len(res.policy_calls) > 2 and expected.min() > 0
+    np.testing.assert_allclose(res.flops_per_problem(tiny_cfg, verifier_cfg), expected, rtol=1e-12)
+    holder = type("Handle", (), {"cfg": tiny_cfg})()  # LMPolicy and Verifier carry their config as .cfg
+    assert res.flops(holder) == res.flops(tiny_cfg.to_dict()) == float(res.flops_per_problem(tiny_cfg).sum())
+    # Parameter counts keep the size-only figure: 2·N per generated and per scored token.
+    assert res.flops(1000, 10) == 2 * (1000 * res.tokens_generated.sum() + 10 * res.tokens_scored.sum())
+    with pytest.raises(ValueError, match="policy must be a parameter count"):
+        res.flops("tiny")
+
+
 # ------------------------------------------------------------------------------------------------ numerics
 
 

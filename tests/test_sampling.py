@@ -1,4 +1,5 @@
-"""Sampling functions: greedy, temperature, top-k, top-p (minimal nucleus), their order, and draw frequencies."""
+"""Sampling functions: greedy, temperature, top-k, top-p (minimal nucleus), per-row draws and keys, the order of
+temperature, processors and truncation, and draw frequencies."""
 
 import jax
 import jax.numpy as jnp
@@ -139,3 +140,56 @@ def test_sample_frequencies_match_softmax(temperature, top_k, df):
     untouched = np.exp(logits_V - logits_V.max()) / np.exp(logits_V - logits_V.max()).sum()
     if temperature != 1.0:
         assert _chi_square(tokens, untouched) > 100
+
+
+def test_categorical_rows_draws_each_row_with_its_own_key():
+    logits_BV = _random_logits(6)
+    keys_B = jax.random.split(jax.random.key(3), logits_BV.shape[0])
+    drawn_B = np.asarray(sampling.categorical_rows(keys_B, logits_BV))
+    alone_B = [int(jax.random.categorical(keys_B[b], logits_BV[b])) for b in range(logits_BV.shape[0])]
+    np.testing.assert_array_equal(drawn_B, alone_B)
+    # A row's draw ignores its neighbours: the same key and logits in another batch draw the same token.
+    np.testing.assert_array_equal(sampling.categorical_rows(keys_B[2:4], logits_BV[2:4]), drawn_B[2:4])
+
+
+def test_row_keys_fold_one_key_per_row_and_pass_a_batch_through():
+    rng = jax.random.key(9)
+    keys_B = sampling.row_keys(rng, 4)
+    expected = np.stack([jax.random.key_data(jax.random.fold_in(rng, b)) for b in range(4)])
+    np.testing.assert_array_equal(jax.random.key_data(keys_B), expected)
+    np.testing.assert_array_equal(jax.random.key_data(sampling.row_keys(keys_B, 4)), expected)
+    with pytest.raises(ValueError, match=r"expected one key or 3 keys"):
+        sampling.row_keys(keys_B, 3)
+    step = jax.random.key_data(sampling.step_keys(keys_B, 5))
+    np.testing.assert_array_equal(step[1], jax.random.key_data(jax.random.fold_in(keys_B[1], 5)))
+
+
+def test_choose_tokens_applies_temperature_then_processors_then_truncation():
+    logits_BV = _random_logits(7)
+    seen = []
+
+    def undo_temperature(x_BV, tokens_BS, lengths_B):
+        seen.append(x_BV)
+        return x_BV * 2.0
+
+    keys_B = jax.random.split(jax.random.key(0), logits_BV.shape[0])
+    tok_B, x_BV = sampling.choose_tokens(
+        logits_BV, None, None, keys_B, greedy=False, temperature=2.0, top_k=1, processors=(undo_temperature,)
+    )
+    np.testing.assert_allclose(seen[0], np.asarray(logits_BV) / 2.0, rtol=1e-6)  # the processor saw logits / T
+    np.testing.assert_allclose(x_BV, sampling.top_k_logits(logits_BV, 1), rtol=1e-6)  # top-k came after it
+    np.testing.assert_array_equal(tok_B, sampling.greedy(logits_BV))  # top-1 leaves only the argmax to draw
+    # Greedy: processors on the unscaled logits, argmax of the result.
+    ban_top = lambda x_BV, t, n: x_BV.at[jnp.arange(x_BV.shape[0]), jnp.argmax(x_BV, -1)].set(-jnp.inf)
+    tok_B, _ = sampling.choose_tokens(logits_BV, None, None, None, greedy=True, processors=(ban_top,))
+    second_B = np.argsort(-np.asarray(logits_BV), axis=-1)[:, 1]
+    np.testing.assert_array_equal(tok_B, second_B)
+
+
+def test_categorical_rows_frequencies_match_softmax():
+    logits_V = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0])
+    logits_BV = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (_N_DRAWS, logits_V.size))
+    keys_B = sampling.row_keys(jax.random.key(321), _N_DRAWS)
+    tokens = np.asarray(sampling.categorical_rows(keys_B, logits_BV))
+    probs = np.exp(logits_V - logits_V.max())
+    assert _chi_square(tokens, probs / probs.sum()) < _CHI2_999[5]

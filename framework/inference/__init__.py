@@ -4,6 +4,11 @@ from framework.inference import generate
 out = generate(params, cfg, [prompt_a, prompt_b], max_new_tokens=32, temperature=0.8, top_p=0.95,
                rng=jax.random.key(0))                      # kv_layout="paged", kv_dtype="int8" also work
 out.tokens, out.logprobs, out.lengths   # [B, N] int32, [B, N] float32 (unmodified model), [B] int32
+out.processed_logprobs                  # [B, N] float32 under the distribution the tokens were drawn from
+
+Hooks (static: each distinct setup compiles once): `logits_processors=(fn(logits_BV, tokens_BS, lengths_B), ...)`,
+`sampler=fn(logits_BV, tokens_BS, lengths_B, keys_B)`, `interventions={"blocks.1.resid_post": fn}`. `rng` may be
+one key or one key per row: a row's sample never depends on the other rows.
 
 kv_cache_bytes(cfg, batch, seq_len, "bfloat16", "dense")   # what a cache of that shape allocates
 """

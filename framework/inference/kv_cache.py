@@ -16,6 +16,12 @@ model's `attention_impl` names a kernel ("pallas", "cudnn", "splash" -> the comp
 backend; "interpret" -> the same kernel code in interpret mode); otherwise, and for multi-token chunks (prefill),
 the cache is read as a contiguous view and the dense-mask reference attention runs over it.
 
+Prefix-LM masks (`lm.forward(..., prefix_len_B=)`): a multi-token chunk applies the mask of
+`attention.make_mask` by position, so a prefill that holds the whole prefix gives the cache-free logits. A chunk must
+hold every prefix position it queries (keys are only what has been written), so the prefix goes in one call. One-token
+steps take no prefix term at all: a query at position p >= prefix_len - 1 already sees every key up to p causally, so
+decoding compiles to the same code with or without a prefix.
+
 A dense cache read by the reference attention is stored heads-major ([B, K, S, Dh]): both attention matmuls then
 batch over (b, k) with S and Dh contiguous, where the token-major layout made XLA copy (transpose) every layer's
 whole cache at every decode step (a third of the decode step at batch 8 on CPU). The decode kernels read
@@ -62,17 +68,22 @@ def _written(layer, k_BTKD, v_BTKD, idx):
     )
 
 
-def _reference_attend(q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype, window=None, **score_kw):
-    mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True, window=window)
+def _reference_attend(
+    q_BTHD, k_BSKD, v_BSKD, pos_BT, kv_pos_BS, compute_dtype, window=None, prefix_len_B=None, **score_kw
+):
+    mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_BS, causal=True, window=window, prefix_len_B=prefix_len_B)
     return attn_lib.dot_product_attention(
         q_BTHD, k_BSKD.astype(compute_dtype), v_BSKD.astype(compute_dtype), mask_BTS=mask_BTS, impl="xla", **score_kw
     )
 
 
-def _heads_major_attend(q_BTHD, k_BKSD, v_BKSD, pos_BT, compute_dtype, *, window=None, softcap=None, sm_scale=None):
-    """Causal attention of a chunk's queries over a heads-major dense cache (slot s holds position s). Every query
-    sees at least itself (its own token was just written), so no row needs zeroing."""
-    mask_BTS = attn_lib.make_mask(pos_BT, jnp.arange(k_BKSD.shape[2])[None, :], causal=True, window=window)
+def _heads_major_attend(
+    q_BTHD, k_BKSD, v_BKSD, pos_BT, compute_dtype, *, window=None, softcap=None, sm_scale=None, prefix_len_B=None
+):
+    """Causal (or prefix-LM) attention of a chunk's queries over a heads-major dense cache (slot s holds position s).
+    Every query sees at least itself (its own token was just written), so no row needs zeroing."""
+    kv_pos_1S = jnp.arange(k_BKSD.shape[2])[None, :]
+    mask_BTS = attn_lib.make_mask(pos_BT, kv_pos_1S, causal=True, window=window, prefix_len_B=prefix_len_B)
     return attn_lib.grouped_attention(
         q_BTHD,
         k_BKSD.astype(compute_dtype),
@@ -81,6 +92,14 @@ def _heads_major_attend(q_BTHD, k_BKSD, v_BKSD, pos_BT, compute_dtype, *, window
         softcap=softcap,
         sm_scale=q_BTHD.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
     )
+
+
+def _chunk_kw(q_BTHD, attn_kw: dict) -> dict:
+    """attn_kw for this chunk: a one-token step drops the prefix length (causality already covers it; see the module
+    docstring), so decode steps compile to the same code with or without a prefix."""
+    if q_BTHD.shape[1] == 1:
+        return {k: v for k, v in attn_kw.items() if k != "prefix_len_B"}
+    return attn_kw
 
 
 def _dense_page_size(S: int) -> int:
@@ -103,8 +122,10 @@ class DenseLayer:
         return self.k.shape[-2] if self.heads_major else self.k.shape[-3]
 
     def attend(self, page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, *, impl: str, compute_dtype, **attn_kw):
-        """Writes the chunk, attends over the cache; attn_kw: window / softcap / sm_scale (Mistral, Gemma-2)."""
+        """Writes the chunk, attends over the cache; attn_kw: window / softcap / sm_scale (Mistral, Gemma-2),
+        prefix_len_B (a prefix-LM prefill)."""
         del page_table
+        attn_kw = _chunk_kw(q_BTHD, attn_kw)
         B, S = self.k.shape[0], self.slots
         quantized = self.k_scale is not None
         if self.heads_major:
@@ -155,7 +176,9 @@ class PagedLayer:
     v_scale: Array | None = None
 
     def attend(self, page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, *, impl: str, compute_dtype, **attn_kw):
-        """Writes the chunk, attends over the cache; attn_kw: window / softcap / sm_scale (Mistral, Gemma-2)."""
+        """Writes the chunk, attends over the cache; attn_kw: window / softcap / sm_scale (Mistral, Gemma-2),
+        prefix_len_B (a prefix-LM prefill)."""
+        attn_kw = _chunk_kw(q_BTHD, attn_kw)
         P, C = self.k.shape[:2]
         B, N = page_table.shape
         quantized = self.k_scale is not None

@@ -31,8 +31,9 @@ def register_impl(name: str, fn: AttentionImpl) -> None:
 
 
 # Model `attention_impl` names served by the flash-attention kernels (kernels.flash_attention) on cache-free passes
-# (training, scoring). They take the mask's structure, not a dense mask: causal by token order plus segment ids,
-# which equals the position mask whenever positions increase along each segment (always so for Lumen's batches).
+# (training, scoring). They take the mask's structure, not a dense mask: causal by token order plus segment ids (and
+# a prefix length per row), which equals the position mask whenever positions increase along each segment (always
+# so for Lumen's batches).
 # Passes over a KV cache are the cache's business (framework.inference.kv_cache: one-token steps go to the paged
 # decode kernel, longer chunks to the dense-mask reference).
 FLASH_IMPLS = ("pallas", "interpret", "cudnn", "splash")
@@ -53,11 +54,13 @@ def flash_self_attention(
     window: int | None = None,
     softcap: float | None = None,
     sm_scale: float | None = None,
+    prefix_len_B: Int[Array, "B"] | None = None,
 ) -> Float[Array, "B T H D"]:
     """Causal (and segment-masked) self-attention through the Pallas flash kernels; `impl` from FLASH_IMPLS.
 
     `window`: each query sees its `window` most recent keys (itself included); `softcap`: scores become
-    softcap * tanh(s / softcap); `sm_scale`: the score scale (default head_dim**-0.5).
+    softcap * tanh(s / softcap); `sm_scale`: the score scale (default head_dim**-0.5); `prefix_len_B`: the prefix-LM
+    mask of `make_mask` (token order as position), in the kernels' masking and block skipping.
     """
     from kernels import flash_attention  # kernels import only jax: the layering holds
 
@@ -73,6 +76,7 @@ def flash_self_attention(
         softcap=softcap,
         sm_scale=sm_scale,
         impl=impl,
+        **({} if prefix_len_B is None else {"prefix_len": prefix_len_B}),
     )
 
 
@@ -84,11 +88,23 @@ def make_mask(
     q_segment_BT: Int[Array, "B T"] | None = None,
     kv_segment_BS: Int[Array, "B S"] | None = None,
     window: int | None = None,
+    prefix_len_B: Int[Array, "B"] | None = None,
 ) -> Bool[Array, "B T S"]:
-    """Boolean [B, T, S] mask: True where query t may attend to key s."""
+    """Boolean [B, T, S] mask: True where query t may attend to key s.
+
+    By positions p (query) and s (key): causal s <= p; `window` s > p - window; segments equal ids. `prefix_len_B`
+    (needs causal) widens causality to a prefix-LM mask, s <= p or (p < prefix_len and s < prefix_len): the first
+    prefix_len positions of a row see each other both ways. The window still applies to keys behind the query and not
+    to prefix keys ahead of it (HF Gemma-2's combination), and segments still cut across everything.
+    """
     mask = jnp.ones((q_pos_BT.shape[0], q_pos_BT.shape[1], kv_pos_BS.shape[1]), bool)
     delta_BTS = q_pos_BT[:, :, None] - kv_pos_BS[:, None, :]
-    if causal:
+    if prefix_len_B is not None:
+        if not causal:
+            raise ValueError("make_mask: prefix_len_B widens a causal mask; it needs causal=True")
+        P_B11 = prefix_len_B[:, None, None]
+        mask &= (delta_BTS >= 0) | ((q_pos_BT[:, :, None] < P_B11) & (kv_pos_BS[:, None, :] < P_B11))
+    elif causal:
         mask &= delta_BTS >= 0
     if window is not None:
         mask &= delta_BTS < window

@@ -6,7 +6,10 @@ L layers.
 Entry points (params are plain nested dicts; no module internals needed):
   init(cfg, rng) -> params
   apply(params, tokens_BT, cfg) -> logits_BTV
-  forward(params, tokens_BT, cfg, positions_BT=, kv_cache=, capture=, interventions=) -> Output
+  forward(params, tokens_BT, cfg, embeds_BTD=, prefix_len_B=, positions_BT=, kv_cache=, capture=, interventions=)
+    -> Output (embeddings in place of tokens; a prefix-LM mask)
+  embed(params, tokens_BT, cfg) -> the embedding lookup forward computes (to build `embeds_BTD`)
+  flops(cfg, prompt_tokens, new_tokens) -> FLOPs of a prefill plus decoding (the cost figure of every study)
   logical_axes(cfg) -> pytree of PartitionSpec with logical axis names (for framework.sharding)
 `cfg` is an `LMConfig` (defined in framework.models.config, re-exported here) or a mapping of its fields.
 
@@ -32,6 +35,7 @@ from jaxtyping import Array, Float, Int
 from framework.models import attention as attn_lib
 from framework.models import invariant
 from framework.models.config import MLP_ACTIVATIONS, REMAT_POLICIES, LMConfig  # noqa: F401 (re-exported)
+from framework.models.cost import flops, flops_per_token  # noqa: F401 (re-exported: lm.flops is the convention)
 
 Params = dict[str, Any]
 LAYER_HOOKPOINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -134,12 +138,17 @@ class Linear(nn.Module):
         return y
 
 
-def _attention_core(c: "LMConfig", window, q_BTHD, k_BTKD, v_BTKD, layer_cache, pos_BT, seg_BT, page_table):
-    """Attention of q over k/v (or over the cache) with a static sliding `window` (None = full causal)."""
+def _attention_core(
+    c: "LMConfig", window, q_BTHD, k_BTKD, v_BTKD, layer_cache, pos_BT, seg_BT, page_table, prefix_B=None
+):
+    """Attention of q over k/v (or over the cache) with a static sliding `window` (None = full causal) and, with
+    `prefix_B`, the prefix-LM mask (every path: the xla mask, the flash kernels, the cache's prefill)."""
     # Only the features a model uses are passed on, so plain Llama calls are exactly what they always were.
     extra = dict(window=window, softcap=c.attn_logit_softcap, sm_scale=c.query_pre_attn_scalar and c.sm_scale)
     extra = {k: v for k, v in extra.items() if v is not None}
     if layer_cache is not None:
+        if prefix_B is not None:
+            extra["prefix_len_B"] = prefix_B
         # The cache layer (framework.inference.kv_cache: dense or paged, float or int8) writes this chunk at its
         # positions and attends over everything cached so far; the model never sees its layout.
         return layer_cache.attend(
@@ -147,10 +156,12 @@ def _attention_core(c: "LMConfig", window, q_BTHD, k_BTKD, v_BTKD, layer_cache, 
         )
     if c.attention_impl in attn_lib.FLASH_IMPLS:
         o_BTHD = attn_lib.flash_self_attention(
-            q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=seg_BT, impl=c.attention_impl, **extra
+            q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=seg_BT, impl=c.attention_impl, prefix_len_B=prefix_B, **extra
         )
         return o_BTHD, None
-    mask_BTS = attn_lib.make_mask(pos_BT, pos_BT, causal=True, q_segment_BT=seg_BT, kv_segment_BS=seg_BT, window=window)
+    mask_BTS = attn_lib.make_mask(
+        pos_BT, pos_BT, causal=True, q_segment_BT=seg_BT, kv_segment_BS=seg_BT, window=window, prefix_len_B=prefix_B
+    )
     extra.pop("window", None)
     return attn_lib.dot_product_attention(
         q_BTHD, k_BTKD, v_BTKD, mask_BTS=mask_BTS, impl=c.attention_impl, **extra
@@ -161,7 +172,7 @@ class Attention(nn.Module):
     cfg: LMConfig
 
     @nn.compact
-    def __call__(self, x_BTD, pos_BT, seg_BT, layer_cache, page_table, layer_idx, rope: Rope):
+    def __call__(self, x_BTD, pos_BT, seg_BT, layer_cache, page_table, layer_idx, rope: Rope, prefix_B=None):
         c = self.cfg
         D, H, K, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         std = c.init_std
@@ -173,7 +184,7 @@ class Attention(nn.Module):
         k_BTKD = apply_rope(k_BTKD, rope)
         if layer_cache is not None and seg_BT is not None:
             raise ValueError("segment_ids (packed rows) are for cache-free forward passes, not decoding")
-        args = (q_BTHD, k_BTKD, v_BTKD, layer_cache, pos_BT, seg_BT, page_table)
+        args = (q_BTHD, k_BTKD, v_BTKD, layer_cache, pos_BT, seg_BT, page_table, prefix_B)
         windows = c.layer_windows
         distinct = sorted(set(windows), key=lambda w: -1 if w is None else w)
         if len(distinct) == 1 or isinstance(layer_idx, int):
@@ -256,11 +267,11 @@ class Block(nn.Module):
         return x
 
     @nn.compact
-    def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT, seg_BT, page_table, rope):
+    def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT, seg_BT, page_table, rope, prefix_B=None):
         c = self.cfg
         x_BTD = self._hook("resid_pre", x_BTD, layer_idx)
         a_BTD, layer_cache = Attention(c, name="attn")(
-            RMSNorm(c, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache, page_table, layer_idx, rope
+            RMSNorm(c, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache, page_table, layer_idx, rope, prefix_B
         )
         if c.post_norms:  # Gemma-2 sandwich: the sublayer output is normalised before the residual add
             a_BTD = RMSNorm(c, name="post_attn_norm")(a_BTD)
@@ -297,10 +308,20 @@ class Decoder(nn.Module):
         return x
 
     @nn.compact
-    def __call__(self, tokens_BT, pos_BT, layer_cache, seg_BT=None, page_table=None, logits_at_BN=None):
+    def __call__(
+        self,
+        tokens_BT,
+        pos_BT,
+        layer_cache,
+        seg_BT=None,
+        page_table=None,
+        logits_at_BN=None,
+        embeds_BTD=None,
+        prefix_B=None,
+    ):
         c = self.cfg
         embed = Embed(c, name="embed")
-        x_BTD = embed(tokens_BT)
+        x_BTD = embed(tokens_BT) if embeds_BTD is None else embeds_BTD.astype(c.compute_dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
         x_BTD = self._top_hook("embed", x_BTD)
 
@@ -311,8 +332,9 @@ class Decoder(nn.Module):
         if self.unstacked:
             caches = []
             for l in range(c.n_layers):
+                cache_l = None if layer_cache is None else layer_cache[l]
                 x_BTD, cache_l = block(c, self.interventions, name=f"layer_{l}")(
-                    x_BTD, l, None if layer_cache is None else layer_cache[l], pos_BT, seg_BT, page_table, rope
+                    x_BTD, l, cache_l, pos_BT, seg_BT, page_table, rope, prefix_B
                 )
                 caches.append(cache_l)
             layer_cache = None if layer_cache is None else tuple(caches)
@@ -321,11 +343,13 @@ class Decoder(nn.Module):
                 block,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
-                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, self.interventions, name="layers")
-            x_BTD, layer_cache = layers(x_BTD, jnp.arange(c.n_layers), layer_cache, pos_BT, seg_BT, page_table, rope)
+            x_BTD, layer_cache = layers(
+                x_BTD, jnp.arange(c.n_layers), layer_cache, pos_BT, seg_BT, page_table, rope, prefix_B
+            )
 
         x_BTD = self._top_hook("final_norm", RMSNorm(c, name="final_norm")(x_BTD))
         if logits_at_BN is not None:  # only these positions reach the output layer: [B, N, D]
@@ -372,9 +396,11 @@ def _parse_hookpoint(name: str, cfg: LMConfig) -> tuple[int | None, str]:
 
 def forward(
     params: Params,
-    tokens_BT: Int[Array, "B T"],
+    tokens_BT: Int[Array, "B T"] | None,
     cfg: LMConfig | Mapping[str, Any],
     *,
+    embeds_BTD: Float[Array, "B T D"] | None = None,
+    prefix_len_B: Int[Array, "B"] | None = None,
     positions_BT: Int[Array, "B T"] | None = None,
     segment_ids_BT: Int[Array, "B T"] | None = None,
     kv_cache: Any = None,
@@ -382,21 +408,36 @@ def forward(
     interventions: Mapping[str, Intervention] | None = None,
     logits_at: Int[Array, "B N"] | None = None,
 ) -> Output:
-    """Runs the LM; optionally with a KV cache, capturing hookpoints, or replacing activations at hookpoints.
+    """Runs the LM; optionally on embeddings, with a prefix-LM mask, a KV cache, captured or edited hookpoints.
 
+    `embeds_BTD` replaces the embedding lookup (pass `tokens_BT=None`; B and T come from the embeddings): rows are
+    taken as already in the residual stream's scale, i.e. what the `embed` hookpoint sees, so for Gemma
+    (`scale_embeddings`) pass the scaled lookup. `embed(params, tokens_BT, cfg)` returns exactly what the lookup gives,
+    to build or mix inputs (e.g. image tokens merged into a text row): feeding it back gives the token logits.
+    `prefix_len_B` [B] gives a prefix-LM mask (PaliGemma's): a query at position p sees key position s iff
+    s <= p or (p < prefix_len and s < prefix_len), i.e. full attention among the first prefix_len positions of its
+    row and causal attention after them; sliding windows still bound how far back a query looks (s > p - window)
+    but not the prefix's keys ahead of it, as in HF Gemma-2. 0 is plain causal attention. Every attention path
+    honours it (the xla mask, the flash kernels, the KV cache's prefill); with a KV cache the whole prefix must be in
+    one call (a query sees only keys already written), and later chunks and decode steps need nothing extra: a
+    query at p >= prefix_len already sees every earlier key causally.
     `positions_BT` defaults to 0..T-1 in every row. `segment_ids_BT` marks packed rows: tokens attend only within
-    their own segment (pass per-segment positions too). `kv_cache` is a `framework.inference.kv_cache.KVCache`
-    (dense or paged, float or int8): the chunk is written at its positions and attends over the cache; the updated
-    cache comes back in `Output.kv_cache`. `interventions` maps hookpoint names to functions applied
-    to the activation there (e.g. an SAE's reconstruction); `capture` lists hookpoints whose activations (after
-    any intervention) are returned. `logits_at` [B, N] (indices into each row's T tokens) computes the logits at
-    those tokens only, `Output.logits` [B, N, V]: what decoding needs from a prompt, without the [B, T, V] tensor
-    (HF's `logits_to_keep`).
+    their own segment (pass per-segment positions too; not with `prefix_len_B`). `kv_cache` is a
+    `framework.inference.kv_cache.KVCache` (dense or paged, float or int8): the chunk is written at its positions
+    and attends over the cache; the updated cache comes back in `Output.kv_cache`. `interventions` maps hookpoint
+    names to functions applied to the activation there (e.g. an SAE's reconstruction); `capture` lists hookpoints
+    whose activations (after any intervention) are returned. `logits_at` [B, N] (indices into each row's T tokens)
+    computes the logits at those tokens only, `Output.logits` [B, N, V]: what decoding needs from a prompt, without
+    the [B, T, V] tensor (HF's `logits_to_keep`).
     """
     cfg = LMConfig.from_config(cfg)
-    B, T = tokens_BT.shape
+    if prefix_len_B is not None:
+        prefix_len_B = jnp.asarray(prefix_len_B)
+    B, T = _check_inputs(tokens_BT, embeds_BTD, prefix_len_B, segment_ids_BT, cfg)
     if positions_BT is None:
         positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if prefix_len_B is not None:
+        prefix_len_B = prefix_len_B.astype(jnp.int32)
     layer_iv, top_iv = [], []
     for name, fn in (interventions or {}).items():
         layer, point = _parse_hookpoint(name, cfg)
@@ -418,7 +459,7 @@ def forward(
     if not unstacked:
         _check_scannable(params["layers"])
     model = Decoder(cfg, tuple(layer_iv), tuple(top_iv), unstacked)
-    args = (tokens_BT, positions_BT, layers, segment_ids_BT, page_table, logits_at)
+    args = (tokens_BT, positions_BT, layers, segment_ids_BT, page_table, logits_at, embeds_BTD, prefix_len_B)
     if wanted:
         (logits, layers), state = model.apply({"params": params}, *args, mutable=["intermediates"])
         inter = state["intermediates"]
@@ -440,6 +481,52 @@ def forward(
     if restack:
         layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     return Output(logits, kv_cache.replace(layers=layers), captured)
+
+
+def _check_inputs(tokens_BT, embeds_BTD, prefix_len_B, segment_ids_BT, cfg: LMConfig) -> tuple[int, int]:
+    """(B, T) of the input; ValueErrors naming the argument for inputs that do not fit (shapes only: jit-safe)."""
+    if embeds_BTD is None:
+        if tokens_BT is None:
+            raise ValueError("lm.forward: pass tokens_BT [B, T] or embeds_BTD [B, T, D]; both are None")
+        if jnp.ndim(tokens_BT) != 2:
+            raise ValueError(f"lm.forward: tokens_BT must be [B, T], got shape {jnp.shape(tokens_BT)}")
+        B, T = jnp.shape(tokens_BT)
+    else:
+        if tokens_BT is not None:
+            raise ValueError(
+                "lm.forward: embeds_BTD replaces the token lookup; pass tokens_BT=None with it (got both; "
+                "lm.embed(params, tokens, cfg) gives the lookup to mix into embeddings)"
+            )
+        if jnp.ndim(embeds_BTD) != 3 or jnp.shape(embeds_BTD)[-1] != cfg.d_model:
+            raise ValueError(
+                f"lm.forward: embeds_BTD must be [B, T, D={cfg.d_model}] (model.d_model), got shape "
+                f"{jnp.shape(embeds_BTD)}"
+            )
+        if not jnp.issubdtype(jnp.result_type(embeds_BTD), jnp.floating):
+            raise ValueError(f"lm.forward: embeds_BTD must be floating point, got {jnp.result_type(embeds_BTD)}")
+        B, T, _ = jnp.shape(embeds_BTD)
+    if prefix_len_B is not None:
+        if jnp.shape(prefix_len_B) != (B,) or not jnp.issubdtype(jnp.result_type(prefix_len_B), jnp.integer):
+            raise ValueError(
+                f"lm.forward: prefix_len_B must be integers of shape [B={B}], got {jnp.result_type(prefix_len_B)} "
+                f"of shape {jnp.shape(prefix_len_B)}"
+            )
+        if segment_ids_BT is not None:
+            raise ValueError(
+                "lm.forward: prefix_len_B applies to unpacked rows; it cannot be combined with segment_ids_BT "
+                "(packed rows restart their positions, and one prefix per row cannot describe several segments)"
+            )
+    return B, T
+
+
+def embed(params: Params, tokens_BT: Int[Array, "B T"], cfg: LMConfig | Mapping[str, Any]) -> Float[Array, "B T D"]:
+    """The embedding lookup of `tokens_BT` exactly as `forward` computes it (Gemma's sqrt(d_model) scale included).
+
+    It is what the `embed` hookpoint sees and what `forward(..., embeds_BTD=)` expects: build or mix inputs from it
+    (e.g. a VLM writing image embeddings over placeholder tokens). Ids are not checked here (jnp.take clamps).
+    """
+    cfg = LMConfig.from_config(cfg)
+    return Embed(cfg).apply({"params": params["embed"]}, jnp.asarray(tokens_BT))
 
 
 def _check_scannable(layer_params: Params) -> None:
@@ -501,16 +588,3 @@ def param_count(cfg: LMConfig | Mapping[str, Any], *, include_embedding: bool = 
     shapes = jax.eval_shape(functools.partial(_init, cfg), jax.random.key(0))
     n = sum(int(x.size) for x in jax.tree.leaves(shapes))
     return n if include_embedding else n - cfg.vocab_size * cfg.d_model
-
-
-def flops_per_token(cfg: LMConfig | Mapping[str, Any], seq_len: int, *, training: bool = True) -> float:
-    """Model FLOPs per token (PaLM appendix B): 2N per matmul param + 4·L·T·H·Dh for attention, ×3 when training.
-
-    N counts matmul parameters (projections, MLP, output layer); the embedding gather is free. Attention counts
-    the full T×T score matrix, as is conventional for MFU, even though causal masking could skip half of it.
-    """
-    c = LMConfig.from_config(cfg)
-    per_layer = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.d_model * c.d_ff
-    n_matmul = c.n_layers * per_layer + c.d_model * c.vocab_size
-    fwd = 2 * n_matmul + 4 * c.n_layers * seq_len * c.n_heads * c.head_dim
-    return float(3 * fwd if training else fwd)

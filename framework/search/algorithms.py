@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from framework.models import lm
 from framework.search.policy import max_lines
 from framework.tasks import arithmetic
 from framework.verifiers import traces
@@ -70,7 +71,8 @@ class SearchResults:
     """What `run` returns: per problem the chosen answer and trace, the final candidate pool, and compute spent.
 
     tokens_generated / tokens_prompt: policy tokens sampled / read as prompt (prefill) per problem;
-    tokens_scored: verifier tokens read per problem.
+    tokens_scored: verifier tokens read per problem. policy_calls / scorer_calls: every model call's rows, as
+    (problem ids, prompt tokens, new tokens) and (problem ids, tokens scored) arrays, for `flops`.
     """
 
     strategy: str
@@ -87,6 +89,8 @@ class SearchResults:
     tokens_prompt: np.ndarray
     tokens_scored: np.ndarray
     revisions: int = 0  # sequential revision (`framework.search.revision.revise`): retractions allowed per chain
+    policy_calls: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    scorer_calls: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def correct(self, problems: Sequence[arithmetic.Problem]) -> np.ndarray:
         """Bool per problem: the chosen answer is the gold answer."""
@@ -96,11 +100,56 @@ class SearchResults:
         """Fraction of problems answered right."""
         return float(np.mean(self.correct(problems)))
 
-    def flops(self, policy_params: int, verifier_params: int) -> float:
-        """2 × params × tokens for the policy (generated tokens) plus the verifier (scored tokens), summed."""
-        return 2.0 * (
-            policy_params * float(self.tokens_generated.sum()) + verifier_params * float(self.tokens_scored.sum())
-        )
+    def flops(self, policy, verifier=None) -> float:
+        """Inference FLOPs of the whole search: `flops_per_problem` summed over problems."""
+        return float(self.flops_per_problem(policy, verifier).sum())
+
+    def flops_per_problem(self, policy, verifier=None) -> np.ndarray:
+        """Inference FLOPs spent on each problem [P]: the policy's calls plus the verifier's passes.
+
+        `policy` / `verifier`: the model's config (`LMConfig` or its mapping) or a handle holding it as `.cfg`
+        (`LMPolicy`, `Verifier`). Each policy row then costs `lm.flops(cfg, its prompt tokens, its new tokens)` and
+        each scored trace `lm.flops(cfg, its tokens, 0)` — Lumen's one convention: prefill and attention included,
+        every call priced on its own (a search re-reads a growing prefix at each depth). An int is a parameter count
+        N instead: 2·N per generated (policy) or scored (verifier) token, the matmul term alone and no prefill, for
+        callers that know only model sizes. `verifier=None` (or 0) counts no verifier.
+        """
+        out = np.zeros(len(self.answers), np.float64)
+        policy_cfg, verifier_cfg = _cost_model(policy, "policy"), _cost_model(verifier, "verifier")
+        if policy_cfg is None:
+            out += 2.0 * float(policy) * self.tokens_generated
+        else:
+            self._check_calls(self.policy_calls, self.tokens_generated, "policy_calls")
+            for pids, prompt, new in self.policy_calls:
+                np.add.at(out, pids, lm.flops(policy_cfg, prompt, new))
+        if verifier_cfg is None:
+            out += 2.0 * float(verifier or 0) * self.tokens_scored
+        else:
+            self._check_calls(self.scorer_calls, self.tokens_scored, "scorer_calls")
+            for pids, tokens in self.scorer_calls:
+                np.add.at(out, pids, lm.flops(verifier_cfg, tokens, 0))
+        return out
+
+    def _check_calls(self, calls, tokens: np.ndarray, name: str) -> None:
+        if tokens.sum() and not calls:
+            raise ValueError(
+                f"SearchResults.flops: these results spent {int(tokens.sum())} tokens but carry no {name} (built "
+                "outside search.run?); pass parameter counts, or record each call's rows in SearchResults." + name
+            )
+
+
+def _cost_model(model, name: str) -> lm.LMConfig | None:
+    """The LMConfig to price `model` with, or None when it is a parameter count."""
+    if model is None or (isinstance(model, (int, float, np.integer, np.floating)) and not isinstance(model, bool)):
+        return None
+    cfg = getattr(model, "cfg", model)
+    try:
+        return lm.LMConfig.from_config(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"SearchResults.flops: {name} must be a parameter count, a model config or a handle with .cfg "
+            f"(LMPolicy, Verifier); got {model!r} ({e})"
+        ) from None
 
 
 class _Ctx:
@@ -112,6 +161,8 @@ class _Ctx:
         self.caps = [max_lines(p, slack) for p in self.problems]
         P = len(self.problems)
         self.gen, self.prompt, self.scored = (np.zeros(P, np.int64) for _ in range(3))
+        self.policy_calls: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.scorer_calls: list[tuple[np.ndarray, np.ndarray]] = []
 
     def extend(self, pids, texts, slots, depth, phase, *, until="line", greedy=False) -> list[str]:
         if not pids:
@@ -127,6 +178,7 @@ class _Ctx:
         )
         np.add.at(self.gen, pids, out.tokens)
         np.add.at(self.prompt, pids, out.prompt_tokens)
+        self.policy_calls.append((np.asarray(pids), np.asarray(out.prompt_tokens), np.asarray(out.tokens)))
         return out.texts
 
     def score(self, pids, texts) -> list[np.ndarray]:
@@ -134,6 +186,7 @@ class _Ctx:
             return []
         out = self.scorer.score([self.problems[p] for p in pids], list(texts))
         np.add.at(self.scored, pids, out.tokens)
+        self.scorer_calls.append((np.asarray(pids), np.asarray(out.tokens)))
         return out.scores
 
     def done(self, pid: int, text: str) -> bool:
@@ -331,4 +384,6 @@ def run(
         tokens_generated=ctx.gen,
         tokens_prompt=ctx.prompt,
         tokens_scored=ctx.scored,
+        policy_calls=ctx.policy_calls,
+        scorer_calls=ctx.scorer_calls,
     )

@@ -5,12 +5,16 @@ A policy has one method, `extend(problems, prefixes, *, until, greedy=False, row
 the prompt, "" at the start); `until="line"` writes exactly one more line (always returned ending in "\\n": a line
 the model leaves unfinished, by stopping or by running out of tokens, is closed so the search always advances),
 `until="answer"` writes until the answer line (or the model stops). `row_keys` name each row's random stream
-(policies that can draw per row use them: `framework.search.toy.ToyPolicy`); `call_key` names the call.
+(both `framework.search.toy.ToyPolicy` and `LMPolicy` draw per row from them); `call_key` names the call.
 
 `LMPolicy` runs a Lumen LM through `framework.inference.generate`, all rows in one compiled prefill + decode per
 chunk of `batch_size` rows. Rows are chunked in order of length (prompt + prefix, then K), so a chunk pads little
-and its decode loop stops when its longest chain does. Its randomness is per call (one key from `call_key` for the
-whole batch, as `generate` samples), so a row's sample depends on what else is in the batch; greedy decoding does not.
+and its decode loop stops when its longest chain does. Its randomness is per row: row i samples with its own PRNG
+key, a 64-bit hash of (`call_key`, `row_keys[i]`) folded into `jax.random.key(0)` (`row_key_data`; without
+`row_keys`, row i is keyed by its index in the call), handed to `generate` as a batch of keys. A row's sample then
+depends only on its keys and its text, never on the other rows, the chunking or the padding, so a search that keys
+every sample by (problem, sample id) writes the same text batched or alone (up to the backend's rounding of batched
+matmuls, which could flip a draw that sits on a boundary).
 Given a `mesh`, the parameters are replicated on it and every chunk's batch is split over its batch axes (the rules'
 `batch` entry, `data` by default): the model's logical activation constraints shard the decode, same tokens.
 """
@@ -18,6 +22,7 @@ Given a `mesh`, the parameters are replicated on it and every chunk's batch is s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -79,6 +84,41 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
+def _canonical(key: Any, where: str) -> Any:
+    """`key` as nested tuples of Python ints and strings, so equal keys print (and hash) alike whatever their types."""
+    if isinstance(key, (bool, np.bool_)):
+        return int(key)
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    if isinstance(key, str):
+        return key
+    if isinstance(key, (tuple, list)):
+        return tuple(_canonical(k, where) for k in key)
+    raise ValueError(f"{where}: a key holds {key!r} ({type(key).__name__}); expected ints, strings and tuples of them")
+
+
+def row_key_data(call_key: tuple, row_keys: Sequence[tuple]) -> np.ndarray:
+    """uint32 [R, 2]: the two 32-bit halves of a blake2b-64 hash of (call_key, row key) for each row.
+
+    64 bits keep distinct rows apart (two of a million keys collide with probability ~3e-8)."""
+    call = _canonical(tuple(call_key), "policy.extend call_key")
+    words = [
+        np.frombuffer(
+            hashlib.blake2b(repr((call, _canonical(k, "policy.extend row_keys"))).encode(), digest_size=8).digest(),
+            "<u4",
+        )
+        for k in row_keys
+    ]
+    return np.asarray(words, np.uint32).reshape(len(row_keys), 2)
+
+
+@jax.jit
+def _keys_from_data(data_R2: jax.Array) -> jax.Array:
+    """Typed PRNG keys [R]: `fold_in(fold_in(key(0), hi), lo)` for each row's two hash words."""
+    base = jax.random.key(0)
+    return jax.vmap(lambda w: jax.random.fold_in(jax.random.fold_in(base, w[0]), w[1]))(data_R2)
+
+
 class LMPolicy:
     """A Lumen LM as a step-wise sampler (temperature / top-k / top-p), batched through `inference.generate`."""
 
@@ -122,13 +162,18 @@ class LMPolicy:
         row_keys: Sequence[tuple] | None = None,
         call_key: tuple = (0,),
     ) -> Extension:
-        """Continues every prefix by one line (`until="line"`) or to the answer line (`until="answer"`)."""
-        del row_keys  # generate draws one categorical over the whole batch; see the module docstring
+        """Continues every prefix by one line (`until="line"`) or to the answer line (`until="answer"`).
+
+        Sampled rows draw from their own key, a hash of (`call_key`, `row_keys[i]`) (row i's index when `row_keys`
+        is None), so a row's text does not depend on the rest of the batch."""
         check_extend_args(problems, prefixes, until)
+        if row_keys is None:
+            row_keys = [(i,) for i in range(len(problems))]
+        if len(row_keys) != len(problems):
+            raise ValueError(f"policy.extend: {len(problems)} problems but {len(row_keys)} row_keys")
+        greedy_call = greedy or self.temperature == 0.0
+        key_data = None if greedy_call else row_key_data(call_key, row_keys)
         gen, pro = np.zeros(len(problems), np.int64), np.zeros(len(problems), np.int64)
-        key = jax.random.key(0)
-        for c in call_key:
-            key = jax.random.fold_in(key, int(c) & 0x7FFFFFFF)
         encoded = [
             np.concatenate([data.encode_prompt(p), tok.encode(x)]).astype(np.int32) for p, x in zip(problems, prefixes)
         ]
@@ -153,7 +198,8 @@ class LMPolicy:
             B = len(prompts)
             Bp = bucket_length(B, 1 << 30, minimum=self.min_batch)
             padded = prompts + [prompts[0]] * (Bp + (-Bp) % self.shards - B)
-            greedy_call = greedy or self.temperature == 0.0
+            # Each row brings its own key; the padding rows repeat row 0's (their samples are dropped).
+            keys = None if greedy_call else _keys_from_data(key_data[rows + [rows[0]] * (len(padded) - B)])
             with sharding.rules_context(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext():
                 out = inference.generate(
                     self.params,
@@ -164,7 +210,7 @@ class LMPolicy:
                     top_k=None if greedy_call else self.top_k,
                     top_p=None if greedy_call else self.top_p,
                     stop_tokens=stop,
-                    rng=None if greedy_call else jax.random.fold_in(key, lo),
+                    rng=keys,
                 )
             tokens, lengths = np.asarray(out.tokens)[:B], np.asarray(out.lengths)[:B]
             for b in range(B):

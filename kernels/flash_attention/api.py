@@ -14,6 +14,8 @@ Dimension letters: B batch, T query length, S key length, H query heads, K kv he
 - "auto": "pallas" on GPU, "xla" elsewhere (TPU too: the Mosaic kernel has only run in interpret mode so far).
 
 Causal alignment when T != S is bottom-right: query i sits at key position i + S - T (KV-cache prefill semantics).
+`prefix_len` [B] widens causality to a prefix-LM mask (`reference.py`): "xla", "interpret", "interpret_tpu" and
+"pallas" take it (in the kernels' masks and block skipping); "cudnn" and "splash" raise.
 """
 
 import dataclasses
@@ -55,28 +57,46 @@ def _pad_axis(x, axis: int, new_len: int, value=0):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(kind: str, cfg: gpu.KernelConfig, q_BTHD, k_BSKD, v_BSKD, segs):
-    return _KERNELS[kind].flash_forward(q_BTHD, k_BSKD, v_BSKD, segs, cfg)[0]
+def _flash(kind: str, cfg: gpu.KernelConfig, q_BTHD, k_BSKD, v_BSKD, segs, prefix_B):
+    return _KERNELS[kind].flash_forward(q_BTHD, k_BSKD, v_BSKD, segs, cfg, prefix_B)[0]
 
 
-def _flash_fwd(kind, cfg, q_BTHD, k_BSKD, v_BSKD, segs):
-    o_BTHD, lse_BHT = _KERNELS[kind].flash_forward(q_BTHD, k_BSKD, v_BSKD, segs, cfg)
-    return o_BTHD, (q_BTHD, k_BSKD, v_BSKD, segs, o_BTHD, lse_BHT)
+def _flash_fwd(kind, cfg, q_BTHD, k_BSKD, v_BSKD, segs, prefix_B):
+    o_BTHD, lse_BHT = _KERNELS[kind].flash_forward(q_BTHD, k_BSKD, v_BSKD, segs, cfg, prefix_B)
+    return o_BTHD, (q_BTHD, k_BSKD, v_BSKD, segs, prefix_B, o_BTHD, lse_BHT)
 
 
 def _flash_bwd(kind, cfg, res, do_BTHD):
-    q_BTHD, k_BSKD, v_BSKD, segs, o_BTHD, lse_BHT = res
+    q_BTHD, k_BSKD, v_BSKD, segs, prefix_B, o_BTHD, lse_BHT = res
     bwd = _KERNELS[kind].flash_backward
-    dq_BTHD, dk_BSHD, dv_BSHD = bwd(q_BTHD, k_BSKD, v_BSKD, segs, o_BTHD, lse_BHT, do_BTHD, cfg)
+    dq_BTHD, dk_BSHD, dv_BSHD = bwd(q_BTHD, k_BSKD, v_BSKD, segs, o_BTHD, lse_BHT, do_BTHD, cfg, prefix_B)
     B, S, K, D = k_BSKD.shape
     G = q_BTHD.shape[2] // K
     # Query heads kh*G .. kh*G+G-1 share kv head kh: reduce their per-head fp32 gradients.
     dk_BSKD = dk_BSHD.reshape(B, S, K, G, D).sum(axis=3).astype(k_BSKD.dtype)
     dv_BSKD = dv_BSHD.reshape(B, S, K, G, D).sum(axis=3).astype(v_BSKD.dtype)
-    return dq_BTHD, dk_BSKD, dv_BSKD, None
+    return dq_BTHD, dk_BSKD, dv_BSKD, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _validate_prefix(prefix_len, B: int, S: int, causal: bool, impl: str):
+    """The prefix lengths as int32 [B] clamped to [0, S] (the same mask: positions never reach S), or None."""
+    if prefix_len is None:
+        return None
+    if impl in ("cudnn", "splash", "splash_interpret"):
+        raise ValueError(
+            f"impl={impl!r} has no prefix-LM mask (prefix_len); use 'pallas' (or 'interpret'/'interpret_tpu'/'xla')"
+        )
+    if not causal:
+        raise ValueError("prefix_len widens a causal mask into a prefix-LM mask; it requires causal=True")
+    prefix_len = jnp.asarray(prefix_len)
+    if jnp.shape(prefix_len) != (B,) or not jnp.issubdtype(jnp.result_type(prefix_len), jnp.integer):
+        raise ValueError(
+            f"prefix_len must be integers of shape [B={B}]; got {jnp.result_type(prefix_len)} {jnp.shape(prefix_len)}"
+        )
+    return jnp.clip(prefix_len, 0, S).astype(jnp.int32)
 
 
 def _validate(q, k, v, segment_ids, causal, window, softcap, impl):
@@ -129,25 +149,28 @@ def flash_attention(
     sm_scale: float | None = None,
     impl: str = "auto",
     block_sizes: BlockSizes | None = None,
+    prefix_len: Int[Array, "B"] | None = None,
 ) -> Float[Array, "B T H D"]:
-    """Multi-/grouped-query attention softmax(q k^T * sm_scale) v with causal/segment/window masks and softcap.
+    """Multi-/grouped-query attention softmax(q k^T * sm_scale) v with causal/segment/window/prefix masks, softcap.
 
     q [B, T, H, D]; k, v [B, S, K, D] with K dividing H; segment_ids [B, T] (self-attention) or a (q [B, T],
     kv [B, S]) pair; `window`: each query sees its `window` most recent keys including itself (needs causal);
-    `softcap`: scores become softcap * tanh(s / softcap).  Rows with no visible key return 0.  Output dtype = q dtype.
+    `softcap`: scores become softcap * tanh(s / softcap); `prefix_len` [B] (needs causal): a prefix-LM mask, the
+    first prefix_len key positions of a row see each other both ways (see `reference.py`).  Rows with no visible key
+    return 0.  Output dtype = q dtype.
     """
     segs = _validate(q, k, v, segment_ids, causal, window, softcap, impl)
     B, T, H, D = q.shape
     S = k.shape[1]
+    prefix_B = _validate_prefix(prefix_len, B, S, causal, impl)
     sm_scale = D**-0.5 if sm_scale is None else float(sm_scale)
     softcap = None if softcap is None else float(softcap)
     backend = jax.default_backend()
     if impl == "auto":
         impl = "pallas" if backend == "gpu" else "xla"
     if impl == "xla":
-        return reference.attention_reference(
-            q, k, v, causal=causal, segment_ids=segs, window=window, softcap=softcap, sm_scale=sm_scale
-        )
+        masks = dict(causal=causal, segment_ids=segs, window=window, prefix_len=prefix_B)
+        return reference.attention_reference(q, k, v, softcap=softcap, sm_scale=sm_scale, **masks)
     if impl == "cudnn":
         return _cudnn(q, k, v, segs, causal, window, softcap, sm_scale, backend)
     if impl in ("splash", "splash_interpret"):
@@ -192,8 +215,9 @@ def flash_attention(
         kv_len=S,
         has_segments=segs is not None,
         interpret=impl != "pallas",
+        has_prefix=prefix_B is not None,
     )
-    return _flash(kind, cfg, q_p, k_p, v_p, segs)[:, :T, :, :D]
+    return _flash(kind, cfg, q_p, k_p, v_p, segs, prefix_B)[:, :T, :, :D]
 
 
 def _check_tpu_tiles(block_q: int, block_k: int):

@@ -9,19 +9,25 @@ Masking semantics shared with the Pallas kernels (`mask_TS` below is the single 
 - ``window`` (requires causal): additionally ``j > pos(i) - window``, i.e. the ``window`` most recent keys including
   the query's own position.
 - ``segment_ids``: a pair ``(q_seg [B, T], kv_seg [B, S])``; key j is visible iff the segment ids are equal.
+- ``prefix_len`` [B] (requires causal): a prefix-LM mask. Causality widens to ``j <= pos(i) or (pos(i) < P and
+  j < P)`` with P the row's prefix length: the first P positions see each other both ways (PaliGemma). The window
+  still bounds keys behind the query, not prefix keys ahead of it; segments still apply.
 """
 
 import jax
 import jax.numpy as jnp
 
 
-def mask_TS(T: int, S: int, *, causal: bool, window: int | None) -> jax.Array | None:
-    """Boolean [T, S] visibility mask from causality and window (None when everything is visible)."""
+def mask_TS(T: int, S: int, *, causal: bool, window: int | None, prefix_len=None) -> jax.Array | None:
+    """Boolean [T, S] visibility mask from causality, window and a prefix length P (a scalar, or [B, 1, 1] for a
+    [B, T, S] mask); None when everything is visible."""
     if not causal:
         return None
     pos_T = jnp.arange(T)[:, None] + (S - T)
     key_S = jnp.arange(S)[None, :]
     visible_TS = key_S <= pos_T
+    if prefix_len is not None:
+        visible_TS = visible_TS | ((pos_T < prefix_len) & (key_S < prefix_len))
     if window is not None:
         visible_TS = visible_TS & (key_S > pos_T - window)
     return visible_TS
@@ -37,6 +43,7 @@ def attention_reference(
     window: int | None = None,
     softcap: float | None = None,
     sm_scale: float | None = None,
+    prefix_len: jax.Array | None = None,
 ) -> jax.Array:
     """Reference attention in fp32 (output in the input dtype); rows with no visible key are 0."""
     B, T, H, D = q_BTHD.shape
@@ -49,9 +56,10 @@ def attention_reference(
     if softcap is not None:
         s_BKGTS = softcap * jnp.tanh(s_BKGTS / softcap)
     visible_BTS = jnp.ones((B, T, S), bool)
-    visible_TS = mask_TS(T, S, causal=causal, window=window)
+    prefix_B11 = None if prefix_len is None else prefix_len[:, None, None]
+    visible_TS = mask_TS(T, S, causal=causal, window=window, prefix_len=prefix_B11)  # [B, T, S] with a prefix
     if visible_TS is not None:
-        visible_BTS = visible_BTS & visible_TS[None]
+        visible_BTS = visible_BTS & visible_TS
     if segment_ids is not None:
         q_seg_BT, kv_seg_BS = segment_ids
         visible_BTS = visible_BTS & (q_seg_BT[:, :, None] == kv_seg_BS[:, None, :])

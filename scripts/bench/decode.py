@@ -1,8 +1,11 @@
-"""Decode throughput: Lumen `generate` vs Hugging Face `generate` (PyTorch, CPU) on the same random Llama.
+"""Decode throughput: Lumen `generate` vs Hugging Face `generate` (PyTorch, CPU) on the same random Llama, and the
+cost of a no-op logits processor in Lumen.
 
 COMMAND: .venv/bin/python -m scripts.bench.decode --hf-python .venv-parity/bin/python
-RUNTIME: ~1 min on a 2-core CPU (tiny only; `--sizes tiny,small` ~3 min).
-EXPECT: identical greedy tokens on both sides; the target is Lumen >= 3x HF tokens/s on `tiny`.
+         .venv/bin/python -m scripts.bench.decode --lumen_only   # the processor's cost alone (no torch needed)
+RUNTIME: ~2 min on a 2-core CPU (tiny only; `--sizes tiny,small` ~5 min); `--lumen_only` ~1 min.
+EXPECT: identical greedy tokens on both sides; the target is Lumen >= 3x HF tokens/s on `tiny`, and a no-op
+logits processor costing <= 10% of a call (same tokens).
 
 One random `LlamaForCausalLM` per size is built by transformers and saved as safetensors; Lumen loads that same
 folder with `load_hf_checkpoint`. Both decode the same prompts greedily in fp32, exactly `--max_new_tokens` each
@@ -18,6 +21,13 @@ later compared different machines. torch uses as many threads as there are cores
 If `import torch, transformers` works here, the HF side runs in this process; otherwise it runs in
 `--hf_python` (a Python with torch + transformers, e.g. .venv-parity) as `hf_decode_worker.py`, which needs
 neither JAX nor Lumen and answers one timed call per request.
+
+The processor's cost is measured the same way, Lumen against Lumen: rounds of one call with
+`logits_processors=(noop_processor,)` (which makes the decode loop carry and update the [B, T + N] token buffer that
+processors read) then one without, each after an untimed call of its own; the overhead is the median of the rounds'
+ratios minus one, in wall time and in the process's CPU time (all threads), which other processes competing for the
+cores disturb less. `--lumen_only` skips HF: the model is then `lm.init` of the same converted config (random weights
+of the same shapes; the timing depends only on them).
 """
 
 from __future__ import annotations
@@ -82,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf_python", "--hf-python", default=None, help="a Python with torch+transformers (subprocess)")
     p.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    p.add_argument("--lumen_only", action="store_true", help="only the no-op processor's cost (no HF, no torch)")
     args = p.parse_args(argv)
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:
@@ -142,44 +153,84 @@ def hf_side(request: dict[str, Any], hf_python: str | None):
             worker.close()
 
 
-def lumen_side(ckpt_dir: str, prompts: dict[str, list[list[int]]], max_new_tokens: int):
-    """Loads the saved HF folder into Lumen; returns `time_once(batch)` -> {"seconds", "tokens"} of one call."""
+def noop_processor(logits_BV, tokens_BS, lengths_B):
+    """A logits processor that changes nothing: what remains is the cost of having one (the token buffer)."""
+    return logits_BV
+
+
+def lumen_side(cfg, params, prompts: dict[str, list[list[int]]], max_new_tokens: int, logits_processors=()):
+    """`time_once(batch)` -> {"seconds", "tokens"} of one greedy Lumen `generate` call on `prompts[batch]`."""
     import jax
 
     from framework.inference import generate
-    from framework.models.hf import load_hf_checkpoint
-
-    cfg, params = load_hf_checkpoint(ckpt_dir)
 
     def time_once(batch: str) -> dict[str, Any]:
         tokens_BT = np.asarray(prompts[batch], np.int32)
-        t0 = time.perf_counter()
-        out = generate(params, cfg, tokens_BT, max_new_tokens=max_new_tokens, stop_tokens=())
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        out = generate(
+            params,
+            cfg,
+            tokens_BT,
+            max_new_tokens=max_new_tokens,
+            stop_tokens=(),
+            logits_processors=logits_processors,
+        )
         jax.block_until_ready(out.tokens)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         if int(np.min(out.lengths)) != max_new_tokens:
             raise RuntimeError(f"Lumen generated {np.asarray(out.lengths)} tokens, expected {max_new_tokens} each")
-        return {"seconds": seconds, "tokens": np.asarray(out.tokens).tolist()}
+        return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": np.asarray(out.tokens).tolist()}
 
     return time_once
 
 
-def interleaved(hf, lumen, batch: str, rounds: int) -> dict[str, list]:
-    """`rounds` rounds of one HF call then one Lumen call on `batch` (never at the same time): each round's ratio
-    compares the two under the same machine conditions, which drift on a shared VM over minutes."""
-    out = {"hf_s": [], "lumen_s": []}
+def alternate(first, second, batch: str, rounds: int) -> dict[str, list]:
+    """`rounds` rounds of one `first` call then one `second` call on `batch` (never at the same time), each timed
+    call after an untimed one of its own side; ratios = first s / second s per round, under the same conditions."""
+    out = {"first_s": [], "second_s": []}
     for _ in range(rounds):
         # Each side's timed call follows an untimed one of its own: timed right after the other side's call, HF's
         # batch-1 call took 0.66 s instead of 0.42 s (likely cold caches and the other side's threads still awake).
-        hf.time_once(batch)
-        h = hf.time_once(batch)
-        lumen(batch)
-        j = lumen(batch)
-        out["hf_s"].append(h["seconds"])
-        out["lumen_s"].append(j["seconds"])
-        out["hf_tokens"], out["lumen_tokens"] = h["tokens"], j["tokens"]
-    out["ratios"] = [h / j for h, j in zip(out["hf_s"], out["lumen_s"])]
+        first(batch)
+        a = first(batch)
+        second(batch)
+        b = second(batch)
+        out["first_s"].append(a["seconds"])
+        out["second_s"].append(b["seconds"])
+        if "cpu_seconds" in a and "cpu_seconds" in b:  # in-process sides: CPU time (all threads) as well
+            out.setdefault("cpu_ratios", []).append(a["cpu_seconds"] / b["cpu_seconds"])
+        out["first_tokens"], out["second_tokens"] = a["tokens"], b["tokens"]
+    out["ratios"] = [a / b for a, b in zip(out["first_s"], out["second_s"])]
     return out
+
+
+def interleaved(hf, lumen, batch: str, rounds: int) -> dict[str, list]:
+    """`rounds` rounds of one HF call then one Lumen call on `batch` (`alternate`): each round's ratio (HF s /
+    Lumen s) compares the two under the same machine conditions, which drift on a shared VM over minutes."""
+    r = alternate(hf.time_once, lumen, batch, rounds)
+    return {
+        "hf_s": r["first_s"],
+        "lumen_s": r["second_s"],
+        "hf_tokens": r["first_tokens"],
+        "lumen_tokens": r["second_tokens"],
+        "ratios": r["ratios"],
+    }
+
+
+def processor_row(size: str, b: int, with_noop, plain, rounds: int) -> list[Any]:
+    """One row of the processor table: Lumen with a no-op processor against Lumen without, alternated."""
+    r = alternate(with_noop, plain, str(b), rounds)
+    cpu = r.get("cpu_ratios")
+    return [
+        size,
+        b,
+        _spread(r["second_s"]),
+        _spread(r["first_s"]),
+        f"{common.median(r['ratios']) - 1:+.1%}",
+        f"{min(r['ratios']) - 1:+.1%} to {max(r['ratios']) - 1:+.1%}",
+        f"{common.median(cpu) - 1:+.1%}" if cpu else "n/a",
+        "yes" if r["first_tokens"] == r["second_tokens"] else "NO",
+    ]
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
@@ -190,16 +241,24 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
     return prefix, float(np.mean(a_BN == b_BN))
 
 
-def bench_size(size: str, args: argparse.Namespace) -> tuple[list[list[Any]], dict[str, Any]]:
-    """Both sides on one model size; returns the table rows and the HF side's info (versions, threads, where)."""
-    llama = {**_LLAMA_BASE, **SIZES[size]}
+def _prompts(llama: dict[str, Any], batch_sizes: list[int], args: argparse.Namespace) -> dict[str, list[list[int]]]:
     rng = np.random.default_rng(args.seed)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts = {}
     for b in batch_sizes:  # BOS, then random ids past the special tokens; equal lengths, so no padding anywhere
         body = rng.integers(3, llama["vocab_size"], size=(b, args.prompt_len - 1))
         prompts[str(b)] = np.concatenate([np.full((b, 1), llama["bos_token_id"]), body], axis=1).tolist()
-    rows = []
+    return prompts
+
+
+def bench_size(size: str, args: argparse.Namespace) -> tuple[list[list[Any]], list[list[Any]], dict[str, Any]]:
+    """Both sides on one model size; returns the HF table's rows, the processor table's rows and the HF side's
+    info (versions, threads, where)."""
+    from framework.models.hf import load_hf_checkpoint
+
+    llama = {**_LLAMA_BASE, **SIZES[size]}
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts = _prompts(llama, batch_sizes, args)
+    rows, proc_rows = [], []
     with tempfile.TemporaryDirectory() as ckpt_dir:
         request = dict(
             llama_config=llama,
@@ -211,7 +270,9 @@ def bench_size(size: str, args: argparse.Namespace) -> tuple[list[list[Any]], di
         )
         with hf_side(request, args.hf_python) as (hf, info, where):
             info = {**info, "where": where}
-            lumen = lumen_side(ckpt_dir, prompts, args.max_new_tokens)
+            cfg, params = load_hf_checkpoint(ckpt_dir)
+            lumen = lumen_side(cfg, params, prompts, args.max_new_tokens)
+            noop = lumen_side(cfg, params, prompts, args.max_new_tokens, (noop_processor,))
             for b in batch_sizes:
                 r = interleaved(hf, lumen, str(b), args.runs)
                 tps = lambda s: b * args.max_new_tokens / s  # noqa: E731
@@ -230,16 +291,47 @@ def bench_size(size: str, args: argparse.Namespace) -> tuple[list[list[Any]], di
                         _spread(r["lumen_s"]),
                     ]
                 )
-    return rows, info
+            for b in batch_sizes:
+                proc_rows.append(processor_row(size, b, noop, lumen, args.runs))
+    return rows, proc_rows, info
+
+
+def bench_size_lumen_only(size: str, args: argparse.Namespace) -> list[list[Any]]:
+    """The processor table's rows for one size, on `lm.init` weights of the converted config (no HF side)."""
+    import jax
+
+    from framework.models import lm
+    from framework.models.hf_families import hf_config_to_lm_config
+
+    llama = {**_LLAMA_BASE, **SIZES[size]}
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts = _prompts(llama, batch_sizes, args)
+    cfg = hf_config_to_lm_config({"model_type": "llama", **llama})
+    params = lm.init(cfg, jax.random.key(args.seed))
+    lumen = lumen_side(cfg, params, prompts, args.max_new_tokens)
+    noop = lumen_side(cfg, params, prompts, args.max_new_tokens, (noop_processor,))
+    return [processor_row(size, b, noop, lumen, args.runs) for b in batch_sizes]
 
 
 HEADERS = ["size", "batch", "HF tok/s", "Lumen tok/s", "Lumen / HF", "per round (min-max)"]
 HEADERS += ["identical greedy steps", "equal tokens"]
 HEADERS += ["HF s/call (min-max)", "Lumen s/call (min-max)"]
+PROC_HEADERS = ["size", "batch", "Lumen s/call (min-max)", "with a no-op processor", "processor overhead"]
+PROC_HEADERS += ["per round (min-max)", "overhead in CPU time", "same tokens"]
 
 
 def _spread(seconds: list[float]) -> str:
     return f"{common.median(seconds):.3f} ({min(seconds):.3f}-{max(seconds):.3f})"
+
+
+def _processor_note(args: argparse.Namespace) -> str:
+    return (
+        f"No-op logits processor: Lumen `generate(..., logits_processors=(noop_processor,))` against the same call "
+        f"without it, greedy, prompt {args.prompt_len} tokens, exactly {args.max_new_tokens} new tokens; {args.runs} "
+        f"rounds of one call with it then one without, each after an untimed call of its own; overhead = the median "
+        f"of the rounds' ratios (with / without) - 1, of wall time and of the process's CPU time (all threads; "
+        f"steadier than wall time when other processes compete for the cores)."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,16 +339,41 @@ def main(argv: list[str] | None = None) -> None:
     monitor = common.ContentionMonitor()
     import jax
 
-    rows, hf = [], None
-    for size in args.sizes.split(","):
-        size_rows, hf = bench_size(size, args)
-        rows += size_rows
-        print(common.markdown_table(HEADERS, size_rows), flush=True)
-    table = common.markdown_table(HEADERS, rows)
     shapes = "; ".join(f"{s}: {_describe(s)}" for s in args.sizes.split(","))
+    machine = f"XLA:CPU on all {common.num_cores()} cores ({jax.devices()[0].device_kind})"
+    versions = {"jax": jax.__version__, "python": sys.version.split()[0]}
+    if args.lumen_only:
+        proc_rows = []
+        for size in args.sizes.split(","):
+            proc_rows += bench_size_lumen_only(size, args)
+        print(common.markdown_table(PROC_HEADERS, proc_rows), flush=True)
+        body = "\n".join(
+            [
+                common.markdown_table(PROC_HEADERS, proc_rows),
+                "",
+                f"Random Llama-shaped Lumen model (`lm.init`; {shapes}), fp32. {_processor_note(args)} {machine}.",
+            ]
+        )
+        entry = common.Entry(
+            title="Decode: cost of a no-op logits processor in Lumen generate (CPU)",
+            command=common.command_line("scripts.bench.decode", argv),
+            versions=versions,
+            body=body,
+            contention=monitor.note(),
+        )
+        common.publish(entry, append_to_file=not args.no_append)
+        return
+
+    rows, proc_rows, hf = [], [], None
+    for size in args.sizes.split(","):
+        size_rows, size_proc_rows, hf = bench_size(size, args)
+        rows += size_rows
+        proc_rows += size_proc_rows
+        print(common.markdown_table(HEADERS, size_rows), flush=True)
+        print(common.markdown_table(PROC_HEADERS, size_proc_rows), flush=True)
     body = "\n".join(
         [
-            table,
+            common.markdown_table(HEADERS, rows),
             "",
             f"Random Llama ({shapes}), fp32, greedy, prompt {args.prompt_len} tokens, exactly {args.max_new_tokens} "
             f"new tokens (no early stop); tok/s = batch x new tokens / wall time of the whole call, prefill included; "
@@ -265,8 +382,11 @@ def main(argv: list[str] | None = None) -> None:
             f"tok/s from each side's median call, Lumen / HF = the median of the rounds' ratios (HF s / Lumen s). "
             f"HF: `model.generate`, default "
             f"dynamic KV cache, torch threads = {hf['torch_threads']}, run {hf['where']}. Lumen: "
-            f"`framework.inference.generate` on `load_hf_checkpoint` of the same folder, XLA:CPU on all "
-            f"{common.num_cores()} cores ({jax.devices()[0].device_kind}).",
+            f"`framework.inference.generate` on `load_hf_checkpoint` of the same folder, {machine}.",
+            "",
+            common.markdown_table(PROC_HEADERS, proc_rows),
+            "",
+            _processor_note(args),
         ]
     )
     versions = {
