@@ -87,6 +87,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         log_every=25,
         eval_every=0,
         stop_when="",  # early stopping on an eval metric, e.g. "token_accuracy>=0.98" (needs eval_every > 0)
+        frozen=(),  # regexes over '/'-joined param paths (e.g. '.*embed.*'): those params are frozen, bitwise
         checkpoint_every=250,
         keep_checkpoints=3,
         keep_checkpoint_every=0,  # also keep every checkpoint whose step is a multiple of this (0 = none)

@@ -2,6 +2,7 @@
 head's scoring layout and training."""
 
 import itertools
+import shutil
 
 import jax
 import numpy as np
@@ -199,6 +200,24 @@ def test_packed_rows_give_the_padded_loss(trained, tiny_cfg):
     n_lines = enc.line_mask.sum(axis=1).astype(int)
     expected = np.concatenate([np.asarray(logits_u)[i, : n_lines[i]] for row in rows for i in row])
     np.testing.assert_allclose(np.asarray(logits_p)[packed.mask > 0], expected, atol=1e-4)
+
+
+def _bits(tree):
+    return [(np.shape(x), np.asarray(x).tobytes()) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_fit_freeze_lm_trains_the_head_only_and_a_killed_fit_resumes_bitwise(trained, tiny_cfg, tmp_path):
+    """`fit` is a task on the one loop: freeze_lm is the `train.frozen` regex (the LM keeps its bits even under weight
+    decay), and a fit in `checkpoint_dir` that lost its last checkpoint resumes to the same params and history."""
+    _, _, problems, texts, lab = trained
+    p0 = verifiers.init(lm.init(tiny_cfg, jax.random.key(0)), tiny_cfg, jax.random.key(1))
+    kw = dict(steps=6, batch_size=8, log_every=2, freeze_lm=True, weight_decay=0.1, checkpoint_every=2)
+    ref, hist = verifiers.fit(p0, tiny_cfg, problems, texts, lab, checkpoint_dir=str(tmp_path), **kw)
+    assert _bits(ref["lm"]) == _bits(p0["lm"])
+    assert np.all(np.asarray(ref["head"]["w"]) != 0) and hist.steps == [2, 4, 6]
+    shutil.rmtree(tmp_path / "checkpoints" / "6")  # killed while writing the last checkpoint
+    again, hist2 = verifiers.fit(p0, tiny_cfg, problems, texts, lab, checkpoint_dir=str(tmp_path), **kw)
+    assert _bits(again) == _bits(ref) and hist2 == hist
 
 
 def test_fit_rejects_bad_input(tiny_cfg):

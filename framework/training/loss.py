@@ -1,11 +1,18 @@
-"""Masked next-token cross-entropy."""
+"""Masked next-token cross-entropy, and per-sequence log-probabilities under the same convention.
+
+Glossary: B batch, T tokens, V vocab.
+"""
 
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
+
+from framework.models import lm
 
 
 def next_token_loss(
@@ -23,3 +30,25 @@ def next_token_loss(
     total = jnp.sum(ce * w)
     correct = jnp.sum((jnp.argmax(logits, -1) == targets) * w)
     return total / jnp.maximum(n, 1.0), {"loss_sum": total, "tokens": n, "correct": correct}
+
+
+def sequence_logprobs(
+    params: lm.Params,
+    cfg: lm.LMConfig | Mapping[str, Any],
+    tokens_BT: Int[Array, "B T"],
+    loss_mask_BT: Float[Array, "B T"],
+    **forward_kw,
+) -> tuple[Float[Array, "B"], Float[Array, "B"]]:
+    """Each sequence's log-probability under the LM: (sum over t of loss_mask[t] * log p(tokens[t] | tokens[<t]),
+    sum of loss_mask[t]), both [B] float32, over t >= 1.
+
+    The convention of `next_token_loss`: the logits at t-1 score token t and loss_mask[:, 0] is ignored (nothing
+    predicts the first token), so `-sum(logp_sum) / sum(n_tokens)` is that loss. `forward_kw` go to `lm.forward`
+    (positions_BT, segment_ids_BT, interventions, ...). Jit it with `cfg` static; under a mesh the logits shard as in
+    the training loss (batch over the data axes). DPO-style losses, routing confidence and watermark quality are
+    functions of these sums.
+    """
+    logits_BTV = lm.forward(params, tokens_BT, cfg, **forward_kw).logits[:, :-1].astype(jnp.float32)
+    logp_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT[:, 1:])
+    w_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
+    return jnp.sum(logp_BT * w_BT, axis=-1), jnp.sum(w_BT, axis=-1)

@@ -5,8 +5,8 @@ Glossary: B traces, T tokens, L lines, D model width.
 params = {"lm": <framework.models.lm params>, "head": {"w": [D], "b": []}}. The score of line j is
 sigmoid(w · h[ends[j]] + b), h = the `final_norm` hookpoint. A PRM is trained on every labelled line; an ORM is the
 same model trained only on the last line's outcome label (`labels.outcome_labels`), so both score partial traces
-the same way and plug into search as scorers. Training is masked binary cross-entropy (soft labels allowed) with a
-small optax loop; the LM is fine-tuned with the head unless `freeze_lm`.
+the same way and plug into search as scorers. Training is masked binary cross-entropy (soft labels allowed), a `Task`
+on the one training loop (`framework.training.loop`); the LM is fine-tuned with the head unless `freeze_lm`.
 
     v = init(policy_params, cfg, jax.random.key(0))
     v, hist = fit(v, cfg, problems, completions, line_labels, steps=300)
@@ -16,21 +16,28 @@ small optax loop; the LM is fine-tuned with the head unless `freeze_lm`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import pathlib
+import tempfile
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from framework import sharding
 from framework.inference.generate import bucket_length
 from framework.models import lm
 from framework.tasks import arithmetic, data
+from framework.training import loop
+from framework.training.metrics import read_metrics
 from framework.verifiers import traces
 
 KINDS = ("prm", "orm")
@@ -82,18 +89,16 @@ def loss_fn(params, batch, cfg: lm.LMConfig, freeze_lm: bool = False):
 
 
 @functools.lru_cache(maxsize=16)
-def _train_step(cfg: lm.LMConfig, steps: int, lr: float, warmup_steps: int, weight_decay: float, freeze_lm: bool):
-    """(optimizer, jitted step), cached so verifiers fitted with the same settings share one compile."""
+def _optimizer(steps: int, lr: float, warmup_steps: int, weight_decay: float):
+    """(optimizer, schedule): AdamW after a unit gradient clip, warm-up then cosine decay to lr/10. Cached, so
+    verifiers fitted with the same settings share one compiled train step."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, steps - 1), steps, lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay)), schedule
 
-    @jax.jit
-    def step(params, opt_state, batch):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, cfg, freeze_lm)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, aux["accuracy"]
 
-    return tx, step
+@functools.lru_cache(maxsize=16)
+def _loss(cfg: lm.LMConfig):
+    return functools.partial(loss_fn, cfg=cfg)
 
 
 class FitHistory(NamedTuple):
@@ -188,17 +193,31 @@ def fit(
     seed: int = 0,
     log_every: int = 50,
     pack: bool = True,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> tuple[dict, FitHistory]:
     """Trains the verifier on traces with per-line labels (NaN = unlabelled) by masked BCE; returns (params, history).
 
     Batches are drawn uniformly from the traces with a numpy Generator seeded by `seed`. `pack=True` lays each
     batch's traces end to end in rows (`pack_rows`, segment-masked attention): the same loss on the same traces as
     one padded row per trace, for fewer tokens (the arithmetic traces average about a third of the padded length).
+
+    Training is a `framework.training.loop.Task` on the one loop: AdamW (`weight_decay` on every param) after a unit
+    gradient clip, linear warm-up to `lr` then cosine decay to lr/10; `freeze_lm` freezes the LM by the config
+    regex `train.frozen = ("lm/.*",)` (no gradient, update or decay; only the head trains). A non-finite loss stops
+    the fit with FloatingPointError. `checkpoint_dir` is the loop's workdir (config.json, metrics.jsonl, TensorBoard,
+    checkpoints every `checkpoint_every` steps, default only the last): rerunning the same fit there resumes, and a
+    finished one returns at once. Without it the fit runs in a temporary directory. `devices` (default: this
+    process's first device) are the devices the batch is split over.
     """
     cfg = lm.LMConfig.from_config(cfg)
     for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"verifiers.fit: {name} must be an int >= 1, got {v!r}")
+    ck = checkpoint_every
+    if ck is not None and (isinstance(ck, bool) or not isinstance(ck, int) or ck < 1):
+        raise ValueError(f"verifiers.fit: checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
     if not (len(problems) == len(completions) == len(line_labels)) or not len(problems):
         raise ValueError(
             f"verifiers.fit: need as many problems ({len(problems)}), completions ({len(completions)}) and label "
@@ -217,8 +236,6 @@ def fit(
     labels, mask = traces.pad_labels(line_labels, enc.ends.shape[1])
     if not mask.any():
         raise ValueError("verifiers.fit: no line carries a label")
-    tx, step = _train_step(cfg, steps, float(lr), int(warmup_steps), float(weight_decay), bool(freeze_lm))
-    opt_state = tx.init(params)
 
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(problems), size=batch_size) for _ in range(steps)]
@@ -227,18 +244,106 @@ def fit(
         batches = [dict(b._asdict()) for b in packed]
     else:
         batches = [{"tokens": enc.tokens[i], "ends": enc.ends[i], "labels": labels[i], "mask": mask[i]} for i in draws]
-    hist = FitHistory([], [], [])
-    acc_l, acc_a = [], []
-    for i, batch in enumerate(batches):
-        params, opt_state, loss, acc = step(params, opt_state, batch)
-        acc_l.append(loss)
-        acc_a.append(acc)
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            hist.steps.append(i + 1)
-            hist.loss.append(float(np.mean(jax.device_get(acc_l))))
-            hist.accuracy.append(float(np.mean(jax.device_get(acc_a))))
-            acc_l, acc_a = [], []
-    return params, hist
+    tx, schedule = _optimizer(steps, float(lr), int(warmup_steps), float(weight_decay))
+    task = loop.Task(
+        init_params=lambda rng: params,
+        logical_axes=_logical_axes(params, cfg),
+        loss_fn=_loss(cfg),
+        batches=functools.partial(_rows, batches),
+        optimizer=tx,
+        lr_schedule=schedule,
+    )
+    history = _History(log_every)
+    train = dict(
+        steps=steps,
+        batch_size=len(batches[0]["tokens"]),  # rows (packed: several traces each)
+        seq_len=seq_len,
+        lr=float(lr),
+        warmup_steps=int(warmup_steps),
+        weight_decay=float(weight_decay),
+        frozen=("lm/.*",) if freeze_lm else (),
+        log_every=log_every,
+        checkpoint_every=checkpoint_every or steps,
+    )
+    data_cfg = dict(digest=_digest(enc.tokens, labels, mask), traces_per_batch=batch_size, pack=pack)
+    config = _fit_config(seed, data_cfg, train)
+    with contextlib.ExitStack() as stack:
+        workdir = checkpoint_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="verifier_fit_"))
+        state = loop.train(config, workdir, task, devices=devices or jax.local_devices()[:1], hooks=(history,))
+        return state.params, history.result(workdir)
+
+
+def _rows(batches: list[dict], start: int, rows: tuple[int, int] | None = None):
+    """Batches `start`.. (only rows lo..hi-1 of each under several processes, as the loop asks)."""
+    for b in batches[start:]:
+        yield b if rows is None else {k: v[rows[0] : rows[1]] for k, v in b.items()}
+
+
+class _History:
+    """FitHistory from every step's metrics (on every process): the mean loss and accuracy of each log window, as
+    the loop logs them; a resumed fit takes the windows before it from metrics.jsonl."""
+
+    def __init__(self, log_every: int):
+        self.log_every, self.first, self.losses, self.accs = log_every, None, [], []
+        self.hist = FitHistory([], [], [])
+
+    def __call__(self, step: int, ctx) -> None:
+        self.first = step if self.first is None else self.first
+        self.losses.append(ctx.metrics["loss"])
+        self.accs.append(ctx.metrics["accuracy"])
+        if step % self.log_every == 0 or ctx.final:
+            self.hist.steps.append(step)
+            self.hist.loss.append(float(np.mean(jax.device_get(self.losses))))
+            self.hist.accuracy.append(float(np.mean(jax.device_get(self.accs))))
+            self.losses, self.accs = [], []
+
+    def result(self, workdir: str) -> FitHistory:
+        first = self.first or float("inf")
+        earlier = [r for r in read_metrics(workdir) if "train/loss" in r and r["step"] < first]
+        return FitHistory(
+            [r["step"] for r in earlier] + self.hist.steps,
+            [r["train/loss"] for r in earlier] + self.hist.loss,
+            [r["train/accuracy"] for r in earlier] + self.hist.accuracy,
+        )
+
+
+def _logical_axes(params: dict, cfg: lm.LMConfig):
+    """The LM's logical axes (FSDP/TP meshes shard it) when `params["lm"]` has lm.init's layout, else replicated."""
+    lm_axes = lm.logical_axes(cfg)
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    if jax.tree.structure(lm_axes, is_leaf=is_spec) != jax.tree.structure(params["lm"]):
+        lm_axes = jax.tree.map(lambda _: P(), params["lm"])
+    return {"lm": lm_axes, "head": {"w": P("embed"), "b": P()}}
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fit_config(seed: int, data_cfg: dict, train: dict) -> ml_collections.ConfigDict:
+    """The loop's config of a fit (`train` over these defaults): the optimiser's settings as `_optimizer` builds it
+    and what the batches are drawn from (for config.json and the resume digest), no eval, no progress bar."""
+    defaults = dict(
+        min_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.999,
+        grad_clip=1.0,
+        eval_every=0,
+        stop_when="",
+        keep_checkpoints=2,
+        keep_checkpoint_every=0,
+        async_checkpoint=True,
+        nonfinite="stop",
+        peak_flops=None,
+        progress=False,
+    )
+    mesh = dict(data=-1, fsdp=1, tensor=1)
+    return ml_collections.ConfigDict(
+        dict(experiment="verifier_fit", seed=seed, data=data_cfg, train=defaults | train, mesh=mesh)
+    )
 
 
 class Scores(NamedTuple):
