@@ -3,7 +3,7 @@
 COMMAND: python -m scripts.launch --config=configs/quickstart.py --workdir=runs/quickstart   (or `make quickstart`)
 RUNTIME: ~1-3 min on a 2-core CPU (at most 2000 steps of the 100k-parameter `tiny` model, then evaluation).
 EXPECT: a deliberately partly trained policy: greedy exact match ~0.9-1.0 at K=1, ~0.5-0.8 at K=4-5, ~0.1-0.3 at
-K=8; per-step accuracy ~0.75-1.0 (the spread over seeds is in README.md).
+K=8; per-step accuracy ~0.75-1.0 (the spread over seeds is in docs/results/quickstart.md).
 
 The task is the modular-arithmetic chain with modulus 10 (one-digit numbers, `Q 3+4*7-1`), all three ops and
 K = 1..8: the format, checker and difficulty knobs of the full task, at a size a 2-core CPU learns in minutes. The
@@ -15,7 +15,7 @@ each step's operand sits in the prompt varies from a few hundred to thousands of
 CPU's rounding), so the same 1500-step run gave a policy that solved every K on one seed, none beyond K=1 on another,
 and different tables on two CPUs. Stopping at a measured quality gives the same kind of policy on the seeds that reach
 it. The default seed is 1: seeds 1-5 all stop early (725-1075 steps), while seed 0 runs into the cap (held-out token
-accuracy 0.96-0.97) and its table then depends on the thread count (README.md).
+accuracy 0.96-0.97) and its table then depends on the thread count (docs/results/quickstart.md).
 """
 
 from configs import common

@@ -5,7 +5,7 @@ On the quickstart-sized LM's blocks.1.resid_post (512 latents).
 COMMAND: python -m scripts.launch --config=configs/sae/batchtopk.py --workdir=runs/sae_batchtopk
          (reuse a trained LM: --config.lm.workdir=runs/quickstart; shorter: --config.train.steps=500)
 RUNTIME: ~3 min on a 2-core CPU without lm.workdir (the LM trains first, ~2 min), ~1 min with it.
-EXPECT: see README "Sparse autoencoders" for measured FVU, L0, dead fraction and CE loss recovered of this config.
+EXPECT: see docs/results/sae.md for measured FVU, L0, dead fraction and CE loss recovered of this config.
 Variant arguments: `configs/sae/batchtopk.py:n_latents=1024` (also k, hookpoint where they apply).
 """
 

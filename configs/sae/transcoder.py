@@ -4,7 +4,7 @@ COMMAND: python -m scripts.launch --config=configs/sae/transcoder.py --workdir=r
          (reuse a trained LM: --config.lm.workdir=runs/quickstart)
 RUNTIME: ~3 min on a 2-core CPU without lm.workdir (the LM trains first), ~1 min with it.
 EXPECT: CE loss recovered is measured by replacing mlp_out with the transcoder's output computed from the clean
-resid_mid; numbers are not in the README yet (the frontier covers SAEs only).
+resid_mid; numbers are not in docs/results/sae.md yet (the frontier covers SAEs only).
 """
 
 from configs import common

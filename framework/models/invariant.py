@@ -19,11 +19,11 @@ is also the accurate order: its error grows as O(log n) ulps, a sequential sum's
 
 Used by RMSNorm (`framework.models.lm`) and the reference attention's softmax (`framework.models.attention`); with
 the output layer applied only at the positions a decoder needs (`lm.forward(logits_at=...)`), cached decoding
-reproduced the cache-free pass bit for bit on XLA:CPU for 30 trained quickstart policies (README.md; the reductions
-themselves are tested bitwise in tests/test_invariant.py). Matmuls stay the backend's: XLA:CPU's output layer (vocab
-24) gave different bits for 8 rows than for 8 x T rows, which `logits_at` sidesteps by giving both passes the same
-[B, D] rows; the projections were invariant at the shapes tested. Nothing here makes a matmul batch-invariant on
-every backend, and the Pallas kernels keep their own orders.
+reproduced the cache-free pass bit for bit on XLA:CPU for 30 trained quickstart policies
+(docs/results/quickstart.md; the reductions themselves are tested bitwise in tests/test_invariant.py). Matmuls stay
+the backend's: XLA:CPU's output layer (vocab 24) gave different bits for 8 rows than for 8 x T rows, which
+`logits_at` sidesteps by giving both passes the same [B, D] rows; the projections were invariant at the shapes
+tested. Nothing here makes a matmul batch-invariant on every backend, and the Pallas kernels keep their own orders.
 """
 
 from __future__ import annotations

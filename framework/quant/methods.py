@@ -17,7 +17,7 @@ embedding and lm_head stay in float, as in GPTQ/AWQ practice).  Each kernel is f
   ratio in [0.5, 1] that minimises its share of the output error, kept only if the whole matrix's calibration error
   drops.  Unlike the paper, a is searched per matrix on that matrix's own output (the paper shares one scale over
   q/k/v and scores it on the attention block's output, and skips clipping for q/k): with no downstream term, a
-  lower per-matrix error need not mean a lower model loss (README: measured).
+  lower per-matrix error need not mean a lower model loss (docs/results/quantization.md: measured).
 - GPTQ (Frantar et al. 2022): H = XᵀX / n + damp·mean(diag H)·I; rows of W (input features) are quantised in order,
   each row's error pushed onto the rows not yet quantised through the upper Cholesky factor of H⁻¹; group scales
   are fitted to the already-updated weights when a group starts.  Calibration inputs are those of the float model

@@ -14,7 +14,7 @@ held-out test problems.  "rtn-jitterS" rows: RTN of diag(s) W with random s ~ ex
 equally good roundings whose spread is the noise floor any method comparison has to clear.
 Writes <workdir>/results/quantization.json and <workdir>/figures/quantization.png.
 
-The base LM learns the task perfectly and no setting hurts it (README).  The README's second table is a model the
+The base LM learns the task perfectly and no setting hurts it (docs/results/quantization.md).  Its second table is a model the
 rounding does hurt: the `tiny` size (d_model 64, 2 layers, 0.1M params; eval token accuracy 0.967), made by
   python -m scripts.reproduce.quantization --workdir=runs/quant_tiny --size=tiny --steps=1500 --lr=0.01 \
     --problems_per_k=64 '--settings=int8,int4 g128,int4 g64,int4 g32,int3 g64,int3 g32,int2 g128,int2 g32' \
@@ -303,7 +303,7 @@ def _last_train_metrics(lm_dir: str) -> dict:
 
 
 def table(rows) -> str:
-    """The README table: one line per (setting, method)."""
+    """The results table (docs/results/quantization.md): one line per (setting, method)."""
     ks = sorted(rows[0]["exact_match_by_k"], key=int)
     head = (
         "| setting | method | eval loss (nats/token) | ppl | EM mean | "
