@@ -5,10 +5,12 @@ run loads without training) or trained here into `workdir/lm` from `config.lm.tr
 `config.harvest.hookpoints` are harvested in one pass per batch into `workdir/activations` (train split) and
 `workdir/activations_eval` (eval split); rerunning reuses both.
 
-The SAE's training state is checkpointed (orbax) into `workdir/sae_checkpoints` every `train.checkpoint_every`
-steps: rerunning the same command resumes there (a finished run only re-evaluates).
+The SAE trains with `sae.fit`, whose bookkeeping is the training loop's: its state is checkpointed (orbax) into
+`workdir/sae_checkpoints` every `train.checkpoint_every` steps, rerunning the same command resumes there (a finished
+run only re-evaluates), and its training metrics go to `workdir/metrics.jsonl` and `workdir/tensorboard/` as it
+trains (one `train/` record per `sae.log_every` steps; records past a resumed checkpoint are dropped).
 
-Artifacts in `workdir`: config.json, metrics.jsonl (the SAE's training history), sae_params.safetensors,
+Artifacts in `workdir`: config.json, metrics.jsonl + tensorboard/ (the SAE's training history), sae_params.safetensors,
 results/sae_metrics.json (reconstruction metrics on held-out tokens, CE loss recovered and delta LM loss spliced
 into the LM, density histogram, throughput), report/features.html, figures/density.png.
 """
@@ -32,7 +34,6 @@ from framework.models import lm
 from framework.sae import defaults, report, store
 from framework.tasks import data
 from framework.training import loop
-from framework.training.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rules=sharding.rules_from_config(config.mesh),
         checkpoint_dir=os.path.join(workdir, "sae_checkpoints"),
         checkpoint_every=config.train.checkpoint_every,
+        metrics_dir=workdir,
         eval_activations=(np.asarray(eval_store.array(in_name)), np.asarray(eval_store.array(out_name))),
     )
     splice = splice_metrics(params, model_cfg, lm_config, sae_params, config)
@@ -194,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seed=config.seed,
     )
     if jax.process_index() == 0:
-        _write_artifacts(workdir, config, sae_params, fit_metrics, results, summaries)
+        _write_artifacts(workdir, config, sae_params, results, summaries)
         print(json.dumps({k: v for k, v in results["eval"].items() if k != "density_histogram"}, indent=1))
         print("spliced into the LM:", json.dumps(splice))
     return dict(results, sae_params=sae_params, lm_params=params, summaries=summaries)
@@ -214,14 +216,10 @@ def splice_metrics(params, model_cfg, lm_config, sae_params, config) -> dict:
     return out
 
 
-def _write_artifacts(workdir, config, sae_params, fit_metrics, results, summaries) -> None:
+def _write_artifacts(workdir, config, sae_params, results, summaries) -> None:
     from matplotlib.figure import Figure  # not pyplot: leaves a notebook's plotting backend alone
     from safetensors.numpy import save_file
 
-    writer = MetricsWriter(workdir, tensorboard=False)
-    for rec in fit_metrics["history"]:
-        writer.write(rec["step"], {k: v for k, v in rec.items() if k != "step"}, prefix="sae/")
-    writer.close()
     save_file({k: np.asarray(v) for k, v in sae_params.items()}, os.path.join(workdir, "sae_params.safetensors"))
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     with open(os.path.join(workdir, "results", "sae_metrics.json"), "w") as f:

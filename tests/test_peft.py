@@ -1,5 +1,6 @@
 """framework.peft: LoRA / rsLoRA / DoRA / PiSSA / QLoRA adapters on the LM, merge/unmerge, adapter-only training and
-checkpoints, LoRA+ learning rates.  fp32 throughout; logit tolerances 2e-5 (float re-association only)."""
+checkpoints, LoRA+ learning rates, adapter training on the one loop.  fp32 throughout; tolerances 2e-5 (float
+re-association only)."""
 
 import jax
 import jax.numpy as jnp
@@ -147,3 +148,74 @@ def test_lora_plus_gives_b_a_larger_step(tiny):
     np.testing.assert_allclose(q["a"], -1e-3, rtol=1e-4)
     np.testing.assert_allclose(q["m"], -1e-3, rtol=1e-4)
     np.testing.assert_allclose(q["b"], -16e-3, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def lm_task():
+    """A tiny train_lm task (the quickstart's model and task format, batches of 8) with its config."""
+    import dataclasses
+
+    from configs import quickstart
+    from experiments import train_lm
+
+    config = quickstart.get_config()
+    config.unlock()
+    config.train.update(steps=4, batch_size=8, log_every=1, checkpoint_every=4, eval_every=0, stop_when="")
+    config.train.update(progress=False, async_checkpoint=False)
+    model_cfg, task = train_lm.make_task(config)
+    return config, model_cfg, dataclasses.replace(task, eval_fn=None)
+
+
+def test_adapter_task_trains_the_adapters_on_the_loop(lm_task, tmp_path):
+    """peft.adapter_task on loop.train equals a hand-written adapter loop step for step (same batches, LoRA+), keeps
+    the base out of the checkpoint, logs every step's loss, and a rerun restores instead of training."""
+    from framework.training import loop
+    from framework.training.metrics import read_metrics
+
+    config, model_cfg, task = lm_task
+    base = lm.init(model_cfg, jax.random.key(0))
+    adapted = peft.add_adapters(base, peft.LoraConfig(rank=2, alpha=4.0), jax.random.key(1), model_cfg=model_cfg)
+    schedule = optax.linear_schedule(0.0, 1e-2, 2)
+    tx = peft.lora_plus(schedule, 16.0)
+    devices = jax.devices()[:1]  # the reference below runs on one device too
+    state = loop.train(config, str(tmp_path), peft.adapter_task(task, adapted, optimizer=tx, lr_schedule=schedule),
+                       devices=devices)  # fmt: skip
+
+    ad = peft.adapter_params(adapted)
+    opt_state, losses = tx.init(ad), []
+
+    @jax.jit
+    def step(ad, opt_state, batch):
+        grad_fn = jax.value_and_grad(lambda a: task.loss_fn(peft.set_adapters(adapted, a), batch), has_aux=True)
+        (loss, _), g = grad_fn(ad)
+        upd, opt_state = tx.update(g, opt_state, ad)
+        return optax.apply_updates(ad, upd), opt_state, loss
+
+    for _, batch in zip(range(4), task.batches(0)):
+        ad, opt_state, loss = step(ad, opt_state, batch)
+        losses.append(float(loss))
+    # Equal up to float rounding: the loop's finiteness guard on the update changes how XLA fuses it (last bits).
+    assert jax.tree.structure(state.params) == jax.tree.structure(ad)
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(ad)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=TOL, atol=TOL)
+    assert float(jnp.max(jnp.abs(state.params["layers"]["mlp"]["up_proj"]["kernel"]["b"]))) > 0  # B left zero
+    records = read_metrics(str(tmp_path))
+    np.testing.assert_allclose([r["train/loss"] for r in records], losses, rtol=TOL)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["train/lr"] == pytest.approx(1e-2)
+    # The checkpoint holds the adapters and their optimiser state, not the base: rerunning restores it.
+    again = loop.train(config, str(tmp_path), peft.adapter_task(task, adapted, optimizer=tx, lr_schedule=schedule),
+                       devices=devices)  # fmt: skip
+    assert int(again.step) == 4 and read_metrics(str(tmp_path)) == records
+    for x, y in zip(jax.tree.leaves(again.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert peft.count_params(again.params) == peft.count_params(ad) < 0.2 * peft.count_params(base)
+
+
+def test_adapter_task_refuses_a_task_with_frozen_inputs(lm_task):
+    import dataclasses
+
+    _, model_cfg, task = lm_task
+    adapted = peft.add_adapters(lm.init(model_cfg, jax.random.key(0)), VARIANTS["lora"], jax.random.key(1),
+                                model_cfg=model_cfg)  # fmt: skip
+    with pytest.raises(ValueError, match="already has frozen inputs"):
+        peft.adapter_task(dataclasses.replace(task, frozen={"x": jnp.zeros(2)}), adapted)

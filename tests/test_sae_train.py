@@ -1,12 +1,16 @@
-"""SAE training infrastructure: exact resume from orbax checkpoints, NaN stops, sharding by config.mesh rules,
-command-line overrides of every documented config key."""
+"""SAE training infrastructure, shared with the training loop: exact resume from orbax checkpoints (metrics.jsonl
+included), non-finite updates stopped or skipped, sharding by config.mesh rules, command-line overrides of every
+documented config key."""
+
+import json
 
 import numpy as np
 import pytest
 
 from framework import sae, sharding
-from framework.sae import train
+from framework.sae import source, train
 from framework.training.checkpoint import Checkpointer
+from framework.training.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +27,8 @@ class _Interrupt(Exception):
 
 
 def _stop_after(monkeypatch, n_chunks, poison=False):
-    """_Source.chunk raises after n_chunks calls (a kill), or returns NaN activations instead (poison)."""
-    real, calls = train._Source.chunk, []
+    """Source.chunk raises after n_chunks calls (a kill), or returns NaN activations instead (poison)."""
+    real, calls = source.Source.chunk, []
 
     def chunk(self, s):
         calls.append(s)
@@ -35,38 +39,68 @@ def _stop_after(monkeypatch, n_chunks, poison=False):
             xs = xs * np.nan
         return xs, ys
 
-    monkeypatch.setattr(train._Source, "chunk", chunk)
+    monkeypatch.setattr(source.Source, "chunk", chunk)
 
 
 def test_resume_equals_uninterrupted(x, tmp_path, monkeypatch):
     cfg = _cfg(dead_window=256)  # AuxK active, so since_fired matters for the result
-    p_ref, m_ref = sae.fit(x, cfg, steps=40, batch_size=64, seed=0)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    p_ref, m_ref = sae.fit(x, cfg, steps=40, batch_size=64, seed=0, metrics_dir=str(ref_dir))
+    kw = dict(steps=40, batch_size=64, seed=0, checkpoint_dir=str(run_dir / "ckpt"), checkpoint_every=20)
     with monkeypatch.context() as m:
         _stop_after(m, 3)  # chunks 1-2 done, checkpoint at step 20, killed during chunk 3
         with pytest.raises(_Interrupt):
-            sae.fit(x, cfg, steps=40, batch_size=64, seed=0, checkpoint_dir=str(tmp_path), checkpoint_every=20)
-    assert Checkpointer(str(tmp_path)).all_steps() == [20]
-    p, m = sae.fit(x, cfg, steps=40, batch_size=64, seed=0, checkpoint_dir=str(tmp_path), checkpoint_every=20)
+            sae.fit(x, cfg, metrics_dir=str(run_dir), **kw)
+    assert Checkpointer(str(run_dir / "ckpt")).all_steps() == [20]
+    assert [r["step"] for r in read_metrics(str(run_dir))] == [10, 20]
+    with open(run_dir / "metrics.jsonl", "a") as f:  # what a kill after logging past the checkpoint leaves
+        f.write(json.dumps({"step": 30, "train/loss": 123.0}) + '\n{"step": 4')
+    p, m = sae.fit(x, cfg, metrics_dir=str(run_dir), **kw)
     assert m["resumed_from"] == 20
     for k in p_ref:
         np.testing.assert_array_equal(np.asarray(p[k]), np.asarray(p_ref[k]), err_msg=k)
     assert [h["step"] for h in m["history"]] == [10, 20, 30, 40]
     assert m["history"] == m_ref["history"]
+    # metrics.jsonl: one train/ record per log window, the stale ones dropped, equal to the uninterrupted run's.
+    records = read_metrics(str(run_dir))
+    assert records == read_metrics(str(ref_dir)) and [r["step"] for r in records] == [10, 20, 30, 40]
+    assert {"train/loss", "train/fvu", "train/l0", "train/grad_norm", "train/lr", "train/nonfinite_steps"} <= set(
+        records[-1]
+    )
+    assert records[-1]["train/loss"] == pytest.approx(m_ref["history"][-1]["loss"])
+    assert (run_dir / "tensorboard").is_dir()
     # A finished run resumes at its last step and trains nothing; a different run refuses the directory.
-    p2, m2 = sae.fit(x, cfg, steps=40, batch_size=64, seed=0, checkpoint_dir=str(tmp_path), checkpoint_every=20)
-    assert m2["resumed_from"] == 40
+    p2, m2 = sae.fit(x, cfg, metrics_dir=str(run_dir), **kw)
+    assert m2["resumed_from"] == 40 and read_metrics(str(run_dir)) == records
     np.testing.assert_array_equal(np.asarray(p2["W_dec"]), np.asarray(p_ref["W_dec"]))
     with pytest.raises(ValueError, match="different SAE run"):
-        sae.fit(x, cfg, steps=40, batch_size=64, seed=1, checkpoint_dir=str(tmp_path), checkpoint_every=20)
+        sae.fit(x, cfg, **dict(kw, seed=1))
 
 
 def test_nan_stops_without_checkpointing_it(x, tmp_path, monkeypatch):
     cfg = _cfg()
     _stop_after(monkeypatch, 2, poison=True)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 20"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradients at step 20; the update was not app"):
         sae.fit(x, cfg, steps=60, batch_size=64, seed=0, checkpoint_dir=str(tmp_path), checkpoint_every=20)
     ckpt = Checkpointer(str(tmp_path))
     assert ckpt.all_steps() == [20]  # the good checkpoint stays the newest
+
+
+def test_nonfinite_skip_drops_the_updates_and_counts_them(x, tmp_path, monkeypatch):
+    cfg = _cfg(lr_decay="none")  # a constant LR: the first 20 steps do not depend on the run's length
+    p_20, _ = sae.fit(x, cfg, steps=20, batch_size=64, seed=0)
+    _stop_after(monkeypatch, 2, poison=True)  # steps 20..39 see NaN activations
+    p, m = sae.fit(x, cfg, steps=40, batch_size=64, seed=0, nonfinite="skip", metrics_dir=str(tmp_path))
+    assert m["nonfinite_steps"] == 20
+    assert [h["nonfinite_steps"] for h in m["history"]] == [0, 0, 10, 20]
+    assert [r["train/nonfinite_steps"] for r in read_metrics(str(tmp_path))] == [0, 0, 10, 20]
+    for k in p_20:  # every update of steps 20..39 was dropped whole
+        np.testing.assert_array_equal(np.asarray(p[k]), np.asarray(p_20[k]), err_msg=k)
+
+
+def test_nonfinite_policy_checked(x):
+    with pytest.raises(ValueError, match=r"nonfinite = 'ignore'; expected one of \('stop', 'skip'\)"):
+        sae.fit(x, _cfg(), steps=10, batch_size=64, nonfinite="ignore")
 
 
 def test_checkpoint_every_checked(x, tmp_path):

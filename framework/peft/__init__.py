@@ -1,4 +1,5 @@
-"""The LoRA family (LoRA, rsLoRA, DoRA, PiSSA, QLoRA, LoRA+) as weight pytrees lm.Linear runs directly."""
+"""The LoRA family (LoRA, rsLoRA, DoRA, PiSSA, QLoRA, LoRA+) as weight pytrees lm.Linear runs directly, trained on
+the one training loop with `adapter_task`."""
 
 from framework.peft.checkpoint import load_adapters, save_adapters
 from framework.peft.lora import (
@@ -12,12 +13,14 @@ from framework.peft.lora import (
     unmerge,
 )
 from framework.peft.optim import adapter_labels, lora_plus
+from framework.peft.train import adapter_task
 
 __all__ = [
     "LoraConfig",
     "LoraWeight",
     "adapter_labels",
     "adapter_params",
+    "adapter_task",
     "add_adapters",
     "count_params",
     "load_adapters",

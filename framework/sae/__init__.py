@@ -5,7 +5,8 @@
   latents = framework.sae.encode(sae_params, sae_cfg, x); x_hat = framework.sae.decode(sae_params, sae_cfg, latents)
   framework.sae.decoder_directions(sae_params, sae_cfg)  # [n_latents, d_in] unit rows
 
-Modules: defaults (configs; imports only ml_collections), model (architectures and losses), train (`fit`),
+Modules: defaults (configs; imports only ml_collections), model (architectures and losses), train (`fit`, with the
+training loop's checkpoints, finiteness policy, metrics writer and resume), source (training data in chunks),
 metrics, store (activation harvest to memory-mapped files + shuffling buffer), report (feature report HTML).
 Attributes load lazily, so `from framework.sae import defaults` (as configs do) does not import jax.
 """
@@ -26,7 +27,7 @@ _LAZY = {
     "harvest": ("framework.sae.store", "harvest"),
     "write_report": ("framework.sae.report", "write_report"),
 }
-_SUBMODULES = ("model", "train", "metrics", "store", "report")
+_SUBMODULES = ("model", "train", "source", "metrics", "store", "report")
 
 __all__ = ["ARCHS", "default_config", *_LAZY, *_SUBMODULES]
 

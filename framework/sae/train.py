@@ -1,10 +1,20 @@
 """Training SAEs and transcoders: `fit(activations, sae_cfg, *, steps, batch_size, seed) -> (sae_params, metrics)`.
 
-Several training steps run in one compiled call (`lax.scan` over `sae.steps_per_call` batches); for an in-memory
-array the batches are gathered on device from seeded index permutations, for an `ActivationStore` they come from
-its shuffling buffer. With `normalize_inputs`, inputs (and targets) are scaled to mean squared norm d_in during
-training and the scale is folded back into the weights at the end, so the returned parameters work on raw
-activations (the scales are reported in `metrics["norm_scale_in"|"norm_scale_out"]`).
+Glossary: S steps per compiled call, B batch rows, D input width, O output width, L latents.
+
+Several training steps run in one compiled call (`lax.scan` over `sae.steps_per_call` batches: the SAE's speed);
+around the scan, the bookkeeping is the training loop's (`framework.training.loop`):
+- the same orbax `Checkpointer` (whole training state, verified restore, fallback to the previous good checkpoint);
+- the same finiteness policy: an update whose loss or gradients are not finite is never applied;
+  `nonfinite="stop"` (default) raises naming the first such step before any checkpoint holds it, `"skip"` counts
+  such steps (`nonfinite_steps`) and goes on;
+- the same `MetricsWriter`: with `metrics_dir`, one `train/` record per `sae.log_every` steps in metrics.jsonl and
+  TensorBoard, written as training goes;
+- the same resume: the newest verified checkpoint, the metric records past it dropped, and the step is the data
+  position, so a resumed run ends with the parameters and history of an uninterrupted one.
+With `normalize_inputs`, inputs (and targets) are scaled to mean squared norm d_in during training and the scale is
+folded back into the weights at the end, so the returned parameters work on raw activations (the scales are
+reported in `metrics["norm_scale_in"|"norm_scale_out"]`).
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax.struct
 import jax
@@ -25,32 +35,20 @@ import optax
 from framework import sharding
 from framework.sae import defaults, model
 from framework.sae import metrics as metrics_lib
+from framework.sae.source import Source, check_finite, iterate_chunks, norm_scale
+from framework.training import loop
 from framework.training.checkpoint import Checkpointer
+from framework.training.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
 
-_NORM_SAMPLE = 8192  # rows used for the input-norm scale and the b_dec initialisation
+__all__ = ["SAEState", "check_finite", "fit", "fold_scales", "iterate_chunks", "lr_schedule", "state_shardings"]
 
+NONFINITE = ("stop", "skip")
+_ADVICE = "Lower sae.lr, set sae.grad_clip or check the activations; or pass nonfinite='skip' to skip such updates."
 
-def check_finite(x: np.ndarray, what: str) -> None:
-    """ValueError naming the first NaN/Inf entry (row, column) of `x`."""
-    bad = ~np.isfinite(x)
-    if bad.any():
-        r, c = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{what} contain a non-finite value ({x[r, c]}) at row {r}, column {c}; expected finite floats"
-        )
-
-
-def _check_array(x, width: int, key: str, what: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D [N, D] array, got shape {x.shape}")
-    if x.shape[1] != width:
-        raise ValueError(f"{what} have width {x.shape[1]} but sae.{key} = {width}; expected [N, {width}]")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{what} must be floating point, got dtype {x.dtype}")
-    return x
+# optax >= 0.2.5 spells it optax.tree.norm (global_norm is deprecated there).
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
 def lr_schedule(cfg, steps: int) -> optax.Schedule:
@@ -72,9 +70,9 @@ def lr_schedule(cfg, steps: int) -> optax.Schedule:
     return optax.join_schedules(parts, bounds) if bounds else parts[0]
 
 
-def _optimizer(cfg, steps: int) -> optax.GradientTransformation:
+def _optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
     chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
-    chain.append(optax.adam(lr_schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2))
+    chain.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2))
     return optax.chain(*chain)
 
 
@@ -89,7 +87,8 @@ class SAEState:
     """Everything a resumed SAE run needs besides the config; the data position is `step` (what a checkpoint holds).
 
     `params` are the trained parameters (in the normalised training space), `buffers` those set without gradient
-    (BatchTopK's threshold), `since_fired` the training tokens since each latent last fired.
+    (BatchTopK's threshold), `since_fired` the training tokens since each latent last fired; `nonfinite_steps` and
+    `first_nonfinite` count the updates dropped for a non-finite loss or gradient, as the loop's `TrainState` does.
     """
 
     step: jax.Array  # int32 scalar
@@ -97,20 +96,16 @@ class SAEState:
     buffers: dict
     opt_state: Any
     since_fired: jax.Array  # int32 [L]
+    nonfinite_steps: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+    first_nonfinite: jax.Array = flax.struct.field(default_factory=lambda: jnp.full((), -1, jnp.int32))
 
 
-def _make_chunk_fn(cfg, tx, steps: int):
+def _make_chunk_fn(cfg, tx, schedule):
     """(state, x_SBD, y_SBO, scales) -> (state, per-step records): S training steps in one lax.scan."""
 
     def one_step(state: SAEState, batch):
         x, y = batch
-        trainable, buffers, opt_state, since_fired, step_i = (
-            state.params,
-            state.buffers,
-            state.opt_state,
-            state.since_fired,
-            state.step,
-        )
+        buffers, since_fired, step_i = state.buffers, state.since_fired, state.step
         sparsity_scale = (
             jnp.minimum(1.0, (step_i + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
         )
@@ -119,19 +114,39 @@ def _make_chunk_fn(cfg, tx, steps: int):
         def loss_fn(tr):
             return model.losses({**tr, **buffers}, cfg, x, y, sparsity_scale, dead)
 
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        if cfg.normalize_decoder:
-            W = trainable["W_dec"]
-            trainable = dict(trainable, W_dec=W / jnp.maximum(jnp.linalg.norm(W, axis=1, keepdims=True), 1e-12))
-        fired = parts["fired"]
-        since_fired = jnp.where(fired, 0, since_fired + x.shape[0])
-        if "batch_threshold" in parts:
-            m = cfg.threshold_momentum
-            old = buffers["threshold"]
-            new = jnp.where(step_i == 0, parts["batch_threshold"], m * old + (1 - m) * parts["batch_threshold"])
-            buffers = dict(buffers, threshold=new)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = _global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            if cfg.normalize_decoder:
+                W = params["W_dec"]
+                params = dict(params, W_dec=W / jnp.maximum(jnp.linalg.norm(W, axis=1, keepdims=True), 1e-12))
+            fired = jnp.where(parts["fired"], 0, since_fired + x.shape[0])
+            new_buffers = buffers
+            if "batch_threshold" in parts:
+                m, old = cfg.threshold_momentum, buffers["threshold"]
+                t = jnp.where(step_i == 0, parts["batch_threshold"], m * old + (1 - m) * parts["batch_threshold"])
+                new_buffers = dict(buffers, threshold=t)
+            return params, new_buffers, opt_state, fired
+
+        def skip(_):
+            return state.params, buffers, state.opt_state, since_fired
+
+        # A non-finite update is dropped whole (params, moments, buffers, firing counters), as in the loop. A cond
+        # rather than the loop's jnp.where: XLA:CPU then fuses the update as without the guard, bit for bit.
+        params, buffers, opt_state, since_fired = jax.lax.cond(finite, apply, skip, None)
+        new = SAEState(
+            step=step_i + 1,
+            params=params,
+            buffers=buffers,
+            opt_state=opt_state,
+            since_fired=since_fired,
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite=jnp.where(~finite & (state.first_nonfinite < 0), step_i, state.first_nonfinite),
+        )
         record = {
             "loss": loss,
             "mse": parts["mse"],
@@ -139,9 +154,11 @@ def _make_chunk_fn(cfg, tx, steps: int):
             "aux_loss": parts["aux_loss"],
             "l0": parts["l0"],
             "fvu": 1.0 - metrics_lib.explained_variance(y, parts["y_hat"]),
-            "dead_fraction": jnp.mean((since_fired >= cfg.dead_window).astype(jnp.float32)),
+            "dead_fraction": jnp.mean((new.since_fired >= cfg.dead_window).astype(jnp.float32)),
+            "grad_norm": grad_norm,
+            "lr": schedule(step_i),
+            "nonfinite": (~finite).astype(jnp.int32),
         }
-        new = SAEState(step=step_i + 1, params=trainable, buffers=buffers, opt_state=opt_state, since_fired=since_fired)
         return new, record
 
     def chunk(state, x_SBD, y_SBO, scale_in, scale_out):
@@ -151,12 +168,6 @@ def _make_chunk_fn(cfg, tx, steps: int):
         return jax.lax.scan(one_step, state, (x_SBD, y_SBO))
 
     return chunk
-
-
-def _norm_scale(sample: np.ndarray) -> float:
-    """s with mean ||s x||^2 = width over the sample."""
-    ms = float(np.mean(np.sum(np.asarray(sample, np.float64) ** 2, axis=1)))
-    return math.sqrt(sample.shape[1] / ms) if ms > 0 else 1.0
 
 
 def fold_scales(params: dict, cfg, scale_in: float, scale_out: float) -> dict:
@@ -171,104 +182,6 @@ def fold_scales(params: dict, cfg, scale_in: float, scale_out: float) -> dict:
     return p
 
 
-class _Source:
-    """Uniform access to training data: host sample for init, and chunks of S batches."""
-
-    def __init__(self, activations, cfg, batch_size: int, seed: int):
-        from framework.sae.store import ActivationStore  # a store is optional; arrays need nothing of it
-
-        self.cfg = cfg
-        self.store = None
-        if isinstance(activations, ActivationStore):
-            self.store = activations
-            self.in_name, self.out_name = activations.resolve(cfg)
-            self.n = activations.num_tokens
-            widths = activations.widths
-            for name, key, width in ((self.in_name, "d_in", cfg.d_in), (self.out_name, "d_out", defaults.d_out(cfg))):
-                if widths[name] != width:
-                    raise ValueError(
-                        f"store hookpoint {name!r} has width {widths[name]} but sae.{key} = {width}; expected equal"
-                    )
-            self._iter = activations.batches(
-                [self.in_name] if self.out_name == self.in_name else [self.in_name, self.out_name],
-                batch_size=batch_size,
-                seed=seed,
-            )
-            first = np.asarray(activations.array(self.in_name)[: min(self.n, _NORM_SAMPLE)])
-            check_finite(first, f"store activations at {self.in_name!r}")
-            self.sample_in = first
-            self.sample_out = np.asarray(activations.array(self.out_name)[: min(self.n, _NORM_SAMPLE)])
-        else:
-            if isinstance(activations, (tuple, list)):
-                if len(activations) != 2:
-                    raise ValueError(f"transcoder activations must be a pair (x_in, y_out), got {len(activations)}")
-                x, y = activations
-            else:
-                x, y = activations, None
-                if defaults.is_transcoder(cfg):
-                    raise ValueError("a transcoder config (d_out/out_hookpoint set) needs activations=(x_in, y_out)")
-            x = _check_array(x, cfg.d_in, "d_in", "activations")
-            y = x if y is None else _check_array(y, defaults.d_out(cfg), "d_out", "target activations")
-            if len(y) != len(x):
-                raise ValueError(f"x_in has {len(x)} rows but y_out has {len(y)}; expected equal")
-            check_finite(x, "activations")
-            if y is not x:
-                check_finite(y, "target activations")
-            self.n = len(x)
-            if self.n < batch_size:
-                raise ValueError(f"batch_size = {batch_size} exceeds the {self.n} activation rows")
-            self.x = jnp.asarray(x, jnp.float32)
-            self.y = self.x if y is x else jnp.asarray(y, jnp.float32)
-            rng = np.random.default_rng(seed)
-            sample = rng.choice(self.n, size=min(self.n, _NORM_SAMPLE), replace=False)
-            self.sample_in = np.asarray(x[np.sort(sample)], np.float32)
-            self.sample_out = self.sample_in if y is x else np.asarray(y[np.sort(sample)], np.float32)
-            self._rng = rng
-            self._perm, self._pos = rng.permutation(self.n), 0
-        self.batch_size = batch_size
-
-    def chunk(self, s: int):
-        """(x_SBD, y_SBO) device arrays for the next s steps."""
-        if self.store is None:
-            idx = self._indices_fast(s)
-            return _gather(self.x, idx), (None if self.y is self.x else _gather(self.y, idx))
-        xs, ys = [], []
-        for _ in range(s):
-            b = next(self._iter)
-            xs.append(b[self.in_name])
-            ys.append(b[self.out_name])
-        x = jnp.asarray(np.stack(xs), jnp.float32)
-        return x, (None if self.out_name == self.in_name else jnp.asarray(np.stack(ys), jnp.float32))
-
-    def skip(self, steps: int) -> None:
-        """Advances the stream past `steps` batches (resume: the data position is the step count)."""
-        if self.store is None:
-            for _ in range(steps // 1000):
-                self._indices_fast(1000)
-            if steps % 1000:
-                self._indices_fast(steps % 1000)
-        else:
-            for _ in range(steps):
-                next(self._iter)
-
-    def _indices_fast(self, s: int) -> np.ndarray:
-        need = s * self.batch_size
-        parts = []
-        while need:
-            take = min(need, self.n - self._pos)
-            parts.append(self._perm[self._pos : self._pos + take])
-            self._pos += take
-            need -= take
-            if self._pos == self.n:
-                self._perm, self._pos = self._rng.permutation(self.n), 0
-        return np.concatenate(parts).astype(np.int32).reshape(s, self.batch_size)
-
-
-@jax.jit
-def _gather(x, idx):
-    return x[idx]
-
-
 def fit(
     activations: Any,
     sae_cfg,
@@ -281,6 +194,8 @@ def fit(
     eval_activations: Any = None,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 0,
+    metrics_dir: str | None = None,
+    nonfinite: str = "stop",
     progress: bool = False,
 ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """Trains an SAE (or transcoder) on `activations` and returns (sae_params, metrics).
@@ -291,21 +206,24 @@ def fit(
     `framework.sharding`, default DEFAULT_RULES): the batch is split along the `batch` rule's mesh axes and the
     latents along the `latents` rule's (`tensor`). `checkpoint_dir`: orbax checkpoints of the whole training state
     every `checkpoint_every` steps (a multiple of sae.steps_per_call and sae.log_every) and at the end; a rerun with
-    the same directory resumes from the newest verified one and ends with the parameters of an uninterrupted run. A
-    non-finite loss stops training with FloatingPointError before any checkpoint holds it. `metrics` holds
-    "history" (one record per sae_cfg.log_every steps), "final" (metrics of `framework.sae.metrics` on
-    `eval_activations`, default a sample of the training rows), "tokens_per_s" (training throughput after the
-    first, compiling call) and the input-normalisation scales.
+    the same directory resumes from the newest verified one and ends with the parameters of an uninterrupted run.
+    `metrics_dir`: metrics.jsonl and tensorboard/ there, one `train/` record per sae.log_every steps (records past a
+    resumed step are dropped first). `nonfinite`: "stop" raises FloatingPointError at a non-finite loss or gradient
+    (never applied, never checkpointed), "skip" drops such updates and counts them. `metrics` holds "history" (one
+    record per sae_cfg.log_every steps), "final" (metrics of `framework.sae.metrics` on `eval_activations`, default
+    a sample of the training rows), "tokens_per_s" (training throughput after the first, compiling call),
+    "nonfinite_steps" and the input-normalisation scales.
     """
     cfg = sae_cfg
     rules = sharding.DEFAULT_RULES if rules is None else rules
-    _check_fit_args(cfg, steps, batch_size, mesh, rules, checkpoint_dir, checkpoint_every)
-    src = _Source(activations, cfg, batch_size, seed)
+    _check_fit_args(cfg, steps, batch_size, mesh, rules, checkpoint_dir, checkpoint_every, nonfinite)
+    src = Source(activations, cfg, batch_size, seed)
     scale_in, scale_out = src.scales = _scales(cfg, src)
     src.mesh, src.rules = mesh, rules  # what _train_loop reads off the source besides its batches
-    tx = _optimizer(cfg, steps)
+    schedule = lr_schedule(cfg, steps)
+    tx = _optimizer(cfg, schedule)
     state = _init_state(cfg, src, tx, seed, scale_out, mesh, rules)
-    chunk_fn = jax.jit(_make_chunk_fn(cfg, tx, steps), donate_argnums=0)
+    chunk_fn = jax.jit(_make_chunk_fn(cfg, tx, schedule), donate_argnums=0)
 
     ckpt, history, start, digest = None, [], 0, None
     if checkpoint_dir is not None:
@@ -321,13 +239,21 @@ def fit(
             start = int(state.step)
             src.skip(start)
             log.info("resumed SAE training from step %d in %s", start, checkpoint_dir)
+    writer = None
+    if metrics_dir is not None:
+        # Records past the restored step (or all of them, starting over) belong to a run that did not finish.
+        loop.truncate_metrics(metrics_dir, start if start else -1)
+        writer = MetricsWriter(metrics_dir)
 
+    recorder = _Recorder(history, start, steps, cfg.log_every, int(state.nonfinite_steps), nonfinite, writer)
     try:
         saver = None if ckpt is None else (ckpt, checkpoint_every, digest)
-        state, history, timing = _train_loop(chunk_fn, state, src, cfg, steps, start, history, saver, progress)
+        state, timing = _train_loop(chunk_fn, state, src, cfg, steps, start, recorder, saver, progress)
     finally:
         if ckpt is not None:
             ckpt.close()
+        if writer is not None:
+            writer.close()
 
     state = jax.device_get(state)
     sae_params = fold_scales({**state.params, **state.buffers}, cfg, scale_in, scale_out)
@@ -336,11 +262,12 @@ def fit(
     final["dead_fraction_train"] = float(np.mean(np.asarray(state.since_fired) >= cfg.dead_window))
     seconds, timed_tokens, t_first = timing
     out = {
-        "history": history,
+        "history": recorder.history,
         "final": final,
         "tokens_per_s": (timed_tokens / seconds) if seconds > 0 and timed_tokens else float("nan"),
         "timed_steps": steps - t_first if t_first is not None else 0,
         "resumed_from": start,
+        "nonfinite_steps": int(state.nonfinite_steps),
         "norm_scale_in": scale_in,
         "norm_scale_out": scale_out,
         "steps": steps,
@@ -349,12 +276,14 @@ def fit(
     return sae_params, out
 
 
-def _check_fit_args(cfg, steps, batch_size, mesh, rules, checkpoint_dir, checkpoint_every) -> None:
+def _check_fit_args(cfg, steps, batch_size, mesh, rules, checkpoint_dir, checkpoint_every, nonfinite) -> None:
     """fit's argument checks (before anything compiles)."""
     defaults.validate(cfg)
     for name, v in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise ValueError(f"{name} = {v!r}; expected a positive int")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite = {nonfinite!r}; expected one of {NONFINITE}")
     if checkpoint_dir is not None:
         per = math.lcm(cfg.steps_per_call, cfg.log_every)
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every <= 0:
@@ -374,9 +303,9 @@ def _check_fit_args(cfg, steps, batch_size, mesh, rules, checkpoint_dir, checkpo
 
 def _scales(cfg, src) -> tuple[float, float]:
     """(scale_in, scale_out): input normalisation to mean squared norm d_in (1.0 when off); an SAE has one scale."""
-    scale_in = _norm_scale(src.sample_in) if cfg.normalize_inputs else 1.0
+    scale_in = norm_scale(src.sample_in) if cfg.normalize_inputs else 1.0
     scale_out = (
-        scale_in if src.sample_out is src.sample_in else (_norm_scale(src.sample_out) if cfg.normalize_inputs else 1.0)
+        scale_in if src.sample_out is src.sample_in else (norm_scale(src.sample_out) if cfg.normalize_inputs else 1.0)
     )
     if not defaults.is_transcoder(cfg):
         scale_out = scale_in
@@ -414,16 +343,70 @@ def _restore(ckpt, state, digest: str, checkpoint_dir: str):
     return state, list(meta["history"])
 
 
-def _train_loop(chunk_fn, state, src, cfg, steps: int, start: int, history: list, saver, progress: bool):
-    """Runs chunks of sae.steps_per_call steps from `start` to `steps`; returns (state, history, timing).
+def _check_state(state: SAEState, policy: str) -> None:
+    """The loop's finiteness check: under "stop", FloatingPointError naming the first dropped update."""
+    first = int(state.first_nonfinite)
+    if first >= 0 and policy == "stop":
+        raise FloatingPointError(_nonfinite_message(first))
 
+
+def _nonfinite_message(step: int) -> str:
+    return (
+        f"non-finite loss or gradients at step {step}; the update was not applied and no checkpoint holds it. "
+        + _ADVICE
+    )
+
+
+class _Recorder:
+    """Per-step chunk records -> history windows of `log_every` steps: checks each chunk's finiteness, averages the
+    windows as they complete, keeps them (the checkpoint's history) and writes them to the metrics writer."""
+
+    def __init__(self, history, start: int, steps: int, log_every: int, nonfinite_base: int, policy: str, writer):
+        self.history, self.steps, self.log_every = list(history), steps, log_every
+        self.policy, self.writer = policy, writer
+        self.pending: dict[str, np.ndarray] = {}  # host records of steps [self.pending_start, self.end)
+        self.pending_start = self.end = start
+        self.nonfinite = nonfinite_base  # updates dropped before self.end
+
+    def add(self, rec) -> None:
+        """Takes the records of the next steps (a chunk's, still on device), checks them and emits full windows."""
+        host = {k: np.asarray(v) for k, v in jax.device_get(rec).items()}
+        flags = host.pop("nonfinite")
+        bad = np.flatnonzero(flags)
+        if bad.size and self.policy == "stop":
+            raise FloatingPointError(_nonfinite_message(self.end + int(bad[0])))
+        host["nonfinite_steps"] = self.nonfinite + np.cumsum(flags)
+        self.nonfinite = int(host["nonfinite_steps"][-1])
+        self.pending = {k: np.concatenate([self.pending[k], v]) if self.pending else v for k, v in host.items()}
+        self.end += len(flags)
+        bounds = [b for b in range(self.pending_start + 1, self.end + 1) if b % self.log_every == 0]
+        if self.end == self.steps and self.steps % self.log_every:
+            bounds.append(self.steps)
+        for b in bounds:
+            lo = (b - 1) // self.log_every * self.log_every
+            i, j = lo - self.pending_start, b - self.pending_start
+            record = {k: float(np.mean(v[i:j])) for k, v in self.pending.items() if k != "nonfinite_steps"}
+            record["nonfinite_steps"] = int(self.pending["nonfinite_steps"][j - 1])
+            self.history.append({"step": b, **record})
+            if self.writer is not None:
+                self.writer.write(b, record, prefix="train/")
+        if bounds:
+            cut = bounds[-1] - self.pending_start
+            self.pending = {k: v[cut:] for k, v in self.pending.items()}
+            self.pending_start = bounds[-1]
+
+
+def _train_loop(chunk_fn, state, src, cfg, steps: int, start: int, recorder: _Recorder, saver, progress: bool):
+    """Runs chunks of sae.steps_per_call steps from `start` to `steps`; returns (state, timing).
+
+    A chunk's records are checked and logged once the next chunk is queued, so the checks do not stall the device.
     timing = (seconds, timed_tokens, t_first): the clock starts after the first (compiling) chunk and leaves out a
     shorter last chunk's compile, so tokens / seconds is the training throughput. `saver`: None or (Checkpointer,
     checkpoint_every, run digest). src.scales are passed to the chunk, a scale of exactly 1 as None (skipped).
     """
     scale_args = tuple(None if v == 1.0 else v for v in src.scales)
     mesh, rules, batch_size = src.mesh, src.rules, src.batch_size
-    records, done = [], start
+    queued, done = None, start  # queued: the records of the last chunk, not yet checked
     t_first, t0, timed_tokens = None, None, 0
     while done < steps:
         s = min(cfg.steps_per_call, steps - done)
@@ -435,9 +418,9 @@ def _train_loop(chunk_fn, state, src, cfg, steps: int, start: int, history: list
             jax.block_until_ready(state)
             seconds_before = time.perf_counter() - t0
         state, rec = chunk_fn(state, x, y, *scale_args)
-        if records:  # the previous chunk has finished by now: checking it does not stall the pipeline
-            _check_losses(records[-1], done - len(records[-1]["loss"]))
-        records.append(rec)
+        if queued is not None:  # the previous chunk has finished by now: checking it does not stall the pipeline
+            recorder.add(queued)
+        queued = rec
         done += s
         if t0 is None:
             jax.block_until_ready(rec)
@@ -451,15 +434,16 @@ def _train_loop(chunk_fn, state, src, cfg, steps: int, start: int, history: list
         if progress:
             print(f"sae step {done}/{steps} loss {float(rec['loss'][-1]):.4f} l0 {float(rec['l0'][-1]):.1f}")
         if saver is not None and (done % saver[1] == 0 or done == steps):
-            _check_losses(rec, done - s)
-            upto = _history(_host(records), start, done, cfg.log_every, steps)
-            saver[0].save(state, meta={"run_digest": saver[2], "history": history + upto}, force=done == steps)
+            recorder.add(queued)
+            queued = None
+            _check_state(state, recorder.policy)
+            saver[0].save(state, meta={"run_digest": saver[2], "history": recorder.history}, force=done == steps)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0 if t0 is not None else 0.0
-    if records:
-        _check_losses(records[-1], done - len(records[-1]["loss"]))
-        history = history + _history(_host(records), start, steps, cfg.log_every, steps)
-    return state, history, (seconds, timed_tokens, t_first)
+    if queued is not None:
+        recorder.add(queued)
+    _check_state(state, recorder.policy)
+    return state, (seconds, timed_tokens, t_first)
 
 
 def _final_metrics(sae_params, cfg, src, eval_activations) -> dict:
@@ -471,32 +455,6 @@ def _final_metrics(sae_params, cfg, src, eval_activations) -> dict:
     else:
         ev_in = ev_out = eval_activations
     return metrics_lib.evaluate(sae_params, cfg, np.asarray(ev_in), np.asarray(ev_out))
-
-
-def _host(records) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([np.asarray(r[k]) for r in records]) for k in records[0]}
-
-
-def _history(recs: dict[str, np.ndarray], start: int, end: int, log_every: int, steps: int) -> list[dict]:
-    """History records (means over log_every steps) of the steps start..end-1; recs[k][i] is step start + i."""
-    out = []
-    bounds = [b for b in range(start + log_every, end + 1, log_every)]
-    if end == steps and steps % log_every:
-        bounds.append(steps)
-    for b in bounds:
-        lo = (b - 1) // log_every * log_every
-        out.append({"step": b, **{k: float(np.mean(v[lo - start : b - start])) for k, v in recs.items()}})
-    return out
-
-
-def _check_losses(rec, first_step: int) -> None:
-    loss = np.asarray(rec["loss"])
-    bad = np.flatnonzero(~np.isfinite(loss))
-    if bad.size:
-        raise FloatingPointError(
-            f"SAE training loss is {loss[bad[0]]} at step {first_step + int(bad[0])}; stopped before checkpointing "
-            "it (lower sae.lr, set sae.grad_clip, or check the activations)"
-        )
 
 
 def _run_digest(cfg, steps: int, batch_size: int, seed: int, n_rows: int) -> str:
@@ -541,9 +499,3 @@ def _shard_batch(x_SBD, mesh, rules):
     from jax.sharding import PartitionSpec as P
 
     return jax.device_put(x_SBD, NamedSharding(mesh, P(None, _batch_axes(rules), None)))
-
-
-def iterate_chunks(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    """Consecutive row blocks of `x` (for chunked evaluation of large arrays)."""
-    for i in range(0, len(x), size):
-        yield x[i : i + size]

@@ -89,6 +89,7 @@ __all__ = [
     "sharded_state",
     "task_optimizer",
     "train",
+    "truncate_metrics",
     "write_config",
 ]
 
@@ -208,7 +209,7 @@ def make_train_step(
     return lambda state, batch: step_fn(state, batch)
 
 
-def _truncate_metrics(workdir: str, step: int) -> None:
+def truncate_metrics(workdir: str, step: int) -> None:
     """Drops metric records past a restored step, so a resumed run's metrics.jsonl reads as one clean curve."""
     path = os.path.join(workdir, "metrics.jsonl")
     if jax.process_index() != 0 or not os.path.exists(path):
@@ -365,7 +366,7 @@ def _restore(ckpt: Checkpointer, abstract: TrainState, shardings: TrainState, me
     restored = ckpt.restore_latest(target)
     if restored is None:
         # No usable checkpoint: training starts over, so records a killed earlier attempt logged are stale.
-        _truncate_metrics(workdir, -1)
+        truncate_metrics(workdir, -1)
         return None, tc.steps
     state, saved = restored
     for key, what in (("config_digest", "a different config"), ("frozen_checksum", "other frozen inputs")):
@@ -373,7 +374,7 @@ def _restore(ckpt: Checkpointer, abstract: TrainState, shardings: TrainState, me
             log.warning(
                 "resuming from a checkpoint written under %s (%s %s, now %s)", what, key, saved.get(key), meta[key]
             )
-    _truncate_metrics(workdir, int(state.step))
+    truncate_metrics(workdir, int(state.step))
     log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     stopped = saved.get("stopped_early")
     if stopped and stopped.get("criterion") == tc.get("stop_when", ""):

@@ -4,24 +4,28 @@ state.
 
   python -m scripts.reproduce.lora --workdir=runs/lora_study          (the whole grid in one process)
 
-The committed study ran the grid as two niced processes (ranks 1 and 8) and joined them; README.md ("LoRA family")
-has the CPU time and the table:
+The committed study ran the grid as two niced processes (ranks 1 and 8) and joined them; docs/results/lora.md has
+the CPU time and the table:
   python -m scripts.reproduce.lora --workdir=runs/lora_study_a --ranks=1
   python -m scripts.reproduce.lora --workdir=runs/lora_study_b --ranks=8 --methods=lora,rslora,dora,pissa,qlora,lora+ \
       --nobase_eval
   python -m scripts.reproduce.lora --workdir=runs/lora_study --merge=runs/lora_study_a,runs/lora_study_b
 (settings and base results come from the first merged run, or, if it stopped early, from the flags and a fresh
 measurement of its base; a run stopped early contributes the rows of its results/lora_partial.json). Results in
-README.md and docs/figures/lora.{png,json}.
+docs/results/lora.md and docs/figures/lora.{png,json}.
 
 Setting: the base is the quickstart model (tiny, mod 10) trained for --base_steps on `+`/`-` chains with K = 1..4
 (<workdir>/base, reused if present) that has never seen `*`. Every method then trains for --steps on `+-*` chains
 with K = 1..4 (packed batches, AdamW, linear warm-up, constant LR) with the base frozen: LoRA (alpha = 2r, scale
 alpha/r), rsLoRA (alpha/sqrt r), DoRA, PiSSA init, QLoRA (NF4 + double-quantised base), LoRA+ (B's LR x16), and full
-fine-tuning as the reference. The metric that moves is the greedy accuracy of the `*` steps (the base gets 0.00: it
-has no multiplication table); exact match mixes it with the `+`/`-` steps the base already mostly solves. The other
-setting the issue allows ("longer chains": `--new_ops=+- --new_k=5,8`) was tried first and dropped: after 100-600
-adapter steps exact match on K = 5..8 stayed at 0 for every method.
+fine-tuning as the reference. Each run is a `Task` on the one training loop (`framework.training.loop`): the
+adapters are its params, the adapted base its frozen input, the study's AdamW (or `peft.lora_plus`) its optimizer.
+It trains in <workdir>/runs/<method>_r<rank>_lr<lr>_s<seed>_<steps>steps_<fingerprint of its config and the base>
+(metrics.jsonl with every step's loss, TensorBoard, the final checkpoint), so a rerun of a stopped study restores
+the runs that finished instead of training them again. The metric that moves is the greedy accuracy of the `*`
+steps (the base gets 0.00: it has no multiplication table); exact match mixes it with the `+`/`-` steps the base
+already mostly solves. The other setting the issue allows ("longer chains": `--new_ops=+- --new_k=5,8`) was tried
+first and dropped: after 100-600 adapter steps exact match on K = 5..8 stayed at 0 for every method.
 LRs: --lrs for every method (full fine-tuning: times --full_lr_scale), chosen per (method, rank) by the held-out loss
 of the sweep seeds; while the chosen LR is the smallest or largest swept, the grid is widened by a half-decade step
 on that side (at most --lr_extend times), so the kept LR is bracketed unless the table marks it "(edge)".
@@ -30,11 +34,15 @@ adapter init and the order of the training data; the base, the held-out loss bat
 shared). rsLoRA at rank 1 is LoRA at rank 1 (alpha/sqrt(1) = alpha/1; an earlier run gave bit-equal losses), so that
 row is copied rather than rerun. Greedy accuracies by K (exact match, step accuracy, `*`-step accuracy) are measured
 per seed on --problems_per_k held-out problems per K. Trainable-state memory = the bytes of the trainable arrays +
-the optimiser state (fp32 AdamW: two moments). Writes <workdir>/results/lora.json and <workdir>/figures/lora.png.
+the optimiser state (fp32 AdamW: two moments). A run whose loss or gradients turn non-finite stops there and
+counts as diverged (held-out loss NaN, never the chosen LR). Writes <workdir>/results/lora.json and
+<workdir>/figures/lora.png.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -49,8 +57,9 @@ from experiments import train_lm
 from framework import peft
 from framework.models import lm
 from framework.tasks import arithmetic, data, policy_eval
-from framework.training import loop
+from framework.training import checkpoint, loop
 from framework.training.loss import next_token_loss
+from framework.training.metrics import read_metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/lora_study", "Output directory.")
 _BASE_OPS = flags.DEFINE_string("base_ops", "+-", "Ops the base is trained on.")
@@ -139,28 +148,6 @@ def _nbytes(tree) -> int:
     return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
-def _train(trainable, to_params, tx, model_cfg, config):
-    """Trains `trainable` (adapters or full params) for --steps on `config`'s training stream.
-
-    Returns (trained, final train loss, CPU seconds of this process, bytes of trainable + optimiser state)."""
-    state = tx.init(trainable)
-    state_bytes = _nbytes(trainable) + _nbytes(state)
-
-    @jax.jit
-    def step(tr, st, batch):
-        (loss, _), g = jax.value_and_grad(lambda t: _loss(to_params(t), batch, model_cfg), has_aux=True)(tr)
-        upd, st = tx.update(g, st, tr)
-        return optax.apply_updates(tr, upd), st, loss
-
-    t0 = time.process_time()
-    batches = _batches(config, "train")
-    losses = []
-    for _ in range(_STEPS.value):
-        trainable, state, loss = step(trainable, state, next(batches))
-        losses.append(float(loss))
-    return trainable, float(np.mean(losses[-10:])), time.process_time() - t0, state_bytes
-
-
 def _eval_loss(params, model_cfg, eval_batches) -> float:
     f = jax.jit(lambda p, b: _loss(p, b, model_cfg)[1])
     sums = [jax.device_get(f(params, b)) for b in eval_batches]
@@ -173,6 +160,8 @@ def _accuracy(params, model_cfg, config, ks) -> dict[str, dict[int, float]]:
     from --base_ops), where the base has the most to learn."""
     new = sorted(set(_NEW_OPS.value) - set(_BASE_OPS.value))
     out = {"exact_match": {}, "step_accuracy": {}, "new_op_step_accuracy": {}}
+    if params is None:  # a run that diverged
+        return {m: {k: float("nan") for k in ks} for m in out}
     for k in ks:
         problems = policy_eval.eval_problems(config.seed, k, _PROBLEMS.value, **train_lm.knobs(config))
         texts = policy_eval.complete(params, model_cfg, problems)
@@ -184,22 +173,77 @@ def _accuracy(params, model_cfg, config, ks) -> dict[str, dict[int, float]]:
     return out
 
 
-def _schedule(lr):
-    return optax.linear_schedule(0.0, lr, min(20, _STEPS.value // 5))
+def _schedule(lr, steps):
+    return optax.linear_schedule(0.0, lr, min(20, steps // 5))
 
 
-def _run(method, rank, lr, seed, base, model_cfg, train_config, n_base):
-    """One adaptation run; returns (merged params, trainable params, train loss, CPU s, state bytes)."""
+def adaptation_task(method, rank, lr, seed, base, model_cfg, train_config):
+    """One adaptation run as a `loop.Task`: (task, finish, number of trainable params, bytes of trainable + optimiser
+    state). `finish(params)` turns the trained params into plain merged LM params.
+
+    Full fine-tuning trains the base itself; every other method trains only the adapters of the adapted base
+    (`peft.adapter_task`: the adapted base is the frozen input). `train_config.train.steps` sets the warm-up (20
+    steps, at most a fifth of the run); batches and loss are train_lm's for `train_config`, without its eval.
+    """
+    _, lm_task = train_lm.make_task(train_config)
+    lm_task = dataclasses.replace(lm_task, eval_fn=None)
+    schedule = _schedule(lr, train_config.train.steps)
     if method == "full":
-        tx = optax.adamw(_schedule(lr), weight_decay=0.0)
-        trained, train_loss, secs, nbytes = _train(base, lambda t: t, tx, model_cfg, train_config)
-        return trained, n_base, train_loss, secs, nbytes
+        tx = optax.adamw(schedule, weight_decay=0.0)
+        task = dataclasses.replace(lm_task, init_params=lambda rng: base, optimizer=tx, lr_schedule=schedule)
+        return task, lambda params: params, peft.count_params(base), _nbytes(base) + _nbytes(tx.init(base))
     lcfg = peft.LoraConfig(rank=rank, alpha=2.0 * rank, **VARIANTS[method])
     adapted = peft.add_adapters(base, lcfg, jax.random.key(seed), model_cfg=model_cfg)
     ad = peft.adapter_params(adapted)
-    tx = peft.lora_plus(_schedule(lr), 16.0) if method == "lora+" else optax.adamw(_schedule(lr), weight_decay=0.0)
-    ad, train_loss, secs, nbytes = _train(ad, lambda t: peft.set_adapters(adapted, t), tx, model_cfg, train_config)
-    return peft.merge(peft.set_adapters(adapted, ad)), peft.count_params(ad), train_loss, secs, nbytes
+    tx = peft.lora_plus(schedule, 16.0) if method == "lora+" else optax.adamw(schedule, weight_decay=0.0)
+    task = peft.adapter_task(lm_task, adapted, optimizer=tx, lr_schedule=schedule)
+    finish = lambda params: peft.merge(peft.set_adapters(adapted, params))  # noqa: E731
+    return task, finish, peft.count_params(ad), _nbytes(ad) + _nbytes(tx.init(ad))
+
+
+def run_config(train_config, lr, steps: int):
+    """`train_config` set up for one adaptation run on the loop: `steps` steps, every step's loss logged, one
+    checkpoint at the end, no evaluation or early stopping (the study evaluates the merged params itself)."""
+    config = train_config.copy_and_resolve_references()
+    config.unlock()
+    config.train.update(
+        steps=steps,
+        lr=lr,
+        log_every=1,
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        eval_every=0,
+        stop_when="",
+        progress=False,
+    )
+    return config
+
+
+def run_name(method, rank, lr, seed, config, base) -> str:
+    """The directory name of one adaptation run under <workdir>/runs: its settings, then a fingerprint of its config
+    (task, seed, LR) and of the base, so a rerun never restores a run made on another base or task."""
+    prints = [loop.config_digest(config), checkpoint.checksums(base)]
+    fingerprint = hashlib.sha256(json.dumps(prints).encode()).hexdigest()[:8]
+    r = f"_r{rank}" if rank else ""
+    return f"{method}{r}_lr{lr:.6g}_s{seed}_{config.train.steps}steps_{fingerprint}"
+
+
+def train_run(method, rank, lr, seed, base, model_cfg, train_config, runs_dir):
+    """Trains one adaptation run in its directory under `runs_dir` (restoring it if it finished there before).
+
+    Returns (merged params, trainable params, train loss = mean of the last 10 steps' losses, CPU seconds of this
+    process, bytes of trainable + optimiser state); a run that turns non-finite returns NaN losses."""
+    config = run_config(train_config, lr, _STEPS.value)
+    run_dir = os.path.join(runs_dir, run_name(method, rank, lr, seed, config, base))
+    task, finish, n_train, nbytes = adaptation_task(method, rank, lr, seed, base, model_cfg, config)
+    t0 = time.process_time()
+    try:
+        params = jax.device_get(loop.train(config, run_dir, task).params)
+    except FloatingPointError as e:  # diverged: no checkpoint holds the non-finite step
+        print(f"{method} r={rank} lr={lr:.0e} seed={seed}: {e}", flush=True)
+        return None, n_train, float("nan"), time.process_time() - t0, nbytes
+    losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+    return finish(params), n_train, float(np.mean(losses[-10:])), time.process_time() - t0, nbytes
 
 
 def _mean(xs) -> float:
@@ -318,10 +362,10 @@ def main(argv):
 
         def one(lr, seed):
             train_config = _task_config(_NEW_OPS.value, new_k, seed_offset=seed)
-            params, n_train, train_loss, secs, nbytes = _run(
-                method, rank, lr, seed, base, model_cfg, train_config, n_base
+            params, n_train, train_loss, secs, nbytes = train_run(
+                method, rank, lr, seed, base, model_cfg, train_config, os.path.join(workdir, "runs")
             )
-            ev = _eval_loss(params, model_cfg, eval_batches)
+            ev = float("nan") if params is None else _eval_loss(params, model_cfg, eval_batches)
             print(f"{method:6s} r={rank} lr={lr:.0e} seed={seed}: eval loss {ev:.4f} ({secs:.0f} CPU-s)", flush=True)
             return (
                 dict(seed=seed, eval_loss=ev, train_loss=train_loss, cpu_seconds=secs, params=params),
@@ -359,7 +403,7 @@ def main(argv):
         best = swept[best_x]
         for seed in seeds[_SWEEP_SEEDS.value :]:
             best["seeds"].append(one(best["lr"], seed)[0])
-        accs = [_accuracy(s["params"], model_cfg, new_config, ks) for s in best["seeds"]]
+        accs = [_accuracy(s["params"], model_cfg, new_config, ks) for s in best["seeds"]]  # None: diverged
         by_seed = {m: [_mean(list(a[m].values())) for a in accs] for m in accs[0]}
         em_seeds, step_seeds = by_seed["exact_match"], by_seed["step_accuracy"]
         row = dict(
