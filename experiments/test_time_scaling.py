@@ -9,7 +9,8 @@ problems, one pool of max(budgets) samples per problem gives majority / best-of-
 N by subsampling (search-and-learn's protocol), and beam search and DVTS are re-run per N up to `eval.search_max_n`,
 lookahead search up to `eval.lookahead_max_n` and sequential revision at each serial:parallel ratio up to
 `eval.revision_max_n`; (4) difficulty bins by oracle pass@1
-(the pool) and by the PRM's mean score, FLOPs (2 x params x tokens, policy and verifier apart), the judge's greedy
+(the pool) and by the PRM's mean score, FLOPs per problem (`lm.flops` on each model's config: every policy call's
+prefill and decode plus every verifier pass, attention included; `SearchResults.flops`), the judge's greedy
 accuracy as "scale the parameters instead", compute-optimal selection per bin chosen on a selection half and
 scored on the other half -- per N, and at equal FLOPs (every (strategy, N, M, serial:parallel split) that costs no
 more than best-of-N at N, against best-of-N at that N) -- and coverage pass@k with a fitted exp(a k^b).
@@ -427,8 +428,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     greedy = search.run("greedy", policy, None, problems, n=1)
     big = search.run("greedy", judge, None, problems, n=1)
     n_pol, n_ver, n_big = policy.num_params, prm.num_params, judge.num_params
-    per_gen = pool.tokens_generated.sum() / (len(problems) * n_max)  # mean tokens per sampled completion
-    per_scored = pool_tok_scored.sum() / (len(problems) * n_max)
+    # Pool strategies at N cost N times the pool's mean per-sample FLOPs (policy prefill + decode, PRM pass).
+    per_gen = float(pool.flops_per_problem(policy).mean()) / n_max
+    per_scored = float(np.mean(lm.flops(prm.cfg, pool_tok_scored, 0)))  # the search PRM scored every pool sample
 
     correct: dict[str, dict[int, np.ndarray]] = {}  # name -> N -> [P] fraction right over seeds
     run_seconds: dict[str, dict[int, float]] = {}  # name -> N -> wall seconds of the re-run-per-N searches (all seeds)
@@ -442,7 +444,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if name in e.strategies or name == "pass_at_n":
                 correct.setdefault(name, {})[n] = np.mean([x[name] for x in sub], axis=0)
                 scored = 0.0 if name in ("majority", "pass_at_n") else per_scored
-                flops.setdefault(name, {})[n] = 2.0 * n * (n_pol * per_gen + n_ver * scored)
+                flops.setdefault(name, {})[n] = n * (per_gen + scored)
     for n in (n for n in e.budgets if n <= max(e.search_max_n, e.lookahead_max_n)):
         for name, strategy, m, k in _search_configs(e):
             if n < m or n % m or n > (e.lookahead_max_n if k else e.search_max_n):
@@ -453,7 +455,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 for seed in e.seeds
             ]
             correct.setdefault(name, {})[n] = np.mean([r.correct(problems) for r in runs], axis=0)
-            flops.setdefault(name, {})[n] = float(np.mean([r.flops(n_pol, n_ver) for r in runs])) / len(problems)
+            flops.setdefault(name, {})[n] = float(np.mean([r.flops(policy, prm) for r in runs])) / len(problems)
             run_seconds.setdefault(name, {})[n] = time.perf_counter() - t0
             log.info("%s N=%d: acc %.3f (%.1f s)", name, n, _mean(correct[name][n]), run_seconds[name][n])
     lap("search")
@@ -482,7 +484,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     for seed in e.seeds
                 ]
                 correct.setdefault(name, {})[n] = np.mean([x.correct(problems) for x in runs], axis=0)
-                flops.setdefault(name, {})[n] = float(np.mean([x.flops(n_pol, n_ver) for x in runs])) / len(problems)
+                flops.setdefault(name, {})[n] = float(np.mean([x.flops(rev_policy, prm) for x in runs])) / len(problems)
                 run_seconds.setdefault(name, {})[n] = time.perf_counter() - t0
                 log.info("%s N=%d: acc %.3f (%.1f s)", name, n, _mean(correct[name][n]), run_seconds[name][n])
         lap("revision")
@@ -498,13 +500,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "budgets": list(e.budgets),
         "accuracy": curves,
         "flops_per_problem": flops,
-        "greedy": {"accuracy": greedy_acc, "flops_per_problem": 2.0 * n_pol * float(greedy.tokens_generated.mean())},
+        "greedy": {"accuracy": greedy_acc, "flops_per_problem": greedy.flops(policy) / len(problems)},
         "bigger_model_greedy": {
             "accuracy": big_acc,
             "params": n_big,
-            "flops_per_problem": 2.0 * n_big * float(big.tokens_generated.mean()),
+            "flops_per_problem": big.flops(judge) / len(problems),
         },
         "params": {"policy": n_pol, "verifier": n_ver, "judge": n_big},
+        "flops_convention": "lm.flops per model call: prefill + decode, attention included; policy + verifier",
         "accuracy_by_bin": by_bin,
         "bins": {k: v.tolist() for k, v in bins.items()},
         "oracle_pass1": pass1.tolist(),

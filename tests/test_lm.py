@@ -442,10 +442,10 @@ def test_search_flops_go_through_lm_flops(tiny_cfg):
     np.testing.assert_allclose(res.flops_per_problem(tiny_cfg, verifier_cfg), expected, rtol=1e-12)
     holder = type("Handle", (), {"cfg": tiny_cfg})()  # LMPolicy and Verifier carry their config as .cfg
     assert res.flops(holder) == res.flops(tiny_cfg.to_dict()) == float(res.flops_per_problem(tiny_cfg).sum())
-    # Parameter counts keep the size-only figure: 2·N per generated and per scored token.
-    assert res.flops(1000, 10) == 2 * (1000 * res.tokens_generated.sum() + 10 * res.tokens_scored.sum())
-    with pytest.raises(ValueError, match="policy must be a parameter count"):
-        res.flops("tiny")
+    # One convention: a bare parameter count (the old 2·N-per-token figure) or a name is no longer a cost model.
+    for bad in (1000, "tiny"):
+        with pytest.raises(ValueError, match="policy must be a model config"):
+            res.flops(bad)
 
 
 # ------------------------------------------------------------------------------------------------ numerics

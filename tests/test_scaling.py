@@ -118,6 +118,12 @@ def test_reproduction_runs_at_tiny_scale(tmp_path):
     flops = sc["flops_per_problem"]["weighted_best_of_n"]
     assert flops["1"] < flops["2"] < flops["4"]
     assert sc["flops_per_problem"]["lookahead"]["2"] > sc["flops_per_problem"]["beam"]["2"]  # rollouts cost
+    fl = sc["flops_per_problem"]
+    for n in ("1", "2", "4"):  # pool strategies: N samples at the pool's mean cost, PRM passes on top for (w)BoN
+        assert fl["majority"][n] == pytest.approx(int(n) * fl["majority"]["1"])
+        assert fl["weighted_best_of_n"][n] == pytest.approx(fl["best_of_n"][n])
+        assert fl["weighted_best_of_n"][n] > fl["majority"][n] == pytest.approx(fl["pass_at_n"][n])
+    assert 0 < sc["greedy"]["flops_per_problem"] and "lm.flops" in sc["flops_convention"]
     at_flops = json.loads((workdir / "results" / "compute_optimal_flops.json").read_text())
     for kind in ("oracle", "prm"):
         for n, row in at_flops[kind].items():

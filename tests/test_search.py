@@ -1,4 +1,7 @@
-"""Search strategies on a toy policy/verifier with a known optimum, batched vs per-problem equality, the LM policy."""
+"""Search strategies on a toy policy/verifier with a known optimum, batched vs per-problem equality, FLOPs, the LM
+policy."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -12,6 +15,9 @@ from framework.verifiers import labels
 
 PROBLEMS = arithmetic.sample_problems(5, 6, num_steps=(2, 5), modulus=100)
 ORACLE = toy.OracleScorer()
+# Configs to price the toy models' calls with (FLOPs depend on the config alone; nothing is compiled).
+COST_CFG = lm.LMConfig(vocab_size=24, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
+VERIFIER_COST_CFG = dataclasses.replace(COST_CFG, n_layers=1)
 CASES = [
     ("greedy", {}),
     ("majority", {}),
@@ -77,6 +83,10 @@ def test_batched_search_equals_per_problem_search(strategy, kw):
         assert alone.candidates[0] == batched.candidates[i]
         assert alone.tokens_generated[0] == batched.tokens_generated[i]
         assert alone.tokens_scored[0] == batched.tokens_scored[i]
+        # A problem's cost depends on its own calls only, not on the batch it was searched in.
+        assert alone.flops(COST_CFG, VERIFIER_COST_CFG) == pytest.approx(
+            batched.flops_per_problem(COST_CFG, VERIFIER_COST_CFG)[i], rel=1e-12
+        )
 
 
 def test_search_spends_more_with_more_beams_and_lookahead():
@@ -85,7 +95,54 @@ def test_search_spends_more_with_more_beams_and_lookahead():
     big = search.run("beam", policy, ORACLE, PROBLEMS, n=16, m=4, seed=0)
     look = search.run("beam", policy, ORACLE, PROBLEMS, n=16, m=4, lookahead=2, seed=0)
     assert small.tokens_generated.sum() < big.tokens_generated.sum() < look.tokens_generated.sum()
-    assert big.flops(1000, 10) == 2 * (1000 * big.tokens_generated.sum() + 10 * big.tokens_scored.sum())
+    assert small.flops(COST_CFG, VERIFIER_COST_CFG) < big.flops(COST_CFG, VERIFIER_COST_CFG)
+    assert big.flops(COST_CFG, VERIFIER_COST_CFG) < look.flops(COST_CFG, VERIFIER_COST_CFG)
+
+
+class _Recorder:
+    """Wraps a policy or scorer and logs every call's rows as (problem, prompt tokens, new tokens): the calls a
+    search makes, seen from the model's side."""
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, []
+
+    def extend(self, problems, prefixes, **kw):
+        out = self.inner.extend(problems, prefixes, **kw)
+        self.rows += list(zip(problems, out.prompt_tokens.tolist(), out.tokens.tolist()))
+        return out
+
+    def score(self, problems, completions):
+        out = self.inner.score(problems, completions)
+        self.rows += [(p, t, 0) for p, t in zip(problems, out.tokens.tolist())]
+        return out
+
+
+@pytest.mark.parametrize("how", ["beam_lookahead", "dvts", "revision"])
+def test_flops_price_every_model_call_with_lm_flops(how):
+    """`SearchResults.flops` = `lm.flops` of every row of every policy call (its prefill and new tokens) plus
+    every verifier pass (its tokens read), per problem: search and revision alike, with nothing left out."""
+    policy, scorer = _Recorder(toy.ToyPolicy(0.5, branching=3)), _Recorder(ORACLE)
+    if how == "revision":
+        res = revision.revise(policy, scorer, PROBLEMS, chains=2, revisions=4, seed=0)
+    else:
+        kw = dict(m=4, lookahead=1) if how == "beam_lookahead" else dict(m=2)
+        res = search.run(how.split("_")[0], policy, scorer, PROBLEMS, n=8, seed=0, **kw)
+    index = {id(p): i for i, p in enumerate(PROBLEMS)}
+    expected_policy, expected_verifier = np.zeros(len(PROBLEMS)), np.zeros(len(PROBLEMS))
+    for p, prompt, new in policy.rows:
+        expected_policy[index[id(p)]] += lm.flops(COST_CFG, prompt, new)
+    for p, tokens, _ in scorer.rows:
+        expected_verifier[index[id(p)]] += lm.flops(VERIFIER_COST_CFG, tokens, 0)
+    assert expected_policy.min() > 0 and expected_verifier.min() > 0
+    assert sum(prompt for _, prompt, _ in policy.rows) > 0  # prefills are priced, not only new tokens
+    np.testing.assert_allclose(res.flops_per_problem(COST_CFG), expected_policy, rtol=1e-12)
+    np.testing.assert_allclose(
+        res.flops_per_problem(COST_CFG, VERIFIER_COST_CFG), expected_policy + expected_verifier, rtol=1e-12
+    )
+    assert res.flops(COST_CFG, VERIFIER_COST_CFG) == pytest.approx(expected_policy.sum() + expected_verifier.sum())
+    for bad in (1000, None, "tiny"):  # one convention: a model config (or a handle with .cfg), never a bare size
+        with pytest.raises(ValueError, match="policy must be a model config"):
+            res.flops(bad)
 
 
 def test_run_rejects_bad_arguments():

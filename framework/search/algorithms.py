@@ -108,23 +108,19 @@ class SearchResults:
         """Inference FLOPs spent on each problem [P]: the policy's calls plus the verifier's passes.
 
         `policy` / `verifier`: the model's config (`LMConfig` or its mapping) or a handle holding it as `.cfg`
-        (`LMPolicy`, `Verifier`). Each policy row then costs `lm.flops(cfg, its prompt tokens, its new tokens)` and
-        each scored trace `lm.flops(cfg, its tokens, 0)` — Lumen's one convention: prefill and attention included,
-        every call priced on its own (a search re-reads a growing prefix at each depth). An int is a parameter count
-        N instead: 2·N per generated (policy) or scored (verifier) token, the matmul term alone and no prefill, for
-        callers that know only model sizes. `verifier=None` (or 0) counts no verifier.
+        (`LMPolicy`, `Verifier`); `verifier=None` counts no verifier. Each policy row costs
+        `lm.flops(cfg, its prompt tokens, its new tokens)` and each scored trace `lm.flops(cfg, its tokens, 0)`:
+        Lumen's one convention (`framework.models.cost`), prefill and attention included, every call priced on its
+        own (a search re-reads a growing prefix at each depth). A verifier's value head (D + 1 weights read once per
+        line) is left out, as the convention leaves out norms and the embedding gather.
         """
         out = np.zeros(len(self.answers), np.float64)
-        policy_cfg, verifier_cfg = _cost_model(policy, "policy"), _cost_model(verifier, "verifier")
-        if policy_cfg is None:
-            out += 2.0 * float(policy) * self.tokens_generated
-        else:
-            self._check_calls(self.policy_calls, self.tokens_generated, "policy_calls")
-            for pids, prompt, new in self.policy_calls:
-                np.add.at(out, pids, lm.flops(policy_cfg, prompt, new))
-        if verifier_cfg is None:
-            out += 2.0 * float(verifier or 0) * self.tokens_scored
-        else:
+        policy_cfg = _cost_model(policy, "policy")
+        self._check_calls(self.policy_calls, self.tokens_generated, "policy_calls")
+        for pids, prompt, new in self.policy_calls:
+            np.add.at(out, pids, lm.flops(policy_cfg, prompt, new))
+        if verifier is not None:
+            verifier_cfg = _cost_model(verifier, "verifier")
             self._check_calls(self.scorer_calls, self.tokens_scored, "scorer_calls")
             for pids, tokens in self.scorer_calls:
                 np.add.at(out, pids, lm.flops(verifier_cfg, tokens, 0))
@@ -133,21 +129,19 @@ class SearchResults:
     def _check_calls(self, calls, tokens: np.ndarray, name: str) -> None:
         if tokens.sum() and not calls:
             raise ValueError(
-                f"SearchResults.flops: these results spent {int(tokens.sum())} tokens but carry no {name} (built "
-                "outside search.run?); pass parameter counts, or record each call's rows in SearchResults." + name
+                f"SearchResults.flops: these results spent {int(tokens.sum())} tokens but carry no {name} (each "
+                f"model call's rows, which `search.run` and `revision.revise` record); fill SearchResults.{name}"
             )
 
 
-def _cost_model(model, name: str) -> lm.LMConfig | None:
-    """The LMConfig to price `model` with, or None when it is a parameter count."""
-    if model is None or (isinstance(model, (int, float, np.integer, np.floating)) and not isinstance(model, bool)):
-        return None
+def _cost_model(model, name: str) -> lm.LMConfig:
+    """The LMConfig to price `model` with: the model's config, or the `.cfg` of a handle holding one."""
     cfg = getattr(model, "cfg", model)
     try:
         return lm.LMConfig.from_config(cfg)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(
-            f"SearchResults.flops: {name} must be a parameter count, a model config or a handle with .cfg "
+            f"SearchResults.flops: {name} must be a model config (LMConfig or its mapping) or a handle with .cfg "
             f"(LMPolicy, Verifier); got {model!r} ({e})"
         ) from None
 
@@ -311,7 +305,7 @@ def run(
 
     Args:
       strategy: one of STRATEGIES. "greedy" ignores n; "majority" needs no scorer.
-      policy: has `extend(...)` and `num_params` (`framework.search.LMPolicy`, `framework.search.toy.ToyPolicy`).
+      policy: has `extend(...)` (`framework.search.LMPolicy`, `framework.search.toy.ToyPolicy`).
       scorer: has `score(problems, completions) -> Scores` (`framework.verifiers.Verifier`, a toy oracle), or None.
       n: number of samples (best-of-N, majority) or beams (beam, DVTS).
       m: beam width (beam: keep n/m beams, each continued m ways; DVTS: n/m subtrees of width m); n % m == 0.

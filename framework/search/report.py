@@ -111,7 +111,11 @@ def write(workdir: str, results: dict) -> None:
         )
     for key, marker, text in (("greedy", "s", "greedy"), ("bigger_model_greedy", "*", "bigger model, greedy")):
         ax.scatter([sc[key]["flops_per_problem"]], [sc[key]["accuracy"]], marker=marker, s=80, zorder=3, label=text)
-    ax.set(xscale="log", xlabel="FLOPs per problem (2 x params x tokens, policy + verifier)", ylabel="answer accuracy")
+    ax.set(
+        xscale="log",
+        xlabel="FLOPs per problem (lm.flops: prefill + decode, policy + verifier)",
+        ylabel="answer accuracy",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -229,15 +233,23 @@ def write(workdir: str, results: dict) -> None:
 
 
 def summary(results: dict) -> str:
-    """Plain-text tables: accuracy vs N per strategy, and the label-source table."""
+    """Plain-text tables: accuracy and FLOPs per problem vs N per strategy, the label-source table, and
+    compute-optimal at equal FLOPs."""
     sc = results["scaling"]
     ns = sc["budgets"]
     lines = ["strategy".ljust(20) + "".join(f"N={n:<6d}" for n in ns)]
     for name, d in sc["accuracy"].items():
         lines.append(label(name)[:19].ljust(20) + "".join(f"{d[n]:<8.3f}" if n in d else " " * 8 for n in ns))
+    big = sc["bigger_model_greedy"]
     lines.append(
-        f"greedy {sc['greedy']['accuracy']:.3f}; bigger model greedy {sc['bigger_model_greedy']['accuracy']:.3f}"
+        f"greedy {sc['greedy']['accuracy']:.3f} at {sc['greedy']['flops_per_problem']:.3g} FLOPs; "
+        f"bigger model greedy {big['accuracy']:.3f} at {big['flops_per_problem']:.3g} FLOPs (per problem)"
     )
+    lines.append("")
+    lines.append("FLOPs per problem".ljust(20) + "".join(f"N={n:<8d}" for n in ns))
+    for name, d in sc["flops_per_problem"].items():
+        if name != "pass_at_n":
+            lines.append(label(name)[:19].ljust(20) + "".join(f"{d[n]:<10.3g}" if n in d else " " * 10 for n in ns))
     lines.append("")
     lines.append("source        F1     acc_flawed acc_correct AUROC  BoN(last) wBoN(last) wBoN(min) wBoN(prod)")
     for s, m in results["label_sources"].items():

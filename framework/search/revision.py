@@ -16,7 +16,8 @@ a marker from retry data (Physics of LMs 2.2 style): gold traces in which some s
 
 `revise` runs `chains` independent chains per problem line by line; after each line the scorer reads the resolved
 trace, and a line scoring below `threshold` is retracted and rewritten while the chain has revisions left. All
-chains of all problems advance together: one policy call and one scorer call per depth.
+chains of all problems advance together: one policy call and one scorer call per depth, each recorded in the
+results (`policy_calls`, `scorer_calls`) so `SearchResults.flops` prices revision as it prices search.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ def revise(
     done = np.zeros(P * chains, bool)
     pid = np.repeat(np.arange(P), chains)
     gen, prompt_tok, scored = (np.zeros(P, np.int64) for _ in range(3))
+    policy_calls: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # priced by SearchResults.flops
+    scorer_calls: list[tuple[np.ndarray, np.ndarray]] = []
     final_scores: list[np.ndarray] = [np.zeros(0)] * (P * chains)
     cap = [max_lines(p, slack_lines) + revisions * 2 for p in problems]
     depth = 0
@@ -137,9 +140,11 @@ def revise(
         out = policy.extend(ps, [texts[i] for i in rows], until="line", row_keys=keys, call_key=(seed, depth, 5))
         np.add.at(gen, pid[rows], out.tokens)
         np.add.at(prompt_tok, pid[rows], out.prompt_tokens)
+        policy_calls.append((pid[rows], np.asarray(out.prompt_tokens), np.asarray(out.tokens)))
         cand = [texts[i] + new for i, new in zip(rows, out.texts)]
         sc = scorer.score(ps, [resolve(c) for c in cand])
         np.add.at(scored, pid[rows], sc.tokens)
+        scorer_calls.append((pid[rows], np.asarray(sc.tokens)))
         for i, c, s in zip(rows, cand, sc.scores):
             last = s[-1] if len(s) else 0.0
             finished = traces.is_finished(resolve(c))
@@ -178,4 +183,6 @@ def revise(
         tokens_prompt=prompt_tok,
         tokens_scored=scored,
         revisions=revisions,
+        policy_calls=policy_calls,
+        scorer_calls=scorer_calls,
     )

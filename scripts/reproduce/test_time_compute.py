@@ -10,8 +10,9 @@ and at equal FLOPs, coverage with a fitted curve, the PRM label-source table (go
 
 The policy (the tiny LM on the quickstart's task, `configs/scaling/common.py`) and the judge (the small size, same
 task) are trained into <workdir>/policy and <workdir>/judge unless given; rerunning resumes them and reuses the
-fitted verifiers. Default scale from a fresh workdir: 27:37 wall on a quiet 2-core AMD EPYC (policies trained here);
-see docs/results/test_time_compute.md.
+fitted verifiers. Default scale from a fresh workdir: about half an hour on a 2-core CPU (policies trained here);
+docs/results/test_time_compute.md has the measured run. FLOPs per problem are `lm.flops` of every policy call
+(prefill + decode) and verifier pass (`SearchResults.flops` with each model's config).
 Writes <workdir>/results/*.json, <workdir>/figures/*.png and <workdir>/results/summary.txt (the tables quoted in
 docs/results/test_time_compute.md).
 """
