@@ -1,7 +1,8 @@
 """Policies for search: extend a batch of partial traces by one line, or to the answer, in one batched call.
 
 A policy has one method, `extend(problems, prefixes, *, until, greedy=False, row_keys=None, call_key=(0,))`, and a
-`num_params` attribute (for FLOPs). `prefixes[i]` is the completion written so far for `problems[i]` (text after
+`num_params` attribute (reported beside results; costs are `SearchResults.flops` of the model's
+config). `prefixes[i]` is the completion written so far for `problems[i]` (text after
 the prompt, "" at the start); `until="line"` writes exactly one more line (always returned ending in "\\n": a line
 the model leaves unfinished, by stopping or by running out of tokens, is closed so the search always advances),
 `until="answer"` writes until the answer line (or the model stops). `row_keys` name each row's random stream
@@ -149,7 +150,7 @@ class LMPolicy:
 
     @property
     def num_params(self) -> int:
-        """Parameters read per generated token: the N in 2·N FLOPs per token."""
+        """The policy LM's parameter count (FLOPs go through `lm.flops` of `self.cfg`)."""
         return lm.param_count(self.cfg)
 
     def extend(

@@ -383,7 +383,7 @@ class Verifier:
 
     @property
     def num_params(self) -> int:
-        """Parameters read per scored token (LM + head): the N in 2·N FLOPs per token."""
+        """Parameters of the LM and its value head (FLOPs go through `lm.flops` of `self.cfg`)."""
         return lm.param_count(self.cfg) + self.cfg.d_model + 1
 
     def score(self, problems: Sequence[arithmetic.Problem], completions: Sequence[str]) -> Scores:
