@@ -342,17 +342,9 @@ def load_hf_tokenizer(path: str | pathlib.Path, *, vocab_size: int | None = None
     Raises FileNotFoundError when the folder has no tokenizer.json (a sentencepiece `tokenizer.model` must be
     converted first, e.g. with transformers' `AutoTokenizer(...).save_pretrained`).
     """
-    from tokenizers import Tokenizer
+    from framework.tasks.hf_tokenizer import read_tokenizer_file
 
-    path = pathlib.Path(path)
-    file = path / TOKENIZER_FILE if path.is_dir() or not path.name.endswith(".json") else path
-    if not file.exists():
-        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-        raise FileNotFoundError(
-            f"no {TOKENIZER_FILE} in {path} (found {found}); only the `tokenizers` JSON format is loaded: convert "
-            "a sentencepiece tokenizer.model with transformers' AutoTokenizer(...).save_pretrained first"
-        )
-    tokenizer = Tokenizer.from_file(str(file))
+    tokenizer, file = read_tokenizer_file(path)
     if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
         raise ValueError(
             f"{file} has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size={vocab_size}"

@@ -28,6 +28,25 @@ TOKENIZER_FILE = "tokenizer.json"
 _SPECIALS = ("bos", "eos", "pad")
 
 
+def read_tokenizer_file(path: str | os.PathLike):
+    """(`tokenizers.Tokenizer`, its file) for an HF checkpoint folder or a tokenizer.json path.
+
+    FileNotFoundError when there is no tokenizer.json: only the `tokenizers` JSON format is loaded (a sentencepiece
+    `tokenizer.model` must be converted first, e.g. with transformers' `AutoTokenizer(...).save_pretrained`).
+    """
+    from tokenizers import Tokenizer
+
+    path = pathlib.Path(path)
+    file = path if path.suffix == ".json" and not path.is_dir() else path / TOKENIZER_FILE
+    if not file.exists():
+        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        raise FileNotFoundError(
+            f"no {TOKENIZER_FILE} in {path} (found {found}); only the `tokenizers` JSON format is loaded: convert "
+            "a sentencepiece tokenizer.model with transformers' AutoTokenizer(...).save_pretrained first"
+        )
+    return Tokenizer.from_file(str(file)), file
+
+
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with Lumen's protocol: int32 ids, explicit special ids (None where absent)."""
 
@@ -71,17 +90,7 @@ class HFTokenizer:
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "HFTokenizer":
         """Loads `path` (an HF checkpoint folder or a tokenizer.json) with its special ids; `overrides` (bos_id,
         eos_ids, pad_id, name) win. FileNotFoundError when there is no tokenizer.json."""
-        from tokenizers import Tokenizer as _Tokenizer
-
-        path = pathlib.Path(path)
-        file = path if path.suffix == ".json" and not path.is_dir() else path / TOKENIZER_FILE
-        if not file.exists():
-            found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-            raise FileNotFoundError(
-                f"no {TOKENIZER_FILE} at {path} (found {found}); only the `tokenizers` JSON format is loaded: "
-                "convert a sentencepiece tokenizer.model with transformers' AutoTokenizer(...).save_pretrained first"
-            )
-        tok = _Tokenizer.from_file(str(file))
+        tok, file = read_tokenizer_file(path)
         kw: dict[str, Any] = dict(special_ids(tok, file.parent), name=str(path))
         kw.update(overrides)
         return cls(tok, **kw)
