@@ -304,6 +304,11 @@ def test_sequence_logprobs_equals_a_hand_summed_log_softmax(tiny_cfg):
     packed, _ = f(params, tiny_cfg, tokens, m2, segment_ids_BT=seg, positions_BT=pos)
     halves, _ = f(params, tiny_cfg, tokens.reshape(2 * B, 4), m2.reshape(2 * B, 4))
     np.testing.assert_allclose(np.asarray(packed), np.asarray(halves).reshape(B, 2).sum(1), rtol=1e-5, atol=1e-5)
+    # Soft inputs: the lookup's own embeddings score the tokens exactly as the tokens do (tokens are the targets).
+    embeds = jax.jit(lm.embed, static_argnames="cfg")(params, tokens, tiny_cfg)
+    soft, n_soft = f(params, tiny_cfg, tokens, mask, embeds_BTD=embeds)
+    np.testing.assert_allclose(np.asarray(soft), np.asarray(logp), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(n_soft), count)
 
 
 def test_frozen_inputs_shard_by_their_logical_axes_or_are_replicated():

@@ -289,7 +289,8 @@ def generate(
         after the temperature and before top-k/top-p. `tokens_BS` [B, T + N] holds each row's prompt then its tokens
         so far, valid up to `lengths_B` (prompt length + tokens generated so far), pad_id after.
       sampler: a hashable `fn(logits_BV, tokens_BS, lengths_B, keys_B) -> tokens_B` that replaces the draw; it sees
-        the processed logits (after temperature, processors, top-k/top-p) and this step's per-row keys. Needs `rng`.
+        the processed logits (after temperature, processors, top-k/top-p; greedy: the processors only) and this
+        step's per-row keys. Needs `rng`.
       interventions: hookpoint name -> hashable fn (as in `lm.forward`), applied in the prefill and every step.
       prompt_embeds: a [B, T, D] float array or a list of [T_i, D] arrays that replace the prompts' embedding lookup
         in the prefill (as `lm.forward(embeds_BTD=)`: in the residual stream's scale, see `lm.embed`); the decode

@@ -33,9 +33,10 @@ def adapter_task(
     """`task` (a loss, batches and eval over plain LM params) training only the adapters of `adapted`.
 
     `adapted`: params from `add_adapters`. The returned task's params are `adapter_params(adapted)` (replicated: they
-    are small); its loss and eval see `set_adapters(adapted, params)`. `optimizer` (default: config.train's AdamW)
-    and `lr_schedule` (what is logged as "lr") are the loop's `Task.optimizer` / `Task.lr_schedule`, e.g.
-    `lora_plus(schedule, 16.0)` for LoRA+.
+    are small); its loss and eval see `set_adapters(adapted, params)`. The frozen base is replicated on every device
+    too (no `frozen_logical_axes`): right for the CPU-scale studies, not for a base too big for one device.
+    `optimizer` (default: config.train's AdamW) and `lr_schedule` (what is logged as "lr") are the loop's
+    `Task.optimizer` / `Task.lr_schedule`, e.g. `lora_plus(schedule, 16.0)` for LoRA+.
     """
     if task.frozen is not None:
         raise ValueError("adapter_task: `task` already has frozen inputs; expected a task over plain LM params")

@@ -237,6 +237,12 @@ def fit(
         if restored is not None:
             state, history = restored
             start = int(state.step)
+            if start % cfg.log_every and start < steps:  # the history's windows are log_every steps from 0
+                ckpt.close()
+                raise ValueError(
+                    f"sae.log_every = {cfg.log_every} does not divide the checkpointed step {start} in "
+                    f"{checkpoint_dir}: resume with the log_every the run was written with"
+                )
             src.skip(start)
             log.info("resumed SAE training from step %d in %s", start, checkpoint_dir)
     writer = None

@@ -4,8 +4,9 @@ checkpoints, and the user's own (`every(n, fn)`).
 A hook is `hook(step, ctx)`, called after every train step on every process, with `step` the number of steps done
 (the state's step) and `ctx` a `Context`: the state, this step's metrics, the config, the metrics writer, and two
 fields hooks set for later ones: `evaluated` (this step's eval metrics) and `stop` (a reason to end the run after
-this step, which the checkpoint hook then saves). The loop runs, in order: `Evaluate`, the task's and the caller's
-hooks, `Report`, `Preemption`, `Checkpoint`.
+this step, which the checkpoint hook then saves). The loop runs, in order: `Evaluate`, `Preemption`, the task's and
+the caller's hooks, `Report`, `Checkpoint`: every hook after the first two knows whether the run stops at this step,
+so the metrics of a pre-empted run's last steps are written and `every(..., at_end=True)` hooks run there.
 
 Metrics: `Report` logs the mean over its window of every scalar the step returns (loss, grad_norm, lr, and every
 entry of the loss's aux) as `train/<name>`. `tokens` and `correct` are counts (as `next_token_loss` returns them):
@@ -97,8 +98,8 @@ def _untimed(fn: Hook, step: int, ctx: Context) -> None:
 
 
 class every:  # a class named like the function it reads as: loop.every(100, fn)
-    """A hook running `fn(step, ctx)` every `n` steps (and at the last step if `at_end`), after the state is
-    computed; its time stays out of the step timings."""
+    """A hook running `fn(step, ctx)` every `n` steps (and, if `at_end`, at the run's last step: the final one or one
+    where the run stops early), after the state is computed; its time stays out of the step timings."""
 
     def __init__(self, n: int, fn: Hook, *, at_end: bool = True):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -106,7 +107,7 @@ class every:  # a class named like the function it reads as: loop.every(100, fn)
         self.n, self.fn, self.at_end = n, fn, at_end
 
     def __call__(self, step: int, ctx: Context) -> None:
-        if step % self.n == 0 or (self.at_end and ctx.final):
+        if step % self.n == 0 or (self.at_end and (ctx.final or ctx.stop is not None)):
             _untimed(self.fn, step, ctx)
 
 

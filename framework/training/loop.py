@@ -430,7 +430,7 @@ def train(
     start, writer, extra = int(state.step), MetricsWriter(workdir), () if frozen is None else (frozen,)
     batches, multi = _batches(task, mesh, rules, tc, start)
     ctx, saver = Context(config, workdir, writer, last=tc.steps), Checkpoint(ckpt, tc, meta, start)
-    hooks = [evaluate, *task.hooks, *hooks, Report(tc, start, task.flops_per_example), Preemption(), saver]
+    hooks = [evaluate, Preemption(), *task.hooks, *hooks, Report(tc, start, task.flops_per_example), saver]
     # The step is jitted at the first batch, once its keys and ranks (hence its shardings) are known.
     jit_step = functools.partial(
         jit_train_step, task, tx, schedules, state_shardings, trainable=trainable, frozen_shardings=frozen_shardings

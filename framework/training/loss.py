@@ -44,11 +44,13 @@ def sequence_logprobs(
 
     The convention of `next_token_loss`: the logits at t-1 score token t and loss_mask[:, 0] is ignored (nothing
     predicts the first token), so `-sum(logp_sum) / sum(n_tokens)` is that loss. `forward_kw` go to `lm.forward`
-    (positions_BT, segment_ids_BT, interventions, ...). Jit it with `cfg` static; under a mesh the logits shard as in
-    the training loss (batch over the data axes). DPO-style losses, routing confidence and watermark quality are
-    functions of these sums.
+    (positions_BT, segment_ids_BT, interventions, prefix_len_B, ...); with `embeds_BTD` (soft inputs, e.g. image
+    tokens) the model reads the embeddings and `tokens_BT` are only the targets. Jit it with `cfg` static; under a
+    mesh the logits shard as in the training loss (batch over the data axes). DPO-style losses, routing confidence
+    and watermark quality are functions of these sums.
     """
-    logits_BTV = lm.forward(params, tokens_BT, cfg, **forward_kw).logits[:, :-1].astype(jnp.float32)
+    inputs_BT = None if forward_kw.get("embeds_BTD") is not None else tokens_BT
+    logits_BTV = lm.forward(params, inputs_BT, cfg, **forward_kw).logits[:, :-1].astype(jnp.float32)
     logp_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT[:, 1:])
     w_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
     return jnp.sum(logp_BT * w_BT, axis=-1), jnp.sum(w_BT, axis=-1)

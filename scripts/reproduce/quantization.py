@@ -14,8 +14,8 @@ held-out test problems.  "rtn-jitterS" rows: RTN of diag(s) W with random s ~ ex
 equally good roundings whose spread is the noise floor any method comparison has to clear.
 Writes <workdir>/results/quantization.json and <workdir>/figures/quantization.png.
 
-The base LM learns the task perfectly and no setting hurts it (docs/results/quantization.md).  Its second table is a model the
-rounding does hurt: the `tiny` size (d_model 64, 2 layers, 0.1M params; eval token accuracy 0.967), made by
+The base LM learns the task perfectly and no setting hurts it (docs/results/quantization.md).  Its second table is
+a model the rounding does hurt: the `tiny` size (d_model 64, 2 layers, 0.1M params; eval token accuracy 0.967), made by
   python -m scripts.reproduce.quantization --workdir=runs/quant_tiny --size=tiny --steps=1500 --lr=0.01 \
     --problems_per_k=64 '--settings=int8,int4 g128,int4 g64,int4 g32,int3 g64,int3 g32,int2 g128,int2 g32' \
     '--jitter_setting=int4 g32,int3 g32'
