@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("train_lm", "sae", "test_time_scaling")
+EXPERIMENTS = ("train_lm", "sae", "tts")
 
 
 def get(name: str) -> ModuleType:

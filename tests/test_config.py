@@ -62,11 +62,11 @@ def test_every_training_config_has_the_foundation_keys(module):
     assert {"d_model", "n_layers", "vocab_size"} <= set(config.model) and "data" in config.mesh
     config.model.d_model = 96
     config.train.steps = 7
-    lm_section = {"sae": lambda c: c.lm.train_lm, "test_time_scaling": lambda c: c.policy.train_lm}.get(
+    lm_section = {"sae": lambda c: c.lm.train_lm, "tts": lambda c: c.policy.train_lm}.get(
         config.experiment, lambda c: c
     )(config)
     assert lm_section.model.d_model == 96
-    if config.experiment == "test_time_scaling":
+    if config.experiment == "tts":
         assert lm_section.train.steps == 7
 
 

@@ -80,7 +80,7 @@ def test_subsample_pool_pass_at_n_bounds_every_selector():
 def test_reproduction_runs_at_tiny_scale(tmp_path):
     workdir = tmp_path / "ttc"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "scripts.reproduce.test_time_compute", f"--workdir={workdir}", "--scale=tiny"]
+    cmd = [sys.executable, "-m", "scripts.reproduce.tts", f"--workdir={workdir}", "--scale=tiny"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("scaling", "coverage", "compute_optimal", "compute_optimal_flops", "label_sources", "run"):
@@ -140,12 +140,12 @@ def test_reproduction_runs_at_tiny_scale(tmp_path):
 @pytest.mark.parametrize("key", ["search_max_n", "lookahead_max_n", "revision_max_n"])
 def test_search_caps_are_validated_by_name(key):
     from configs.scaling import tiny
-    from experiments import test_time_scaling
+    from experiments import tts
 
     config = tiny.get_config()
     config.eval[key] = 0
     with pytest.raises(ValueError, match=rf"eval\.{key}.*must be >= 1, got 0"):
-        test_time_scaling.validate(config)
+        tts.validate(config)
 
 
 def test_compute_optimal_keeps_fractional_correctness():

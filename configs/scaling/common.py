@@ -1,4 +1,4 @@
-"""Shared builder of `test_time_scaling` experiment configs (imports only configs.common: no jax)."""
+"""Shared builder of `tts` (test-time scaling) experiment configs (imports only configs.common: no jax)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def policy_lm(size: str = "tiny", steps: int = 1500, lr: float = 1e-2) -> ml_col
 def scaling_experiment() -> ml_collections.ConfigDict:
     """Policy + judge (trained here or loaded), PRMs from several label sources, search at budgets N, analysis."""
     config = ml_collections.ConfigDict()
-    config.experiment = "test_time_scaling"
+    config.experiment = "tts"
     config.seed = 0
     # `workdir` names a finished train_lm run to load; unset, `train_lm` is trained into <workdir>/policy.
     config.policy = ml_collections.ConfigDict({"workdir": config_dict.placeholder(str), "train_lm": policy_lm()})

@@ -2,7 +2,7 @@
 DVTS and lookahead search with a PRM, revision at serial:parallel ratios, by difficulty, in FLOPs, compute-optimal vs
 best-of-N at equal FLOPs, coverage, and the PRM label-source table.
 
-COMMAND: python -m scripts.reproduce.test_time_compute --workdir=runs/ttc   (trains the policy and the judge first)
+COMMAND: python -m scripts.reproduce.tts --workdir=runs/ttc   (trains the policy and the judge first)
          or python -m scripts.launch --config=configs/scaling/default.py --workdir=runs/tts \
            --config.policy.workdir=<train_lm workdir> --config.judge.workdir=<train_lm workdir>
 RUNTIME: ~28-30 min on a 2-core CPU from a fresh workdir (policy ~1-2.5 min, judge ~2-3.5, verifiers ~5-6, pool ~1,

@@ -1,4 +1,4 @@
-"""Figures (PNG) and tables (JSON, text) of a test-time scaling study (`experiments.test_time_scaling`)."""
+"""Figures (PNG) and tables (JSON, text) of a test-time scaling study (`experiments.tts`)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,9 @@ revision at serial:parallel ratios, pass@N), the same per difficulty bin, FLOPs,
 and at equal FLOPs, coverage with a fitted curve, the PRM label-source table (gold vs Monte-Carlo with N_MC in
 {1, 4, 16} vs consensus vs ORM: F1, AUROC, BoN accuracy) and the aggregation ablation (last / min / product).
 
-  python -m scripts.reproduce.test_time_compute --workdir=runs/test_time_compute            # default scale
-  python -m scripts.reproduce.test_time_compute --workdir=/tmp/ttc --scale=tiny              # CI scale (~1 min)
-  python -m scripts.reproduce.test_time_compute --workdir=runs/ttc \\
+  python -m scripts.reproduce.tts --workdir=runs/test_time_compute            # default scale
+  python -m scripts.reproduce.tts --workdir=/tmp/ttc --scale=tiny              # CI scale (~1 min)
+  python -m scripts.reproduce.tts --workdir=runs/ttc \\
       --policy_workdir=runs/tts/policy --judge_workdir=runs/tts/judge                       # reuse trained policies
 
 The policy (the tiny LM on the quickstart's task, `configs/scaling/common.py`) and the judge (the small size, same
@@ -24,7 +24,7 @@ import os
 from absl import app, flags
 
 from configs.scaling import default, tiny
-from experiments import test_time_scaling
+from experiments import tts
 from framework.search import report
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/test_time_compute", "Output directory.")
@@ -42,7 +42,7 @@ def main(argv):
         config.judge.workdir = _JUDGE.value
         if _PROBLEMS.value:
             config.eval.problems = _PROBLEMS.value
-    results = test_time_scaling.run(config, _WORKDIR.value)
+    results = tts.run(config, _WORKDIR.value)
     with open(os.path.join(_WORKDIR.value, "results", "summary.txt"), "w") as f:
         f.write(report.summary(results) + "\n")
     print(f"wrote {_WORKDIR.value}/results and {_WORKDIR.value}/figures in {results['seconds']:.0f} s")
