@@ -38,6 +38,7 @@ def _assert_same(out, ref):
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.lengths, ref.lengths)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=LOGPROB_ATOL, rtol=0)
+    np.testing.assert_allclose(out.processed_logprobs, ref.processed_logprobs, atol=LOGPROB_ATOL, rtol=0)
 
 
 def test_greedy_matches_reference_on_ragged_prompts(model):

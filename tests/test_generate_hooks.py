@@ -1,8 +1,8 @@
 """`generate`'s hooks and inputs, cached and reference alike: logits processors, samplers, per-row keys (and
 `LMPolicy`'s row keys), interventions, prompt embeddings and the prefix-LM mask.
 
-The processors here are frozen dataclasses and module functions (hashable, so each setup compiles once); the prompts
-(ragged lengths 3, 7, 12) and N match tests/test_generate.py so the reference decoder's programs are shared.
+The processors here are frozen dataclasses and module functions (hashable, so each setup compiles once); the model,
+prompts, N and the comparison come from tests/test_generate.py, so the reference decoder's programs are shared.
 """
 
 import dataclasses
@@ -18,29 +18,9 @@ from framework.inference import generate, reference_generate, sampling
 from framework.models import lm
 from framework.tasks import arithmetic
 
+from test_generate import LOGPROB_ATOL, N, _assert_same, _prompts, model  # noqa: F401 (model: a fixture)
+
 generate_lib = importlib.import_module("framework.inference.generate")  # the attribute is the function
-
-N = 6
-LOGPROB_ATOL = 1e-5  # as in tests/test_generate.py: cache and full-prefix passes differ only by matmul rounding
-
-
-@pytest.fixture(scope="module")
-def model(tiny_cfg):
-    # x3 sharpens the random model's logits so greedy never meets a near-tie between cache and no-cache paths.
-    params = jax.tree.map(lambda x: 3.0 * x, lm.init(tiny_cfg, jax.random.key(0)))
-    return tiny_cfg, params
-
-
-def _prompts(cfg, lens=(3, 7, 12), seed=0):
-    rs = np.random.RandomState(seed)
-    return [np.concatenate([[cfg.bos_id], rs.randint(3, cfg.vocab_size, size=n - 1)]).astype(np.int32) for n in lens]
-
-
-def _assert_same(out, ref):
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_array_equal(out.lengths, ref.lengths)
-    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=LOGPROB_ATOL, rtol=0)
-    np.testing.assert_allclose(out.processed_logprobs, ref.processed_logprobs, atol=LOGPROB_ATOL, rtol=0)
 
 
 @dataclasses.dataclass(frozen=True)
