@@ -1,6 +1,6 @@
 """The default experiment: a small arithmetic LM, trained on CPU and scored by number of steps K.
 
-COMMAND: python -m scripts.launch --config=configs/quickstart.py --workdir=runs/quickstart   (or `make quickstart`)
+COMMAND: .venv/bin/python -m scripts.launch --config=configs/quickstart.py --workdir=runs/quickstart   (or `make quickstart`)
 RUNTIME: ~1-3 min on a 2-core CPU (at most 2000 steps of the 100k-parameter `tiny` model, then evaluation).
 EXPECT: a deliberately partly trained policy whose exact match falls with K: ~0.9-1.0 at K=1, ~0.5-0.85 at K=4-5,
 ~0.1-0.6 at K=8; per-step accuracy ~0.75-1.0 (ranges over seeds and CPUs: docs/results/quickstart.md).

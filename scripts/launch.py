@@ -15,6 +15,7 @@ GPU clusters are detected by jax.distributed), or name the coordinator explicitl
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -30,6 +31,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On a config error, show the whole traceback, not one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -68,20 +70,53 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(1)
 
 
+def summary(workdir: str) -> list[str]:
+    """Where a finished run put its outputs, and the commands to look at them: a few lines for the terminal."""
+    root = os.path.abspath(workdir)
+    lines = [f"outputs in {root}/"]
+    described = (
+        ("config.json", "the config as run"),
+        ("metrics.jsonl", "train/ and eval/ metrics, one JSON record per logged step"),
+        ("checkpoints", "orbax checkpoints (rerun the same command to resume)"),
+        ("results", "result tables (JSON)"),
+        ("figures", "figures (PNG)"),
+    )
+    for name, what in described:
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            count = f" ({len(os.listdir(path))} entries)" if os.path.isdir(path) else ""
+            lines.append(f"  {name + ('/' if os.path.isdir(path) else ''):<15} {what}{count}")
+    if any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(root) for f in fs):
+        lines.append(f"view the curves: tensorboard --logdir {root}   (pip install tensorboard, or the 'viz' extra)")
+    return lines
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = _CONFIG.value
     init_distributed()
-    experiment = experiments.get(config.experiment)
-    experiment.validate(config)
+    from framework.config import ConfigError
     from framework.training.loop import Preempted
 
+    try:
+        experiment = experiments.get(config.experiment)
+        experiment.validate(config)
+    except (ConfigError, ValueError) as e:  # a bad config: one line (the traceback with --verbose)
+        if _VERBOSE.value:
+            raise
+        print(f"FATAL invalid config: {e}", file=sys.stderr)
+        sys.exit(1)
     try:
         experiment.run(config, _WORKDIR.value)
     except Preempted as e:
         print(str(e), file=sys.stderr)  # exit status 0: the work is saved, the scheduler may restart the job
+        return
+    import jax
+
+    if jax.process_index() == 0:
+        print("\n".join(summary(_WORKDIR.value)), file=sys.stderr)
 
 
 if __name__ == "__main__":

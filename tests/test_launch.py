@@ -44,7 +44,8 @@ def _metrics(workdir):
 
 def test_launch_writes_artifacts_and_a_rerun_resumes(tmp_path):
     workdir = tmp_path / "run"
-    _ok(_launch(workdir))
+    first = _launch(workdir, "--config.train.progress=True")
+    _ok(first)
     config = json.loads((workdir / "config.json").read_text())
     assert config["train"]["steps"] == 8 and config["train"]["seq_len"] == 40 and config["task"]["num_steps"] == [1, 2]
     records = _metrics(workdir)
@@ -64,6 +65,11 @@ def test_launch_writes_artifacts_and_a_rerun_resumes(tmp_path):
         assert mode["tokens_identical"] is True and mode["max_abs_logprob_diff"] <= 1e-5
     png = workdir / "figures" / "accuracy_by_k.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    # The run ends by saying where its outputs are and how to view the curves; off a terminal, progress is short lines.
+    err = first.stderr
+    assert f"outputs in {workdir.resolve()}/" in err and "metrics.jsonl" in err and "checkpoints/" in err
+    assert f"tensorboard --logdir {workdir.resolve()}" in err
+    assert "train step 8/8 loss" in err and max(len(line) for line in err.splitlines()) < 400
 
     # The same command again resumes from checkpoint 8: nothing is retrained, the curve is untouched.
     mtime = (workdir / "checkpoints" / "8").stat().st_mtime_ns

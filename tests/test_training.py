@@ -354,6 +354,10 @@ def test_extending_train_steps_continues_the_run_and_other_changes_warn(tmp_path
     with caplog.at_level("WARNING", logger="framework.training.loop"):
         state = loop.train(_config(steps=6, log_every=2, checkpoint_every=2), workdir, _toy_task())
     assert int(state.step) == 6 and "different config" not in caplog.text
+    # The schedule spans train.steps, so extending the run re-shapes it from the resumed step: said, with both lrs.
+    was, now = (float(optim.lr_schedule(_config(steps=n).train)(4)) for n in (4, 6))
+    assert "train.steps changed from 4 to 6 since the checkpoint at step 4" in caplog.text
+    assert f"lr {was:.4g} at step 4 for 4 steps, {now:.4g} for 6" in caplog.text and was != now
     assert [r["step"] for r in read_metrics(workdir)] == [2, 4, 6]
     with caplog.at_level("WARNING", logger="framework.training.loop"):
         loop.train(_config(steps=8, log_every=2, checkpoint_every=2, lr=1e-3), workdir, _toy_task())
@@ -368,7 +372,7 @@ def test_stop_when_ends_at_the_first_eval_meeting_it_and_a_rerun_trains_no_furth
         return {"score": int(state.step) / 12, "loss": 1.0}
 
     config = _config(steps=12, eval_every=3, log_every=4, checkpoint_every=4, stop_when="score>=0.5")
-    with caplog.at_level("WARNING", logger="framework.training.loop"):
+    with caplog.at_level("INFO", logger="framework.training.loop"):  # stopping as asked is news, not a warning
         state = loop.train(config, workdir, _toy_task(eval_fn=eval_fn))
     assert int(state.step) == 6 and seen == [3, 6]
     assert "step 6 meets train.stop_when 'score>=0.5'" in caplog.text

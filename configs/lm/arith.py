@@ -1,6 +1,6 @@
 """Decoder LM trained on mod-100 arithmetic chains (two-digit numbers, K = 1..8, ops + - *); sizes tiny|small|base.
 
-COMMAND: python -m scripts.launch --config=configs/lm/arith.py:size=small --workdir=runs/arith_small
+COMMAND: .venv/bin/python -m scripts.launch --config=configs/lm/arith.py:size=small --workdir=runs/arith_small
 RUNTIME (2-core CPU, measured step times): tiny ~0.22 s/step, small ~0.4-0.8 s/step, base ~6-10 s/step; these
   runs are for a workstation or an accelerator more than for a laptop.
 EXPECT: the mod-100 task is much harder to learn than the quickstart's mod-10 one: the tiny model reaches ~0.68

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import re
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -168,7 +169,7 @@ class Evaluate:
         if self.criterion and not ctx.final and _criterion_met(self.criterion, ctx.evaluated):
             value = float(ctx.evaluated[self.criterion[0]])
             ctx.stop, ctx.meta["stopped_early"] = "stop_when", {"criterion": self.tc.stop_when, "value": value}
-            log.warning(
+            log.info(
                 "step %d meets train.stop_when %r (%s = %.6g): stopping early",
                 step,
                 self.tc.stop_when,
@@ -182,6 +183,10 @@ class Evaluate:
             _untimed(self._evaluate, step, ctx)
 
 
+def _interactive() -> bool:
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
 class Report:
     """Train metrics every `log_every` steps (and at the end, or when the run stops) and the eval's, to metrics.jsonl
     and TensorBoard; the progress bar. Throughput, step time and MFU leave out the run's first (compiling) step."""
@@ -190,10 +195,13 @@ class Report:
         self.tc, self.flops_per_example = tc, flops_per_example
         # acc: step metrics since the last log; the last `timed` of them, `window` rows, ran since t0.
         self.acc, self.timed, self.window, self.t0 = [], 0, 0, None
+        # Off a terminal (a log file, a CI job) a redrawn bar is one endless line: print a short line per log instead
+        # (a notebook draws tqdm's widget).
+        self.lines = bool(tc.progress) and jax.process_index() == 0 and not _interactive()
         self.bar = tqdm(
             total=tc.steps,
             initial=start,
-            disable=not tc.progress or jax.process_index() != 0,
+            disable=not tc.progress or jax.process_index() != 0 or self.lines,
             desc="train",
             dynamic_ncols=True,
         )
@@ -214,6 +222,8 @@ class Report:
             logged["nonfinite_steps"] = int(ctx.state.nonfinite_steps)
             ctx.writer.write(step, logged, prefix="train/")
             self.bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
+            if self.lines:
+                print(f"train step {step}/{self.tc.steps} loss {logged.get('loss', float('nan')):.4f}", file=sys.stderr)
             self.acc, self.timed, self.window, self.t0 = [], 0, 0, time.perf_counter()
         if ctx.evaluated is not None:
             ctx.writer.write(step, ctx.evaluated, prefix="eval/")

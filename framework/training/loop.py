@@ -376,6 +376,7 @@ def _restore(ckpt: Checkpointer, abstract: TrainState, shardings: TrainState, me
             )
     truncate_metrics(workdir, int(state.step))
     log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+    _warn_schedule_change(saved.get("train_steps"), tc, int(state.step))
     stopped = saved.get("stopped_early")
     if stopped and stopped.get("criterion") == tc.get("stop_when", ""):
         log.warning(
@@ -387,6 +388,25 @@ def _restore(ckpt: Checkpointer, abstract: TrainState, shardings: TrainState, me
         )
         return state, int(state.step)
     return state, tc.steps
+
+
+def _warn_schedule_change(saved_steps: int | None, tc, step: int) -> None:
+    """Warns when a resumed run's `train.steps` differs from the one its checkpoint trained toward: the config's
+    learning-rate schedule spans `train.steps`, so from the resumed step on it follows the new span."""
+    if saved_steps is None or int(saved_steps) == int(tc.steps) or step >= int(tc.steps):
+        return
+    was = float(optim.lr_schedule({**tc, "steps": int(saved_steps)})(step)) if "warmup_steps" in tc else None
+    now = float(optim.lr_schedule(tc)(step)) if "warmup_steps" in tc else None
+    lr = f" (the config's schedule gives lr {was:.4g} at step {step} for {saved_steps} steps, {now:.4g} for {tc.steps})"
+    log.warning(
+        "train.steps changed from %d to %d since the checkpoint at step %d: the learning-rate schedule, which spans "
+        "train.steps, is re-shaped from here on%s; keep train.steps=%d to continue the original schedule",
+        int(saved_steps),
+        int(tc.steps),
+        step,
+        lr if was is not None else "",
+        int(saved_steps),
+    )
 
 
 def _batches(task: Task, mesh, rules, tc, start: int):
@@ -423,7 +443,8 @@ def train(
     for line in sharding.unsplit_dims(task.logical_axes, abstract.params, mesh, rules):
         log.warning("sharding: %s", line)
     frozen, frozen_shardings, frozen_sum = _place_frozen(task, mesh, rules)
-    meta = {"config_digest": config_digest(config)} | ({"frozen_checksum": frozen_sum} if frozen_sum else {})
+    meta = {"config_digest": config_digest(config), "train_steps": int(tc.steps)}
+    meta |= {"frozen_checksum": frozen_sum} if frozen_sum else {}
     ckpt = _checkpointer(workdir, tc)
     state, last = _restore(ckpt, abstract, state_shardings, meta, workdir, tc)
     state = init_state(rng) if state is None else state

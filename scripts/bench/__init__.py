@@ -1,1 +1,1 @@
-"""Benchmarks: each prints a table and appends its figures, the command and the machine to BENCHMARKS.md."""
+"""Benchmarks: each prints a table and records its figures, the command and the machine in BENCHMARKS.md (one section per benchmark)."""

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--lengths", default=None, help="comma-separated T (default: 1k..16k)")
     p.add_argument("--out", default="docs/figures", help="where the CPU mode writes its PNG and JSON")
-    p.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    p.add_argument("--no_append", action="store_true", help="print only; do not write BENCHMARKS.md")
     args = p.parse_args(argv)
     lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else CPU_LENGTHS
 

@@ -7,6 +7,7 @@ import datetime
 import os
 import pathlib
 import platform
+import re
 import resource
 import shlex
 import statistics
@@ -133,26 +134,30 @@ class Entry:
         return "\n".join(lines + ["", self.body.strip(), "", ""])
 
 
-def append(entry: Entry, path: pathlib.Path = BENCHMARKS_MD) -> None:
-    """Appends `entry` to BENCHMARKS.md (creating it with its header if needed)."""
+def record(entry: Entry, path: pathlib.Path = BENCHMARKS_MD) -> None:
+    """Writes `entry` into BENCHMARKS.md in place of the section with the same title (or at the end: a new one)."""
     path = pathlib.Path(path)
-    if not path.exists():
-        path.write_text(
-            "# Lumen benchmarks\n\nAppended by `scripts/bench/*.py`, newest last. Timings are comparable only as "
-            "ratios measured in the same run, on the machine named in the entry.\n\n"
-        )
-    with open(path, "a") as f:
-        f.write(entry.render())
+    text = path.read_text() if path.exists() else "# Lumen benchmarks\n\n"
+    sections = re.split(r"(?m)^(?=## )", text)
+    same = [i for i, s in enumerate(sections) if s.startswith(f"## {entry.title} — ")]
+    rendered = entry.render()
+    if same:
+        sections[same[0]] = rendered
+        sections = [s for i, s in enumerate(sections) if i not in same[1:]]
+    else:
+        sections[-1] = sections[-1].rstrip("\n") + "\n\n"
+        sections.append(rendered)
+    path.write_text("".join(sections).rstrip("\n") + "\n")
 
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The shell command that reran this benchmark (`python -m <module> <args>`), for its BENCHMARKS.md entry."""
-    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+    return shlex.join([".venv/bin/python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def publish(entry: Entry, *, append_to_file: bool) -> None:
-    """Prints the entry and, unless told not to, appends it to BENCHMARKS.md."""
+    """Prints the entry and, unless told not to, writes it into BENCHMARKS.md (replacing that benchmark's section)."""
     print("\n" + entry.render())
     if append_to_file:
-        append(entry)
-        print(f"appended to {BENCHMARKS_MD}")
+        record(entry)
+        print(f"recorded in {BENCHMARKS_MD} (section '{entry.title}')")

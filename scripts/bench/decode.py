@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=common.num_cores(), help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf_python", "--hf-python", default=None, help="a Python with torch+transformers (subprocess)")
-    p.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    p.add_argument("--no_append", action="store_true", help="print only; do not write BENCHMARKS.md")
     p.add_argument("--lumen_only", action="store_true", help="only the no-op processor's cost (no HF, no torch)")
     args = p.parse_args(argv)
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]

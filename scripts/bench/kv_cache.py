@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sequences", type=int, default=4096, help="sequences per workload for the allocator")
     p.add_argument("--json", default="runs/bench/kv_cache.json", help="where to write the figures as JSON")
-    p.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    p.add_argument("--no_append", action="store_true", help="print only; do not write BENCHMARKS.md")
     args = p.parse_args(argv)
 
     tax_rows, tax = memory_tax_rows()

@@ -6,7 +6,7 @@ RUNTIME: ~45 s with the defaults. `scripts/bench/train_step.py` divides the mode
 train steps. On a CPU whose clock boosts briefly (or a VM whose host throttles), a first call can run much faster
 than the same call repeated for seconds, and MFU depends on which one is the "peak". This runs one NxN `jnp.dot`
 back to back for --seconds per size and reports the first call, the fastest, the median, the mean over each fifth of
-the run, and one call after 5 s idle. Appends to BENCHMARKS.md unless --no_append.
+the run, and one call after 5 s idle. Records its section in BENCHMARKS.md unless --no_append.
 """
 
 from __future__ import annotations

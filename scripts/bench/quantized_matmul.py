@@ -34,7 +34,7 @@ def parse_args(argv):
     p.add_argument("--block_k", type=int, default=256)
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--impl", default="pallas", choices=("pallas", "interpret"))
-    p.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    p.add_argument("--no_append", action="store_true", help="print only; do not write BENCHMARKS.md")
     return p.parse_args(argv)
 
 

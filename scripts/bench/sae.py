@@ -8,7 +8,7 @@ norm, latents ranked by pre-activation x decoder-row norm as SAELens' rescale_ac
 rows, pre-scaled to mean squared norm d_in; both report FVU on the same held-out rows (<store>_eval, else the last
 10% of the store), L0, the fraction of latents dead at the end of training (no firing in the last dead_window
 training tokens) and the training-batch FVU every 50 steps. SAELens runs in --torch_python (a Python with torch
-and sae-lens: `.venv-parity/bin/pip install sae-lens`); without it only Lumen is measured. Appends to BENCHMARKS.md.
+and sae-lens: `.venv-parity/bin/pip install sae-lens`); without it only Lumen is measured. Records its section in BENCHMARKS.md.
 """
 
 from __future__ import annotations

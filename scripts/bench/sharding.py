@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
     p.add_argument("--batch_size", type=int, default=None, help="default: the config's train.batch_size")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step per mode each), after 2 warm-ups")
-    p.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    p.add_argument("--no_append", action="store_true", help="print only; do not write BENCHMARKS.md")
     args = p.parse_args(argv)
     bad = [m for m in args.modes.split(",") if m not in MODES]
     if bad or args.steps < 1 or args.devices < 1:

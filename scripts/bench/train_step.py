@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed rounds (one train step each), after 2 warm-ups")
     p.add_argument("--remat", default=None, help="none | full | dots (default: the config's model.remat)")
     p.add_argument("--matmul_sizes", default="2048,4096", help="comma-separated N of the NxN fp32 matmul reference")
-    p.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    p.add_argument("--no_append", action="store_true", help="print only; do not write BENCHMARKS.md")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
