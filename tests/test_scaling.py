@@ -132,8 +132,18 @@ def test_reproduction_runs_at_tiny_scale(tmp_path):
                 name, at = choice.split("@")
                 assert sc["flops_per_problem"][name][at] <= flops[n] * (1 + 1e-9)
     table = json.loads((workdir / "results" / "label_sources.json").read_text())
-    assert set(table) == {"gold", "mc:2", "consensus:2", "orm"}
+    assert set(table) == {"gold", "mc:2", "consensus:2", "orm", "oracle"}
     assert all(set(t["bon"]) == {"last", "min", "product"} for t in table.values())
+    # The oracle PRM ranks perfectly: its top-scored sample is on the gold path whenever the pool holds one.
+    assert table["oracle"]["step_auroc"] in (1.0, None) or math.isnan(table["oracle"]["step_auroc"])
+    assert table["oracle"]["selection_accuracy"] == 1.0 or math.isnan(table["oracle"]["selection_accuracy"])
+    gold_ceiling, answer_ceiling = sc["ceilings"]["gold_pass_at_n"], sc["ceilings"]["pass_at_n"]
+    for n in ("1", "2", "4"):
+        assert 0.0 <= gold_ceiling[n] <= answer_ceiling[n] == sc["accuracy"]["pass_at_n"][n]
+        for name in ("best_of_n", "weighted_best_of_n"):  # a chosen gold-path trace needs a gold-path sample
+            assert sc["on_gold_path"][name][n] <= gold_ceiling[n] + 1e-9
+            assert sc["gap_to_gold_ceiling"][name][n] == pytest.approx(gold_ceiling[n] - sc["accuracy"][name][n])
+        assert sc["stderr"]["majority"][n] >= 0
     assert "weighted best-of-N" in (workdir / "results" / "summary.txt").read_text()
 
 

@@ -15,6 +15,7 @@ LABELS = {
     "dvts": "DVTS",
     "lookahead": "lookahead search",
     "pass_at_n": "pass@N (ceiling)",
+    "gold_pass_at_n": "gold-path pass@N (PRM ceiling)",
 }
 
 
@@ -49,9 +50,15 @@ def _style(name: str) -> dict:
 
 def accuracy_vs_n(ax, scaling: dict) -> None:
     """Accuracy vs N per strategy, with pass@N, the policy's greedy and the bigger model's greedy accuracy."""
+    se = scaling.get("stderr", {})
     for name, d in scaling["accuracy"].items():
         ns, acc = _series(d)
-        ax.plot(ns, acc, marker="o", label=label(name), **_style(name))
+        err = _series(se[name])[1] if name in se else None
+        ax.errorbar(ns, acc, yerr=err, marker="o", capsize=2, label=label(name), **_style(name))
+    gold = scaling.get("ceilings", {}).get("gold_pass_at_n")
+    if gold:
+        ns, acc = _series(gold)
+        ax.plot(ns, acc, ls="--", color="k", label="gold-path pass@N (PRM ceiling)")
     ax.axhline(scaling["greedy"]["accuracy"], color="k", lw=1, ls=":", label="greedy")
     ax.axhline(
         scaling["bigger_model_greedy"]["accuracy"], color="tab:brown", lw=1, ls="-.", label="bigger model, greedy"
@@ -221,9 +228,10 @@ def write(workdir: str, results: dict) -> None:
     names = list(table)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
-    for i, (key, text) in enumerate((("f1", "ProcessBench F1"), ("step_auroc", "step AUROC"))):
-        ax.bar(x + (i - 1) * 0.27, [table[s].get(key, np.nan) for s in names], 0.27, label=text)
-    ax.bar(x + 0.27, [table[s]["bon"]["last"]["weighted_best_of_n"] for s in names], 0.27, label="weighted BoN acc")
+    keys = (("f1", "ProcessBench F1"), ("step_auroc", "step AUROC"), ("selection_accuracy", "selection accuracy"))
+    for i, (key, text) in enumerate(keys):
+        ax.bar(x + (i - 1.5) * 0.2, [table[s].get(key, np.nan) for s in names], 0.2, label=text)
+    ax.bar(x + 0.3, [table[s]["bon"]["last"]["weighted_best_of_n"] for s in names], 0.2, label="weighted BoN acc")
     ax.set_xticks(x, names)
     ax.set(ylim=(0, 1.02), title="PRM label sources")
     ax.legend(fontsize=7)
@@ -232,14 +240,46 @@ def write(workdir: str, results: dict) -> None:
     plt.close(fig)
 
 
+def timing_summary(results: dict) -> str:
+    """Seconds per stage (wall, process CPU, compile) and the verifier sub-stages, one line each."""
+    out = []
+    for key, text in (
+        ("timings", "seconds per stage"),
+        ("cpu_seconds", "CPU seconds per stage"),
+        ("compile_seconds", "compile seconds per stage"),
+        ("timings_verifiers", "verifier sub-stages"),
+    ):
+        out.append(f"{text}: " + str({k: round(v, 1) for k, v in (results.get(key) or {}).items()}))
+    return "\n".join(out)
+
+
 def summary(results: dict) -> str:
     """Plain-text tables: accuracy and FLOPs per problem vs N per strategy, the label-source table, and
     compute-optimal at equal FLOPs."""
     sc = results["scaling"]
     ns = sc["budgets"]
+
+    def row(name, d, fmt="{:<8.3f}", width=8):
+        d = {int(k): v for k, v in d.items()}
+        return name[:19].ljust(20) + "".join(fmt.format(d[n]) if n in d else " " * width for n in ns)
+
     lines = ["strategy".ljust(20) + "".join(f"N={n:<6d}" for n in ns)]
     for name, d in sc["accuracy"].items():
-        lines.append(label(name)[:19].ljust(20) + "".join(f"{d[n]:<8.3f}" if n in d else " " * 8 for n in ns))
+        lines.append(row(label(name), d))
+    if "ceilings" in sc:
+        lines.append(row("gold-path pass@N", sc["ceilings"]["gold_pass_at_n"]))
+        lines.append("")
+        lines.append("standard error over problems (answer accuracy)")
+        for name, d in sc["stderr"].items():
+            lines.append(row(label(name), d))
+        lines.append("")
+        lines.append("gap to gold-path pass@N (ceiling - accuracy; < 0: right answers through wrong processes)")
+        for name, d in sc["gap_to_gold_ceiling"].items():
+            lines.append(row(label(name), d, "{:<+8.3f}"))
+        lines.append("")
+        lines.append("chosen trace on the gold path")
+        for name, d in sc["on_gold_path"].items():
+            lines.append(row(label(name), d))
     big = sc["bigger_model_greedy"]
     lines.append(
         f"greedy {sc['greedy']['accuracy']:.3f} at {sc['greedy']['flops_per_problem']:.3g} FLOPs; "
@@ -251,11 +291,15 @@ def summary(results: dict) -> str:
         if name != "pass_at_n":
             lines.append(label(name)[:19].ljust(20) + "".join(f"{d[n]:<10.3g}" if n in d else " " * 10 for n in ns))
     lines.append("")
-    lines.append("source        F1     acc_flawed acc_correct AUROC  BoN(last) wBoN(last) wBoN(min) wBoN(prod)")
+    lines.append(
+        "source        F1     acc_flawed acc_correct AUROC  sel.acc sel.acc(held) BoN(last) wBoN(last) wBoN(min) "
+        "wBoN(prod)"
+    )
     for s, m in results["label_sources"].items():
         b = m["bon"]
         lines.append(
             f"{s:<13} {m['f1']:.3f}  {m['acc_flawed']:.3f}      {m['acc_correct']:.3f}       {m['step_auroc']:.3f}  "
+            f"{m.get('selection_accuracy', np.nan):.3f}   {m.get('selection_accuracy_heldout', np.nan):.3f}         "
             f"{b['last']['best_of_n']:.3f}     {b['last']['weighted_best_of_n']:.3f}      "
             f"{b['min']['weighted_best_of_n']:.3f}     {b['product']['weighted_best_of_n']:.3f}"
         )

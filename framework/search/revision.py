@@ -27,10 +27,12 @@ from typing import Sequence
 
 import numpy as np
 
+from framework.models import lm
 from framework.search.algorithms import SearchResults, aggregate, answer_of, vote
 from framework.search.policy import max_lines
 from framework.tasks import arithmetic, data
 from framework.tasks import tokenizer as tok
+from framework.training.loss import next_token_loss
 from framework.verifiers import traces
 
 MARKER = "!"
@@ -98,6 +100,15 @@ def retry_batch(index: int, *, seed: int, batch_size: int, seq_len: int, error_r
         problem = k.problem_at(stream, index * batch_size + j)
         rows.append(encode_retry_example(problem, np.random.default_rng([seed, index, j, 7]), error_rate, seq_len))
     return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+def retry_loss_fn(model_cfg: lm.LMConfig):
+    """The next-token loss on `retry_batch` batches (tokens, loss_mask) that trains the revision policy."""
+
+    def loss_fn(params, batch):
+        return next_token_loss(lm.apply(params, batch["tokens"], model_cfg), batch["tokens"], batch["loss_mask"])
+
+    return loss_fn
 
 
 def _chain_uid(problem: arithmetic.Problem) -> int:
