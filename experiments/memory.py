@@ -1,0 +1,239 @@
+"""Agent memory: train the LM answerer on the ledger reading task, then the study over stores and history lengths.
+
+Artifacts in `workdir`: config.json, metrics.jsonl, checkpoints/ (the answerer, trained through the one loop),
+stores/*.db (one SQLite file per store, seed and length), results/memory_study.json, figures/memory_<reader>.png.
+
+The study: for each seed and history length, a ledger (`harness.make_ledger`) is written into a fresh file of every
+store; each question retrieves k items, rendered into at most `task.budget` tokens (the answerer's window), and two
+readers answer from the same contexts: the deterministic `rule` reader (what the context supports, exactly) and the
+trained `lm` answerer. With `train.steps = 0` (or `study.lm_reader = False`) only the rule reader runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs.memory import answerer as answerer_config
+from framework import config as config_lib
+from framework import memory
+from framework.memory import answerer, harness
+from framework.models import lm
+from framework.tasks import data
+from framework.tasks.tokenizer import TEXT_VOCAB_SIZE
+from framework.training import loop
+from framework.training.loss import next_token_loss
+
+log = logging.getLogger(__name__)
+
+
+def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
+    """Checks keys, types and combinations of a memory config; returns the answerer's model config."""
+    config_lib.check_against(config, answerer_config.get_config())
+    req = config_lib.require
+    try:
+        model_cfg = lm.LMConfig.from_config(config.model)
+    except (TypeError, ValueError) as e:
+        raise config_lib.ConfigError(str(e)) from None
+    req(
+        model_cfg.tokenizer == "text",
+        "model.tokenizer",
+        f"must be 'text' (the dialogue format), got {model_cfg.tokenizer!r}",
+    )
+    req(
+        model_cfg.vocab_size == TEXT_VOCAB_SIZE,
+        "model.vocab_size",
+        f"must be {TEXT_VOCAB_SIZE}, got {model_cfg.vocab_size}",
+    )
+    t, tc, st = config.task, config.train, config.study
+    req(t.budget > 0, "task.budget", f"must be positive, got {t.budget}")
+    req(
+        1 <= t.min_events <= t.max_events,
+        "task.min_events",
+        f"need 1 <= min_events <= max_events, got {t.min_events}, {t.max_events}",
+    )
+    need = answerer.reading_source(t.budget).max_tokens
+    req(
+        tc.seq_len >= need,
+        "train.seq_len",
+        f"{tc.seq_len} < the longest example ({need} tokens at task.budget = {t.budget})",
+    )
+    req(tc.seq_len <= model_cfg.max_seq_len, "train.seq_len", f"{tc.seq_len} exceeds model.max_seq_len")
+    req(
+        tc.steps >= 0 and tc.batch_size > 0,
+        "train.steps",
+        f"need steps >= 0 and batch_size > 0, got {tc.steps}, {tc.batch_size}",
+    )
+    req(
+        all(int(n) > 0 for n in st.lengths) and len(st.lengths) > 0,
+        "study.lengths",
+        f"{st.lengths}: expected positive history lengths",
+    )
+    unknown = sorted(set(st.stores) - set(memory.STORES) - {"vector_lm"})
+    req(
+        not unknown,
+        "study.stores",
+        f"unknown stores {unknown}; expected some of {sorted(memory.STORES)} or 'vector_lm'",
+    )
+    req(
+        st.k > 0 and st.questions_per_ability > 0,
+        "study.k",
+        f"need k > 0 and questions_per_ability > 0, got {st.k}, {st.questions_per_ability}",
+    )
+    return model_cfg
+
+
+def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task]:
+    """The answerer's model config and its `loop.Task` (init, loss, reading batches, held-out eval)."""
+    model_cfg = validate(config)
+    t, tc = config.task, config.train
+    source = answerer.reading_source(t.budget, (t.min_events, t.max_events))
+
+    def ds(split, rows=None, num_batches=None):
+        return data.make_text_dataset(
+            source,
+            "text",
+            seed=config.seed,
+            batch_size=tc.batch_size,
+            seq_len=tc.seq_len,
+            split=split,
+            rows=rows,
+            num_batches=num_batches,
+        )
+
+    def loss_fn(params, batch):
+        return next_token_loss(lm.apply(params, batch["tokens"], model_cfg), batch["tokens"], batch["loss_mask"])
+
+    eval_batches = [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in ds("eval", num_batches=2)]
+    scored = jax.jit(lambda p, b: loss_fn(p, b)[1])
+
+    def eval_fn(state):
+        sums = [jax.device_get(scored(state.params, b)) for b in eval_batches]
+        n = sum(float(s["tokens"]) for s in sums)
+        return {
+            "loss": sum(float(s["loss_sum"]) for s in sums) / n,
+            "token_accuracy": sum(float(s["correct"]) for s in sums) / n,
+        }
+
+    task = loop.Task(
+        init_params=lambda rng: lm.init(model_cfg, rng),
+        logical_axes=lm.logical_axes(model_cfg),
+        loss_fn=loss_fn,
+        batches=lambda start, rows=None: (
+            {k: b[k] for k in ("tokens", "loss_mask")} for b in data.batch_iterator(ds("train", rows), start)
+        ),
+        flops_per_example=lm.flops_per_token(model_cfg, tc.seq_len) * tc.seq_len,
+        eval_fn=eval_fn,
+    )
+    return model_cfg, task
+
+
+def _open_store(kind: str, path: str, embedder=None):
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)  # every cell of the study starts from an empty file
+    if kind == "vector_lm":
+        return memory.VectorStore(path, embedder=embedder)
+    return memory.STORES[kind](path)
+
+
+def run_study(study: ml_collections.ConfigDict, workdir: str, *, budget: int, readers: dict, embedder=None) -> list:
+    """Every (seed, length, store) cell: write the ledger, ask, score each reader; returns one row per cell/reader."""
+    rows = []
+    os.makedirs(os.path.join(workdir, "stores"), exist_ok=True)
+    for seed in study.seeds:
+        for n in study.lengths:
+            ledger = harness.make_ledger(int(seed), int(n), questions_per_ability=study.questions_per_ability)
+            for kind in study.stores:
+                if kind == "vector_lm" and embedder is None:
+                    continue
+                path = os.path.join(workdir, "stores", f"{kind}-n{n}-s{seed}.db")
+                t0 = time.perf_counter()
+                with _open_store(kind, path, embedder) as store:
+                    contexts = harness.ask(store, ledger, k=study.k, budget=budget)
+                seconds = time.perf_counter() - t0
+                for name, reader in readers.items():
+                    res = harness.score(ledger, contexts, reader)
+                    rows.append(
+                        dict(
+                            seed=int(seed),
+                            n_events=int(n),
+                            store=kind,
+                            reader=name,
+                            seconds=seconds,
+                            accuracy=res["accuracy"],
+                            tokens_read=res["tokens_read"],
+                            count=res["count"],
+                        )
+                    )
+                    log.info("seed %d n %d %s %s: %s", seed, n, kind, name, res["accuracy"])
+                    print(
+                        f"seed {seed} n={n:5d} {kind:14s} {name:5s} all={res['accuracy']['all']:.2f} "
+                        f"tokens={res['tokens_read']['all']:.0f}",
+                        flush=True,
+                    )
+    return rows
+
+
+def plot(rows: list, path: str, reader: str) -> None:
+    """Accuracy per ability and tokens read against history length, one line per store (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in rows if r["reader"] == reader]
+    stores = list(dict.fromkeys(r["store"] for r in rs))
+    panels = harness.ABILITIES + ("all", "tokens")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    for ax, panel in zip(axes, panels):
+        for kind in stores:
+            ns = sorted({r["n_events"] for r in rs if r["store"] == kind})
+            key = "tokens_read" if panel == "tokens" else "accuracy"
+            ab = "all" if panel == "tokens" else panel
+            ys = [
+                np.mean(
+                    [r[key][ab] for r in rs if r["store"] == kind and r["n_events"] == n and r[key][ab] is not None]
+                    or [np.nan]
+                )
+                for n in ns
+            ]
+            ax.plot(ns, ys, marker="o", label=kind)
+        ax.set(xscale="log", title=panel, xlabel="history length (events)")
+        if panel != "tokens":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"reader: {reader}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the answerer (resuming from `workdir`), runs the study, writes its JSON and figures."""
+    model_cfg, task = make_task(config)
+    readers = {"rule": harness.rule_reader}
+    embedder = None
+    if config.train.steps > 0:
+        state = loop.train(config, workdir, task)
+        params = jax.device_get(state.params)
+        if config.study.lm_reader:
+            readers["lm"] = answerer.LMReader(params, model_cfg)
+        embedder = memory.LMEmbedder(params, model_cfg)
+    rows = run_study(config.study, workdir, budget=config.task.budget, readers=readers, embedder=embedder)
+    out = dict(config=json.loads(config_lib.to_json(config)), rows=rows)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+        os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+        with open(os.path.join(workdir, "results", "memory_study.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        for name in readers:
+            plot(rows, os.path.join(workdir, "figures", f"memory_{name}.png"), name)
+    return out

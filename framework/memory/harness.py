@@ -1,0 +1,302 @@
+"""LongMemEval-style ledger dialogues with exact answers, a rule-based reader, and the evaluation loop over stores.
+
+Glossary: E events in a history, Q questions, k items retrieved per question.
+
+A ledger (`make_ledger(seed, n_events)`) is a multi-session dialogue (one session per day, `per_session`
+utterances each) in which named variables are set, changed, restated and dropped (`ledger` grammar), mixed with
+chit-chat and distractors that name a variable without a value. The same (seed, n_events) always gives the same
+ledger. After the history, questions probe LongMemEval's five abilities, each with one exact answer:
+
+  extraction     "what is kobu now?"          a variable set once in one session, never touched again
+  multi_session  "what is kobu plus lima now?" two live variables last set in different sessions: their sum
+  temporal       "what was kobu on day 4?"    the value at the end of an earlier day (it has changed since)
+  update         "what is kobu now?"          a variable changed at least once: its latest value
+  abstention     "what is zuvo now?"          never set, or dropped: the answer is "unknown"
+
+Readers turn (question, retrieved context) into an answer string:
+- `rule_reader` is deterministic and exact about the formats it reads: it replays "day d: <utterance>" lines,
+  reads "key = value (day a-b)" fact lines and "core: key = value" lines. It is the baseline that isolates the
+  store: a wrong answer means the store did not put the needed lines in the context.
+- The Lumen LM answerer (`framework.memory.answerer`) reads the same context text.
+
+`evaluate(store, ledger, reader, k=..., budget=...)` writes the history into the store, asks every question with
+`store.retrieve(question, k)`, renders the items oldest first (core lines first) and keeps the most recent lines
+that fit in `budget` tokens of the text tokenizer (the reader's window; a full history longer than it is cut, which
+is how full context degrades), then scores exact matches. Tokens read per question = context + question tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from framework.memory.base import Event, Item
+from framework.memory.ledger import extract_facts
+from framework.tasks.tokenizer import TEXT_TOKENIZER
+
+__all__ = [
+    "ABILITIES",
+    "Ledger",
+    "Question",
+    "ask",
+    "evaluate",
+    "make_ledger",
+    "render_context",
+    "rule_reader",
+    "score",
+]
+
+ABILITIES = ("extraction", "multi_session", "temporal", "update", "abstention")
+UNKNOWN = "unknown"
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+_CHATTER = ("the sky looks {adj} today.", "my {noun} feels {adj}.", "lunch was {adj}.", "the {noun} is {adj} again.")
+_ADJ = ("grey", "calm", "loud", "warm", "odd", "bright", "slow", "fine")
+_NOUN = ("garden", "train", "office", "coffee", "river", "meeting", "window", "printer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One question about the end of a history: its ability, text and the one exact answer."""
+
+    ability: str
+    text: str
+    answer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Ledger:
+    """A generated history (events in order) and its questions."""
+
+    seed: int
+    events: tuple[Event, ...]
+    questions: tuple[Question, ...]
+
+
+def _names(rng: np.random.Generator, n: int) -> list[str]:
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        syl = int(rng.integers(2, 4))
+        name = "".join(
+            _CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(syl)
+        )
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+    return out
+
+
+def make_ledger(seed: int, n_events: int, *, per_session: int = 8, questions_per_ability: int = 4) -> Ledger:
+    """A deterministic ledger dialogue of `n_events` utterances and up to `questions_per_ability` per ability."""
+    if isinstance(n_events, bool) or int(n_events) <= 0:
+        raise ValueError(f"n_events = {n_events!r}; expected a positive number of utterances")
+    if int(per_session) <= 0 or int(questions_per_ability) <= 0:
+        raise ValueError(f"per_session = {per_session}, questions_per_ability = {questions_per_ability}; expected > 0")
+    rng = np.random.default_rng([int(seed), int(n_events)])
+    pool = _names(rng, int(n_events) + 4 * int(questions_per_ability) + 8)
+    fresh = iter(pool)
+    live: dict[str, int] = {}
+    hist: dict[str, list[tuple[int, str, int | None]]] = {}  # name -> [(day, op, value)]
+    events = []
+    for i in range(int(n_events)):
+        day = i // int(per_session)
+        r = rng.random()
+        if not live or r < 0.3:
+            name, v = next(fresh), int(rng.integers(100))
+            text, op = f"set {name} to {v}.", "set"
+        elif r < 0.55:
+            name, v = sorted(live)[rng.integers(len(live))], int(rng.integers(100))
+            text, op = f"change {name} to {v}.", "change"
+        elif r < 0.62:
+            name = sorted(live)[rng.integers(len(live))]
+            v, text, op = live[name], f"{name} is still {live[name]}.", "still"
+        elif r < 0.67 and len(live) > 2:
+            name, v = sorted(live)[rng.integers(len(live))], None
+            text, op = f"drop {name}.", "drop"
+        elif r < 0.8:
+            name, v, op = sorted(live)[rng.integers(len(live))], None, "mention"
+            text = f"remember to check {name}."
+        else:
+            name, v, op = None, None, "chat"
+            text = _CHATTER[rng.integers(len(_CHATTER))].format(
+                adj=_ADJ[rng.integers(len(_ADJ))], noun=_NOUN[rng.integers(len(_NOUN))]
+            )
+        if op in ("set", "change", "still"):
+            live[name] = v
+            hist.setdefault(name, []).append((day, op, v))
+        elif op == "drop":
+            del live[name]
+            hist[name].append((day, op, None))
+        events.append(Event(text, float(day), session=day))
+    return Ledger(int(seed), tuple(events), tuple(_questions(rng, hist, live, fresh, int(questions_per_ability))))
+
+
+def _value_at(h: list[tuple[int, str, int | None]], day: int) -> int | None:
+    out = None
+    for d, _, v in h:
+        if d <= day:
+            out = v
+    return out
+
+
+def _questions(rng, hist, live, fresh, n) -> list[Question]:
+    def pick(xs, m):
+        xs = sorted(xs)
+        return [xs[i] for i in sorted(rng.permutation(len(xs))[:m].tolist())] if xs else []
+
+    once = [k for k, h in hist.items() if len(h) == 1 and k in live]
+    changed = [k for k, h in hist.items() if k in live and any(op == "change" for _, op, _ in h)]
+    qs = [Question("extraction", f"what is {k} now?", str(live[k])) for k in pick(once, n)]
+    last_day = {k: hist[k][-1][0] for k in live}
+    pairs = [(a, b) for a in sorted(live) for b in sorted(live) if a < b and last_day[a] != last_day[b]]
+    for j in rng.permutation(len(pairs))[:n].tolist() if pairs else []:
+        a, b = pairs[j]
+        qs.append(Question("multi_session", f"what is {a} plus {b} now?", str(live[a] + live[b])))
+    temporal = []
+    for k in changed:
+        days = [d for d in range(hist[k][0][0], hist[k][-1][0]) if _value_at(hist[k], d) not in (None, live[k])]
+        if days:
+            temporal.append((k, days))
+    for j in rng.permutation(len(temporal))[:n].tolist() if temporal else []:
+        k, days = temporal[j]
+        d = days[rng.integers(len(days))]
+        qs.append(Question("temporal", f"what was {k} on day {d}?", str(_value_at(hist[k], d))))
+    qs += [Question("update", f"what is {k} now?", str(live[k])) for k in pick(changed, n)]
+    dropped = pick([k for k in hist if k not in live], n // 2)
+    unseen = [next(fresh) for _ in range(n - len(dropped))]
+    qs += [Question("abstention", f"what is {k} now?", UNKNOWN) for k in dropped + unseen]
+    return qs
+
+
+# ---- the rule-based reader ----
+_EVENT_LINE = re.compile(r"^day (\d+(?:\.\d+)?): (.*)$")
+_FACT_LINE = re.compile(r"^([a-z]+) = (\d+) \(day ([\d.?]+)-([\d.]+|now)\)$")
+_CORE_LINE = re.compile(r"^core: ([a-z]+) = (\d+)$")
+_Q_NOW = re.compile(r"^what is ([a-z]+) now\?$")
+_Q_SUM = re.compile(r"^what is ([a-z]+) plus ([a-z]+) now\?$")
+_Q_AT = re.compile(r"^what was ([a-z]+) on day (\d+)\?$")
+
+
+def _lookup(lines: Sequence[str], key: str, day: float | None) -> int | None:
+    core, facts, events = None, [], []
+    for line in lines:
+        if m := _CORE_LINE.match(line):
+            if m.group(1) == key:
+                core = int(m.group(2))
+        elif m := _FACT_LINE.match(line):
+            if m.group(1) == key:
+                lo = -np.inf if m.group(3) == "?" else float(m.group(3))
+                hi = np.inf if m.group(4) == "now" else float(m.group(4))
+                facts.append((lo, hi, int(m.group(2))))
+        elif m := _EVENT_LINE.match(line):
+            for f in extract_facts(m.group(2)):
+                if f.key == key:
+                    events.append((float(m.group(1)), f.value))
+    if day is None and core is not None:
+        return core
+    t = 1e300 if day is None else day  # "now": after every event, inside every open interval
+    inside = [v for lo, hi, v in sorted(facts) if lo <= t < hi]
+    if inside:
+        return inside[-1]
+    if facts and not events:
+        return None
+    value = None
+    for d, v in events:  # lines arrive oldest first: the last one on or before the day holds
+        if d <= t:
+            value = v
+    return value
+
+
+def rule_reader(question: str, lines: Sequence[str]) -> str:
+    """The exact answer the context lines support: a number, or "unknown" (see module docstring)."""
+    if m := _Q_SUM.match(question):
+        a, b = _lookup(lines, m.group(1), None), _lookup(lines, m.group(2), None)
+        return UNKNOWN if a is None or b is None else str(a + b)
+    if m := _Q_NOW.match(question):
+        v = _lookup(lines, m.group(1), None)
+    elif m := _Q_AT.match(question):
+        v = _lookup(lines, m.group(1), float(m.group(2)))
+    else:
+        raise ValueError(f"question = {question!r}; expected one of the ledger question forms")
+    return UNKNOWN if v is None else str(v)
+
+
+def render_context(items: Sequence[Item], budget: int | None, tokenizer=TEXT_TOKENIZER) -> list[str]:
+    """The lines a reader sees: core lines, then items oldest first; only the most recent that fit `budget` tokens."""
+    ordered = sorted(items, key=lambda it: (it.kind != "core", it.time, it.id))
+    lines = [it.render() for it in ordered]
+    if budget is None:
+        return lines
+    kept, used = [], 0
+    for line in reversed(lines):
+        cost = len(tokenizer.encode(line)) + 1
+        if used + cost > budget:
+            break
+        kept.append(line)
+        used += cost
+    return kept[::-1]
+
+
+Reader = Callable[[str, Sequence[str]], str]
+
+
+def ask(
+    store, ledger: Ledger, *, k: int = 8, budget: int | None = 1024, tokenizer=TEXT_TOKENIZER, write: bool = True
+) -> list[tuple[str, list[str]]]:
+    """Writes `ledger` into `store` (unless `write=False`), then [(question, context lines)] for its questions."""
+    if write:
+        for event in ledger.events:
+            store.write(event)
+    return [(q.text, render_context(store.retrieve(q.text, k), budget, tokenizer)) for q in ledger.questions]
+
+
+def score(
+    ledger: Ledger, contexts: Sequence[tuple[str, list[str]]], reader: Reader = rule_reader, tokenizer=TEXT_TOKENIZER
+) -> dict:
+    """Answers every (question, lines) with `reader`; per-question records and accuracy/tokens per ability.
+
+    `reader(question, lines) -> answer`; a reader with `answer_batch([(question, lines)])` gets all questions at once.
+    """
+    batch = getattr(reader, "answer_batch", None)
+    answers = batch(contexts) if batch is not None else [reader(q, lines) for q, lines in contexts]
+    records = []
+    for q, (_, lines), got in zip(ledger.questions, contexts, answers):
+        tokens = sum(len(tokenizer.encode(x)) + 1 for x in lines) + len(tokenizer.encode(q.text))
+        records.append(
+            dict(
+                ability=q.ability,
+                question=q.text,
+                answer=q.answer,
+                got=got,
+                correct=got == q.answer,
+                tokens_read=tokens,
+            )
+        )
+    return dict(records=records, **summarise(records))
+
+
+def evaluate(
+    store,
+    ledger: Ledger,
+    reader: Reader = rule_reader,
+    *,
+    k: int = 8,
+    budget: int | None = 1024,
+    tokenizer=TEXT_TOKENIZER,
+) -> dict:
+    """Writes `ledger` into `store`, asks its questions, scores `reader`'s answers (`ask` then `score`)."""
+    return score(ledger, ask(store, ledger, k=k, budget=budget, tokenizer=tokenizer), reader, tokenizer)
+
+
+def summarise(records: Sequence[dict]) -> dict:
+    """Accuracy and mean tokens read, per ability and overall."""
+    out = {"accuracy": {}, "tokens_read": {}, "count": {}}
+    for ab in ABILITIES + ("all",):
+        rs = [r for r in records if ab == "all" or r["ability"] == ab]
+        out["count"][ab] = len(rs)
+        out["accuracy"][ab] = float(np.mean([r["correct"] for r in rs])) if rs else None
+        out["tokens_read"][ab] = float(np.mean([r["tokens_read"] for r in rs])) if rs else None
+    return out

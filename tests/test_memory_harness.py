@@ -1,0 +1,73 @@
+"""The ledger-dialogue harness: deterministic histories, exact answers, the rule-based reader, the evaluation loop."""
+
+import pytest
+
+from framework import memory
+from framework.memory import harness
+
+
+def _lines(events):
+    return [f"day {e.time:g}: {e.text}" for e in events]
+
+
+def test_ledger_is_deterministic_and_covers_every_ability():
+    a, b = harness.make_ledger(3, 200), harness.make_ledger(3, 200)
+    assert a == b and harness.make_ledger(4, 200).events != a.events
+    assert len(a.events) == 200 and {e.session for e in a.events} == set(range(25))
+    assert {ab: sum(q.ability == ab for q in a.questions) for ab in harness.ABILITIES} == dict.fromkeys(
+        harness.ABILITIES, 4
+    )
+    assert all(q.answer == "unknown" for q in a.questions if q.ability == "abstention")
+    assert all(q.answer.isdigit() for q in a.questions if q.ability != "abstention")
+
+
+@pytest.mark.parametrize("n", [10, 60, 400])
+def test_rule_reader_answers_every_question_from_the_whole_history(n):
+    ledger = harness.make_ledger(0, n, questions_per_ability=6)
+    lines = _lines(ledger.events)
+    assert [harness.rule_reader(q.text, lines) for q in ledger.questions] == [q.answer for q in ledger.questions]
+    # The answers depend on the history: with the history cut to its last 20 lines, some are lost.
+    if n == 400:
+        assert [harness.rule_reader(q.text, lines[-20:]) for q in ledger.questions] != [
+            q.answer for q in ledger.questions
+        ]
+
+
+def test_rule_reader_reads_fact_and_core_lines():
+    lines = ["core: lima = 9", "kobu = 12 (day 1-5)", "kobu = 40 (day 5-now)", "pato = 3 (day 2-4)"]
+    r = harness.rule_reader
+    assert (r("what is kobu now?", lines), r("what was kobu on day 4?", lines), r("what is lima now?", lines)) == (
+        "40",
+        "12",
+        "9",
+    )
+    assert r("what is pato now?", lines) == "unknown" and r("what is kobu plus lima now?", lines) == "49"
+    with pytest.raises(ValueError, match="expected one of the ledger question forms"):
+        r("how are you?", lines)
+
+
+def test_evaluate_shows_what_each_store_keeps(tmp_path):
+    ledger = harness.make_ledger(1, 240)
+
+    def run(kind, **kw):
+        with memory.STORES[kind](tmp_path / f"{kind}.db") as store:
+            return harness.evaluate(store, ledger, k=8, **kw)
+
+    full = run("full_context", budget=None)
+    assert full["accuracy"]["all"] == 1.0  # the whole history, read whole: every answer
+    assert run("full_context", budget=256)["accuracy"]["all"] < 1.0  # cut to the reader's window
+    facts = run("facts")
+    assert facts["accuracy"]["temporal"] == 0.0  # only current values are kept, and the asked day's value differs
+    assert facts["accuracy"]["update"] == 1.0
+    temporal = run("temporal")
+    assert temporal["accuracy"]["temporal"] == 1.0 and temporal["accuracy"]["update"] == 1.0
+    assert run("recent_window")["accuracy"]["multi_session"] == 0.0
+    assert facts["tokens_read"]["all"] < full["tokens_read"]["all"]
+    assert all(r["tokens_read"] > 0 for r in facts["records"])
+
+
+def test_bad_ledger_arguments():
+    with pytest.raises(ValueError, match="n_events = 0"):
+        harness.make_ledger(0, 0)
+    with pytest.raises(ValueError, match="per_session = 0"):
+        harness.make_ledger(0, 5, per_session=0)
