@@ -50,6 +50,7 @@ def model_config(size: str = "small", **overrides) -> ml_collections.ConfigDict:
         eos_ids=(2,),
         pad_id=0,
         init_std=0.02,
+        hf_path=config_dict.placeholder(str),  # a local Hugging Face folder to import instead of training an LM
     )
     cfg.update(MODEL_SIZES[size])
     cfg.update(overrides)

@@ -1,9 +1,13 @@
-"""Train an SAE (or transcoder) on a hookpoint of an arithmetic LM: get the LM, harvest, fit, evaluate, report.
+"""Train an SAE (or transcoder) on a hookpoint of an LM: get the LM, harvest, fit, evaluate, report.
 
-The LM is loaded from `config.lm.workdir` (a train_lm workdir; resumed to its configured step count, so a finished
-run loads without training) or trained here into `workdir/lm` from `config.lm.train_lm`. Activations of every
-`config.harvest.hookpoints` are harvested in one pass per batch into `workdir/activations` (train split) and
-`workdir/activations_eval` (eval split); rerunning reuses both.
+The LM is an imported Hugging Face checkpoint when `config.model.hf_path` names a local folder (its tokens: the
+local plain-text file `config.harvest.text_file`, tokenized by the folder's tokenizer.json, or whitespace-separated
+token ids when it has none; see `text_batches`), else an arithmetic LM loaded from `config.lm.workdir` (a train_lm
+workdir; resumed to its configured step count, so a finished run loads without training) or trained here into
+`workdir/lm` from `config.lm.train_lm`, read on its own task. Activations of every `config.harvest.hookpoints` are
+harvested in one pass per batch into `workdir/activations` (train split) and `workdir/activations_eval` (eval
+split); rerunning reuses both. Only real tokens are harvested (`store.token_mask`: padding by mask, and the
+model's own BOS).
 
 The SAE trains with `sae.fit`, whose bookkeeping is the training loop's: its state is checkpointed (orbax) into
 `workdir/sae_checkpoints` every `train.checkpoint_every` steps, rerunning the same command resumes there (a finished
@@ -12,7 +16,9 @@ trains (one `train/` record per `sae.log_every` steps; records past a resumed ch
 
 Artifacts in `workdir`: config.json, metrics.jsonl + tensorboard/ (the SAE's training history), sae_params.safetensors,
 results/sae_metrics.json (reconstruction metrics on held-out tokens, CE loss recovered and delta LM loss spliced
-into the LM, density histogram, throughput), report/features.html, figures/density.png.
+into the LM, density histogram, throughput), report/features.html (tokens shown with the model's own tokenizer),
+figures/density.png. CE loss recovered is null (and reported as undefined) when zero-ablating the hookpoint does not
+raise the LM's loss: the ratio then means nothing.
 """
 
 from __future__ import annotations
@@ -30,15 +36,25 @@ from configs.sae.common import sae_experiment
 from experiments import train_lm
 from framework import config as config_lib
 from framework import sae, sharding
-from framework.models import lm
+from framework.models import hf, lm
 from framework.sae import defaults, report, store
 from framework.tasks import data
+from framework.tasks import tokenizer as tok_lib
 from framework.training import loop
 
 log = logging.getLogger(__name__)
 
 
+EVAL_EVERY = 10  # every tenth row of an imported model's text file is held out (the eval split)
+
+
+def _hf_path(config) -> str | None:
+    return config.model.get("hf_path")
+
+
 def _lm_config(config) -> ml_collections.ConfigDict:
+    if _hf_path(config) is not None:
+        return _text_source(config)
     if config.lm.workdir is None:
         return config.lm.train_lm
     path = os.path.join(config.lm.workdir, "config.json")
@@ -58,7 +74,7 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
         )
     config_lib.check_against(config, sae_experiment(arch))
     lm_config = _lm_config(config)
-    model_cfg = train_lm.validate(lm_config)
+    model_cfg = _validate_hf(config) if _hf_path(config) is not None else train_lm.validate(lm_config)
     try:
         defaults.validate(config.sae)
         store.check_hookpoints(config.sae, model_cfg)
@@ -100,17 +116,121 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
     return model_cfg
 
 
+def _validate_hf(config) -> lm.LMConfig:
+    """The imported model's LMConfig (from its config.json, no weights) and its text source, checked."""
+    path, text = _hf_path(config), config.harvest.text_file
+    config_lib.require(
+        config.lm.workdir is None,
+        "lm.workdir",
+        f"{config.lm.workdir!r} and model.hf_path={path!r} both name the LM; set one",
+    )
+    try:
+        model_cfg = hf.hf_model_config(config.model)
+    except (ValueError, FileNotFoundError) as e:
+        raise config_lib.ConfigError(f"config key 'model.hf_path': {e}") from None
+    config_lib.require(
+        text is not None and os.path.isfile(text),
+        "harvest.text_file",
+        f"{text!r}: an imported model (model.hf_path) reads a local plain-text file; give its path",
+    )
+    seq_len = config.harvest.seq_len
+    config_lib.require(
+        2 <= seq_len <= model_cfg.max_seq_len,
+        "harvest.seq_len",
+        f"{seq_len} must be in [2, the model's max_seq_len={model_cfg.max_seq_len}]",
+    )
+    return model_cfg
+
+
+def _text_source(config) -> ml_collections.ConfigDict:
+    """What `token_batches` needs to read an imported model's text file (stands where an LM's train config would)."""
+    return ml_collections.ConfigDict(
+        dict(
+            hf_path=_hf_path(config),
+            text_file=config.harvest.text_file,
+            seq_len=config.harvest.seq_len,
+            seed=config.seed,
+            splice_batch_size=config.harvest.batch_size,
+        )
+    )
+
+
+def _is_text(lm_config) -> bool:
+    return "text_file" in lm_config
+
+
 def load_or_train_lm(config, workdir: str):
-    """(params, model config, the LM's experiment config): trained into workdir/lm or resumed from lm.workdir."""
+    """(params, model config, the LM's experiment config): imported from model.hf_path (the "config" is then its
+    text source), or trained into workdir/lm, or resumed from lm.workdir."""
     lm_config = _lm_config(config)
+    if _is_text(lm_config):
+        model_cfg, params, _ = hf.model_from_config(config.model)
+        return params, model_cfg, lm_config
     lm_dir = config.lm.workdir or os.path.join(workdir, "lm")
     model_cfg, task = train_lm.make_task(lm_config)
     state = loop.train(lm_config, lm_dir, task)
     return jax.device_get(state.params), model_cfg, lm_config
 
 
-def token_batches(lm_config, split: str, batch_size: int):
-    """Endless packed batches of the LM's own task (tokens, positions, segment_ids) of `split`."""
+def text_rows(lm_config, model_cfg: lm.LMConfig, split: str) -> np.ndarray:
+    """int32 [R, T] rows of an imported model's text file: its tokens in order, cut into rows of T = seq_len (each
+    row [BOS] + T - 1 tokens where the model has a BOS); rows i with i % EVAL_EVERY == EVAL_EVERY - 1 are `eval`."""
+    ids = _file_tokens(lm_config, model_cfg)
+    bos = [] if model_cfg.bos_id is None else [model_cfg.bos_id]
+    body = lm_config.seq_len - len(bos)
+    n_rows = len(ids) // body
+    if n_rows < EVAL_EVERY:
+        raise ValueError(
+            f"harvest.text_file {lm_config.text_file!r} holds {len(ids)} tokens: fewer than {EVAL_EVERY} rows of "
+            f"harvest.seq_len={lm_config.seq_len} (needed for a held-out row); give more text or a shorter seq_len"
+        )
+    rows = ids[: n_rows * body].reshape(n_rows, body)
+    rows = np.concatenate([np.full((n_rows, len(bos)), bos, np.int32), rows], axis=1) if bos else rows
+    held_out = np.arange(n_rows) % EVAL_EVERY == EVAL_EVERY - 1
+    return rows[held_out if split == "eval" else ~held_out]
+
+
+def _file_tokens(lm_config, model_cfg: lm.LMConfig) -> np.ndarray:
+    """The text file's token ids (int32): tokenized by the checkpoint's tokenizer.json, else read as integer ids."""
+    folder = lm_config.hf_path
+    with open(lm_config.text_file, encoding="utf-8") as f:
+        text = f.read()
+    if os.path.exists(os.path.join(folder, hf.TOKENIZER_FILE)):
+        ids = tok_lib.tokenizer_for(model_cfg, folder=folder).encode(text)
+    else:
+        try:
+            ids = np.asarray([int(t) for t in text.split()], np.int64)
+        except ValueError as e:
+            raise ValueError(
+                f"harvest.text_file {lm_config.text_file!r}: the checkpoint {folder!r} has no tokenizer.json, so the "
+                f"file must hold whitespace-separated token ids ({e})"
+            ) from None
+    return tok_lib.check_token_ids(
+        ids, model_cfg.vocab_size, where=f"harvest.text_file {lm_config.text_file!r}"
+    ).astype(np.int32)
+
+
+def text_batches(lm_config, model_cfg: lm.LMConfig, split: str, batch_size: int):
+    """Endless batches of `text_rows` (a seeded order, reshuffled each pass): tokens, mask (every position is a
+    real token) and loss_mask (every position after the first is a target)."""
+    rows = text_rows(lm_config, model_cfg, split)
+    rng = np.random.default_rng([lm_config.seed, data.SPLITS.index(split)])
+    order = np.zeros(0, np.int64)
+    while True:
+        while len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(len(rows))])
+        take, order = order[:batch_size], order[batch_size:]
+        tokens = rows[take]
+        loss_mask = np.ones(tokens.shape, np.float32)
+        loss_mask[:, 0] = 0.0
+        yield {"tokens": tokens, "mask": np.ones(tokens.shape, bool), "loss_mask": loss_mask}
+
+
+def token_batches(lm_config, split: str, batch_size: int, model_cfg: lm.LMConfig | None = None):
+    """Endless batches of `split`: the LM's own task (packed: tokens, positions, segment_ids), or for an imported
+    model (`model_cfg` then needed) `text_batches` of its text file."""
+    if _is_text(lm_config):
+        return text_batches(lm_config, model_cfg, split, batch_size)
     ds = data.make_dataset(
         seed=lm_config.seed,
         batch_size=batch_size,
@@ -133,7 +253,7 @@ def harvest_split(params, model_cfg, lm_config, config, path: str, split: str, n
         params,
         model_cfg,
         config.harvest.hookpoints,
-        token_batches(lm_config, split, config.harvest.batch_size),
+        token_batches(lm_config, split, config.harvest.batch_size, model_cfg),
         path,
         max_tokens=n_tokens,
         dtype=config.harvest.dtype,
@@ -194,6 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         n_features=config.report.n_features,
         top=config.report.top_contexts,
         seed=config.seed,
+        tokenizer=_report_tokenizer(lm_config, model_cfg),
     )
     if jax.process_index() == 0:
         _write_artifacts(workdir, config, sae_params, results, summaries)
@@ -202,16 +323,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return dict(results, sae_params=sae_params, lm_params=params, summaries=summaries)
 
 
+def _report_tokenizer(lm_config, model_cfg: lm.LMConfig):
+    """The tokenizer the feature report shows tokens with: the imported folder's (None: ids), else the LM's own."""
+    if _is_text(lm_config):
+        if not os.path.exists(os.path.join(lm_config.hf_path, hf.TOKENIZER_FILE)):
+            return None
+        return tok_lib.tokenizer_for(model_cfg, folder=lm_config.hf_path)
+    return tok_lib.get_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer in tok_lib.BUILTIN else None
+
+
 def splice_metrics(params, model_cfg, lm_config, sae_params, config) -> dict:
-    """CE loss recovered and delta LM loss, averaged over `eval.splice_batches` eval batches."""
-    batches = token_batches(lm_config, "eval", lm_config.train.batch_size)
+    """CE loss recovered and delta LM loss, averaged over `eval.splice_batches` eval batches; CE loss recovered is
+    None (`ce_loss_recovered_defined` False) when zero ablation does not raise the loss."""
+    size = lm_config.splice_batch_size if _is_text(lm_config) else lm_config.train.batch_size
+    batches = token_batches(lm_config, "eval", size, model_cfg)
     rows = []
     for _, b in zip(range(config.eval.splice_batches), batches):
         rows.append(sae.metrics.spliced_lm_loss(params, model_cfg, b, sae_params, config.sae))
     out = {k: float(np.mean([r[k] for r in rows])) for k in ("clean_loss", "sae_loss", "zero_ablation_loss")}
-    out["ce_loss_recovered"] = (out["zero_ablation_loss"] - out["sae_loss"]) / (
-        out["zero_ablation_loss"] - out["clean_loss"]
+    out["ce_loss_recovered"] = sae.metrics.ce_loss_recovered(
+        out["clean_loss"], out["sae_loss"], out["zero_ablation_loss"]
     )
+    out["ce_loss_recovered_defined"] = out["ce_loss_recovered"] is not None
     out["delta_lm_loss"] = out["sae_loss"] - out["clean_loss"]
     return out
 
@@ -225,13 +358,18 @@ def _write_artifacts(workdir, config, sae_params, results, summaries) -> None:
     with open(os.path.join(workdir, "results", "sae_metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
     header = {
+        "model": _hf_path(config) or "arithmetic LM",
         "arch": config.sae.arch,
         "hookpoint": results["hookpoint"],
         "latents": config.sae.n_latents,
         "FVU (held out)": f"{results['eval']['fvu']:.4f}",
         "L0": f"{results['eval']['l0']:.2f}",
         "dead fraction": f"{results['eval']['dead_fraction']:.4f}",
-        "CE loss recovered": f"{results['splice']['ce_loss_recovered']:.4f}",
+        "CE loss recovered": (
+            f"{results['splice']['ce_loss_recovered']:.4f}"
+            if results["splice"]["ce_loss_recovered"] is not None
+            else "undefined (zero-ablating the hookpoint does not raise the loss)"
+        ),
         "delta LM loss": f"{results['splice']['delta_lm_loss']:.4f}",
     }
     report.write_report(

@@ -19,6 +19,7 @@ from framework import config as config_lib
 from framework import inference, sharding
 from framework.inference import reference
 from framework.models import lm
+from framework.models.config import HF_PATH_KEY
 from framework.tasks import arithmetic, data, policy_eval
 from framework.tasks import tokenizer as tok
 from framework.training import loop
@@ -44,7 +45,17 @@ def knobs(config: ml_collections.ConfigDict) -> dict:
 
 def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
     """Checks keys, types and combinations of a train_lm config; returns the model config. Compiles nothing."""
-    config_lib.check_against(config, common.lm_experiment())
+    reference = common.lm_experiment()
+    if HF_PATH_KEY in config.model and HF_PATH_KEY not in reference.model:
+        reference.model[HF_PATH_KEY] = None  # an experiment config's optional imported checkpoint (None here)
+    config_lib.check_against(config, reference)
+    hf_path = config.model.get(HF_PATH_KEY)
+    config_lib.require(
+        hf_path is None,
+        f"model.{HF_PATH_KEY}",
+        f"{hf_path!r}: train_lm trains a new LM on the arithmetic task; imported checkpoints are read by the "
+        "experiments that take a trained LM (e.g. sae)",
+    )
     try:
         model_cfg = lm.LMConfig.from_config(config.model)
     except (TypeError, ValueError) as e:

@@ -71,7 +71,8 @@ def test_config_mapping():
 
 
 def test_transformers_v4_config_and_overrides():
-    """Older configs: top-level rope_theta, no head_dim / kv heads, pad None; overrides win."""
+    """Older configs: top-level rope_theta, no head_dim / kv heads, pad None (kept None: no invented pad); overrides
+    win."""
     hf_config = dict(
         model_type="llama",
         architectures=["LlamaForCausalLM"],
@@ -86,7 +87,7 @@ def test_transformers_v4_config_and_overrides():
         pad_token_id=None,
     )
     cfg = hf.hf_config_to_lm_config(hf_config, scan_layers=False)
-    assert (cfg.rope_theta, cfg.n_kv_heads, cfg.head_dim, cfg.pad_id, cfg.eos_ids) == (1e6, 2, 8, 0, (2,))
+    assert (cfg.rope_theta, cfg.n_kv_heads, cfg.head_dim, cfg.pad_id, cfg.eos_ids) == (1e6, 2, 8, None, (2,))
     assert not cfg.scan_layers and not cfg.tie_embeddings
 
 

@@ -21,8 +21,20 @@ def sae_experiment(arch: str, **sae_overrides) -> ml_collections.ConfigDict:
     lm_cfg.task.modulus = 10
     lm_cfg.train.update(steps=1500, batch_size=32, seq_len=80, lr=1e-2, checkpoint_every=500, log_every=100)
     config.lm = ml_collections.ConfigDict({"workdir": config_dict.placeholder(str), "train_lm": lm_cfg})
+    # An imported model (model.hf_path) reads `text_file`, a local plain-text file tokenized by the folder's
+    # tokenizer.json (a file of whitespace-separated token ids when the folder has none), cut into rows of seq_len
+    # tokens (BOS first where the model has one); every tenth row is held out for eval. The arithmetic LM reads its
+    # own task instead and ignores both.
     config.harvest = ml_collections.ConfigDict(
-        dict(hookpoints=(HOOKPOINT,), train_tokens=200_000, eval_tokens=16_384, batch_size=64, dtype="float32")
+        dict(
+            hookpoints=(HOOKPOINT,),
+            train_tokens=200_000,
+            eval_tokens=16_384,
+            batch_size=64,
+            dtype="float32",
+            text_file=config_dict.placeholder(str),
+            seq_len=128,
+        )
     )
     config.sae = defaults.default_config(arch, d_in=common.MODEL_SIZES["tiny"]["d_model"], n_latents=512)
     config.sae.hookpoint = HOOKPOINT
@@ -34,5 +46,7 @@ def sae_experiment(arch: str, **sae_overrides) -> ml_collections.ConfigDict:
     config.mesh = common.mesh_config()
     # `model` is the LM's model section itself (one object, two names), so `--config.model.*` works here as in every
     # training config; it has no effect when `lm.workdir` loads a trained LM (that LM's own config.json decides).
+    # `--config.model.hf_path=<folder>` reads an imported HF checkpoint instead (its config.json decides the model;
+    # sae.d_in must be its d_model).
     config.model = lm_cfg.model
     return config

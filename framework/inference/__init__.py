@@ -5,6 +5,8 @@ out = generate(params, cfg, [prompt_a, prompt_b], max_new_tokens=32, temperature
                rng=jax.random.key(0))                      # kv_layout="paged", kv_dtype="int8" also work
 out.tokens, out.logprobs, out.lengths   # [B, N] int32, [B, N] float32 (unmodified model), [B] int32
 out.processed_logprobs                  # [B, N] float32 under the distribution the tokens were drawn from
+# After a row's stop: tokens hold `pad_value` (default the model's pad id, or -1 for a model without one, e.g. Llama);
+# out.lengths marks each row's end, so no pad token is ever needed.
 
 Hooks (static: each distinct setup compiles once): `logits_processors=(fn(logits_BV, tokens_BS, lengths_B), ...)`,
 `sampler=fn(logits_BV, tokens_BS, lengths_B, keys_B)`, `interventions={"blocks.1.resid_post": fn}`. `rng` may be

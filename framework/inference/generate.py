@@ -11,11 +11,13 @@ step i) until all sequences have stopped or N tokens exist. Nothing runs in Pyth
 Hooks: `logits_processors` (`fn(logits_BV, tokens_BS, lengths_B) -> logits_BV`, applied in order after the
 temperature and before top-k/top-p) and a `sampler` (`fn(logits_BV, tokens_BS, lengths_B, keys_B) -> tokens_B`,
 replacing the draw) see a [B, T + N] buffer of each row's prompt followed by its tokens so far, valid up to
-`lengths_B` (pad_id after); the loop carries that buffer only when a processor or sampler is present.
+`lengths_B` (`request.filler_id` after); the loop carries that buffer only when a processor or sampler is present.
 `interventions` (hookpoint name -> fn, as in `lm.forward`) apply in the prefill and in every decode step.
 `prompt_embeds` replace the prompts' embedding lookup in the prefill (soft or image tokens); `prefix_len` gives the
 prefill a prefix-LM mask. Decode steps embed their tokens and attend causally, which already sees the whole prefix.
-Arguments are checked before any jit by `framework.inference.request.validate_request`.
+Arguments are checked before any jit by `framework.inference.request.validate_request`. No pad token is needed:
+`lengths` marks where each row's output ends, and the tokens after a stop hold `pad_value` (default: the model's
+pad id, or -1 for a model without one).
 
 Randomness is per row (`sampling.row_keys`): `rng` is one key (row b draws from `fold_in(rng, b)`) or a batch of B
 keys, and step i of row b draws with `fold_in(row_key_b, i)` and its own categorical. A row's sample therefore
@@ -49,6 +51,7 @@ from framework.inference.request import (  # noqa: F401 (MIN_BUCKET, Request, bu
     Interventions,
     Request,
     bucket_length,
+    filler_id,
     prompt_block,
     validate_request,
 )
@@ -58,7 +61,7 @@ from framework.models import lm
 class GenerateOutput(NamedTuple):
     """Generated tokens with their log-probabilities under the model's distribution and under the sampled one.
 
-    tokens:   int32 [B, N] new tokens only; `cfg.pad_id` after a sequence's stop token.
+    tokens:   int32 [B, N] new tokens only; `pad_value` after a sequence's stop token (valid: the first `lengths`).
     logprobs: float32 [B, N] log_softmax of the raw logits (temperature 1, no processors, no top-k/top-p) at each
               generated token, i.e. what a verifier or scorer needs regardless of how the token was sampled; 0 after
               the stop.
@@ -134,6 +137,7 @@ def _generate_jit(
     temperature,
     top_k,
     top_p,
+    pad_value,
     *,
     cfg: lm.LMConfig,
     max_new_tokens: int,
@@ -202,13 +206,14 @@ def _generate_jit(
         logits_at=(prompt_lens_B - 1)[:, None],
         interventions=iv,
     )
-    # The prompt block is already pad_id past each prompt, so prompt + pad is the buffer's start.
-    buf_BS = jnp.concatenate([tokens_BT, jnp.full((B, N), cfg.pad_id, jnp.int32)], axis=1) if hooked else None
+    # The prompt block already holds the filler past each prompt, so prompt + filler is the buffer's start.
+    filler = filler_id(cfg)
+    buf_BS = jnp.concatenate([tokens_BT, jnp.full((B, N), filler, jnp.int32)], axis=1) if hooked else None
     tok_B, lp_B, plp_B = pick(out.logits[:, 0], 0, buf_BS, prompt_lens_B)
     state = {
         "i": jnp.int32(1),
         "cache": _free_rows(out.kv_cache, is_stop(tok_B)) if paged else out.kv_cache,
-        "tokens": jnp.full((B, N), cfg.pad_id, jnp.int32).at[:, 0].set(tok_B),
+        "tokens": jnp.full((B, N), pad_value, jnp.int32).at[:, 0].set(tok_B),
         "logprobs": jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B),
         "prev": tok_B,
         "done": is_stop(tok_B),
@@ -233,12 +238,12 @@ def _generate_jit(
         # A live row has i generated tokens, so its valid length in the buffer is prompt_len + i.
         tok_B, lp_B, plp_B = pick(logits_BV, i, s.get("buf"), prompt_lens_B + s["lengths"])
         new = dict(s, i=i + 1, cache=cache, prev=tok_B, ok=ok)
-        new["tokens"] = s["tokens"].at[:, i].set(jnp.where(done_B, cfg.pad_id, tok_B))
+        new["tokens"] = s["tokens"].at[:, i].set(jnp.where(done_B, pad_value, tok_B))
         new["logprobs"] = s["logprobs"].at[:, i].set(jnp.where(done_B, 0.0, lp_B))
         if not same_logprobs:
             new["processed"] = s["processed"].at[:, i].set(jnp.where(done_B, 0.0, plp_B))
         if hooked:
-            new["buf"] = s["buf"].at[rows_B, prompt_lens_B + i].set(jnp.where(done_B, cfg.pad_id, tok_B))
+            new["buf"] = s["buf"].at[rows_B, prompt_lens_B + i].set(jnp.where(done_B, filler, tok_B))
         new["lengths"] = s["lengths"] + (~done_B).astype(jnp.int32)
         new["done"] = done_B | is_stop(tok_B)
         if paged:  # pages of rows that just stopped go back to the pool for the rows still running
@@ -266,6 +271,7 @@ def generate(
     interventions: Mapping[str, Callable] | None = None,
     prompt_embeds: Any = None,
     prefix_len: Sequence[int] | np.ndarray | None = None,
+    pad_value: int | None = None,
     kv_layout: str = "dense",
     kv_dtype: str | None = None,
     page_size: int = 16,
@@ -277,7 +283,7 @@ def generate(
       params: LM parameters (`lm.init` layout).
       cfg: an `lm.LMConfig` or a ConfigDict/dict of its fields.
       prompts: a list of 1-D int token arrays (lengths may differ) or a 2-D [B, T] array of equal-length prompts;
-        None with `prompt_embeds` (processors then see pad_id placeholders in the prompt's place).
+        None with `prompt_embeds` (processors then see `request.filler_id` placeholders in the prompt's place).
       max_new_tokens: N; prompt length + N must fit in `cfg.max_seq_len`.
       temperature: 0 = greedy (argmax of the processed logits; top_k/top_p then ignored), > 0 samples, needs `rng`.
       top_k: keep the k most likely tokens before sampling.
@@ -287,7 +293,7 @@ def generate(
         draws with `fold_in(row_key, i)`, so a row's sample depends only on its key, prompt and hooks.
       logits_processors: a tuple of hashable `fn(logits_BV, tokens_BS, lengths_B) -> logits_BV`, applied in order
         after the temperature and before top-k/top-p. `tokens_BS` [B, T + N] holds each row's prompt then its tokens
-        so far, valid up to `lengths_B` (prompt length + tokens generated so far), pad_id after.
+        so far, valid up to `lengths_B` (prompt length + tokens generated so far), `request.filler_id` after.
       sampler: a hashable `fn(logits_BV, tokens_BS, lengths_B, keys_B) -> tokens_B` that replaces the draw; it sees
         the processed logits (after temperature, processors, top-k/top-p; greedy: the processors only) and this
         step's per-row keys. Needs `rng`.
@@ -297,6 +303,8 @@ def generate(
         steps embed the generated tokens as usual. With `prompts` too, lengths must match.
       prefix_len: [B] ints in [0, prompt length]: the prefill's prefix-LM mask (full attention among a row's first
         prefix_len positions, causal after); decoding is causal, which already sees the whole prefix.
+      pad_value: the id written after a row's stop in `tokens` (`lengths` marks the end either way); None = the
+        model's pad id, or -1 (no token) for a model without one (`cfg.pad_id` None).
       kv_layout: "dense" ([B, S] slots per layer) or "paged" (a pool of `page_size`-token pages handed out from a
         free list as rows grow and returned when a row stops, so `num_pages` may be below the worst case B * S / C).
       kv_dtype: cache dtype; None = the model's compute dtype, "int8" = per-token, per-head quantised.
@@ -321,6 +329,7 @@ def generate(
         interventions=interventions,
         prompt_embeds=prompt_embeds,
         prefix_len=prefix_len,
+        pad_value=pad_value,
     )
     cfg, lens = req.cfg, [p.size for p in req.prompts]
     tokens_BT, embeds_BTD = prompt_block(req)
@@ -345,6 +354,7 @@ def generate(
         np.float32(req.temperature or 1.0),
         np.int32(req.top_k or 1),
         np.float32(req.top_p or 1.0),
+        np.int32(req.pad_value),
         cfg=cfg,
         max_new_tokens=int(max_new_tokens),
         spec=spec,

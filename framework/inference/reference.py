@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, Int
 
 from framework.inference import sampling
 from framework.inference.generate import GenerateOutput
-from framework.inference.request import Interventions, token_buffer, validate_request
+from framework.inference.request import Interventions, filler_id, token_buffer, validate_request
 from framework.models import lm
 
 
@@ -68,6 +68,7 @@ def reference_generate(
     interventions: Mapping[str, Callable] | None = None,
     prompt_embeds: Any = None,
     prefix_len: Sequence[int] | np.ndarray | None = None,
+    pad_value: int | None = None,
 ) -> GenerateOutput:
     """Same contract and outputs as `framework.inference.generate`, computed without a KV cache."""
     req = validate_request(
@@ -84,11 +85,12 @@ def reference_generate(
         interventions=interventions,
         prompt_embeds=prompt_embeds,
         prefix_len=prefix_len,
+        pad_value=pad_value,
     )
     cfg, B, N = req.cfg, len(req.prompts), int(max_new_tokens)
     lens_B = np.array([len(p) for p in req.prompts], np.int32)
     prompt_lens_B = lens_B.copy()
-    buf_BT = np.full((B, int(lens_B.max()) + N), cfg.pad_id, np.int32)
+    buf_BT = np.full((B, int(lens_B.max()) + N), filler_id(cfg), np.int32)
     for b, p in enumerate(req.prompts):
         buf_BT[b, : len(p)] = p
     embeds_BTD = None
@@ -100,7 +102,7 @@ def reference_generate(
     hooked = bool(req.processors) or req.sampler is not None
     hook_buf_BS = token_buffer(req, N) if hooked else None
     keys_B = sampling.row_keys(rng, B) if req.needs_keys else None
-    tokens_BN = np.full((B, N), cfg.pad_id, np.int32)
+    tokens_BN = np.full((B, N), req.pad_value, np.int32)
     logprobs_BN = np.zeros((B, N), np.float32)
     processed_BN = np.zeros((B, N), np.float32)
     lengths_B = np.zeros((B,), np.int32)

@@ -2,10 +2,15 @@
 
 Glossary: B batch, T_i prompt i's length, D model width, S token-buffer slots (T + N), N max_new_tokens.
 
-`validate_request` turns the user's arguments into a `Request`: token prompts as int32 arrays (or pad_id
+`validate_request` turns the user's arguments into a `Request`: token prompts as int32 arrays (or `filler_id`
 placeholders when only `prompt_embeds` are given), prompt embeddings as [T_i, D] arrays, the prefix lengths, and the
 hooks in their static form (a tuple of processors, the sampler, interventions as name-sorted (name, fn) pairs).
 Errors are ValueErrors naming the argument, the value and what was expected.
+
+Padding never needs a pad token: the prompt block, the hooks' token buffer and the placeholders are filled with
+`filler_id(cfg)` (the model's pad id, or 0 for a model without one, such as Llama) at positions that causal
+attention and `lengths` keep out of every result. The generated tokens after a stop hold `pad_value` (the caller's
+choice; default `default_pad_value(cfg)`: the pad id, or -1, which is no token, for a model without one).
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ MIN_BUCKET = 16
 Interventions = tuple[tuple[str, Callable], ...]
 
 
+def filler_id(cfg: lm.LMConfig) -> int:
+    """The id right-padded prompt blocks and token buffers hold past each row's end (never read as content)."""
+    return 0 if cfg.pad_id is None else int(cfg.pad_id)
+
+
+def default_pad_value(cfg: lm.LMConfig) -> int:
+    """What `generate` writes after a row's stop by default: the model's pad id, or -1 (no token) without one."""
+    return -1 if cfg.pad_id is None else int(cfg.pad_id)
+
+
 class Request(NamedTuple):
     """Validated generation inputs (see `validate_request`)."""
 
@@ -38,6 +53,7 @@ class Request(NamedTuple):
     interventions: Interventions
     prompt_embeds: list[np.ndarray] | None  # [T_i, D] per prompt, replacing the prompt's lookup in the prefill
     prefix_len: np.ndarray | None  # int32 [B]: the prefix-LM mask of the prefill
+    pad_value: int  # written after a row's stop in the returned tokens
 
     @property
     def greedy(self) -> bool:
@@ -175,6 +191,7 @@ def validate_request(
     interventions: Mapping[str, Callable] | Interventions | None = None,
     prompt_embeds: Any = None,
     prefix_len: Any = None,
+    pad_value: int | None = None,
 ) -> Request:
     """Checks every argument of `generate` in numpy, before any jit; ValueError naming the argument and value."""
     cfg = lm.LMConfig.from_config(cfg)
@@ -192,8 +209,12 @@ def validate_request(
     processors, sampler, interventions = _check_hooks(cfg, logits_processors, sampler, interventions)
     embeds = None if prompt_embeds is None else _check_embeds(cfg, prompt_embeds)
 
-    if prompts is None and embeds is not None:  # placeholders: the buffer processors read holds pad_id there
-        prompts = [np.full(e.shape[0], cfg.pad_id, np.int32) for e in embeds]
+    if pad_value is None:
+        pad_value = default_pad_value(cfg)
+    elif isinstance(pad_value, bool) or not isinstance(pad_value, (int, np.integer)):
+        raise ValueError(f"generate: pad_value must be None or an int (written after a stop), got {pad_value!r}")
+    if prompts is None and embeds is not None:  # placeholders: the buffer processors read holds the filler there
+        prompts = [np.full(e.shape[0], filler_id(cfg), np.int32) for e in embeds]
     if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
         prompts = list(np.asarray(prompts))
     if isinstance(prompts, (np.ndarray, jax.Array)) or not isinstance(prompts, Sequence) or not len(prompts):
@@ -241,6 +262,7 @@ def validate_request(
         interventions,
         embeds,
         prefix,
+        int(pad_value),
     )
 
 
@@ -250,17 +272,17 @@ def bucket_length(n: int, max_len: int, *, minimum: int = MIN_BUCKET) -> int:
 
 
 def token_buffer(req: Request, max_new_tokens: int) -> np.ndarray:
-    """The [B, T + N] buffer processors read: each prompt, then pad_id (T = the bucketed prompt block length)."""
+    """The [B, T + N] buffer processors read: each prompt, then `filler_id` (T = the bucketed prompt block length)."""
     tokens_BT, _ = prompt_block(req)
-    return np.pad(tokens_BT, ((0, 0), (0, max_new_tokens)), constant_values=req.cfg.pad_id)
+    return np.pad(tokens_BT, ((0, 0), (0, max_new_tokens)), constant_values=filler_id(req.cfg))
 
 
 def prompt_block(req: Request) -> tuple[np.ndarray, np.ndarray | None]:
-    """The prefill's right-padded inputs: tokens [B, T] (pad_id) and, with `prompt_embeds`, embeddings [B, T, D]
-    (zeros past each prompt); T = the bucketed longest prompt."""
+    """The prefill's right-padded inputs: tokens [B, T] (`filler_id` past each prompt) and, with `prompt_embeds`,
+    embeddings [B, T, D] (zeros past each prompt); T = the bucketed longest prompt."""
     lens = [p.size for p in req.prompts]
     T = bucket_length(max(lens), req.cfg.max_seq_len)
-    tokens_BT = np.full((len(lens), T), req.cfg.pad_id, np.int32)
+    tokens_BT = np.full((len(lens), T), filler_id(req.cfg), np.int32)
     for b, p in enumerate(req.prompts):
         tokens_BT[b, : p.size] = p
     if req.prompt_embeds is None:

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from framework.models import attention as attn_lib
 from framework.tasks import tokenizer as tokenizer_lib
@@ -26,6 +27,10 @@ MLP_ACTIVATIONS = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
 }
+
+
+# The experiment-config key (beside LMConfig's fields in `config.model`) naming a local HF checkpoint folder.
+HF_PATH_KEY = "hf_path"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +64,11 @@ class LMConfig:
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # Special ids exactly as the checkpoint has them: None / () where it has no such token (Llama has no pad, Qwen2
+    # no BOS). Padding is carried by masks and lengths; `pad_id` is never invented.
     bos_id: int | None = 1
     eos_ids: tuple[int, ...] = (2,)
-    pad_id: int = 0
+    pad_id: int | None = 0
     init_std: float = 0.02
     # The tokenizer the model reads: "arith" (the arithmetic characters), "text" (printable text), "hf" (the
     # tokenizer.json of the imported checkpoint's folder) or a path to one; built by `tasks.tokenizer.tokenizer_for`.
@@ -121,6 +128,10 @@ class LMConfig:
                 f"model.attention_impl='cudnn' has no attention-logit softcap (model.attn_logit_softcap="
                 f"{self.attn_logit_softcap}); use 'pallas' or 'xla'"
             )
+        for name in ("bos_id", "pad_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise ValueError(f"model.{name} must be None or an int token id, got {value!r}")
         ids = [i for i in (self.bos_id, self.pad_id, *self.eos_ids) if i is not None]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -146,10 +157,20 @@ class LMConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | "LMConfig") -> "LMConfig":
-        """Builds an LMConfig from a ConfigDict/dict (e.g. `config.model`), ignoring no key silently."""
+        """Builds an LMConfig from a ConfigDict/dict (e.g. `config.model`), ignoring no key silently.
+
+        A `hf_path` key (an experiment config's imported checkpoint) must be None here: an experiment that takes an
+        imported model reads it with `framework.models.hf.model_from_config` instead.
+        """
         if isinstance(config, LMConfig):
             return config
         d = dict(config.items()) if hasattr(config, "items") else dict(config)
+        hf_path = d.pop(HF_PATH_KEY, None)
+        if hf_path is not None:
+            raise ValueError(
+                f"model.{HF_PATH_KEY}={hf_path!r} names an imported checkpoint, but this code path builds the model from "
+                "the config's fields: load it with framework.models.hf.model_from_config (or unset model.hf_path)"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -5,8 +5,15 @@ Glossary: L layers, D model, H heads, K kv-heads, Dh head dim, F mlp, V vocab.
   cfg, params = load_hf_checkpoint("path/to/hf_folder")     # config.json + model.safetensors[.index.json]
   logits_BTV = lm.apply(params, tokens_BT, cfg)
   save_hf_checkpoint(params, cfg, "out_folder")              # config.json + model.safetensors, transformers-loadable
+  save_hf_checkpoint(params, cfg, "out_folder", source="path/to/hf_folder")  # + every field/file that came in
   tokenizer = load_hf_tokenizer("path/to/hf_folder")         # a `tokenizers.Tokenizer` from tokenizer.json
   tok = tokenizer.tokenizer_for(cfg, folder="path/to/hf_folder")  # the same as a framework.tasks Tokenizer
+
+Special ids are the checkpoint's own: a null `pad_token_id` (Llama) or `bos_token_id` (Qwen2) stays None in the
+LMConfig and null in an export. An export with `source=` (the imported folder, or its config dict) writes that
+config.json back field for field, changing only what the model changed, and copies the folder's tokenizer and
+generation files. Quantised weights are exported dequantised (`quant.dequantize`: a float checkpoint whose weights
+equal the quantised ones, noted in the folder's README.md) and LoRA adapters merged (`peft.merge`).
 
 An imported config's `tokenizer` is "hf": the folder's tokenizer.json, wrapped with the folder's special ids by
 `framework.tasks.hf_tokenizer.HFTokenizer` (`framework.tasks.tokenizer.tokenizer_for` builds and checks it).
@@ -21,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
 import re
+import shutil
 import struct
 from typing import Any, Mapping
 
@@ -46,10 +55,13 @@ from framework.models.hf_families import (  # noqa: F401  (re-exported: hf.<name
 from framework.models.lm import LMConfig
 
 Params = dict[str, Any]
+log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+# Files of an imported folder that an export with `source=` copies unchanged (tokenizer and generation settings).
+SIDE_FILES = ("generation_config.json", TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -262,27 +274,35 @@ def save_hf_checkpoint(
     model_type: str | None = None,
     max_shard_bytes: int | None = None,
     tokenizer: Any = None,
+    source: str | pathlib.Path | Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
     """Writes `params` as an HF folder (config.json + model.safetensors) that transformers and `load_hf_checkpoint`
     load: the exact inverse of the import (load(save(params)) is bitwise equal).
 
     Args:
-      params: `lm.init` layout (stacked or `lm.unstack_layers`), float32/bfloat16/float16 leaves; quantised or
-        LoRA weights must be merged/dequantised first.
+      params: `lm.init` layout (stacked or `lm.unstack_layers`), float32/bfloat16/float16 leaves. LoRA weights are
+        merged (`peft.merge`) and quantised weights dequantised (`quant.dequantize`, float32: the checkpoint is a
+        float one whose weights equal the quantised model's; README.md in the folder says so).
       cfg: the model's LMConfig.
       path: output folder (created; existing files of the same names are overwritten).
-      model_type: HF family to write ("llama", "mistral", "qwen2", "gemma", "gemma2"); default from the config.
+      model_type: HF family to write ("llama", "mistral", "qwen2", "gemma", "gemma2"); default from `source`'s
+        config, else from the config.
       max_shard_bytes: split into model-0000i-of-0000n.safetensors + index above this size (default: one file).
       tokenizer: a `tokenizers.Tokenizer` (e.g. from `load_hf_tokenizer`) to write as tokenizer.json alongside.
+      source: the imported checkpoint (its folder, or its config.json dict): its config is written back unchanged
+        wherever it still describes `cfg` (null stays null, unmodelled fields carried through), and a folder's
+        `SIDE_FILES` are copied (its tokenizer.json unless `tokenizer` is given).
 
     Raises:
       ValueError: a config field the family cannot express, a param not in its table, or a mis-shaped / non-float
         leaf (named).
     """
     cfg = LMConfig.from_config(cfg)
-    hf_config = lm_config_to_hf_config(cfg, model_type)
+    base, source_dir = _source_config(source)
+    hf_config = lm_config_to_hf_config(cfg, model_type, base=base)
     spec = ARCHITECTURES[hf_config["model_type"]]
     rules = [r for r in spec.rules if r.when(cfg)]
+    params, note = _float_params(params)
     flat = _flat(_stacked(params, cfg))
     problems = []
     for p, leaf in flat.items():
@@ -313,9 +333,18 @@ def save_hf_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     dtypes = {str(x.dtype) for x in tensors.values()}
     hf_config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+    if "torch_dtype" in hf_config:  # transformers < 5 name of the same field
+        hf_config["torch_dtype"] = hf_config["dtype"]
     (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if source_dir is not None:
+        for name in SIDE_FILES:
+            if (source_dir / name).exists() and not (name == TOKENIZER_FILE and tokenizer is not None):
+                if (source_dir / name).resolve() != (path / name).resolve():
+                    shutil.copyfile(source_dir / name, path / name)
     if tokenizer is not None:
         tokenizer.save(str(path / TOKENIZER_FILE))
+    if note:
+        (path / "README.md").write_text(note)
     shards: list[dict[str, np.ndarray]] = [{}]
     for name, x in tensors.items():
         if max_shard_bytes and shards[-1] and sum(t.nbytes for t in shards[-1].values()) + x.nbytes > max_shard_bytes:
@@ -334,6 +363,56 @@ def save_hf_checkpoint(
     return path
 
 
+def _source_config(
+    source: str | pathlib.Path | Mapping[str, Any] | None,
+) -> tuple[dict[str, Any] | None, pathlib.Path | None]:
+    """(the source's config.json dict, its folder) for `save_hf_checkpoint(source=...)`."""
+    if source is None:
+        return None, None
+    if isinstance(source, Mapping):
+        return dict(source), None
+    folder = pathlib.Path(source)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"save_hf_checkpoint source={str(source)!r} holds no config.json")
+    return json.loads((folder / "config.json").read_text()), folder
+
+
+def _float_params(params: Params) -> tuple[Params, str]:
+    """Params with LoRA adapters merged and quantised weights dequantised, and the note saying what was done."""
+    from framework.peft import lora
+    from framework.quant import qtensor
+
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, (lora.LoraWeight, qtensor.QuantizedWeight)))
+    merged = any(isinstance(x, lora.LoraWeight) for x in leaves)
+    quantised = [x for x in leaves if isinstance(x, qtensor.QuantizedWeight)]
+    quantised += [
+        x.base for x in leaves if isinstance(x, lora.LoraWeight) and isinstance(x.base, qtensor.QuantizedWeight)
+    ]
+    if not merged and not quantised:
+        return params, ""
+    if merged:
+        params = lora.merge(params)
+    if quantised:
+        from framework.quant import methods
+
+        params = methods.dequantize(params)
+    lines = ["# Exported by Lumen (`framework.models.hf.save_hf_checkpoint`)", ""]
+    if merged:
+        lines.append("- LoRA adapters are merged into the base weights (`framework.peft.merge`).")
+    if quantised:
+        formats = sorted(
+            {f"{q.fmt} ({q.bits}-bit" + (f", group {q.group_size})" if q.group_size else ")") for q in quantised}
+        )
+        lines.append(
+            f"- The {', '.join(formats)} quantised weights are stored DEQUANTISED as float32 (`framework.quant."
+            "dequantize`): this is a float checkpoint whose weights equal the quantised model's, not a quantised "
+            "checkpoint, and it is as large as the float model."
+        )
+    note = "\n".join(lines) + "\n"
+    log.warning("save_hf_checkpoint: %s", " ".join(lines[2:]))
+    return params, note
+
+
 # ----------------------------------------------------------------------------------------------- tokenizer
 def load_hf_tokenizer(path: str | pathlib.Path, *, vocab_size: int | None = None):
     """The folder's `tokenizer.json` as a `tokenizers.Tokenizer` (the fast-tokenizer format; no transformers).
@@ -350,3 +429,43 @@ def load_hf_tokenizer(path: str | pathlib.Path, *, vocab_size: int | None = None
             f"{file} has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size={vocab_size}"
         )
     return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- experiments
+# LMConfig fields an experiment's `model` section may still set for an imported checkpoint (how Lumen runs it);
+# every other field comes from the checkpoint's config.json.
+RUNTIME_OVERRIDES = ("attention_impl", "scan_layers", "remat", "dtype", "param_dtype")
+
+
+def model_from_config(model_section: Mapping[str, Any]) -> tuple[LMConfig, Params, Any]:
+    """(LMConfig, params, tokenizer or None) of an experiment config's `model` section whose `hf_path` is set.
+
+    The checkpoint folder decides the architecture and special ids; the section's runtime fields
+    (`RUNTIME_OVERRIDES`) choose how Lumen runs it. The tokenizer is the folder's tokenizer.json (checked against
+    the model's vocabulary and special ids), or None when the folder has none (inputs are then token ids).
+    """
+    from framework.tasks import tokenizer as tokenizer_lib
+
+    section = dict(model_section.items())
+    folder = section.get("hf_path")
+    if not folder:
+        raise ValueError(f"model.hf_path = {folder!r}; expected a local HF checkpoint folder")
+    folder = pathlib.Path(folder)
+    if not (folder / "config.json").exists():
+        found = sorted(p.name for p in folder.iterdir())[:20] if folder.is_dir() else "no such folder"
+        raise ValueError(f"model.hf_path = {str(folder)!r} holds no config.json ({found}); expected an HF folder")
+    overrides = {k: section[k] for k in RUNTIME_OVERRIDES if section.get(k) is not None}
+    param_dtype = overrides.pop("param_dtype", "float32")
+    cfg, params = load_hf_checkpoint(folder, param_dtype=param_dtype, **overrides)
+    tok = tokenizer_lib.tokenizer_for(cfg, folder=folder) if (folder / TOKENIZER_FILE).exists() else None
+    return cfg, params, tok
+
+
+def hf_model_config(model_section: Mapping[str, Any]) -> LMConfig:
+    """The LMConfig `model_from_config` would return, read from config.json alone (no weights: for validation)."""
+    section = dict(model_section.items())
+    folder = pathlib.Path(section["hf_path"])
+    if not (folder / "config.json").exists():
+        raise ValueError(f"model.hf_path = {str(folder)!r} holds no config.json; expected an HF checkpoint folder")
+    overrides = {k: section[k] for k in RUNTIME_OVERRIDES if section.get(k) is not None}
+    return hf_config_to_lm_config(json.loads((folder / "config.json").read_text()), **overrides)

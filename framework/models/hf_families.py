@@ -165,7 +165,7 @@ def _common_config(hf: Mapping[str, Any], *, tie_default: bool = False) -> dict[
         tie_embeddings=bool(tie_default if tie is None else tie),
         bos_id=None if bos is None else int(bos),
         eos_ids=eos_ids,
-        pad_id=0 if pad is None else int(pad),
+        pad_id=None if pad is None else int(pad),  # null stays null: padding is carried by masks and lengths
     )
 
 
@@ -441,13 +441,63 @@ def default_model_type(cfg: LMConfig) -> str:
     return "mistral" if cfg.sliding_window is not None else "llama"
 
 
-def lm_config_to_hf_config(cfg: LMConfig, model_type: str | None = None) -> dict[str, Any]:
-    """The `config.json` dict of `cfg` as an HF `model_type` (default: `default_model_type(cfg)`).
+def lm_config_to_hf_config(
+    cfg: LMConfig, model_type: str | None = None, *, base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The `config.json` dict of `cfg` as an HF `model_type` (default: `default_model_type(cfg)`, or `base`'s).
 
+    `base` (the imported checkpoint's own config.json): every field of it is written back unchanged (null stays
+    null, fields Lumen does not model such as Qwen2's max_window_layers or initializer_range are carried through)
+    as long as it still describes `cfg`; only fields that no longer do (a changed eos_ids, say) are rewritten.
     Raises ValueError naming every LMConfig field that family cannot express (e.g. a final-logit softcap on Llama):
     the dict is converted back with `hf_config_to_lm_config` and must give the same model.
     """
     cfg = LMConfig.from_config(cfg)
+    if base is None:
+        return _own_hf_config(cfg, model_type)
+    if model_type is not None and model_type != base.get("model_type"):
+        raise ValueError(f"model_type={model_type!r} but the source config is model_type={base.get('model_type')!r}")
+    try:
+        hf = _own_hf_config(cfg, base.get("model_type"))
+    except ValueError as e:
+        raise ValueError(f"the model cannot be written as the source's model_type={base.get('model_type')!r}: {e}")
+    merged = {**hf, **base}  # the original wins wherever it still gives the same model
+    if not _loses(cfg, merged):
+        return merged
+    # The model changed: take Lumen's value of every field the two disagree on, then give each back to the original
+    # wherever the model does not need the change (so unmodelled fields such as max_window_layers stay).
+    changed = [k for k in hf if k in base and base[k] != hf[k]]
+    merged.update({k: hf[k] for k in changed})
+    lost = _lost_fields(cfg, merged)
+    if lost:
+        raise ValueError(
+            f"cannot write model.{', model.'.join(lost)} into the base config of model_type={hf['model_type']!r}"
+        )
+    for k in changed:
+        trial = {**merged, k: base[k]}
+        if not _loses(cfg, trial):
+            merged = trial
+    return merged
+
+
+def _loses(cfg: LMConfig, hf: Mapping[str, Any]) -> bool:
+    """Whether `hf` fails to describe `cfg` (or does not convert at all)."""
+    try:
+        return bool(_lost_fields(cfg, hf))
+    except ValueError:
+        return True
+
+
+def _lost_fields(cfg: LMConfig, hf: Mapping[str, Any]) -> list[str]:
+    """LMConfig fields whose value `hf` (a config.json dict) does not reproduce."""
+    back = hf_config_to_lm_config(hf, **{f: getattr(cfg, f) for f in _RUNTIME_FIELDS})
+    fields = [f.name for f in dataclasses.fields(LMConfig) if f.name != "query_pre_attn_scalar"]
+    lost = [f for f in fields if getattr(back, f) != getattr(cfg, f)]
+    return lost + (["query_pre_attn_scalar"] if back.sm_scale != cfg.sm_scale else [])
+
+
+def _own_hf_config(cfg: LMConfig, model_type: str | None) -> dict[str, Any]:
+    """The config.json dict Lumen writes from `cfg` alone; ValueError naming what the family cannot express."""
     model_type = default_model_type(cfg) if model_type is None else model_type
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type={model_type!r}: exportable are {sorted(ARCHITECTURES)}")
@@ -473,10 +523,7 @@ def lm_config_to_hf_config(cfg: LMConfig, model_type: str | None = None) -> dict
         dtype=cfg.param_dtype,
     )
     hf.update(spec.to_hf_config(cfg))
-    back = hf_config_to_lm_config(hf, **{f: getattr(cfg, f) for f in _RUNTIME_FIELDS})
-    fields = [f.name for f in dataclasses.fields(LMConfig) if f.name != "query_pre_attn_scalar"]
-    lost = [f for f in fields if getattr(back, f) != getattr(cfg, f)]
-    lost += ["query_pre_attn_scalar"] if back.sm_scale != cfg.sm_scale else []
+    lost = _lost_fields(cfg, hf)
     if lost:
         raise ValueError(
             f"model_type={model_type!r} cannot express "

@@ -1,5 +1,5 @@
 """The LoRA family (LoRA, rsLoRA, DoRA, PiSSA, QLoRA, LoRA+) as weight pytrees lm.Linear runs directly, trained on
-the one training loop with `adapter_task`."""
+the one training loop with `adapter_task`. `hf.save_hf_checkpoint` exports an adapted model merged (`merge`)."""
 
 from framework.peft.checkpoint import load_adapters, save_adapters
 from framework.peft.lora import (

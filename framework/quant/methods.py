@@ -5,6 +5,7 @@ Glossary: n calibration tokens, K input features, N output features, G group siz
   qparams = quantize(params, QuantConfig(fmt="int4", group_size=64), "gptq", calib_batches, model_cfg=cfg)
   qparams = quantize(params, QuantConfig(fmt="int8"), "rtn")   # model_cfg inferred from the params' shapes
   logits = lm.apply(qparams, tokens, cfg)        # lm.Linear runs QuantizedWeight.matmul
+  dense = dequantize(qparams)                    # float params of the same layout (e.g. for hf.save_hf_checkpoint)
 
 Target kernels are chosen by a regex over '/'-joined param paths (default: every attention/MLP projection; the
 embedding and lm_head stay in float, as in GPTQ/AWQ practice).  Each kernel is flattened to its 2-D matmul form
@@ -163,7 +164,7 @@ def collect_inputs(
     n = 0
     for batch in batches:
         tokens, pos, seg = _calib_batch(batch)
-        keep = np.asarray(tokens).reshape(-1) != model_cfg.pad_id  # padding is not an activation the model serves
+        keep = calibration_mask(batch, np.asarray(tokens), model_cfg).reshape(-1)
         inter = run(tokens, pos, seg)
         for p in paths:
             node = inter
@@ -174,8 +175,26 @@ def collect_inputs(
         if n >= max_tokens:
             break
     if n == 0:
-        raise ValueError("calib_batches yielded no (non-padding) token")
+        raise ValueError(
+            "calib_batches yielded no unmasked token (every position was masked: 'mask' 0, 'segment_ids' 0, or the "
+            f"model's pad id {model_cfg.pad_id})"
+        )
     return {p: np.concatenate(c, axis=-2)[..., :max_tokens, :] for p, c in chunks.items()}
+
+
+def calibration_mask(batch, tokens_BT: np.ndarray, model_cfg: lm.LMConfig) -> np.ndarray:
+    """bool [B, T]: the positions calibration uses. Only masked positions are dropped: a dict's "mask" (1 = real
+    token) decides when given; otherwise packed "segment_ids" 0 and the model's own pad id (when it has one) mark
+    padding (a plain [B, T] array of a model without a pad keeps every position: ids 0 and 1 are content there)."""
+    if isinstance(batch, dict) and batch.get("mask") is not None:
+        mask = np.asarray(batch["mask"])
+        if mask.shape != tokens_BT.shape:
+            raise ValueError(f"calibration batch 'mask' has shape {mask.shape}; expected the tokens' {tokens_BT.shape}")
+        return mask.astype(bool)
+    keep = np.ones(tokens_BT.shape, bool) if model_cfg.pad_id is None else tokens_BT != model_cfg.pad_id
+    if isinstance(batch, dict) and batch.get("segment_ids") is not None:
+        keep &= np.asarray(batch["segment_ids"]) != 0
+    return keep
 
 
 def _calib_batch(batch):
@@ -393,8 +412,9 @@ def quantize(
 ) -> dict[str, Any]:
     """Params with every target kernel replaced by a QuantizedWeight (stacked per layer); others untouched.
 
-    `calib_batches` (AWQ/GPTQ): int token arrays [B, T], or dicts with "tokens" and optionally "positions" and
-    "segment_ids" (packed rows); padding tokens are skipped; at most `cfg.max_calib_tokens` tokens are used.
+    `calib_batches` (AWQ/GPTQ): int token arrays [B, T], or dicts with "tokens" and optionally "mask" (1 = real
+    token), "positions" and "segment_ids" (packed rows); only masked positions are skipped (`calibration_mask`: the
+    mask, else segment 0, else the model's own pad id if it has one); at most `cfg.max_calib_tokens` tokens are used.
     `model_cfg` (LMConfig or its dict): omitted, it is inferred from the params' shapes (`infer_model_cfg`): exact
     for RTN on any Lumen LM and for AWQ/GPTQ on models with the default non-shape hyperparameters (rope_theta,
     norm_eps, activation, ...); pass it for any other model so that calibration runs the model as it is.
@@ -428,7 +448,32 @@ def quantize(
         xs = inputs.get(name)
         xs = None if xs is None else xs.reshape(-1, *xs.shape[-2:])
         qws = [quantize_linear(mats[i], cfg, method, None if xs is None else xs[i]) for i in range(mats.shape[0])]
-        out.append(qtensor.stack(qws) if lead else qws[0])
+        qw = qtensor.stack(qws) if lead else qws[0]
+        out.append(dataclasses.replace(qw, kernel_shape=tuple(leaf.shape[n_stack:])))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dequantize(params, *, dtype=None) -> dict[str, Any]:
+    """Float params of the same layout: every QuantizedWeight replaced by the matrix it stands for.
+
+    Each weight comes back in its `lm.Linear` kernel shape (per layer, stacked layers kept) as `quantize` recorded
+    it, in `dtype` (default float32, which holds the dequantised values exactly); AWQ/SmoothQuant input scales are
+    folded in. The result runs, and exports (`hf.save_hf_checkpoint`), as a float model whose weights equal the
+    quantised ones. W8A8 weights (act_quant) are refused: their per-token activation rounding has no float form.
+    """
+    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)
+    out = []
+    for path, leaf in flat:
+        if not is_q(leaf):
+            out.append(leaf)
+            continue
+        if leaf.act_quant:
+            raise ValueError(
+                f"dequantize: {path_str(path)} is W8A8 (act_quant=True): activations are quantised per token at run "
+                "time, which no float weight reproduces"
+            )
+        out.append(leaf.dequantize_kernel().astype(dtype or jnp.float32))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -73,6 +73,9 @@ class QuantizedWeight:
     in_features: int = dataclasses.field(default=0, metadata=dict(static=True))
     impl: str = dataclasses.field(default="xla", metadata=dict(static=True))
     act_quant: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # The per-layer shape of the `lm.Linear` kernel this matrix was flattened from (`quant.quantize` records it, so
+    # `quant.dequantize` restores the param tree's layout); () = the plain [K, N] matrix.
+    kernel_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -100,6 +103,13 @@ class QuantizedWeight:
         if self.in_scale is not None:
             w = w * self.in_scale.reshape(-1, 1)
         return w
+
+    def dequantize_kernel(self) -> Float[Array, "..."]:
+        """`dequantize` reshaped to the `lm.Linear` kernel it came from ([..., *kernel_shape]; [..., K, N] if unknown)."""
+        w = self.dequantize()
+        if not self.kernel_shape:
+            return w
+        return w.reshape(*self.values.shape[:-2], *self.kernel_shape)
 
     def matmul(self, x_MK: Float[Array, "M K"], dtype=None) -> Float[Array, "M N"]:
         """x @ W on one (unstacked) matrix, through the kernel picked by `impl`; output in `dtype` (x's by default)."""

@@ -144,6 +144,15 @@ def evaluate(sae_params, sae_cfg, x_in, y_out=None, *, chunk: int = 4096) -> dic
     return out
 
 
+def ce_loss_recovered(clean_loss: float, sae_loss: float, zero_ablation_loss: float) -> float | None:
+    """(L_zero - L_sae) / (L_zero - L_clean), or None (undefined) when zero-ablating the hookpoint does not raise
+    the loss (L_zero <= L_clean): the ratio then has no meaning (a sign flip or a division by ~0), which happens on
+    imported models whose residual stream at that layer the next layers barely need."""
+    if not zero_ablation_loss > clean_loss:
+        return None
+    return (zero_ablation_loss - sae_loss) / (zero_ablation_loss - clean_loss)
+
+
 def spliced_lm_loss(
     lm_params,
     model_cfg,
@@ -157,7 +166,8 @@ def spliced_lm_loss(
     """LM next-token loss clean, with the SAE's reconstruction spliced in at its hookpoint, and zero-ablated there.
 
     ce_loss_recovered = (L_zero - L_sae) / (L_zero - L_clean): 1 when the SAE is as good as the real activation,
-    0 when it is no better than zeros. delta_lm_loss = L_sae - L_clean. A transcoder reads `in_hookpoint` (from
+    0 when it is no better than zeros; None (undefined, `ce_loss_recovered_defined` False) when zero ablation does
+    not raise the loss (`ce_loss_recovered`). delta_lm_loss = L_sae - L_clean. A transcoder reads `in_hookpoint` (from
     the clean pass; it must come before `hookpoint`) and replaces `hookpoint`. `batch` holds tokens and loss_mask
     (and positions/segment_ids for packed rows).
     """
@@ -203,6 +213,7 @@ def spliced_lm_loss(
         "clean_loss": clean,
         "sae_loss": spliced,
         "zero_ablation_loss": zero,
-        "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+        "ce_loss_recovered": ce_loss_recovered(clean, spliced, zero),
+        "ce_loss_recovered_defined": zero > clean,
         "delta_lm_loss": spliced - clean,
     }

@@ -1,15 +1,18 @@
 """Feature report: per latent, its top-activating contexts (token highlighted), density and promoted output tokens.
 
 `feature_summaries` computes the numbers (usable in a notebook); `write_report` renders them as one static HTML page.
+Tokens are shown with the model's own tokenizer (`token_text`: an HF tokenizer.json for an imported checkpoint, any
+vocabulary size), the arithmetic characters by default, and as `<id>` for a model whose tokenizer is unknown.
 Promoted tokens: the latent's unit decoder direction, scaled by the final RMSNorm's gain, through the unembedding
 (the direct logit effect of writing that direction into the residual stream just before the final norm).
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +21,38 @@ import numpy as np
 from framework.sae import model
 from framework.tasks import tokenizer as tok
 
+_VISIBLE = {"\n": "⏎", " ": "␣", "\t": "⇥"}
 
-def _token_text(i: int) -> str:
+
+def _char_text(i: int, alphabet: str = tok.ALPHABET) -> str:
     if i in (tok.PAD_ID, tok.BOS_ID, tok.EOS_ID):
         return {tok.PAD_ID: "<pad>", tok.BOS_ID: "<bos>", tok.EOS_ID: "<eos>"}[i]
-    ch = tok.ALPHABET[i - tok.NUM_SPECIAL]
-    return {"\n": "⏎", " ": "␣"}.get(ch, ch)
+    ch = alphabet[i - tok.NUM_SPECIAL]
+    return _VISIBLE.get(ch, ch)
+
+
+def _hf_text(tokenizer, i: int) -> str:
+    """One id's text: its decoded string (special tokens by name), else its vocabulary entry, else `<id>`."""
+    raw = tokenizer.tokenizer if hasattr(tokenizer, "tokenizer") else tokenizer
+    text = raw.decode([int(i)], skip_special_tokens=False)
+    if not text:
+        text = raw.id_to_token(int(i)) or f"<{i}>"
+    return "".join(_VISIBLE.get(c, c) for c in text) if text.isspace() else text.replace("\n", "⏎")
+
+
+def token_text(tokenizer=None, vocab_size: int | None = None) -> Callable[[int], str]:
+    """`fn(id) -> str` rendering one token for the report, with the model's own tokenizer.
+
+    tokenizer: a `framework.tasks.tokenizer.CharTokenizer` ("arith"/"text"), an `HFTokenizer` or a raw
+    `tokenizers.Tokenizer`, or None: the arithmetic characters when `vocab_size` fits them (the default), else `<id>`.
+    """
+    if tokenizer is None:
+        if vocab_size is None or vocab_size <= tok.VOCAB_SIZE:
+            return _char_text
+        return lambda i: f"<{int(i)}>"
+    if isinstance(tokenizer, tok.CharTokenizer):
+        return functools.partial(_char_text, alphabet=tokenizer.alphabet)
+    return functools.lru_cache(maxsize=None)(functools.partial(_hf_text, tokenizer))
 
 
 def top_activations(sae_params, sae_cfg, x_ND: np.ndarray, latents, *, top: int = 8, chunk: int = 4096):
@@ -59,9 +88,22 @@ def promoted_tokens(sae_params, sae_cfg, lm_params, *, top: int = 5) -> tuple[np
 
 
 def feature_summaries(
-    sae_params, sae_cfg, store, lm_params=None, *, n_features: int = 24, top: int = 8, seed: int = 0
+    sae_params,
+    sae_cfg,
+    store,
+    lm_params=None,
+    *,
+    n_features: int = 24,
+    top: int = 8,
+    seed: int = 0,
+    tokenizer=None,
 ) -> list[dict[str, Any]]:
-    """Summaries of `n_features` latents that fire (a seeded sample): contexts, density and promoted tokens."""
+    """Summaries of `n_features` latents that fire (a seeded sample): contexts, density and promoted tokens.
+
+    `tokenizer`: the model's own (see `token_text`); None shows the arithmetic characters, or `<id>` for a model
+    whose vocabulary (the store's `meta["model"]`) is larger.
+    """
+    _token_text = token_text(tokenizer, store.meta.get("model", {}).get("vocab_size"))
     name, _ = store.resolve(sae_cfg)
     x = store.array(name)
     all_vals, all_rows, density = top_activations(sae_params, sae_cfg, x, np.arange(sae_cfg.n_latents), top=top)

@@ -6,6 +6,11 @@ Layout of a store directory:
   contexts.npy                   [R, T] int32 token rows the activations came from
   token_index.npy                [N, 2] int32 (row in contexts, position): where each activation's token sits
 
+Which positions are harvested (`token_mask`): every real token of the batch, whatever its id, and nothing else. A
+batch's "mask" (1 = real token) decides when given; otherwise packed "segment_ids" 0 and the model's own pad id
+(when it has one) mark padding (a model without a pad, such as Llama or Qwen2, keeps every position of a plain
+token array); `skip_bos` then drops the model's own BOS (`model.bos_id`; nothing for a model without one, Qwen2).
+
 Row n of every hookpoint file is the same token, so SAEs on several hookpoints, transcoders (pairs of
 hookpoints) and sweeps over hyperparameters all train from one harvest. `batches` streams shuffled batches
 through a buffer: contiguous chunks in random order, mixed in a buffer, half of the buffer emitted per refill.
@@ -152,6 +157,27 @@ class ActivationStore:
                 buf = {h: v[emit:] for h, v in buf.items()}
 
 
+def token_mask(batch: Mapping[str, np.ndarray], model_cfg, *, skip_bos: bool = True) -> np.ndarray:
+    """bool [B, T]: the positions of `batch` a harvest keeps (module docstring); ids 0 and 1 are content unless they
+    are the model's own pad / BOS."""
+    from framework.models import lm
+
+    mcfg = lm.LMConfig.from_config(model_cfg)
+    tokens = np.asarray(batch["tokens"])
+    if batch.get("mask") is not None:
+        keep = np.asarray(batch["mask"])
+        if keep.shape != tokens.shape:
+            raise ValueError(f"harvest batch 'mask' has shape {keep.shape}; expected the tokens' shape {tokens.shape}")
+        keep = keep.astype(bool)
+    else:
+        keep = np.ones(tokens.shape, bool) if mcfg.pad_id is None else tokens != mcfg.pad_id
+        if batch.get("segment_ids") is not None:
+            keep &= np.asarray(batch["segment_ids"]) != 0
+    if skip_bos and mcfg.bos_id is not None:
+        keep = keep & (tokens != mcfg.bos_id)
+    return keep
+
+
 def harvest(
     lm_params,
     model_cfg,
@@ -163,10 +189,11 @@ def harvest(
     skip_bos: bool = True,
     dtype: str = "float32",
 ) -> ActivationStore:
-    """Runs the LM once per batch capturing every hookpoint in `hookpoints`, writing non-padding tokens to `path`.
+    """Runs the LM once per batch capturing every hookpoint in `hookpoints`, writing its real tokens to `path`.
 
-    `token_batches` yields dicts with "tokens" [B, T] (and "positions"/"segment_ids" for packed rows). Stops after
-    `max_tokens` tokens. Hookpoint names are checked before anything compiles; non-finite activations are an
+    `token_batches` yields dicts with "tokens" [B, T] and optionally "mask" [B, T] (1 = real token), and
+    "positions"/"segment_ids" for packed rows. Kept: `token_mask` (every unmasked position; with `skip_bos` not the
+    model's own BOS). Stops after `max_tokens` tokens. Hookpoint names are checked before anything compiles; non-finite activations are an
     error naming the hookpoint.
     """
     from framework.models import lm
@@ -206,9 +233,7 @@ def harvest(
     for batch in token_batches:
         tokens = tok.check_token_ids(batch["tokens"], mcfg.vocab_size, where="harvest tokens")
         captured = capture(lm_params, jnp.asarray(tokens), _opt(batch.get("positions")), _opt(batch.get("segment_ids")))
-        keep = tokens != tok.PAD_ID
-        if skip_bos:
-            keep &= tokens != tok.BOS_ID
+        keep = token_mask(batch, mcfg, skip_bos=skip_bos)
         b_idx, t_idx = np.nonzero(keep)
         take = min(len(b_idx), max_tokens - n)
         b_idx, t_idx = b_idx[:take], t_idx[:take]

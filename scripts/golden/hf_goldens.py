@@ -5,20 +5,26 @@ plus reference logits, so `tests/test_hf.py` can check Lumen's HF loader + model
 
 COMMAND: /work/main/.venv-parity/bin/python scripts/golden/hf_goldens.py --out tests/assets/hf
 SETUP:   python3 -m venv .venv-parity && .venv-parity/bin/pip install torch==2.13.0 transformers safetensors numpy
-RUNTIME: ~1 min on a busy 2-core CPU (mostly importing torch).  EXPECT: seven case folders, ~3 MB in total.
+RUNTIME: ~1 min on a busy 2-core CPU (mostly importing torch).  EXPECT: ten case folders, ~4 MB in total
+         (one case only: --cases llama_nopad).
 
 Each case folder `<out>/<case>/` holds:
   config.json, model.safetensors (or model.safetensors.index.json + shards)  -- from `save_pretrained`
   golden.safetensors   -- input_ids int32 [2, 17], logits float32 [2, 17, vocab] from `model(input_ids).logits`,
                           greedy_tokens int32 [2, 12] from HF `generate` (greedy) on input_ids[:, :8]
   golden.json          -- transformers/torch versions, seed, and a few summary numbers
-`llama_gqa/` additionally holds a tiny offline-trained `tokenizer.json` (BPE on arithmetic strings).
+`llama_gqa/` additionally holds a tiny offline-trained `tokenizer.json` (BPE on arithmetic strings), `llama_nopad/` a
+2048-token byte-level BPE `tokenizer.json` trained offline on standard-library sources.
 
 `--verify-export DIR` instead loads each `DIR/<case>/` (a folder Lumen's `save_hf_checkpoint` wrote from the golden
 case of that name) with `AutoModelForCausalLM` and prints max |logits - golden| and whether HF greedy tokens match:
   .venv/bin/python -c "from framework.models import hf; [hf.save_hf_checkpoint(*hf.load_hf_checkpoint(
       f'tests/assets/hf/{c}')[::-1], f'/tmp/export/{c}') for c in ('llama_gqa', 'gemma2_softcap')]"
   .venv-parity/bin/python scripts/golden/hf_goldens.py --verify-export /tmp/export
+
+`--save-logits DIR` writes transformers' logits of each Lumen-exported `DIR/<case>/` on the case's golden input_ids
+into `<out>/<case>/<--logits-name>` (the quantised-export fixture of tests/test_hf_export.py; its docstring has the
+commands).
 
 This script must never import jax or Lumen: it is the independent reference.
 """
@@ -139,7 +145,56 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
         {},
         7890,
     ),
+    # Special ids as real checkpoints have them (the cases the SAE harvest, generation, calibration and export are
+    # checked on). Llama: MQA, tied, no pad (pad_token_id null), a 2048-token byte-level BPE tokenizer.json.
+    "llama_nopad": (
+        dict(
+            vocab_size=2048,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=None,
+        ),
+        {},
+        8901,
+    ),
+    # Qwen2: no BOS, no pad (both null), max_window_layers left at its default 28 (an unmodelled field to carry).
+    "qwen2_nobos": (
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_theta=1e6,
+            bos_token_id=None,
+            eos_token_id=2,
+            pad_token_id=None,
+        ),
+        {},
+        9012,
+    ),
+    # Gemma-2 with Gemma's own ids: pad 0, eos 1, bos 2; MQA, window 4, default softcaps.
+    "gemma2_ids": (
+        dict(
+            num_key_value_heads=1,
+            head_dim=16,
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=4,
+            query_pre_attn_scalar=16,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        ),
+        {},
+        9123,
+    ),
 }
+# Cases whose folder also holds a tokenizer.json: (trainer, vocab size) -- see save_tokenizer / save_bpe_tokenizer.
+TOKENIZER_CASES = ("llama_gqa", "llama_nopad")
 
 ARITH_CORPUS = [
     "Q 12+34\nA 46\n",
@@ -263,6 +318,51 @@ def save_tokenizer(case_dir: pathlib.Path, vocab_size: int) -> None:
     tok.save(str(case_dir / "tokenizer.json"))
 
 
+def _stdlib_corpus() -> list[str]:
+    """A fixed offline text corpus: the source of a few standard-library modules of this Python."""
+    import argparse as m1
+    import difflib as m2
+    import json.decoder as m3
+    import textwrap as m4
+
+    return [inspect.getsource(m) for m in (m1, m2, m3, m4)]
+
+
+def save_bpe_tokenizer(case_dir: pathlib.Path, vocab_size: int) -> None:
+    """Train a byte-level BPE tokenizer of `vocab_size` ids offline; ids 0/1/2 = <unk>/<s>/</s>, no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_stdlib_corpus(), trainer=trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"tokenizer vocab {tok.get_vocab_size()} != model vocab {vocab_size}")
+    tok.save(str(case_dir / "tokenizer.json"))
+
+
+def save_logits(export_dir: pathlib.Path, golden_dir: pathlib.Path, out_name: str) -> None:
+    """For each `export_dir/<case>/` (a Lumen export of golden case <case>): transformers' fp32 logits on that case's
+    golden input_ids, written to `golden_dir/<case>/<out_name>` (a fixture `make test` compares Lumen against)."""
+    for case_dir in sorted(p for p in export_dir.iterdir() if p.is_dir()):
+        golden = safetensors.numpy.load_file(str(golden_dir / case_dir.name / "golden.safetensors"))
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(case_dir), attn_implementation="eager").eval()
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(golden["input_ids"].astype(np.int64))).logits.float().numpy()
+        safetensors.numpy.save_file(
+            {"logits": np.ascontiguousarray(logits)}, str(golden_dir / case_dir.name / out_name)
+        )
+        print(
+            f"{case_dir.name}: {type(model).__name__} logits {logits.shape} -> {golden_dir / case_dir.name / out_name}"
+        )
+
+
 def verify_export(export_dir: pathlib.Path, golden_dir: pathlib.Path) -> None:
     """Loads Lumen-exported folders with transformers; prints logit parity and greedy agreement with the goldens."""
     for case_dir in sorted(p for p in export_dir.iterdir() if p.is_dir()):
@@ -289,9 +389,14 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("tests/assets/hf"))
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--verify-export", type=pathlib.Path, default=None, help="check Lumen-exported folders")
+    parser.add_argument("--save-logits", type=pathlib.Path, default=None, help="HF logits of Lumen-exported folders")
+    parser.add_argument("--logits-name", default="export_logits.safetensors", help="file name for --save-logits")
     args = parser.parse_args()
     if args.verify_export is not None:
         verify_export(args.verify_export, args.out)
+        return
+    if args.save_logits is not None:
+        save_logits(args.save_logits, args.out, args.logits_name)
         return
     torch.use_deterministic_algorithms(True)
     for name in args.cases:
@@ -305,6 +410,8 @@ def main() -> None:
         meta = save_golden(model, case_dir, seed)
         if name == "llama_gqa":
             save_tokenizer(case_dir, model.config.vocab_size)
+        if name == "llama_nopad":
+            save_bpe_tokenizer(case_dir, model.config.vocab_size)
         size = sum(f.stat().st_size for f in case_dir.iterdir())
         print(
             f"{name}: {sorted(f.name for f in case_dir.iterdir())} {size / 1e3:.0f} kB "
