@@ -52,7 +52,7 @@ test-slow: install-test
 
 parity: install-test
 	$(PY) -m pip install -q -e '.[parity]'
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m parity tests/test_hf.py tests/test_hf_families.py
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m parity tests/test_hf.py tests/test_hf_families.py tests/test_hf_export.py tests/test_prefopt_losses.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,16 @@
+"""One DPO-family kind on arithmetic pairs: the study's setting (configs/preference/study.py: the tiny LM SFT'd on
+mod-10 chains, K = 1..5, to held-out token accuracy 0.95, then 150 preference steps). Any kind via `:kind=...`.
+
+COMMAND: .venv/bin/python -m scripts.launch --config=configs/preference/dpo.py:kind=sigmoid --workdir=runs/pref_dpo
+RUNTIME: ~6-8 min on a 2-core CPU (SFT ~800 steps, then 150 steps and the evaluation).
+EXPECT (seeds 1-2, docs/results/preference.md): held-out reward accuracy ~0.8 for sigmoid/ipo/robust and ~0.95 for
+  simpo/orpo; held-out greedy exact match at or below the SFT policy's for every kind but orpo, which raises it.
+"""
+
+from configs import common
+from configs.preference import study
+
+
+def get_config(arg: str | None = None):
+    args = common.parse_arg(arg, kind="sigmoid", seed=1, lr=1e-4)
+    return study.get_config(f"kind={args.kind},seed={args.seed},lr={args.lr}")
