@@ -226,7 +226,7 @@ def evaluate_snapshot(config, model_cfg, params, *, seed: int, tag: str, workdir
             topo = Topology(t.kind, agents=t.agents, rounds=t.rounds, tools=True)
             rows[spec + "+tools"] = _one(topo, problems, backend, os.path.join(logdir, f"{spec}+tools.jsonl"), tools)
     base_err = 1.0 - rows["single"]["accuracy"] if "single" in rows else float("nan")
-    for name, row in rows.items():
+    for row in rows.values():
         row["error_rate"] = 1.0 - row["accuracy"]
         row["amplification"] = row["error_rate"] / base_err if base_err > 0 else float("nan")
         del row["correct"]

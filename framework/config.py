@@ -6,7 +6,8 @@ Every error names the dotted key (`train.steps`), the value found, and what was 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 

@@ -26,7 +26,7 @@ CASES = (
 PARITY_ATOL = 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(case: str):
     """(model_cfg, params) of a golden case, loaded once per test process."""
     return hf.load_hf_checkpoint(ASSETS / case)

@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_generate import LOGPROB_ATOL, N, _assert_same, _prompts, model  # noqa: F401 (model: a fixture)
 
 from framework import search
 from framework.inference import generate, reference_generate, sampling
 from framework.models import lm
 from framework.tasks import arithmetic
-
-from test_generate import LOGPROB_ATOL, N, _assert_same, _prompts, model  # noqa: F401 (model: a fixture)
 
 generate_lib = importlib.import_module("framework.inference.generate")  # the attribute is the function
 

@@ -28,7 +28,7 @@ CASES = ("llama_nopad", "qwen2_nobos", "gemma2_ids")
 IDS = {"llama_nopad": (1, (2,), None), "qwen2_nobos": (None, (2,), None), "gemma2_ids": (2, (1,), 0)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(case):
     return hf.load_hf_checkpoint(ASSETS / case)
 

@@ -106,7 +106,7 @@ def test_explicit_supersede_and_delete(tmp_path):
         assert [i.text for i in store.retrieve("kobu", 5)] == ["lima = 2"]
         lima = store.retrieve("lima", 1)[0].id
         assert store.forget(memory.Delete(item_ids=(lima,))) == 1 and store.retrieve("lima", 5) == []
-        with pytest.raises(ValueError, match=r"Delete.item_ids: \[%d\] are not active" % lima):
+        with pytest.raises(ValueError, match=rf"Delete.item_ids: \[{lima}\] are not active"):
             store.forget(memory.Delete(item_ids=(lima,)))
         with pytest.raises(ValueError, match="expected TTL, Capacity, Supersede or Delete"):
             store.forget("everything")

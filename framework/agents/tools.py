@@ -140,7 +140,7 @@ class ToolClient:
             self._thread.join(self.timeout_s)
         self._closing = None
 
-    def __enter__(self) -> "ToolClient":
+    def __enter__(self) -> ToolClient:
         return self
 
     def __exit__(self, *exc) -> None:

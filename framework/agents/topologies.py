@@ -278,7 +278,7 @@ def run(
         rows = [(a, t, p) for a in range(topo.agents) for t, p in enumerate(problems)]
         out = _solve(runner, topo, "solve", rows)
         by_task = collections.defaultdict(list)
-        for (a, t, _), (_, v) in zip(rows, out):
+        for (_, t, _), (_, v) in zip(rows, out):
             by_task[t].append(v)
         answers = [majority(by_task[t]) for t in range(len(problems))]
     elif topo.kind == "debate":

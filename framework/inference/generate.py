@@ -37,7 +37,8 @@ that want fewer compiles (`LMPolicy`) pad their own batches.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,7 @@ class GenerateOutput(NamedTuple):
 
     tokens: Int[Array, "B N"]
     logprobs: Float[Array, "B N"]
-    lengths: Int[Array, "B"]
+    lengths: Int[Array, " B"]
     processed_logprobs: Float[Array, "B N"]
 
 

@@ -221,17 +221,17 @@ class PagePool:
     Pure functions of the pool (`allocate`, `release`) work eagerly and inside jit / `lax.while_loop`.
     """
 
-    free: Int[Array, "P"]
+    free: Int[Array, " P"]
     n_free: Int[Array, ""]
 
     @classmethod
-    def create(cls, num_pages: int) -> "PagePool":
+    def create(cls, num_pages: int) -> PagePool:
         # Popping from the top hands out pages 0, 1, 2, ... first (reversed stack), which keeps traces readable.
         return cls(jnp.arange(num_pages - 1, -1, -1, dtype=jnp.int32), jnp.int32(num_pages))
 
 
 def allocate(
-    pool: PagePool, counts_B: Int[Array, "B"], width: int
+    pool: PagePool, counts_B: Int[Array, " B"], width: int
 ) -> tuple[PagePool, Int[Array, "B W"], Bool[Array, ""]]:
     """Pops counts_B[b] pages for each sequence b (all or nothing).
 
@@ -250,7 +250,7 @@ def allocate(
     return PagePool(pool.free, pool.n_free - jnp.where(ok, total, 0)), pages_BW, ok
 
 
-def release(pool: PagePool, pages: Int[Array, "..."]) -> PagePool:
+def release(pool: PagePool, pages: Int[Array, ...]) -> PagePool:
     """Pushes every page id >= 0 in `pages` back on the free list (ids must be distinct and currently allocated)."""
     flat = pages.reshape(-1)
     valid = flat >= 0

@@ -17,7 +17,8 @@ small-scale checks.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +35,10 @@ from framework.models import lm
 def _last_logits(
     params: lm.Params,
     tokens_BT: Int[Array, "B T"],
-    last_B: Int[Array, "B"],
+    last_B: Int[Array, " B"],
     prompt_embeds_BTD: Float[Array, "B T D"] | None,
-    prompt_lens_B: Int[Array, "B"],
-    prefix_B: Int[Array, "B"] | None,
+    prompt_lens_B: Int[Array, " B"],
+    prefix_B: Int[Array, " B"] | None,
     cfg: lm.LMConfig,
     interventions: Interventions = (),
 ) -> Float[Array, "B V"]:

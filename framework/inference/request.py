@@ -15,7 +15,8 @@ choice; default `default_pad_value(cfg)`: the pad id, or -1, which is no token, 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ dataclasses, `functools.partial` objects kept and reused): each distinct one com
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,12 +129,12 @@ def top_p_logits(logits_BV: Float[Array, "B V"], p: Scalar) -> Float[Array, "B V
     return process_logits(logits_BV, top_p=p)
 
 
-def greedy(logits_BV: Float[Array, "B V"]) -> Int[Array, "B"]:
+def greedy(logits_BV: Float[Array, "B V"]) -> Int[Array, " B"]:
     """Argmax token of each row (int32); the lowest id wins exact ties."""
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
 
-def categorical_rows(keys_B: jax.Array, logits_BV: Float[Array, "B V"]) -> Int[Array, "B"]:
+def categorical_rows(keys_B: jax.Array, logits_BV: Float[Array, "B V"]) -> Int[Array, " B"]:
     """One categorical draw per row, row b with its own key `keys_B[b]` (int32 [B]); rows never share noise."""
     return jax.vmap(lambda key, x_V: jax.random.categorical(key, x_V))(keys_B, logits_BV).astype(jnp.int32)
 
@@ -146,7 +146,7 @@ def sample(
     temperature: Scalar,
     top_k: Scalar | None = None,
     top_p: Scalar | None = None,
-) -> Int[Array, "B"]:
+) -> Int[Array, " B"]:
     """Next tokens (int32 [B]): argmax when `temperature` is the number 0, else a categorical draw with one `key`.
 
     Greedy ignores top_k/top_p (truncation never removes the argmax). The draw is one `jax.random.categorical`
@@ -163,7 +163,7 @@ def sample(
 def choose_tokens(
     logits_BV: Float[Array, "B V"],
     tokens_BS: Int[Array, "B S"] | None,
-    lengths_B: Int[Array, "B"] | None,
+    lengths_B: Int[Array, " B"] | None,
     keys_B: jax.Array | None,
     *,
     greedy: bool,
@@ -172,7 +172,7 @@ def choose_tokens(
     top_p: Scalar | None = None,
     processors: Sequence[LogitsProcessor] = (),
     sampler: Sampler | None = None,
-) -> tuple[Int[Array, "B"], Float[Array, "B V"]]:
+) -> tuple[Int[Array, " B"], Float[Array, "B V"]]:
     """One decode step's tokens (int32 [B]) and the fp32 logits they were drawn from, [B, V].
 
     Sampling (`greedy=False`): logits / temperature, then each processor in order, then top-k and top-p; the draw is
@@ -198,7 +198,7 @@ def choose_tokens(
     return jnp.asarray(tok_B).astype(jnp.int32), x_BV
 
 
-def token_logprobs(logits_BV: Float[Array, "B V"], tokens_B: Int[Array, "B"]) -> Float[Array, "B"]:
+def token_logprobs(logits_BV: Float[Array, "B V"], tokens_B: Int[Array, " B"]) -> Float[Array, " B"]:
     """log p(token) under the distribution `logits_BV` (fp32 log_softmax); the raw logits give the model's own."""
     logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp_BV, tokens_B[:, None].astype(jnp.int32), axis=-1)[:, 0]

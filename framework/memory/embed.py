@@ -40,6 +40,17 @@ def _normalise(x_ND: np.ndarray) -> np.ndarray:
     return (x_ND / np.maximum(norm_N1, 1e-12)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _trigram_features(word: str, dim: int) -> tuple[tuple[int, float], ...]:
+    """(column, sign) of each character trigram of `#word#` (cached: ledger texts reuse few words)."""
+    w = f"#{word}#"
+    out = []
+    for i in range(len(w) - 2):
+        h = zlib.crc32(w[i : i + 3].encode())
+        out.append((h % dim, 1.0 if (h >> 20) & 1 else -1.0))
+    return tuple(out)
+
+
 class HashEmbedder(Embedder):
     """Signed hashed character trigrams of the words of a text, L2-normalised (deterministic, no model)."""
 
@@ -49,14 +60,8 @@ class HashEmbedder(Embedder):
         self.dim = int(dim)
         self.name = f"hash{self.dim}"
 
-    @functools.lru_cache(maxsize=1 << 16)
     def _word(self, word: str) -> tuple[tuple[int, float], ...]:
-        w = f"#{word}#"
-        out = []
-        for i in range(len(w) - 2):
-            h = zlib.crc32(w[i : i + 3].encode())
-            out.append((h % self.dim, 1.0 if (h >> 20) & 1 else -1.0))
-        return tuple(out)
+        return _trigram_features(word, self.dim)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         x_ND = np.zeros((len(texts), self.dim), np.float32)

@@ -96,7 +96,7 @@ class RecentWindowStore(_EventStore):
         self._check_text(query, "query")
         n = min(check_k(k), self.window)
         vis, args = self._visible_sql(self._now(now))
-        rows = self._rows(vis, args, order="time DESC, id DESC LIMIT %d" % n)
+        rows = self._rows(vis, args, order=f"time DESC, id DESC LIMIT {int(n)}")
         items = [self._item(r, 1.0 / (1 + j)) for j, r in enumerate(rows)]
         self._touch([i.id for i in items], self._now(now))
         return items

@@ -9,7 +9,8 @@ Glossary: B batch, T query time, S key time, H query heads, K kv heads, G = H //
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,7 @@ def flash_self_attention(
     window: int | None = None,
     softcap: float | None = None,
     sm_scale: float | None = None,
-    prefix_len_B: Int[Array, "B"] | None = None,
+    prefix_len_B: Int[Array, " B"] | None = None,
 ) -> Float[Array, "B T H D"]:
     """Causal (and segment-masked) self-attention through the Pallas flash kernels; `impl` from FLASH_IMPLS.
 
@@ -88,7 +89,7 @@ def make_mask(
     q_segment_BT: Int[Array, "B T"] | None = None,
     kv_segment_BS: Int[Array, "B S"] | None = None,
     window: int | None = None,
-    prefix_len_B: Int[Array, "B"] | None = None,
+    prefix_len_B: Int[Array, " B"] | None = None,
 ) -> Bool[Array, "B T S"]:
     """Boolean [B, T, S] mask: True where query t may attend to key s.
 

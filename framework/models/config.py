@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +157,7 @@ class LMConfig:
         tokenizer_lib.check_special_ids(self, tok)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | "LMConfig") -> "LMConfig":
+    def from_config(cls, config: Mapping[str, Any] | LMConfig) -> LMConfig:
         """Builds an LMConfig from a ConfigDict/dict (e.g. `config.model`), ignoring no key silently.
 
         A `hf_path` key (an experiment config's imported checkpoint) must be None here: an experiment that takes an

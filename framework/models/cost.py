@@ -6,7 +6,8 @@ Glossary: N matmul weights, L layers, H heads, Dh head dim, n tokens of a sequen
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -33,7 +33,8 @@ import pathlib
 import re
 import shutil
 import struct
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

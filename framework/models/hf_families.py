@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -460,7 +461,9 @@ def lm_config_to_hf_config(
     try:
         hf = _own_hf_config(cfg, base.get("model_type"))
     except ValueError as e:
-        raise ValueError(f"the model cannot be written as the source's model_type={base.get('model_type')!r}: {e}")
+        raise ValueError(
+            f"the model cannot be written as the source's model_type={base.get('model_type')!r}: {e}"
+        ) from None
     merged = {**hf, **base}  # the original wins wherever it still gives the same model
     if not _loses(cfg, merged):
         return merged

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -139,7 +140,7 @@ class Linear(nn.Module):
 
 
 def _attention_core(
-    c: "LMConfig", window, q_BTHD, k_BTKD, v_BTKD, layer_cache, pos_BT, seg_BT, page_table, prefix_B=None
+    c: LMConfig, window, q_BTHD, k_BTKD, v_BTKD, layer_cache, pos_BT, seg_BT, page_table, prefix_B=None
 ):
     """Attention of q over k/v (or over the cache) with a static sliding `window` (None = full causal) and, with
     `prefix_B`, the prefix-LM mask (every path: the xla mask, the flash kernels, the cache's prefill)."""
@@ -400,7 +401,7 @@ def forward(
     cfg: LMConfig | Mapping[str, Any],
     *,
     embeds_BTD: Float[Array, "B T D"] | None = None,
-    prefix_len_B: Int[Array, "B"] | None = None,
+    prefix_len_B: Int[Array, " B"] | None = None,
     positions_BT: Int[Array, "B T"] | None = None,
     segment_ids_BT: Int[Array, "B T"] | None = None,
     kv_cache: Any = None,

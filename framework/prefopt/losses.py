@@ -24,7 +24,8 @@ mismatched shapes, non-finite log-probs and lengths < 1 raise a ValueError namin
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

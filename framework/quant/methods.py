@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -248,7 +249,10 @@ def _awq(w_KN, x_nK, cfg: QuantConfig) -> QuantizedWeight:
     return qw
 
 
-def _awq_clip(w_KN, x_nK, cfg: QuantConfig, shrink=np.linspace(1.0, 0.5, 11)) -> QuantizedWeight:
+_AWQ_SHRINK = tuple(np.linspace(1.0, 0.5, 11))  # the clipping ratios AWQ searches, widest first
+
+
+def _awq_clip(w_KN, x_nK, cfg: QuantConfig, shrink=_AWQ_SHRINK) -> QuantizedWeight:
     """AWQ's weight-clipping search: per (group, output column), the range [min, max] (NF4: absmax) shrunk by the
     ratio r that minimises that group's share of the output error, E_x[(x_g · (w_g - q_r(w_g)))²] = dᵀ C_g d with
     C_g = x_gᵀ x_g / n (cross-group terms ignored, as in AWQ's per-group search)."""

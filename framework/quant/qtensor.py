@@ -104,7 +104,7 @@ class QuantizedWeight:
             w = w * self.in_scale.reshape(-1, 1)
         return w
 
-    def dequantize_kernel(self) -> Float[Array, "..."]:
+    def dequantize_kernel(self) -> Float[Array, ...]:
         """`dequantize` reshaped to the `lm.Linear` kernel it came from ([..., *kernel_shape]; [..., K, N] if unknown)."""
         w = self.dequantize()
         if not self.kernel_shape:
@@ -141,7 +141,7 @@ class QuantizedWeight:
         meta = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(self) if a is not self.values)
         return n * self.bits / 8 + meta
 
-    def with_impl(self, impl: str) -> "QuantizedWeight":
+    def with_impl(self, impl: str) -> QuantizedWeight:
         if impl not in qmm.IMPLS:
             raise ValueError(f"impl={impl!r}: expected one of {qmm.IMPLS}")
         return dataclasses.replace(self, impl=impl)

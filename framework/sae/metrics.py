@@ -6,7 +6,8 @@ numpy or jax arrays and inside jit; aggregates are over all N tokens of the batc
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,7 @@ a step count is an exact data position (`skip` replays the stream's host-side dr
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp

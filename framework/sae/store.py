@@ -81,7 +81,7 @@ class ActivationStore:
         self._arrays: dict[str, np.ndarray] = {}
 
     @classmethod
-    def open(cls, path: str) -> "ActivationStore":
+    def open(cls, path: str) -> ActivationStore:
         """Opens the store written by `harvest` at `path`."""
         return cls(path)
 

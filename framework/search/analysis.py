@@ -6,7 +6,7 @@ Glossary: P problems, S samples per problem in a pool, C strategy configurations
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.special

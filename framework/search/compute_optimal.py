@@ -11,7 +11,7 @@ same FLOPs and the FLOPs each would need to match.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

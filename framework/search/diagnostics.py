@@ -12,7 +12,7 @@ no gold trace" (low ceiling) from "the verifier cannot rank" (high ceiling, low 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

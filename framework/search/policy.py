@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np

@@ -14,7 +14,7 @@ chance hits would give). A budget past the pool's largest N is marked `extrapola
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ def _pool_curves(policy, scorer, problems, pools, budgets, seeds, aggregation):
     """Per N: per-problem [P] values (mean over seeds) of every pool selector with this scorer, and FLOPs per N."""
     gold = [p.answer for p in problems]
     per_seed, gen, score = [], [], []
-    for seed, pool in zip(seeds, pools):
+    for _seed, pool in zip(seeds, pools):
         S = len(pool.candidates[0])
         sc = scorer.score([p for p in problems for _ in range(S)], [c for cs in pool.candidates for c in cs])
         lines = [sc.scores[i * S : (i + 1) * S] for i in range(len(problems))]

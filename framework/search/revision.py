@@ -23,7 +23,7 @@ results (`policy_calls`, `scorer_calls`) so `SearchResults.flops` prices revisio
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

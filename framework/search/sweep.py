@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class Sweep:
         if seconds is not None:
             self.seconds.setdefault(name, {})[n] = float(seconds)
 
-    def update(self, other: "Sweep") -> "Sweep":
+    def update(self, other: Sweep) -> Sweep:
         """Adds every cell of `other` (later cells replace earlier ones); returns self."""
         for f in dataclasses.fields(self):
             mine = getattr(self, f.name)
@@ -83,7 +83,7 @@ def pool_sweep(
             for s in seeds
         ]
 
-        def mean(key):
+        def mean(key, sub=sub):
             return np.mean([x[key] for x in sub], axis=0)
 
         for name in (*(s for s in POOL_STRATEGIES if s in strategies), "pass_at_n"):

@@ -12,7 +12,7 @@ problem and depth), so any `branching` consecutive slots hold every option, the 
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -87,7 +87,7 @@ class HFTokenizer:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "HFTokenizer":
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> HFTokenizer:
         """Loads `path` (an HF checkpoint folder or a tokenizer.json) with its special ids; `overrides` (bos_id,
         eos_ids, pad_id, name) win. FileNotFoundError when there is no tokenizer.json."""
         tok, file = read_tokenizer_file(path)

@@ -7,7 +7,8 @@ path), answer accuracy, per-step accuracy (fraction of locally correct steps) an
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np

@@ -5,7 +5,8 @@ Glossary: B batch, T tokens, V vocab.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ def sequence_logprobs(
     tokens_BT: Int[Array, "B T"],
     loss_mask_BT: Float[Array, "B T"],
     **forward_kw,
-) -> tuple[Float[Array, "B"], Float[Array, "B"]]:
+) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
     """Each sequence's log-probability under the LM: (sum over t of loss_mask[t] * log p(tokens[t] | tokens[<t]),
     sum of loss_mask[t]), both [B] float32, over t >= 1.
 

@@ -9,7 +9,8 @@ leaf, from a task's label function and the `train.frozen` regexes) it is `labell
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import optax

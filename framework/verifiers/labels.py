@@ -20,7 +20,8 @@ row_keys=..., call_key=...)` returns the new text of every row, in one batched c
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

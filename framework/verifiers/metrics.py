@@ -8,7 +8,7 @@ the earliest error as the first step whose score falls below a threshold.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.stats

@@ -21,7 +21,8 @@ import functools
 import hashlib
 import pathlib
 import tempfile
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

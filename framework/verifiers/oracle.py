@@ -19,7 +19,8 @@ the trained verifier counts them (prompt plus completion).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

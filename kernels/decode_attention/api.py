@@ -64,7 +64,7 @@ def paged_attention(
     k_pages: Array,
     v_pages: Array,
     page_table: Int[Array, "B N"],
-    lengths: Int[Array, "B"],
+    lengths: Int[Array, " B"],
     *,
     k_scales: Float[Array, "P C K"] | None = None,
     v_scales: Float[Array, "P C K"] | None = None,

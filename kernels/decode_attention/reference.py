@@ -40,7 +40,7 @@ def paged_attention_reference(
     k_pages_PCKD: jax.Array,
     v_pages_PCKD: jax.Array,
     page_table_BN: Int[Array, "B N"],
-    lengths_B: Int[Array, "B"],
+    lengths_B: Int[Array, " B"],
     *,
     k_scales_PCK: Float[Array, "P C K"] | None = None,
     v_scales_PCK: Float[Array, "P C K"] | None = None,

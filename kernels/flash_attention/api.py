@@ -149,7 +149,7 @@ def flash_attention(
     sm_scale: float | None = None,
     impl: str = "auto",
     block_sizes: BlockSizes | None = None,
-    prefix_len: Int[Array, "B"] | None = None,
+    prefix_len: Int[Array, " B"] | None = None,
 ) -> Float[Array, "B T H D"]:
     """Multi-/grouped-query attention softmax(q k^T * sm_scale) v with causal/segment/window/prefix masks, softcap.
 

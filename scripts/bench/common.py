@@ -13,7 +13,8 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
@@ -120,7 +121,7 @@ class Entry:
     contention: str = ""
 
     def render(self) -> str:
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         lines = [
             f"## {self.title} — {now}",
