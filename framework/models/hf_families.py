@@ -397,6 +397,11 @@ def supported_architectures() -> list[str]:
 def _arch_spec(hf_config: Mapping[str, Any]) -> ArchSpec:
     model_type = hf_config.get("model_type")
     archs = list(hf_config.get("architectures") or [])
+    if model_type == "paligemma":
+        raise ValueError(
+            "model_type='paligemma' is a vision-language model: load it with "
+            "framework.models.hf_paligemma.load_paligemma_checkpoint(path)"
+        )
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"unsupported HF architecture {archs or None} (config field model_type={model_type!r}); supported "

@@ -1,0 +1,120 @@
+"""Rendered-expression data for the VLM (framework.tasks.render) and the `vlm` experiment's config checks and launch.
+
+Glossary: B batch, T tokens, H/W image height/width, N image tokens.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs.vlm import study, tiny
+from experiments import vlm as vlm_exp
+from framework import config as config_lib
+from framework.tasks import arithmetic, render
+from framework.tasks.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_rendering_is_a_pure_function_of_text_seed_and_knobs():
+    knobs = dict(noise=0.2, distractors=3, scale=(1, 2))
+    a = render.render_expression("3+4*2", seed=5, knobs=knobs)
+    assert a.shape == (32, 64, 1) and a.dtype == np.float32 and a.min() >= -1 and a.max() <= 1
+    np.testing.assert_array_equal(a, render.render_expression("3+4*2", seed=5, knobs=knobs))
+    assert not np.array_equal(a, render.render_expression("3+4*2", seed=6, knobs=knobs))
+    assert not np.array_equal(a, render.render_expression("3+4*3", seed=5, knobs=knobs))
+
+
+def test_glyphs_are_drawn_where_the_font_says():
+    """Centred, level, scale 1, no noise: the ink is exactly the font's bitmaps side by side (1 px apart)."""
+    img = render.render_expression("8-0", seed=0, knobs=dict(jitter=False, scale=(1, 1)))[:, :, 0] > 0
+    rows, cols = np.nonzero(img)
+    box = img[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    blank = np.zeros((5, 1), bool)
+    want = np.concatenate([render.FONT["8"], blank, render.FONT["-"], blank, render.FONT["0"]], axis=1)
+    np.testing.assert_array_equal(box, want)
+
+
+def test_render_refuses_unknown_characters_and_text_that_does_not_fit():
+    with pytest.raises(ValueError, match=r"character 'x' of '3x4' is not in the font"):
+        render.render_expression("3x4", seed=0)
+    with pytest.raises(ValueError, match=r"12 characters\) does not fit 64 px at scale 2 \(at most 8\)"):
+        render.render_expression("1+2+3+4+5+67", seed=0)
+    with pytest.raises(ValueError, match="height=16"):
+        render.RenderKnobs(height=16)
+
+
+def test_batches_hold_placeholders_prefix_and_answer_only_loss():
+    task = render.VLMTask(num_image_tokens=32, mode="mixed", knobs=dict(num_steps=(1, 3), modulus=10))
+    batch = render.make_vlm_dataset(task, seed=3, batch_size=4)[0]
+    assert batch["images"].shape == (4, 32, 64, 1) and batch["tokens"].shape == (4, task.seq_len())
+    stream = render.split_seed(3, "train")
+    for b in range(4):
+        ex = task.example(stream, b)
+        problem, toks = ex["problem"], batch["tokens"][b]
+        assert np.all(toks[:32] == render.IMAGE_TOKEN_ID) and toks[32] == BOS_ID
+        P = int(batch["prefix_len"][b])
+        assert P == 33 + len(ex["prompt"]) and render.VLM_TOKENIZER.decode(toks[33:P]) == ex["prompt"]
+        want = render.expression(problem) if b % 2 == 0 else str(problem.values()[-1])
+        assert ex["completion"] == want
+        answer = toks[batch["loss_mask"][b] > 0]
+        assert render.VLM_TOKENIZER.decode(answer) == want and answer[-1] == EOS_ID
+        assert np.all(toks[P + len(want) + 1 :] == PAD_ID)
+        np.testing.assert_array_equal(batch["images"][b], render.render_expression(render.expression(problem), seed=b))
+    assert arithmetic.apply_op(2, "*", 7, 10) == 4  # answers are the task's own, mod 10
+
+
+def test_text_task_writes_the_expression_into_the_prompt():
+    task = render.VLMTask(num_image_tokens=32, mode="compute", text=True)
+    batch = render.make_vlm_dataset(task, seed=0, batch_size=2)[0]
+    ex = task.example(render.split_seed(0, "train"), 0)
+    assert ex["prompt"] == "value:" + render.expression(ex["problem"]) and not np.any(batch["tokens"] == 100)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("stage1.train", ("projector", "encoder"), "stage1.train"),
+        ("model.image_token_id", 7, "model.image_token_id"),
+        ("task.num_steps", (1, 5), "do not fit a 64 px wide image"),
+        ("model.lm.max_seq_len", 40, "model.lm.max_seq_len"),
+    ],
+)
+def test_config_errors_name_the_key(key, value, match):
+    config = study.get_config()
+    config.unlock()
+    section, field = key.rsplit(".", 1)
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    node[field] = value
+    with pytest.raises(config_lib.ConfigError, match=match):
+        vlm_exp.validate(config)
+
+
+def test_study_variants_choose_groups_mask_and_projector():
+    c = study.get_config("projector=linear,mask=causal,encoder=frozen,stage1=0")
+    assert c.model.projector == "linear" and not c.model.prefix_lm and c.stage1.steps == 0
+    assert tuple(c.stage2.train) == ("projector", "lm")
+    vlm_exp.validate(c)
+    vlm_exp.validate(tiny.get_config())
+
+
+@pytest.mark.slow
+def test_launch_runs_the_stages_and_writes_results(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "scripts.launch", "--config=configs/vlm/tiny.py", f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "results" / "vlm.json").read_text())
+    assert set(results["stages"]) == {"stage1", "stage2"} and set(results["stages"]["stage2"]) == {"read", "compute"}
+    assert (tmp_path / "run" / "figures" / "samples.png").stat().st_size > 0
+    for stage in ("pretrain", "stage1", "stage2"):
+        records = [json.loads(x) for x in (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
