@@ -41,6 +41,7 @@ from framework.sae import defaults, report, store
 from framework.tasks import data
 from framework.tasks import tokenizer as tok_lib
 from framework.training import loop
+from framework.training import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
 
@@ -318,8 +319,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     if jax.process_index() == 0:
         _write_artifacts(workdir, config, sae_params, results, summaries)
-        print(json.dumps({k: v for k, v in results["eval"].items() if k != "density_histogram"}, indent=1))
-        print("spliced into the LM:", json.dumps(splice))
+        print(metrics_lib.format_metrics("held-out SAE metrics:", results["eval"], skip=("density_histogram",)))
+        print(metrics_lib.format_metrics("spliced into the LM:", splice))
     return dict(results, sae_params=sae_params, lm_params=params, summaries=summaries)
 
 

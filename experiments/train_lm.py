@@ -23,6 +23,7 @@ from framework.models.config import HF_PATH_KEY
 from framework.tasks import arithmetic, data, policy_eval
 from framework.tasks import tokenizer as tok
 from framework.training import loop
+from framework.training import metrics as metrics_lib
 from framework.training.loss import next_token_loss
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stopped = f" (train.stop_when {config.train.stop_when!r} met)" if int(state.step) < config.train.steps else ""
         print(f"greedy accuracy by K after {int(state.step)} of {config.train.steps} steps{stopped}:")
         print(format_table(acc))
-        print("decode parity vs no-cache reference:", json.dumps(parity))
+        print(metrics_lib.format_metrics("decode parity vs the no-cache reference:", parity))
     return dict(results, params=params)
 
 

@@ -416,3 +416,19 @@ def test_parse_stop_when():
     assert loop.parse_stop_when("") is None
     assert loop.parse_stop_when(" eval/token_accuracy >= 0.98 ") == ("token_accuracy", ">=", 0.98)
     assert loop.parse_stop_when("loss<=1e-2") == ("loss", "<=", 0.01)
+
+
+def test_format_metrics_prints_labelled_lines_flattening_nested_dicts():
+    from framework.training.metrics import format_metrics
+
+    text = format_metrics(
+        "parity:", {"greedy": {"tokens_identical": True, "gap": 2.5e-6}, "steps": 3, "hist": [1, 2], "ce": None}
+    )
+    assert text.splitlines() == [
+        "parity:",
+        "  greedy/tokens_identical  True",
+        "  greedy/gap               2.5e-06",
+        "  steps                    3",
+        "  ce                       None",
+    ]
+    assert "hist" not in format_metrics("m:", {"hist": 1.0, "x": 0.5}, skip=("hist",))

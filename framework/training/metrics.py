@@ -50,3 +50,26 @@ def read_metrics(workdir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def format_metrics(title: str, metrics: Mapping, skip: tuple[str, ...] = ()) -> str:
+    """A titled block of `name  value` lines for the terminal (nested dicts flattened as `outer/inner`; lists and
+    keys in `skip` left out): what an experiment prints at its end, beside the JSON it writes."""
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if k in skip:
+                continue
+            if isinstance(v, Mapping):
+                yield from flat(v, f"{prefix}{k}/")
+            elif v is None or isinstance(v, (bool, int, float, str, np.number)):
+                yield prefix + str(k), v
+
+    def show(v):
+        if isinstance(v, (bool, str)) or v is None:
+            return str(v)
+        return f"{v:d}" if isinstance(v, (int, np.integer)) else f"{float(v):.6g}"
+
+    rows = list(flat(metrics))
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join([title] + [f"  {k:<{width}}  {show(v)}" for k, v in rows])
