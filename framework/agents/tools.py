@@ -23,18 +23,14 @@ from typing import Any
 
 import jsonschema
 
+from framework.tasks import arithmetic  # numpy only: the MCP server process stays free of JAX
+
 DEFAULT_TABLE = {"modulus": "100", "width": "2", "ops": "+-*"}
 
 
 def calculate(a: int, op: str, b: int, modulus: int = 100) -> int:
     """(a op b) mod modulus: the arithmetic task's step, as the calculator tool computes it."""
-    if op == "+":
-        return (a + b) % modulus
-    if op == "-":
-        return (a - b) % modulus
-    if op == "*":
-        return (a * b) % modulus
-    raise ValueError(f"op = {op!r}; expected one of '+', '-', '*'")
+    return arithmetic.apply_op(a, op, b, modulus)
 
 
 @dataclasses.dataclass(frozen=True)
