@@ -36,7 +36,7 @@ from framework.agents.log import MessageLog
 from framework.models import lm
 from framework.tasks import arithmetic, data
 from framework.training import loop
-from framework.training.loss import next_token_loss
+from framework.training.loss import held_out_eval, lm_loss_fn
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,6 @@ def role_mix(config) -> formats.RoleMix:
     return formats.RoleMix(tuple(r.weights), tuple(r.num_steps), r.modulus, r.piece_steps, tuple(r.peers))
 
 
-def _loss_fn(model_cfg):
-    def loss_fn(params, batch):
-        logits = lm.apply(params, batch["tokens"], model_cfg)
-        return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
-
-    return loss_fn
-
-
 def make_role_task(config) -> tuple[lm.LMConfig, loop.Task]:
     """The model config and the `loop.Task` that trains the roles (held-out token accuracy as its eval)."""
     model_cfg = validate(config)
@@ -110,18 +102,9 @@ def make_role_task(config) -> tuple[lm.LMConfig, loop.Task]:
             num_batches=num_batches,
         )
 
-    loss_fn = _loss_fn(model_cfg)
+    loss_fn = lm_loss_fn(model_cfg)
     eval_batches = [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in dataset("eval", num_batches=4)]
-    scored = jax.jit(lambda p, b: loss_fn(p, b)[1])
-
-    def eval_fn(state):
-        sums = [jax.device_get(scored(state.params, b)) for b in eval_batches]
-        n = sum(float(s["tokens"]) for s in sums)
-        return {
-            "loss": sum(float(s["loss_sum"]) for s in sums) / n,
-            "token_accuracy": sum(float(s["correct"]) for s in sums) / n,
-        }
-
+    eval_fn = held_out_eval(loss_fn, eval_batches)
     task = loop.Task(
         init_params=lambda rng: lm.init(model_cfg, rng),
         logical_axes=lm.logical_axes(model_cfg),

@@ -28,7 +28,7 @@ from framework.models import lm
 from framework.tasks import data
 from framework.tasks.tokenizer import TEXT_VOCAB_SIZE
 from framework.training import loop
-from framework.training.loss import next_token_loss
+from framework.training.loss import held_out_eval, lm_loss_fn
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +107,9 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
             num_batches=num_batches,
         )
 
-    def loss_fn(params, batch):
-        return next_token_loss(lm.apply(params, batch["tokens"], model_cfg), batch["tokens"], batch["loss_mask"])
-
+    loss_fn = lm_loss_fn(model_cfg)
     eval_batches = [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in ds("eval", num_batches=2)]
-    scored = jax.jit(lambda p, b: loss_fn(p, b)[1])
-
-    def eval_fn(state):
-        sums = [jax.device_get(scored(state.params, b)) for b in eval_batches]
-        n = sum(float(s["tokens"]) for s in sums)
-        return {
-            "loss": sum(float(s["loss_sum"]) for s in sums) / n,
-            "token_accuracy": sum(float(s["correct"]) for s in sums) / n,
-        }
-
+    eval_fn = held_out_eval(loss_fn, eval_batches)
     task = loop.Task(
         init_params=lambda rng: lm.init(model_cfg, rng),
         logical_axes=lm.logical_axes(model_cfg),

@@ -24,7 +24,7 @@ from framework.tasks import arithmetic, data, policy_eval
 from framework.tasks import tokenizer as tok
 from framework.training import loop
 from framework.training import metrics as metrics_lib
-from framework.training.loss import next_token_loss
+from framework.training.loss import held_out_eval, lm_loss_fn
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +114,6 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
     return model_cfg
 
 
-def _loss_fn(model_cfg: lm.LMConfig):
-    def loss_fn(params, batch):
-        logits = lm.apply(
-            params,
-            batch["tokens"],
-            model_cfg,
-            positions_BT=batch.get("positions"),
-            segment_ids_BT=batch.get("segment_ids"),
-        )
-        return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
-
-    return loss_fn
-
-
 def _eval_loss_fn(config, model_cfg, loss_fn, n_batches: int = 4):
     eval_ds = data.make_dataset(
         seed=config.seed,
@@ -138,19 +124,7 @@ def _eval_loss_fn(config, model_cfg, loss_fn, n_batches: int = 4):
         num_batches=n_batches,
         **knobs(config),
     )
-    # Host (numpy) batches: under several processes jit treats them as the same replicated value on every host.
-    batches = [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in eval_ds]
-    scored = jax.jit(lambda p, b: loss_fn(p, b)[1])
-
-    def eval_fn(state):
-        sums = [jax.device_get(scored(state.params, b)) for b in batches]
-        n = sum(float(s["tokens"]) for s in sums)
-        return {
-            "loss": sum(float(s["loss_sum"]) for s in sums) / n,
-            "token_accuracy": sum(float(s["correct"]) for s in sums) / n,
-        }
-
-    return eval_fn
+    return held_out_eval(loss_fn, [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in eval_ds])
 
 
 def decode_parity(params, model_cfg, config) -> dict:
@@ -194,7 +168,7 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
         )
 
     batch_keys = ("tokens", "loss_mask") + (("positions", "segment_ids") if config.task.pack else ())
-    loss_fn = _loss_fn(model_cfg)
+    loss_fn = lm_loss_fn(model_cfg)
     task = loop.Task(
         init_params=lambda rng: lm.init(model_cfg, rng),
         logical_axes=lm.logical_axes(model_cfg),

@@ -55,3 +55,32 @@ def sequence_logprobs(
     logp_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT[:, 1:])
     w_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
     return jnp.sum(logp_BT * w_BT, axis=-1), jnp.sum(w_BT, axis=-1)
+
+
+def lm_loss_fn(cfg: lm.LMConfig):
+    """`loss_fn(params, batch) -> (loss, aux)` of `next_token_loss` on a batch of `tokens` and `loss_mask` (packed
+    batches also carry `positions` and `segment_ids`): the loss every LM task on the one loop trains with."""
+
+    def loss_fn(params, batch):
+        logits = lm.apply(
+            params, batch["tokens"], cfg, positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids")
+        )
+        return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+
+    return loss_fn
+
+
+def held_out_eval(loss_fn, batches):
+    """`eval_fn(state) -> {"loss", "token_accuracy"}` over fixed held-out `batches` (host arrays: under several
+    processes jit treats them as the same replicated value on every host), from `loss_fn`'s token-count aux."""
+    scored = jax.jit(lambda p, b: loss_fn(p, b)[1])
+
+    def eval_fn(state):
+        sums = [jax.device_get(scored(state.params, b)) for b in batches]
+        n = sum(float(s["tokens"]) for s in sums)
+        return {
+            "loss": sum(float(s["loss_sum"]) for s in sums) / n,
+            "token_accuracy": sum(float(s["correct"]) for s in sums) / n,
+        }
+
+    return eval_fn
