@@ -141,3 +141,18 @@ def lm_experiment(*, size: str = "small", seed: int = 0, **sections) -> ml_colle
     for name, values in sections.items():
         config[name].update(values)
     return config
+
+
+# The tiny mod-10 arithmetic LM that the quickstart, the SAE experiment and the test-time scaling, quantisation and
+# LoRA studies share: one-digit numbers (`Q 3+4*7-1`), all three ops, K = 1..8, a 100k-parameter model a 2-core CPU
+# trains in minutes. Each user overrides what it must, visibly, through `mod10_lm(**train_overrides)`.
+MOD10_TRAIN = dict(batch_size=32, seq_len=80, lr=3e-3, checkpoint_every=500, log_every=100)
+
+
+def mod10_lm(*, size: str = "tiny", seed: int = 0, **train_overrides) -> ml_collections.ConfigDict:
+    """The shared tiny mod-10 LM recipe (a `train_lm` config): `MOD10_TRAIN`, then the caller's `train` overrides."""
+    config = lm_experiment(size=size, seed=seed)
+    config.task.modulus = 10
+    config.train.update(MOD10_TRAIN)
+    config.train.update(train_overrides)
+    return config

@@ -168,8 +168,9 @@ def load_or_train_lm(config, workdir: str):
         model_cfg, params, _ = hf.model_from_config(config.model)
         return params, model_cfg, lm_config
     lm_dir = config.lm.workdir or os.path.join(workdir, "lm")
-    model_cfg, task = train_lm.make_task(lm_config)
-    state = loop.train(lm_config, lm_dir, task)
+    spec = train_lm.parse(lm_config)
+    model_cfg, task = train_lm.make_task(spec)
+    state = loop.train(spec.run, lm_dir, task)
     return jax.device_get(state.params), model_cfg, lm_config
 
 
@@ -264,6 +265,7 @@ def harvest_split(params, model_cfg, lm_config, config, path: str, split: str, n
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Gets the LM, harvests, trains the SAE, evaluates it (held out and spliced in), writes the report."""
     validate(config)
+    sae_cfg = defaults.parse(config.sae)  # the SAE section, typed once
     os.makedirs(workdir, exist_ok=True)
     loop.write_config(config, workdir)
     params, model_cfg, lm_config = load_or_train_lm(config, workdir)
@@ -279,13 +281,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "eval",
         config.harvest.eval_tokens,
     )
-    in_name, out_name = eval_store.resolve(config.sae)
+    in_name, out_name = eval_store.resolve(sae_cfg)
     # config.mesh and its rules: the batch along the `batch` rule (data), latents along `latents` (tensor); one
     # device: no mesh at all.
     mesh = sharding.make_mesh(config.mesh) if np.prod(sharding.mesh_shape(config.mesh)) > 1 else None
     sae_params, fit_metrics = sae.fit(
         train_store,
-        config.sae,
+        sae_cfg,
         steps=config.train.steps,
         batch_size=config.train.batch_size,
         seed=config.seed,
@@ -296,12 +298,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics_dir=workdir,
         eval_activations=(np.asarray(eval_store.array(in_name)), np.asarray(eval_store.array(out_name))),
     )
-    splice = splice_metrics(params, model_cfg, lm_config, sae_params, config)
+    splice = splice_metrics(params, model_cfg, lm_config, sae_params, sae_cfg, config.eval.splice_batches)
     results = {
-        "arch": config.sae.arch,
+        "arch": sae_cfg.arch,
         "hookpoint": in_name,
         "out_hookpoint": out_name,
-        "n_latents": config.sae.n_latents,
+        "n_latents": sae_cfg.n_latents,
         "eval": fit_metrics["final"],
         "splice": splice,
         "tokens_per_s": fit_metrics["tokens_per_s"],
@@ -309,7 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     summaries = report.feature_summaries(
         sae_params,
-        config.sae,
+        sae_cfg,
         train_store,
         params,
         n_features=config.report.n_features,
@@ -318,7 +320,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tokenizer=_report_tokenizer(lm_config, model_cfg),
     )
     if jax.process_index() == 0:
-        _write_artifacts(workdir, config, sae_params, results, summaries)
+        _write_artifacts(workdir, _hf_path(config), sae_cfg, sae_params, results, summaries)
         print(metrics_lib.format_metrics("held-out SAE metrics:", results["eval"], skip=("density_histogram",)))
         print(metrics_lib.format_metrics("spliced into the LM:", splice))
     return dict(results, sae_params=sae_params, lm_params=params, summaries=summaries)
@@ -333,14 +335,14 @@ def _report_tokenizer(lm_config, model_cfg: lm.LMConfig):
     return tok_lib.get_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer in tok_lib.BUILTIN else None
 
 
-def splice_metrics(params, model_cfg, lm_config, sae_params, config) -> dict:
-    """CE loss recovered and delta LM loss, averaged over `eval.splice_batches` eval batches; CE loss recovered is
+def splice_metrics(params, model_cfg, lm_config, sae_params, sae_cfg, splice_batches: int) -> dict:
+    """CE loss recovered and delta LM loss, averaged over `splice_batches` eval batches; CE loss recovered is
     None (`ce_loss_recovered_defined` False) when zero ablation does not raise the loss."""
     size = lm_config.splice_batch_size if _is_text(lm_config) else lm_config.train.batch_size
     batches = token_batches(lm_config, "eval", size, model_cfg)
     rows = []
-    for _, b in zip(range(config.eval.splice_batches), batches):
-        rows.append(sae.metrics.spliced_lm_loss(params, model_cfg, b, sae_params, config.sae))
+    for _, b in zip(range(splice_batches), batches):
+        rows.append(sae.metrics.spliced_lm_loss(params, model_cfg, b, sae_params, sae_cfg))
     out = {k: float(np.mean([r[k] for r in rows])) for k in ("clean_loss", "sae_loss", "zero_ablation_loss")}
     out["ce_loss_recovered"] = sae.metrics.ce_loss_recovered(
         out["clean_loss"], out["sae_loss"], out["zero_ablation_loss"]
@@ -350,7 +352,7 @@ def splice_metrics(params, model_cfg, lm_config, sae_params, config) -> dict:
     return out
 
 
-def _write_artifacts(workdir, config, sae_params, results, summaries) -> None:
+def _write_artifacts(workdir, hf_path, sae_cfg, sae_params, results, summaries) -> None:
     from matplotlib.figure import Figure  # not pyplot: leaves a notebook's plotting backend alone
     from safetensors.numpy import save_file
 
@@ -359,10 +361,10 @@ def _write_artifacts(workdir, config, sae_params, results, summaries) -> None:
     with open(os.path.join(workdir, "results", "sae_metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
     header = {
-        "model": _hf_path(config) or "arithmetic LM",
-        "arch": config.sae.arch,
+        "model": hf_path or "arithmetic LM",
+        "arch": sae_cfg.arch,
         "hookpoint": results["hookpoint"],
-        "latents": config.sae.n_latents,
+        "latents": sae_cfg.n_latents,
         "FVU (held out)": f"{results['eval']['fvu']:.4f}",
         "L0": f"{results['eval']['l0']:.2f}",
         "dead fraction": f"{results['eval']['dead_fraction']:.4f}",
@@ -376,7 +378,7 @@ def _write_artifacts(workdir, config, sae_params, results, summaries) -> None:
     report.write_report(
         os.path.join(workdir, "report", "features.html"),
         summaries,
-        title=f"{config.sae.arch} SAE features",
+        title=f"{sae_cfg.arch} SAE features",
         header=header,
     )
     hist = results["eval"]["density_histogram"]
@@ -385,6 +387,6 @@ def _write_artifacts(workdir, config, sae_params, results, summaries) -> None:
     ax = fig.subplots()
     edges = np.asarray(hist["edges"])
     ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge")
-    ax.set(xlabel="log10 feature density", ylabel="latents", title=f"{config.sae.arch}: {hist['dead']} dead latents")
+    ax.set(xlabel="log10 feature density", ylabel="latents", title=f"{sae_cfg.arch}: {hist['dead']} dead latents")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "figures", "density.png"), dpi=110)

@@ -6,6 +6,7 @@ results/decode_parity.json, figures/accuracy_by_k.png.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from framework.tasks import tokenizer as tok
 from framework.training import loop
 from framework.training import metrics as metrics_lib
 from framework.training.loss import held_out_eval, lm_loss_fn
+from framework.training.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,40 @@ log = logging.getLogger(__name__)
 EVAL_METRICS = ("loss", "token_accuracy")
 
 
-def knobs(config: ml_collections.ConfigDict) -> dict:
-    """Task knobs (arithmetic.Knobs fields) from `config.task`."""
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """The `eval` section: held-out problems per K, decode batch size, decode-parity prompts."""
+
+    problems_per_k: int
+    batch_size: int
+    decode_parity_problems: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A train_lm config parsed once (`parse`): the typed objects everything below `run` reads."""
+
+    model: lm.LMConfig
+    task: arithmetic.Knobs
+    loss_on: str  # "solution" or "all" (framework.tasks.data.LOSS_ON)
+    pack: bool
+    eval: EvalSettings
+    run: RunSettings  # seed, train and mesh settings, and the config's record for the workdir
+
+    @property
+    def seed(self) -> int:
+        return self.run.seed
+
+    @property
+    def knobs(self) -> dict:
+        """The task knobs as keyword arguments of the data and eval functions."""
+        return dataclasses.asdict(self.task)
+
+
+def knobs(config: ml_collections.ConfigDict | Spec) -> dict:
+    """Task knobs (arithmetic.Knobs fields, as keyword arguments) of a train_lm config or its parsed `Spec`."""
+    if isinstance(config, Spec):
+        return config.knobs
     t = config.task
     return dict(
         num_steps=tuple(t.num_steps) if not isinstance(t.num_steps, int) else t.num_steps,
@@ -44,8 +78,28 @@ def knobs(config: ml_collections.ConfigDict) -> dict:
     )
 
 
+def parse(config: ml_collections.ConfigDict | Spec) -> Spec:
+    """Validates a train_lm config (keys, types, combinations; compiles nothing) and parses it into a `Spec`."""
+    if isinstance(config, Spec):
+        return config
+    model_cfg, task = _validate(config)
+    e = config.eval
+    return Spec(
+        model=model_cfg,
+        task=task,
+        loss_on=config.task.loss_on,
+        pack=bool(config.task.pack),
+        eval=EvalSettings(int(e.problems_per_k), int(e.batch_size), int(e.decode_parity_problems)),
+        run=RunSettings.from_config(config),
+    )
+
+
 def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
     """Checks keys, types and combinations of a train_lm config; returns the model config. Compiles nothing."""
+    return _validate(config)[0]
+
+
+def _validate(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, arithmetic.Knobs]:
     reference = common.lm_experiment()
     if HF_PATH_KEY in config.model and HF_PATH_KEY not in reference.model:
         reference.model[HF_PATH_KEY] = None  # an experiment config's optional imported checkpoint (None here)
@@ -111,34 +165,32 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
         "train.batch_size",
         f"{tc.batch_size} is not divisible by mesh.data*mesh.fsdp = {split}",
     )
-    return model_cfg
+    return model_cfg, k
 
 
-def _eval_loss_fn(config, model_cfg, loss_fn, n_batches: int = 4):
+def _eval_loss_fn(spec: Spec, loss_fn, n_batches: int = 4):
     eval_ds = data.make_dataset(
-        seed=config.seed,
-        batch_size=config.train.batch_size,
-        seq_len=config.train.seq_len,
-        loss_on=config.task.loss_on,
+        seed=spec.seed,
+        batch_size=spec.run.train.batch_size,
+        seq_len=spec.run.train["seq_len"],
+        loss_on=spec.loss_on,
         split="eval",
         num_batches=n_batches,
-        **knobs(config),
+        **spec.knobs,
     )
     return held_out_eval(loss_fn, [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in eval_ds])
 
 
-def decode_parity(params, model_cfg, config) -> dict:
+def decode_parity(params, model_cfg, config: ml_collections.ConfigDict | Spec) -> dict:
     """Cached `generate` vs the no-cache reference decode on held-out prompts: greedy and sampled."""
+    spec = parse(config)
     problems = policy_eval.eval_problems(
-        config.seed,
-        arithmetic.make_knobs(**knobs(config)).steps_range[1],
-        config.eval.decode_parity_problems,
-        **knobs(config),
+        spec.seed, spec.task.steps_range[1], spec.eval.decode_parity_problems, **spec.knobs
     )
     prompts = [data.encode_prompt(p) for p in problems]
     max_new = arithmetic.solution_length(problems[0].num_steps, problems[0].modulus) + 1
     out = {}
-    for mode, kw in (("greedy", {}), ("sampled", dict(temperature=1.0, rng=jax.random.key(config.seed + 1)))):
+    for mode, kw in (("greedy", {}), ("sampled", dict(temperature=1.0, rng=jax.random.key(spec.seed + 1)))):
         fast = inference.generate(params, model_cfg, prompts, max_new_tokens=max_new, **kw)
         slow = reference.reference_generate(params, model_cfg, prompts, max_new_tokens=max_new, **kw)
         same = bool(np.array_equal(np.asarray(fast.tokens), np.asarray(slow.tokens)))
@@ -147,27 +199,28 @@ def decode_parity(params, model_cfg, config) -> dict:
     return out
 
 
-def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task]:
-    """The model config and the `loop.Task` (init, loss, batches, eval) this experiment trains; validates first.
+def make_task(config: ml_collections.ConfigDict | Spec) -> tuple[lm.LMConfig, loop.Task]:
+    """The model config and the `loop.Task` (init, loss, batches, eval) this experiment trains; parses (validates) a
+    ConfigDict first.
 
     Notebooks and benchmarks call this to train or time exactly what `run` trains.
     """
-    model_cfg = validate(config)
-    tc = config.train
+    spec = parse(config)
+    model_cfg, tc = spec.model, spec.run.train
 
     def train_ds(rows=None):  # rows=(lo, hi): only this process's rows of each global batch
         return data.make_dataset(
-            seed=config.seed,
+            seed=spec.seed,
             batch_size=tc.batch_size,
-            seq_len=tc.seq_len,
-            loss_on=config.task.loss_on,
+            seq_len=tc["seq_len"],
+            loss_on=spec.loss_on,
             split="train",
-            pack=config.task.pack,
+            pack=spec.pack,
             rows=rows,
-            **knobs(config),
+            **spec.knobs,
         )
 
-    batch_keys = ("tokens", "loss_mask") + (("positions", "segment_ids") if config.task.pack else ())
+    batch_keys = ("tokens", "loss_mask") + (("positions", "segment_ids") if spec.pack else ())
     loss_fn = lm_loss_fn(model_cfg)
     task = loop.Task(
         init_params=lambda rng: lm.init(model_cfg, rng),
@@ -176,8 +229,8 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
         batches=lambda start, rows=None: (
             {k: b[k] for k in batch_keys} for b in data.batch_iterator(train_ds(rows), start)
         ),
-        flops_per_example=lm.flops_per_token(model_cfg, tc.seq_len) * tc.seq_len,
-        eval_fn=_eval_loss_fn(config, model_cfg, loss_fn),
+        flops_per_example=lm.flops_per_token(model_cfg, tc["seq_len"]) * tc["seq_len"],
+        eval_fn=_eval_loss_fn(spec, loss_fn),
     )
     return model_cfg, task
 
@@ -187,8 +240,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     The results dict holds the final step, accuracy by K, decode parity and the trained `params` (host arrays).
     """
-    model_cfg, task = make_task(config)
-    state = loop.train(config, workdir, task)
+    spec = parse(config)  # the one place the ConfigDict is read
+    model_cfg, task = make_task(spec)
+    state = loop.train(spec.run, workdir, task)
     if jax.process_count() > 1:  # params span other hosts' devices: gather a full host copy on every process
         from jax.experimental import multihost_utils
 
@@ -196,22 +250,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         params = jax.device_get(state.params)
 
-    k_lo, k_hi = arithmetic.make_knobs(**knobs(config)).steps_range
+    k_lo, k_hi = spec.task.steps_range
     acc = policy_eval.accuracy_by_k(
         params,
         model_cfg,
-        seed=config.seed,
+        seed=spec.seed,
         ks=range(k_lo, k_hi + 1),
-        problems_per_k=config.eval.problems_per_k,
-        knobs=knobs(config),
-        batch_size=config.eval.batch_size,
+        problems_per_k=spec.eval.problems_per_k,
+        knobs=spec.knobs,
+        batch_size=spec.eval.batch_size,
     )
-    parity = decode_parity(params, model_cfg, config)
+    parity = decode_parity(params, model_cfg, spec)
     results = {"step": int(state.step), "accuracy_by_k": acc, "decode_parity": parity}
     if jax.process_index() == 0:
         _write_artifacts(workdir, results)
-        stopped = f" (train.stop_when {config.train.stop_when!r} met)" if int(state.step) < config.train.steps else ""
-        print(f"greedy accuracy by K after {int(state.step)} of {config.train.steps} steps{stopped}:")
+        steps, stop_when = spec.run.train.steps, spec.run.train.stop_when
+        stopped = f" (train.stop_when {stop_when!r} met)" if int(state.step) < steps else ""
+        print(f"greedy accuracy by K after {int(state.step)} of {steps} steps{stopped}:")
         print(format_table(acc))
         print(metrics_lib.format_metrics("decode parity vs the no-cache reference:", parity))
     return dict(results, params=params)

@@ -5,6 +5,7 @@ Every error names the dotted key (`train.steps`), the value found, and what was 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -50,6 +51,17 @@ def check_against(config: Mapping[str, Any], reference: Mapping[str, Any], prefi
             raise ConfigError(
                 f"config key {name!r} must be of type {type(ref).__name__}, got {type(value).__name__} {value!r}"
             )
+
+
+def known_fields(cls: type, config: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`config` (a ConfigDict or mapping) as a dict of dataclass `cls`'s fields; a key `cls` lacks is a ValueError
+    naming it, `what` ("model", "vision") saying which config it is."""
+    d = dict(config.items()) if hasattr(config, "items") else dict(config)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; known keys: {sorted(known)}")
+    return d
 
 
 def require(cond: bool, key: str, message: str) -> None:

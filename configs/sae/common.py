@@ -17,9 +17,7 @@ def sae_experiment(arch: str, **sae_overrides) -> ml_collections.ConfigDict:
     config.experiment = "sae"
     config.seed = 0
     # The LM: `lm.workdir` names a finished train_lm workdir to load; unset, `lm.train_lm` is trained here.
-    lm_cfg = common.lm_experiment(size="tiny")
-    lm_cfg.task.modulus = 10
-    lm_cfg.train.update(steps=1500, batch_size=32, seq_len=80, lr=1e-2, checkpoint_every=500, log_every=100)
+    lm_cfg = common.mod10_lm(steps=1500, lr=1e-2)  # the shared mod-10 LM, trained faster (lr) for a fixed 1500 steps
     config.lm = ml_collections.ConfigDict({"workdir": config_dict.placeholder(str), "train_lm": lm_cfg})
     # An imported model (model.hf_path) reads `text_file`, a local plain-text file tokenized by the folder's
     # tokenizer.json (a file of whitespace-separated token ids when the folder has none), cut into rows of seq_len

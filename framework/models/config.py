@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from framework import config as config_lib
 from framework.models import attention as attn_lib
 from framework.tasks import tokenizer as tokenizer_lib
 
@@ -172,10 +173,7 @@ class LMConfig:
                 f"model.{HF_PATH_KEY}={hf_path!r} names an imported checkpoint, but this code path builds the model from "
                 "the config's fields: load it with framework.models.hf.model_from_config (or unset model.hf_path)"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        d = config_lib.known_fields(cls, d, "model")
         for key in ("eos_ids", "sliding_window_layers"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from framework.sae.defaults import ARCHS, default_config
+from framework.sae.defaults import ARCHS, SAEConfig, default_config, parse
 
 _LAZY = {
     "fit": ("framework.sae.train", "fit"),
@@ -29,7 +29,7 @@ _LAZY = {
 }
 _SUBMODULES = ("model", "train", "source", "metrics", "store", "report")
 
-__all__ = ["ARCHS", "default_config", *_LAZY, *_SUBMODULES]
+__all__ = ["ARCHS", "SAEConfig", "default_config", "parse", *_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name: str):

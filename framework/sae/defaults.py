@@ -1,6 +1,9 @@
-"""SAE configs: the defaults of every architecture and their validation (imports only ml_collections).
+"""SAE configs: the defaults of every architecture, their validation, and the typed `SAEConfig` (imports only
+ml_collections).
 
-A config is a `ConfigDict`; `default_config(arch)` gives every key with the architecture's defaults:
+An experiment's `sae` section is a `ConfigDict` (`default_config(arch)` gives every key with the architecture's
+defaults); `parse(section)` validates it once and returns the frozen `SAEConfig` that training, metrics and reports
+read. Keys:
 
   arch                 relu | topk | batchtopk | jumprelu | gated
   d_in, n_latents      input width and dictionary size
@@ -32,6 +35,9 @@ A config is a `ConfigDict`; `default_config(arch)` gives every key with the arch
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -177,6 +183,68 @@ def validate(cfg) -> None:
         raise ValueError(f"sae.lr_decay_frac = {cfg.lr_decay_frac!r}; expected a float in [0, 1]")
     if cfg.out_hookpoint is not None and cfg.d_out is None:
         raise ValueError(f"sae.out_hookpoint = {cfg.out_hookpoint!r} (a transcoder) needs sae.d_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    """A validated SAE config (the keys in this module's docstring), read by attribute or by key."""
+
+    arch: str
+    d_in: int
+    n_latents: int
+    d_out: int | None
+    hookpoint: str | None
+    out_hookpoint: str | None
+    k: int | None
+    l1_coeff: float | None
+    l0_coeff: float | None
+    jumprelu_bandwidth: float | None
+    jumprelu_init_threshold: float | None
+    threshold_momentum: float | None
+    b_dec_init: str
+    tied_init: bool
+    decoder_init_norm: float
+    normalize_decoder: bool
+    rank_by_decoder_norm: bool
+    aux_k: int
+    aux_k_coeff: float
+    aux_k_dead_scale: bool
+    dead_window: int
+    normalize_inputs: bool
+    lr: float
+    b1: float
+    b2: float
+    grad_clip: float
+    lr_warmup_steps: int
+    lr_decay: str
+    lr_decay_frac: float
+    sparsity_warmup_steps: int
+    steps_per_call: int
+    log_every: int
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self)]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> SAEConfig:
+        """A copy with `changes`, validated again."""
+        return parse(dataclasses.replace(self, **changes))
+
+
+def parse(cfg) -> SAEConfig:
+    """Validates an SAE config (ConfigDict, mapping or SAEConfig) and returns it as a frozen `SAEConfig`."""
+    validate(cfg)
+    if isinstance(cfg, SAEConfig):
+        return cfg
+    return SAEConfig(**{k: cfg[k] for k in _COMMON})
 
 
 def is_transcoder(cfg) -> bool:

@@ -214,7 +214,7 @@ def fit(
     a sample of the training rows), "tokens_per_s" (training throughput after the first, compiling call),
     "nonfinite_steps" and the input-normalisation scales.
     """
-    cfg = sae_cfg
+    cfg = defaults.parse(sae_cfg)  # validated once, then read as a frozen SAEConfig
     rules = sharding.DEFAULT_RULES if rules is None else rules
     _check_fit_args(cfg, steps, batch_size, mesh, rules, checkpoint_dir, checkpoint_every, nonfinite)
     src = Source(activations, cfg, batch_size, seed)

@@ -27,13 +27,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
 from framework import config as config_lib
 from framework.training.checkpoint import Checkpointer
 from framework.training.metrics import MetricsWriter
+from framework.training.settings import RunSettings
 from framework.training.state import TrainState
 
 log = logging.getLogger("framework.training.loop")  # the loop's logger: its warnings read as the loop's
@@ -66,7 +66,7 @@ class Preempted(Exception):
 class Context:
     """What every hook sees after a step; `evaluated`, `stop` and `meta` are set by hooks for the ones after them."""
 
-    config: ml_collections.ConfigDict
+    config: RunSettings  # the run's parsed seed, train and mesh settings
     workdir: str
     writer: MetricsWriter
     last: int  # the step the run ends at (config.train.steps)

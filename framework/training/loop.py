@@ -1,5 +1,7 @@
 """The generic training loop every experiment uses: a `Task` (params, loss, batches) trained under `config.train`.
 
+The experiment parses its config once (`settings.RunSettings.from_config`) and passes the typed settings here.
+
 Params and optimizer state are created directly in their shardings (jit with out_shardings); the step is jitted
 with explicit in/out shardings and donates the old state. Batch i is a pure function of (seed, i), so a restored
 step is an exact data position and a resumed run continues the same loss curve. Updates whose loss or gradients
@@ -59,6 +61,7 @@ import optax
 from framework import config as config_lib
 from framework import sharding
 from framework.training import checkpoint, optim
+from framework.training import settings as settings_lib
 from framework.training.checkpoint import Checkpointer
 from framework.training.hooks import (
     RESERVED,
@@ -73,6 +76,7 @@ from framework.training.hooks import (
     parse_stop_when,
 )
 from framework.training.metrics import MetricsWriter
+from framework.training.settings import RunSettings, config_digest
 from framework.training.state import TrainState
 
 __all__ = [
@@ -80,6 +84,7 @@ __all__ = [
     "Hook",
     "LossFn",
     "Preempted",
+    "RunSettings",
     "Task",
     "config_digest",
     "every",
@@ -129,24 +134,13 @@ class Task:
     hooks: Sequence[Hook] = ()  # hook(step, ctx), run after the eval hook every step
 
 
-def config_digest(config: ml_collections.ConfigDict) -> str:
-    """A short hash of the config, excluding `train.steps` (extending a run is not a different run).
-
-    An empty `train.frozen` is left out too, so configs from before that key existed keep their digest.
-    """
-    d = config.to_dict()
-    d.get("train", {}).pop("steps", None)
-    if not d.get("train", {}).get("frozen", True):
-        d["train"].pop("frozen")
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes `workdir/config.json` (process 0 only)."""
+def write_config(config: ml_collections.ConfigDict | settings_lib.RunSettings, workdir: str) -> None:
+    """Writes `workdir/config.json` (process 0 only): the experiment's whole config as it was parsed."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
+        text = config.config_json if isinstance(config, settings_lib.RunSettings) else config_lib.to_json(config)
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
+            f.write(text)
 
 
 def _check_aux(aux) -> None:
@@ -427,31 +421,38 @@ def _batches(task: Task, mesh, rules, tc, start: int):
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str, task: Task, *, devices=None, hooks: Sequence[Hook] = ()
+    run: settings_lib.RunSettings | ml_collections.ConfigDict,
+    workdir: str,
+    task: Task,
+    *,
+    devices=None,
+    hooks: Sequence[Hook] = (),
 ) -> TrainState:
-    """Trains `task` under `config.train`/`config.mesh` in `workdir`, resuming from its latest good checkpoint.
+    """Trains `task` under `run.train`/`run.mesh` in `workdir`, resuming from its latest good checkpoint.
 
+    `run` is the experiment's parsed settings (`RunSettings.from_config(config)`; a ConfigDict is parsed here, once).
     `devices` (default: all) are the devices the mesh spans; `hooks` run after the task's own. Raises `Preempted`
     after checkpointing on SIGTERM.
     """
-    tc = config.train
+    run = settings_lib.RunSettings.from_config(run)
+    tc = run.train
     evaluate = Evaluate(task.eval_fn, tc)  # validates train.stop_when before anything is built
-    write_config(config, workdir)
-    mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules_from_config(config.mesh)
-    rng = jax.random.key(config.seed)
+    write_config(run, workdir)
+    mesh, rules = sharding.make_mesh(run.mesh, devices), sharding.rules_from_config(run.mesh)
+    rng = jax.random.key(run.seed)
     tx, schedules, trainable = task_optimizer(tc, task, jax.eval_shape(task.init_params, rng))
     init_state, abstract, state_shardings = sharded_state(task, tx, mesh, rules, rng)
     for line in sharding.unsplit_dims(task.logical_axes, abstract.params, mesh, rules):
         log.warning("sharding: %s", line)
     frozen, frozen_shardings, frozen_sum = _place_frozen(task, mesh, rules)
-    meta = {"config_digest": config_digest(config), "train_steps": int(tc.steps)}
+    meta = {"config_digest": run.digest, "train_steps": int(tc.steps)}
     meta |= {"frozen_checksum": frozen_sum} if frozen_sum else {}
     ckpt = _checkpointer(workdir, tc)
     state, last = _restore(ckpt, abstract, state_shardings, meta, workdir, tc)
     state = init_state(rng) if state is None else state
     start, writer, extra = int(state.step), MetricsWriter(workdir), () if frozen is None else (frozen,)
     batches, multi = _batches(task, mesh, rules, tc, start)
-    ctx, saver = Context(config, workdir, writer, last=tc.steps), Checkpoint(ckpt, tc, meta, start)
+    ctx, saver = Context(run, workdir, writer, last=tc.steps), Checkpoint(ckpt, tc, meta, start)
     hooks = [evaluate, Preemption(), *task.hooks, *hooks, Report(tc, start, task.flops_per_example), saver]
     # The step is jitted at the first batch, once its keys and ranks (hence its shardings) are known.
     jit_step = functools.partial(

@@ -354,14 +354,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"Random Llama-shaped Lumen model (`lm.init`; {shapes}), fp32. {_processor_note(args)} {machine}.",
             ]
         )
-        entry = common.Entry(
-            title="Decode: cost of a no-op logits processor in Lumen generate (CPU)",
-            command=common.command_line("scripts.bench.decode", argv),
-            versions=versions,
-            body=body,
-            contention=monitor.note(),
+        _publish(
+            "Decode: cost of a no-op logits processor in Lumen generate (CPU)", body, versions, args, argv, monitor
         )
-        common.publish(entry, append_to_file=not args.no_append)
         return
 
     rows, proc_rows, hf = [], [], None
@@ -395,13 +390,13 @@ def main(argv: list[str] | None = None) -> None:
         "transformers": hf["versions"]["transformers"],
         "python (Lumen/HF)": f"{sys.version.split()[0]}/{hf['versions']['python']}",
     }
-    entry = common.Entry(
-        title="Decode: Lumen generate vs HF generate (CPU)",
-        command=common.command_line("scripts.bench.decode", argv),
-        versions=versions,
-        body=body,
-        contention=monitor.note(),
-    )
+    _publish("Decode: Lumen generate vs HF generate (CPU)", body, versions, args, argv, monitor)
+
+
+def _publish(title: str, body: str, versions: dict, args: argparse.Namespace, argv, monitor) -> None:
+    """Prints this run's BENCHMARKS.md section and (unless --no_append) writes it in place of the old one."""
+    command = common.command_line("scripts.bench.decode", argv)
+    entry = common.Entry(title=title, command=command, versions=versions, body=body, contention=monitor.note())
     common.publish(entry, append_to_file=not args.no_append)
 
 

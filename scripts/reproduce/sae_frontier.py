@@ -48,7 +48,7 @@ def _point(train_store, eval_x, params, model_cfg, lm_config, config, cfg):
         train_store, cfg, steps=_STEPS.value, batch_size=_BATCH.value, seed=config.seed, eval_activations=eval_x
     )
     config.sae = cfg
-    splice = sae_exp.splice_metrics(params, model_cfg, lm_config, sae_params, config)
+    splice = sae_exp.splice_metrics(params, model_cfg, lm_config, sae_params, config.sae, config.eval.splice_batches)
     f = m["final"]
     # Dead over the whole harvest (the 8192 held-out tokens are too short a window: a latent of density 1e-4 fires
     # there about once, so "silent on held out" mixes rare latents with dead ones; both are reported).
