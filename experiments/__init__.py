@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("train_lm", "sae", "tts", "preference", "vlm", "routing", "agents", "memory")
+EXPERIMENTS = ("train_lm", "sae", "tts", "preference", "vlm", "routing", "agents", "memory", "generate")
 
 
 def get(name: str) -> ModuleType:

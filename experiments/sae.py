@@ -46,9 +46,6 @@ from framework.training import metrics as metrics_lib
 log = logging.getLogger(__name__)
 
 
-EVAL_EVERY = 10  # every tenth row of an imported model's text file is held out (the eval split)
-
-
 def _hf_path(config) -> str | None:
     return config.model.get("hf_path")
 
@@ -175,41 +172,11 @@ def load_or_train_lm(config, workdir: str):
 
 
 def text_rows(lm_config, model_cfg: lm.LMConfig, split: str) -> np.ndarray:
-    """int32 [R, T] rows of an imported model's text file: its tokens in order, cut into rows of T = seq_len (each
-    row [BOS] + T - 1 tokens where the model has a BOS); rows i with i % EVAL_EVERY == EVAL_EVERY - 1 are `eval`."""
-    ids = _file_tokens(lm_config, model_cfg)
-    bos = [] if model_cfg.bos_id is None else [model_cfg.bos_id]
-    body = lm_config.seq_len - len(bos)
-    n_rows = len(ids) // body
-    if n_rows < EVAL_EVERY:
-        raise ValueError(
-            f"harvest.text_file {lm_config.text_file!r} holds {len(ids)} tokens: fewer than {EVAL_EVERY} rows of "
-            f"harvest.seq_len={lm_config.seq_len} (needed for a held-out row); give more text or a shorter seq_len"
-        )
-    rows = ids[: n_rows * body].reshape(n_rows, body)
-    rows = np.concatenate([np.full((n_rows, len(bos)), bos, np.int32), rows], axis=1) if bos else rows
-    held_out = np.arange(n_rows) % EVAL_EVERY == EVAL_EVERY - 1
-    return rows[held_out if split == "eval" else ~held_out]
-
-
-def _file_tokens(lm_config, model_cfg: lm.LMConfig) -> np.ndarray:
-    """The text file's token ids (int32): tokenized by the checkpoint's tokenizer.json, else read as integer ids."""
-    folder = lm_config.hf_path
-    with open(lm_config.text_file, encoding="utf-8") as f:
-        text = f.read()
-    if os.path.exists(os.path.join(folder, hf.TOKENIZER_FILE)):
-        ids = tok_lib.tokenizer_for(model_cfg, folder=folder).encode(text)
-    else:
-        try:
-            ids = np.asarray([int(t) for t in text.split()], np.int64)
-        except ValueError as e:
-            raise ValueError(
-                f"harvest.text_file {lm_config.text_file!r}: the checkpoint {folder!r} has no tokenizer.json, so the "
-                f"file must hold whitespace-separated token ids ({e})"
-            ) from None
-    return tok_lib.check_token_ids(
-        ids, model_cfg.vocab_size, where=f"harvest.text_file {lm_config.text_file!r}"
-    ).astype(np.int32)
+    """int32 [R, T] rows of an imported model's text file (`hf.text_file_ids` cut by `hf.text_rows`: T = seq_len,
+    [BOS] first where the model has one; every `hf.EVAL_EVERY`-th row is `eval`)."""
+    ids = hf.text_file_ids(lm_config.text_file, lm_config.hf_path, model_cfg, key="harvest.text_file")
+    where = f"harvest.text_file {lm_config.text_file!r}"
+    return hf.text_rows(ids, lm_config.seq_len, model_cfg.bos_id, split, key=where)
 
 
 def text_batches(lm_config, model_cfg: lm.LMConfig, split: str, batch_size: int):

@@ -131,3 +131,74 @@ def test_train_lm_refuses_an_imported_checkpoint_and_lmconfig_names_hf_path():
         hf.LMConfig.from_config(lm_config.model)
     lm_config.model.hf_path = None
     assert hf.LMConfig.from_config(lm_config.model).pad_id == 0  # the arithmetic LM keeps its ids
+
+
+@pytest.fixture(scope="module")
+def qwen_ids_file(tmp_path_factory):
+    """A text file of token ids for the Qwen2 golden (no tokenizer.json): ids 0 and 1 are content there."""
+    path = tmp_path_factory.mktemp("ids") / "ids.txt"
+    path.write_text(" ".join(map(str, np.random.default_rng(0).integers(0, 96, 400))))
+    return str(path)
+
+
+@pytest.mark.slow  # ~10 CPU-s of compiles (scorer, GPTQ calibration); calibration masks are fast-tested elsewhere
+def test_quantisation_study_on_an_imported_model(qwen_ids_file, tmp_path):
+    """The quantisation study with --hf_path: calibrated on the file's train rows, scored on its held-out rows by
+    loss, logit error and top-1 agreement against the float model; the exported GPTQ model scores as the quantised
+    one did (it is the same model, dequantised)."""
+    from scripts.reproduce import quantization_hf
+
+    settings = [("int3 g32", dict(fmt="int4", bits=3, group_size=32), ("gptq",))]
+    path = str(ASSETS / "qwen2_nobos")
+    kw = dict(settings=settings, seq_len=16, calib_tokens=64, eval_rows=2, export_setting="int3 g32 gptq")
+    out = quantization_hf.run(path, qwen_ids_file, str(tmp_path), **kw)
+    rows = {(r["setting"], r["method"]): r for r in out["rows"]}
+    assert list(rows) == [("fp32", "-"), ("bf16", "-"), ("int3 g32", "gptq")]
+    fp32, bf16, int3 = rows["fp32", "-"], rows["bf16", "-"], rows["int3 g32", "gptq"]
+    assert fp32["logit_max_abs_err"] == 0 and fp32["top1_agreement"] == 1
+    assert 0 < bf16["logit_mean_abs_err"] < int3["logit_mean_abs_err"] and bf16["weight_bytes"] > int3["weight_bytes"]
+    assert int3["top1_agreement"] < 1
+    assert out["eval_tokens"] == 2 * 16 and out["calib_tokens"] == 4 * 16  # no BOS: rows are 16 file tokens
+    cfg, float_params = hf.load_hf_checkpoint(path)
+    exported_cfg, exported = hf.load_hf_checkpoint(out["exported"])
+    held_out = quantization_hf.text_batches(
+        hf.text_rows(hf.text_file_ids(qwen_ids_file, path, cfg, key="f"), 16, None, "eval", key="f"), 2
+    )
+    again = quantization_hf.evaluate(quantization_hf.make_scorer(cfg), exported, float_params, held_out, cfg.vocab_size)
+    assert exported_cfg.pad_id is None and exported_cfg.bos_id is None
+    assert again["eval_loss"] == pytest.approx(int3["eval_loss"], abs=1e-5)
+    assert again["logit_max_abs_err"] == pytest.approx(int3["logit_max_abs_err"], abs=1e-4)
+
+
+@pytest.mark.slow  # a training compile on 8 devices (~15 CPU-s); merged-LoRA export is fast-tested in test_hf_export
+def test_lora_adapts_an_imported_model_on_a_text_file_and_exports_it_merged(tmp_path):
+    """LoRA on the Llama golden, next-token loss on a local text file (its own tokenizer), on the one loop: the
+    merged model's held-out loss moves off the base's, and the export reloads with the merged logits and the
+    original config.json, field for field (null pad included)."""
+    import optax
+
+    from scripts.reproduce import lora_hf  # not scripts.reproduce.lora: its absl flags would clash in this process
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(TEXT)
+    path = str(ASSETS / "llama_nopad")
+    kw = dict(methods=["lora"], ranks=[2], lrs=[3e-2], seeds=[0], steps=4, seq_len=16)
+    out = lora_hf.run(
+        path,
+        str(text),
+        str(tmp_path / "run"),
+        variants={"lora": {}},
+        schedule=lambda lr, _: optax.constant_schedule(lr),
+        **kw,
+    )
+    (row,) = out["rows"]
+    assert row["trainable_params"] > 0 and row["eval_loss"] != out["base_eval_loss"]
+    records = [
+        json.loads(line) for line in open(tmp_path / "run" / "runs" / "lora_r2_lr0.03_s0_4steps" / "metrics.jsonl")
+    ]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    assert out["export"]["reloaded_max_abs_logit_diff"] <= 1e-5
+    original = json.loads((ASSETS / "llama_nopad" / "config.json").read_text())
+    exported = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    assert {k: exported.get(k) for k in original} == original and original["pad_token_id"] is None
+    assert (tmp_path / "run" / "export" / "tokenizer.json").exists()

@@ -172,6 +172,8 @@ def test_awq_search_includes_rtn(outlier_layer):
     assert float(jnp.mean((awq.matmul(x_cal) - y) ** 2)) <= float(jnp.mean((rtn.matmul(x_cal) - y) ** 2))
 
 
+# ~17 CPU-s: AWQ/GPTQ <= RTN stays fast-tested per matrix above; test_calibration_* run calibration on the model
+@pytest.mark.slow
 def test_calibrated_quantize_on_model(tiny):
     """AWQ and GPTQ end to end on the model (calibration inputs collected through lm.Linear), 3-bit g32.
     On the model's own calibration activations every quantised matrix of every layer has an AWQ output error

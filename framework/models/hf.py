@@ -18,6 +18,12 @@ equal the quantised ones, noted in the folder's README.md) and LoRA adapters mer
 An imported config's `tokenizer` is "hf": the folder's tokenizer.json, wrapped with the folder's special ids by
 `framework.tasks.hf_tokenizer.HFTokenizer` (`framework.tasks.tokenizer.tokenizer_for` builds and checks it).
 
+Experiments take an imported model from their `model` section: `model_from_config(config.model)` (a section with
+`hf_path`) -> (LMConfig, params, tokenizer or None), checked beforehand from config.json alone by
+`hf_model_config(config.model)`. Their text is a local file: `text_file_ids(file, folder, cfg, key=...)` (the
+folder's tokenizer.json, else whitespace-separated token ids) cut into rows by `text_rows(ids, seq_len, cfg.bos_id,
+"train" | "eval", key=...)` (every tenth row held out).
+
 The families (name tables and config converters) live in `hf_families` (`ARCHITECTURES`). Tensors are streamed one
 at a time with `safetensors.safe_open` (numpy; never pickle, never torch) through the family's table; per-layer
 tensors are stacked on axis 0. Missing, unexpected and mis-shaped tensors are reported together in one ValueError.
@@ -470,3 +476,56 @@ def hf_model_config(model_section: Mapping[str, Any]) -> LMConfig:
         raise ValueError(f"model.hf_path = {str(folder)!r} holds no config.json; expected an HF checkpoint folder")
     overrides = {k: section[k] for k in RUNTIME_OVERRIDES if section.get(k) is not None}
     return hf_config_to_lm_config(json.loads((folder / "config.json").read_text()), **overrides)
+
+
+# ----------------------------------------------------------------------------------------------- text files
+EVAL_EVERY = 10  # rows i with i % EVAL_EVERY == EVAL_EVERY - 1 of a text file are its held-out ("eval") split
+
+
+def text_file_ids(text_file: str | pathlib.Path, folder: str | pathlib.Path, cfg: LMConfig, *, key: str) -> np.ndarray:
+    """int32 token ids of a local plain-text file for the imported model in `folder`: the text tokenized by the
+    folder's tokenizer.json, or (a folder without one) the file read as whitespace-separated integer token ids.
+
+    `key` names the config field that gave the file (e.g. "harvest.text_file") in every error; ids outside the
+    model's vocabulary raise ValueError before they reach a gather.
+    """
+    from framework.tasks import tokenizer as tokenizer_lib
+
+    text = pathlib.Path(text_file).read_text(encoding="utf-8")
+    if (pathlib.Path(folder) / TOKENIZER_FILE).exists():
+        ids = tokenizer_lib.tokenizer_for(cfg, folder=folder).encode(text)
+    else:
+        try:
+            ids = np.asarray([int(t) for t in text.split()], np.int64)
+        except ValueError as e:
+            raise ValueError(
+                f"{key} {str(text_file)!r}: the checkpoint {str(folder)!r} has no {TOKENIZER_FILE}, so the file must "
+                f"hold whitespace-separated token ids ({e})"
+            ) from None
+    where = f"{key} {str(text_file)!r}"
+    return tokenizer_lib.check_token_ids(ids, cfg.vocab_size, where=where).astype(np.int32)
+
+
+def text_rows(ids: np.ndarray, seq_len: int, bos_id: int | None, split: str, *, key: str) -> np.ndarray:
+    """int32 [R, seq_len] rows of a token stream: the ids in order, cut into rows of `[BOS] + seq_len - 1` ids (just
+    `seq_len` ids for a model without BOS); `split` "eval" keeps every EVAL_EVERY-th row, "train" the others.
+
+    Raises ValueError (naming `key`) when the stream has fewer than EVAL_EVERY rows (no held-out row).
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split = {split!r}; expected 'train' or 'eval'")
+    bos = [] if bos_id is None else [bos_id]
+    body = seq_len - len(bos)
+    if body < 1:
+        raise ValueError(f"seq_len = {seq_len}: expected at least {len(bos) + 1} (BOS + one token)")
+    n_rows = len(ids) // body
+    if n_rows < EVAL_EVERY:
+        raise ValueError(
+            f"{key}: {len(ids)} tokens make {n_rows} rows of {seq_len} tokens, fewer than {EVAL_EVERY} (one held-out "
+            "row in ten); give more text or a shorter seq_len"
+        )
+    rows = np.asarray(ids[: n_rows * body], np.int32).reshape(n_rows, body)
+    if bos:
+        rows = np.concatenate([np.full((n_rows, 1), bos_id, np.int32), rows], axis=1)
+    held_out = np.arange(n_rows) % EVAL_EVERY == EVAL_EVERY - 1
+    return rows[held_out if split == "eval" else ~held_out]

@@ -37,6 +37,10 @@ per seed on --problems_per_k held-out problems per K. Trainable-state memory = t
 the optimiser state (fp32 AdamW: two moments). A run whose loss or gradients turn non-finite stops there and
 counts as diverged (held-out loss NaN, never the chosen LR). Writes <workdir>/results/lora.json and
 <workdir>/figures/lora.png.
+
+An imported HF checkpoint adapted on a local text file, merged and exported back (scripts/reproduce/lora_hf.py):
+  python -m scripts.reproduce.lora --hf_path=tests/assets/hf/llama_nopad --text_file=README.md \
+      --workdir=runs/lora_hf --methods=lora,dora --ranks=4 --lrs=1e-2 --seeds=0 --steps=40
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from framework.tasks import arithmetic, data, policy_eval
 from framework.training import checkpoint, loop
 from framework.training.loss import next_token_loss
 from framework.training.metrics import read_metrics
+from scripts.reproduce import lora_hf
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/lora_study", "Output directory.")
 _BASE_OPS = flags.DEFINE_string("base_ops", "+-", "Ops the base is trained on.")
@@ -91,6 +96,9 @@ _LR_EXTEND = flags.DEFINE_integer(
     "it, at most this many times per (method, rank), so that the kept LR is bracketed.",
 )
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Held-out packed batches for the loss.")
+_HF_PATH = flags.DEFINE_string("hf_path", None, "Adapt this local HF checkpoint on --text_file instead (lora_hf).")
+_TEXT_FILE = flags.DEFINE_string("text_file", None, "Plain-text file for --hf_path (token ids without tokenizer.json).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Tokens per text-file row (--hf_path).")
 
 VARIANTS = {
     "lora": dict(),
@@ -108,7 +116,7 @@ def _k_range(values) -> tuple[int, int]:
 
 
 def _task_config(ops: str, k: tuple[int, int], seed_offset: int = 0, steps: int | None = None):
-    config = quickstart.get_config()
+    config = quickstart.get_config()  # the shared mod-10 recipe (configs.common.mod10_lm) as the quickstart sets it
     config.unlock()
     # The study's base recipe, fixed here: the quickstart's model, task format and batch shape, at the LR it had when
     # the study was designed, trained for exactly --base_steps (no early stopping), from seed 0.
@@ -313,6 +321,13 @@ def main(argv):
     del argv
     wall0 = time.time()
     workdir = _WORKDIR.value
+    if _HF_PATH.value:
+        if not _TEXT_FILE.value:
+            raise ValueError("--hf_path needs --text_file: a local plain-text file to adapt on")
+        kw = dict(methods=_METHODS.value, ranks=[int(r) for r in _RANKS.value], lrs=[float(x) for x in _LRS.value])
+        kw.update(seeds=[int(s) for s in _SEEDS.value], steps=_STEPS.value, seq_len=_SEQ_LEN.value)
+        lora_hf.run(_HF_PATH.value, _TEXT_FILE.value, workdir, variants=VARIANTS, schedule=_schedule, **kw)
+        return
     if _MERGE.value:  # one study run as several processes: rows joined, base and settings from the first
         parts = []
         for d in _MERGE.value:

@@ -19,7 +19,13 @@ a model the rounding does hurt: the `tiny` size (d_model 64, 2 layers, 0.1M para
   python -m scripts.reproduce.quantization --workdir=runs/quant_tiny --size=tiny --steps=1500 --lr=0.01 \
     --problems_per_k=64 '--settings=int8,int4 g128,int4 g64,int4 g32,int3 g64,int3 g32,int2 g128,int2 g32' \
     '--jitter_setting=int4 g32,int3 g32'
-(LM 16 min, then ~1 min per row on the shared CPU).  `--replot=<json>` redraws the figure from a results file."""
+(LM 16 min, then ~1 min per row on the shared CPU).  `--replot=<json>` redraws the figure from a results file.
+
+An imported Hugging Face checkpoint instead of the arithmetic LM (`scripts/reproduce/quantization_hf.py`: calibration
+on a local text file tokenized by the model's own tokenizer, scored by held-out loss/perplexity, logit error and
+top-1 agreement against the float model, since exact match needs the arithmetic task):
+  python -m scripts.reproduce.quantization --hf_path=tests/assets/hf/llama_nopad --text_file=README.md \
+    --workdir=runs/quant_hf '--settings=int8,int4 g32,int3 g32' '--export_setting=int4 g32 gptq'"""
 
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from framework.models import lm
 from framework.tasks import data, policy_eval
 from framework.training import loop
 from framework.training.loss import next_token_loss
+from scripts.reproduce import quantization_hf
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quant_base", "Output directory.")
 _LM_WORKDIR = flags.DEFINE_string("lm_workdir", None, "Where the LM is trained/cached (default: <workdir>/lm).")
@@ -86,6 +93,19 @@ _REPLOT = flags.DEFINE_string(
     None,
     "Redraw <workdir>/figures/quantization.png and print the table from "
     "this results JSON; trains and quantises nothing.",
+)
+_HF_PATH = flags.DEFINE_string(
+    "hf_path", None, "A local HF checkpoint folder to quantise instead of the arithmetic LM (needs --text_file)."
+)
+_TEXT_FILE = flags.DEFINE_string(
+    "text_file",
+    None,
+    "Local plain-text file for --hf_path (token ids when the folder has no tokenizer.json): AWQ/GPTQ calibrate on "
+    "its train rows, every setting is scored on its held-out rows (every tenth).",
+)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Tokens per text-file row (--hf_path).")
+_EXPORT = flags.DEFINE_string(
+    "export_setting", None, "With --hf_path: '<setting> <method>' (e.g. 'int4 g32 gptq') to export as an HF folder."
 )
 _JITTER_AT = flags.DEFINE_list(
     "jitter_setting", ["int4 g128"], "The settings whose RTN gets the jitter (noise) rows (comma-separated labels)."
@@ -164,11 +184,9 @@ def lm_experiment_config(size: str, steps: int, modulus: int, lr: float):
     """The train_lm config of the studied LM: `size` on K = 1..8 chains mod `modulus`, batch 32, `steps` steps."""
     if modulus not in (10, 100):
         raise ValueError(f"--modulus={modulus}: expected 10 or 100")
-    config = common.lm_experiment(size=size)
-    config.task.modulus = modulus
-    config.train.update(
-        steps=steps, batch_size=32, seq_len=80 if modulus == 10 else 112, lr=lr, checkpoint_every=100, log_every=50
-    )
+    config = common.mod10_lm(size=size, steps=steps, lr=lr, checkpoint_every=100, log_every=50)  # the shared recipe
+    if modulus == 100:  # the same LM and batch on two-digit chains (longer examples)
+        config.task.modulus, config.train.seq_len = 100, 112
     config.lock()
     return config
 
@@ -187,6 +205,8 @@ def main(argv):
         )
         print(table(out["rows"]))
         return
+    if _HF_PATH.value:
+        return _imported(workdir)
     lm_config = lm_experiment_config(_SIZE.value, _STEPS.value, _MODULUS.value, _LR.value)
     model_cfg, task = train_lm.make_task(lm_config)
     lm_dir = _LM_WORKDIR.value or os.path.join(workdir, "lm")
@@ -245,15 +265,10 @@ def main(argv):
     record("fp32", "-", params, _target_bytes(params, 4), _target_bytes(params, 4), 0.0)
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
     record("bf16", "-", bf16, _target_bytes(params, 2), _target_bytes(params, 2), 0.0)
-    known = {label: (kw, methods) for label, kw, methods in SETTINGS + EXTRA + MORE}
-    unknown = [label for label in _SETTINGS.value if label not in known]
-    if unknown:
-        raise ValueError(f"--settings: unknown {unknown}; expected among {list(known)}")
-    chosen = [(label, *known[label]) for label in _SETTINGS.value]
+    chosen = _chosen_settings()
     stray = [label for label in _JITTER_AT.value if label not in _SETTINGS.value]
     if stray:
         raise ValueError(f"--jitter_setting: {stray} not among --settings {_SETTINGS.value}")
-    chosen += [row for row in EXTRA if _EXTRA.value and row[0] not in _SETTINGS.value]
     for label, kw, methods in chosen:
         for method in methods:
             t0 = time.perf_counter()
@@ -279,6 +294,44 @@ def main(argv):
         json.dump(out, f, indent=1)
     _plot(rows, os.path.join(workdir, "figures", "quantization.png"), "Post-training quantisation: " + out["lm"])
     print(table(rows))
+
+
+def _chosen_settings():
+    known = {label: (kw, methods) for label, kw, methods in SETTINGS + EXTRA + MORE}
+    unknown = [label for label in _SETTINGS.value if label not in known]
+    if unknown:
+        raise ValueError(f"--settings: unknown {unknown}; expected among {list(known)}")
+    chosen = [(label, *known[label]) for label in _SETTINGS.value]
+    return chosen + [row for row in EXTRA if _EXTRA.value and row[0] not in _SETTINGS.value]
+
+
+def _imported(workdir: str) -> None:
+    """The study on an imported checkpoint (--hf_path), scored on --text_file (quantization_hf)."""
+    if not _TEXT_FILE.value:
+        raise ValueError("--hf_path needs --text_file: a local plain-text file to calibrate on and score with")
+    out = quantization_hf.run(
+        _HF_PATH.value,
+        _TEXT_FILE.value,
+        workdir,
+        settings=_chosen_settings(),
+        seq_len=_SEQ_LEN.value,
+        calib_tokens=_CALIB.value,
+        eval_rows=_EVAL_BATCHES.value * quantization_hf.ROWS_PER_BATCH,
+        export_setting=_EXPORT.value,
+    )
+    names = ("workdir", "hf_path", "text_file", "seq_len", "calib_tokens", "eval_batches", "export_setting")
+    out["command"] = "python -m scripts.reproduce.quantization " + " ".join(
+        [f"'--{n}={flags.FLAGS[n].value}'" for n in names if flags.FLAGS[n].value is not None]
+        + [f"'--settings={','.join(_SETTINGS.value)}'"]
+    )
+    for sub in ("results", "figures"):
+        os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+    with open(os.path.join(workdir, "results", "quantization.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    right = ("top1_agreement", "top-1 agreement with the fp32 model (held-out text)")
+    title = "Post-training quantisation: " + out["lm"]
+    _plot(out["rows"], os.path.join(workdir, "figures", "quantization.png"), title, right)
+    print(quantization_hf.table(out["rows"]))
 
 
 def argv_flags() -> list[str]:
@@ -321,9 +374,10 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows, path, title):
+def _plot(rows, path, title, right=("exact_match_mean", "greedy exact match (mean over K)")):
     """Left: held-out loss per setting (log), one line per method, jittered RTN as orange crosses, float as dashed
-    lines; right: mean greedy exact match, the same way.  Settings left to right in the order they ran."""
+    lines; right: `right` (key, label; default mean greedy exact match), the same way.  Settings left to right in
+    the order they ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,7 +390,7 @@ def _plot(rows, path, title):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, key, ylabel in (
         (axes[0], "eval_loss", "held-out loss, nats/token (log scale)"),
-        (axes[1], "exact_match_mean", "greedy exact match (mean over K)"),
+        (axes[1], *right),
     ):
         for r in rows:
             if r["method"] == "-":

@@ -1,0 +1,1 @@
+"""Configs of the generation experiment (experiments/generate.py)."""
