@@ -2,11 +2,13 @@
 
 `build_models(config)` trains (or loads from `workdir/<name>`, or initialises at random with train_steps = 0) the
 models a config names, cheapest first; `build_routers` fits routers on an outcome table of those models. Both are
-shared by the study (`run`) and by `scripts/serve.py`.
+shared by the study (`run`) and by `scripts/serve.py`. `build_probe` trains the small LM the hidden-state router
+reads (`config.routers.probe`), which keeps its decision cheap against the smallest routed model.
 
 Study artifacts in `workdir`: models/<name>/ (checkpoints), results/table_<mix>.npz (the outcome tables),
 results/routing.json (every router's and cascade's operating points and metrics, the smallest-model share at 95% of
-the largest model's accuracy per difficulty mix, the cross-mix transfer), figures/routing_<mix>.png.
+the largest model's accuracy per difficulty mix, each router's decision cost share, the cross-mix transfer),
+figures/routing_<mix>.png (cost-accuracy plane) and figures/routing_share.png (the smallest model's share per mix).
 """
 
 from __future__ import annotations
@@ -72,11 +74,12 @@ def random_params(cfg: lm.LMConfig, seed: int):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def build_models(config: ml_collections.ConfigDict, workdir: str | None) -> list[Model]:
-    """The config's models, cheapest first: trained into `workdir/models/<name>` (each entry of `config.models` has a `name`) (resumed, so a second start only
-    loads), or with untrained weights (`random_params`) when `train_steps` is 0."""
+def build_models(config: ml_collections.ConfigDict, workdir: str | None, entries=None) -> list[Model]:
+    """The config's models, cheapest first: trained into `workdir/models/<name>` (each entry of `config.models` has a
+    `name`; resumed, so a second start only loads), or with untrained weights (`random_params`) when `train_steps` is
+    0. `entries` replaces `config.models` (e.g. the hidden-state router's probe LM)."""
     out = []
-    for mc in config.models.values():
+    for mc in (config.models if entries is None else entries).values():
         name = mc.name
         tc = _train_config(mc, config.task)
         model_cfg = lm.LMConfig.from_config(tc.model)
@@ -103,14 +106,35 @@ def problems_for(task: ml_collections.ConfigDict, n: int, seed: int, split: str 
     return arithmetic.sample_problems(rng, n, num_steps=steps, modulus=int(task.modulus))
 
 
-def fit_router(name: str, t: OutcomeTable, index, models: list[Model], seed: int = 0) -> routers.Router:
-    """One router of `ROUTERS` fit on table rows `index` (the hidden-state router reads the cheapest model)."""
+def build_probe(config: ml_collections.ConfigDict, workdir: str | None) -> Model | None:
+    """The hidden-state router's probe LM (`config.routers.probe`, trained like the models), or None if unset."""
+    probe = config.routers.get("probe")
+    if not probe:
+        return None
+    return build_models(config, workdir, entries={"probe": probe})[0]
+
+
+def fit_router(
+    name: str,
+    t: OutcomeTable,
+    index,
+    models: list[Model],
+    seed: int = 0,
+    probe: Model | None = None,
+    probe_layers: int | None = None,
+) -> routers.Router:
+    """One router of `ROUTERS` fit on table rows `index`.
+
+    The hidden-state router reads `probe` if given, else the cheapest model; `probe_layers` keeps only that many of
+    the read LM's first blocks (`routers.prefix_model`).
+    """
     if name == "mf":
         return routers.MFRouter.fit(t, index, seed=seed)
     if name == "knn":
         return routers.KNNRouter.fit(t, index, k=min(16, len(index)))
     if name == "hidden":
-        return routers.HiddenStateRouter.fit(t, index, model=models[0])
+        reader = models[0] if probe is None else probe
+        return routers.HiddenStateRouter.fit(t, index, model=reader, layers=probe_layers)
     if name == "difficulty":
         return routers.DifficultyRouter.fit(t, index)
     if name == "random":
@@ -120,7 +144,9 @@ def fit_router(name: str, t: OutcomeTable, index, models: list[Model], seed: int
     raise ValueError(f"router {name!r} is not one of {ROUTERS}")
 
 
-def build_routers(config: ml_collections.ConfigDict, models: list[Model]) -> dict[str, routers.Router]:
+def build_routers(
+    config: ml_collections.ConfigDict, models: list[Model], probe: Model | None = None
+) -> dict[str, routers.Router]:
     """Routers named in `config.routers.names` fit on a table of the models over `config.routers.table_problems`."""
     names = [n for n in config.routers.names.split(",") if n]
     if not names:
@@ -128,7 +154,8 @@ def build_routers(config: ml_collections.ConfigDict, models: list[Model]) -> dic
     probs = problems_for(config.task, int(config.routers.table_problems), int(config.seed), split="eval")
     t = build_table(models, probs, batch_size=min(128, len(probs)))
     idx = np.arange(t.num_queries)
-    return {n: fit_router(n, t, idx, models, int(config.seed)) for n in names if n != "oracle"}
+    layers = config.routers.get("probe_layers")
+    return {n: fit_router(n, t, idx, models, int(config.seed), probe, layers) for n in names if n != "oracle"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,15 +201,18 @@ def smallest_share_at(t: OutcomeTable, index, router: routers.Router, keep: floa
     return {"share": 0.0, "accuracy": None, "target": float(target)}
 
 
-def evaluate_mix(t: OutcomeTable, train, test, models, config) -> dict:
-    """Every router's and cascade's points and metrics on rows `test`, routers fit on rows `train`."""
+def evaluate_mix(t: OutcomeTable, train, test, models, config, probe: Model | None = None) -> dict:
+    """Every router's and cascade's points and metrics on rows `test`, routers fit on rows `train`.
+
+    Each router's `cost_share` is its decision's mean FLOPs over the smallest model's mean generation FLOPs.
+    """
     pts = calibrate.model_points(t, test)
     weak, strong = pts[0], pts[-1]
     out = {"models": {m: list(p) for m, p in zip(t.names, pts)}, "routers": {}, "cascades": {}}
     oracle = _points(calibrate.sweep(routers.OracleRouter(t), t, test)[1])
     fitted = {}
     for name in [n for n in config.routers.names.split(",") if n]:
-        r = fit_router(name, t, train, models, int(config.seed))
+        r = fit_router(name, t, train, models, int(config.seed), probe, config.routers.get("probe_layers"))
         fitted[name] = r
         p = _points(calibrate.sweep(r, t, test)[1])
         if name not in ("random", "oracle"):  # the expected-utility rule on the same predictions
@@ -192,6 +222,7 @@ def evaluate_mix(t: OutcomeTable, train, test, models, config) -> dict:
             "points": p,
             "metrics": metrics.summary(p, weak, strong, oracle),
             "smallest_share": smallest_share_at(t, test, r, config.study.keep_accuracy),
+            "cost_share": float(r.flops(t.queries(test)).mean() / t.flops[test, 0].mean()),
         }
     ends = t.select_models([0, t.num_models - 1])  # the two-stage cascade: smallest, then largest
     for conf in t.confidence:
@@ -231,13 +262,42 @@ def _plot(result: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def plot_shares(results: dict, path: str) -> None:
+    """The smallest model's share of calls at the kept accuracy, per router, across the difficulty mixes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixes = sorted(results["mixes"], key=lambda m: np.mean(results["mixes"][m].get("steps", 0)))  # easiest first
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [n for n, v in results["mixes"][mixes[0]]["routers"].items() if "smallest_share" in v]
+    for name in names:
+        shares = [results["mixes"][m]["routers"][name]["smallest_share"]["share"] for m in mixes]
+        ax.plot(range(len(mixes)), shares, marker="o", ls="--" if name in ("oracle", "random") else "-", label=name)
+    ax.set_xticks(
+        range(len(mixes)), [f"{m}\nacc xs {results['mixes'][m]['models'][results['models'][0]][1]:.2f}" for m in mixes]
+    )
+    ax.set_ylabel("smallest model's share of calls")
+    ax.set_ylim(0, 1)
+    ax.set_title("smallest model's share of calls at 95% of the largest's accuracy", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the models, builds one outcome table per difficulty mix, evaluates routers and cascades, writes results."""
     validate(config)
     models = build_models(config, workdir)
+    probe = build_probe(config, workdir)
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
-    tables, results, fitted = {}, {"models": [m.name for m in models], "mixes": {}}, {}
+    results = {"models": [m.name for m in models], "mixes": {}}
+    if probe is not None:
+        results["probe"] = {"name": probe.name, **{k: getattr(probe.cfg, k) for k in ("d_model", "n_layers")}}
+    tables, fitted = {}, {}
     for mix, steps in config.study.mixes.items():
         path = os.path.join(workdir, "results", f"table_{mix}.npz")
         if os.path.exists(path):
@@ -249,10 +309,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tables[mix] = t
         idx = np.random.default_rng(int(config.seed)).permutation(t.num_queries)
         train, test = np.sort(idx[: len(idx) // 2]), np.sort(idx[len(idx) // 2 :])
-        res, fitted[mix] = evaluate_mix(t, train, test, models, config)
+        res, fitted[mix] = evaluate_mix(t, train, test, models, config, probe)
+        res["steps"] = list(steps)
         results["mixes"][mix] = res
         _plot(res, os.path.join(workdir, "figures", f"routing_{mix}.png"), f"difficulty mix {mix} (K={steps})")
     results["transfer"] = transfer(tables, fitted, config)
+    plot_shares(results, os.path.join(workdir, "figures", "routing_share.png"))
     with open(os.path.join(workdir, "results", "routing.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results

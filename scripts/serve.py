@@ -25,15 +25,17 @@ def build_engine(config):
     from framework.serving import Engine, ServedRouter
 
     models = routing.build_models(config, config.workdir or None)
-    fitted = routing.build_routers(config, models)
+    fitted = routing.build_routers(config, models, routing.build_probe(config, config.workdir or None))
     names = tuple(m.name for m in models)
-    served = {n: ServedRouter(r, names, tuple(config.routers.thresholds)) for n, r in fitted.items()}
+    prices = tuple(config.routers.get("prices", ()))
+    served = {n: ServedRouter(r, names, tuple(config.routers.thresholds), prices) for n, r in fitted.items()}
     return Engine(
         {m.name: m for m in models},
         served,
         window_s=config.window_ms / 1000.0,
         max_batch=config.max_batch,
         min_batch=config.min_batch,
+        max_wait_s=config.max_wait_ms / 1000.0,
         default_max_tokens=config.default_max_tokens,
     )
 

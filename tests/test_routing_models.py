@@ -64,6 +64,7 @@ def test_table_is_one_graded_pass_per_model(table, models, problems, tmp_path):
     np.testing.assert_array_equal(back.confidence["consistency"], table.confidence["consistency"])
 
 
+@pytest.mark.slow  # the property is checked fast on a synthetic table (test_routing.py); this is the online path
 def test_online_cascade_never_escalates_past_confidence(models, problems):
     prompts = [data.encode_prompt(p) for p in problems]
     N = max(arithmetic.solution_length(p.num_steps, p.modulus) for p in problems) + 1  # the table's compile
@@ -90,6 +91,36 @@ def test_hidden_state_router(table, models):
     q = table.queries()
     p = r.predict(q)
     assert p.shape == (table.num_queries, 2) and np.all((p > 0) & (p < 1))
-    # The router's cost is the reading model's prefill of the prompt (plus its tiny head).
-    np.testing.assert_allclose(r.flops(q), lm.flops(models[0].cfg, table.prompt_tokens, 0) + 2 * r.w.size)
+    # The router's cost: the reading model's prefill of the prompt, the head at one position only, plus its own head.
+    c = models[0].cfg
+    head = 2.0 * c.d_model * c.vocab_size
+    want = lm.flops(c, table.prompt_tokens, 0) - head * (table.prompt_tokens - 1) + 2 * r.w.size
+    np.testing.assert_allclose(r.flops(q), want)
     assert isinstance(r, routers.Router)
+
+
+def test_hidden_features_of_a_layer_prefix(problems):
+    """A prefix of k blocks reads the full model's residual stream after block k, through the final norm."""
+    cfg = lm.LMConfig(
+        vocab_size=24, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32, max_seq_len=64
+    )
+    full = Model("two", random_params(cfg, 3), cfg)
+    pre = routers.prefix_model(full, 1)
+    assert pre.cfg.n_layers == 1 and routers.prefix_model(full, 2) is full
+    with pytest.raises(ValueError, match="layers must be an int in \\[1, 2\\]"):
+        routers.prefix_model(full, 3)
+    prompts = [arithmetic.format_prompt(p) for p in problems[:3]]
+    got = routers.hidden_features(pre, prompts)
+    ids = [data.encode_text_prompt(t, cfg.tokenizer) for t in prompts]
+    tok_BT = np.zeros((len(ids), max(map(len, ids))), np.int32)  # right padding: causal, earlier tokens unchanged
+    for i, x in enumerate(ids):
+        tok_BT[i, : len(x)] = x
+    x_BTD = np.asarray(
+        lm.forward(full.params, tok_BT, cfg, capture=("blocks.0.resid_post",)).captured["blocks.0.resid_post"]
+    )
+    for i, x in enumerate(ids):
+        h = x_BTD[i, : len(x)].astype(np.float64)
+        h = h / np.sqrt((h**2).mean(-1, keepdims=True) + cfg.norm_eps) * np.asarray(full.params["final_norm"]["scale"])
+        np.testing.assert_allclose(got[i], np.concatenate([h.mean(0), h[-1]]), rtol=1e-4, atol=1e-5)
+    n = np.asarray([len(data.encode_text_prompt(t, cfg.tokenizer)) for t in prompts])
+    assert np.all(routers.hidden_flops(pre, n) < 0.6 * routers.hidden_flops(full, n))

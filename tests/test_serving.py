@@ -96,7 +96,14 @@ def test_stop_strings_cut_text_and_tokens():
 
 def test_models_lists_models_and_routers(client):
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["tiny-a", "tiny-b", "router-difficulty-0.5", "router-random-0.5"]
+    assert ids == [
+        "tiny-a",
+        "tiny-b",
+        "router-difficulty-0.5",
+        "router-difficulty-utility-0.5",
+        "router-random-0.5",
+        "router-random-utility-0.5",
+    ]
 
 
 def test_completion_is_generate(client):
@@ -159,6 +166,11 @@ def test_router_model_names_the_answering_model(client):
     lo = client.completions.create(model="router-difficulty-0", prompt="Q 1+2\n", max_tokens=2)
     hi = client.completions.create(model="router-random-1.0", prompt="Q 1+2\n", max_tokens=2)
     assert (lo.model, hi.model) == ("tiny-a", "tiny-b")
+    both = client.completions.create(model="router-random-1.0", prompt=["Q 1+2\n", "Q 3+4\n"], max_tokens=2)
+    assert [c.model_extra["model"] for c in both.choices] == ["tiny-b", "tiny-b"]  # one routing call, every prompt
+    # The utility rule at any price: a price far above any probability gap buys the cheapest model.
+    cheap = client.completions.create(model="router-random-utility-1000", prompt="Q 1+2\n", max_tokens=2)
+    assert cheap.model == "tiny-a" and cheap.model_extra["routed_by"] == "router-random-utility-1000"
 
 
 def test_errors_are_openai_shaped(client, server):
@@ -216,3 +228,35 @@ def test_graceful_shutdown_finishes_in_flight(server, client):
         rc = server.stop()
         assert len(fut.result().choices) == 4
     assert rc in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down gracefully
+
+
+def test_batcher_window_collects_a_burst():
+    """A batch stays open while requests keep coming within window_s of each other, up to max_wait_s."""
+    from framework.serving.batcher import Batcher, Job, Row
+
+    class Recording(Batcher):
+        def generate(self, jobs):
+            self.sizes.append(len(jobs))
+            return [[Row(np.zeros(1, np.int32), np.zeros(1), True) for _ in j.prompts] for j in jobs]
+
+    def burst(batcher, n, gap_s):
+        futs = []
+        for i in range(n):
+            futs.append(batcher.submit(Job("m", [np.ones(2, np.int32)], [i], 1, 0.0, None)))
+            time.sleep(gap_s)
+        return [f.result(30) for f in futs]
+
+    # 5 jobs 0.3 s apart span 1.2 s, longer than the window: one batch all the same.
+    b = Recording({}, window_s=1.0, max_wait_s=30.0)
+    b.sizes = []
+    burst(b, 5, 0.3)
+    b.close()
+    assert b.sizes == [5]
+    # The first job's wait is bounded: the burst is cut after max_wait_s.
+    b = Recording({}, window_s=1.0, max_wait_s=1.0)
+    b.sizes = []
+    burst(b, 8, 0.3)
+    b.close()
+    assert len(b.sizes) >= 2 and sum(b.sizes) == 8
+    with pytest.raises(ValueError, match="max_wait_s"):
+        Batcher({}, window_s=0.1, max_wait_s=0.05)

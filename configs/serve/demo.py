@@ -4,7 +4,8 @@ COMMAND: python -m scripts.serve --config=configs/serve/demo.py [--config.port=8
 RUNTIME: the models train on the spot into runs/serve_demo (60, 200 and 400 steps) and routers are fit on a
   128-query outcome table of them: ~95 CPU-seconds, i.e. about a minute on a quiet 2-core CPU (7 min on a shared,
   saturated one); a second start loads the checkpoints from there (~15 CPU-seconds).
-EXPECT: `GET /v1/models` lists arith-xs, arith-s, arith-m and router-{mf,knn,difficulty,random}-0.5; e.g.
+EXPECT: `GET /v1/models` lists arith-xs, arith-s, arith-m, router-{mf,knn,difficulty,random}-0.5 (threshold rule)
+  and router-{mf,knn,difficulty,random}-utility-0.1 (expected-utility rule at price 0.1); e.g.
   curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
     -d '{"model": "router-mf-0.5", "messages": [{"role": "user", "content": "3+4*7"}]}'
   answers with the solution lines of the routed model, whose name is the response's "model". These models are
@@ -30,7 +31,7 @@ def get_config(arg: str | None = None):
         }
     )
     config.routers = ml_collections.ConfigDict(
-        dict(names="mf,knn,difficulty,random", thresholds=(0.5,), table_problems=128)
+        dict(names="mf,knn,difficulty,random", thresholds=(0.5,), prices=(0.1,), table_problems=128)
     )
     config.lock()
     return config

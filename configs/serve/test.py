@@ -12,7 +12,7 @@ from configs.serve import common
 
 def get_config(arg: str | None = None):
     del arg
-    config = common.server(window_ms=20.0, max_batch=16, min_batch=8, default_max_tokens=8)
+    config = common.server(window_ms=20.0, max_wait_ms=80.0, max_batch=16, min_batch=8, default_max_tokens=8)
     config.workdir = ""
     config.seed = 0
     config.task = ml_collections.ConfigDict(dict(modulus=10, num_steps=(1, 3)))
@@ -22,6 +22,8 @@ def get_config(arg: str | None = None):
             "b": common.model("tiny-b", 32, 1, train_steps=0, seed=2, max_seq_len=48),
         }
     )
-    config.routers = ml_collections.ConfigDict(dict(names="difficulty,random", thresholds=(0.5,), table_problems=8))
+    config.routers = ml_collections.ConfigDict(
+        dict(names="difficulty,random", thresholds=(0.5,), prices=(0.5,), table_problems=8)
+    )
     config.lock()
     return config

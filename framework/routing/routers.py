@@ -10,8 +10,9 @@ bound every plot is measured against.
   MFRouter          matrix factorisation (RouteLLM): P = sigmoid(v_m . (W x_q) + b_m), a rank-R model embedding
                     v_m times a linear embedding of the query features x_q, fit by logistic loss (Adam, L2).
   KNNRouter         the success rate of each model on the k nearest training queries (standardised features).
-  HiddenStateRouter logistic regression per model on a Lumen LM's mean-pooled final hidden state of the prompt; its
-                    cost is that LM's prefill (`lm.flops(cfg, prompt_tokens, 0)`).
+  HiddenStateRouter logistic regression per model on a Lumen LM's final hidden states of the prompt (mean-pooled
+                    and last token): a routed model, a prefix of its layers, or a small probe LM; its cost is
+                    that LM's prefill (`lm.flops(cfg, prompt_tokens, 0)` less the head on all but one position).
   DifficultyRouter  each model's training success rate at the query's difficulty (its step count K), smoothed.
   RandomRouter      uniform random probabilities: the chance baseline.
   OracleRouter      the table's own labels; a query no model solves goes to the cheapest model.
@@ -36,6 +37,7 @@ from framework.inference import bucket_length
 from framework.models import lm
 from framework.routing.table import Model, OutcomeTable, Queries
 from framework.tasks import data
+from framework.tasks import tokenizer as tok_lib
 
 TIE_EPS = 1e-7  # weight of the tie-break: far below any meaningful difference of two probabilities
 
@@ -226,17 +228,61 @@ class KNNRouter:
         return np.full(len(queries), 3.0 * N * F + N * np.log2(max(N, 2)) + self.k * self.num_models)
 
 
+def prefix_model(model: Model, layers: int | None) -> Model:
+    """The first `layers` blocks of `model` (its embedding, those blocks, its final norm and head); None: all of it.
+
+    What a hidden-state router reads when it needs only a shallow view of the prompt: the prefix's prefill costs
+    `layers / n_layers` of the model's block FLOPs.
+    """
+    if layers is None:
+        return model
+    L = model.cfg.n_layers
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= L:
+        raise ValueError(f"prefix_model: layers must be an int in [1, {L}] for model {model.name!r}, got {layers!r}")
+    if layers == L:
+        return model
+    if "layers" not in model.params:
+        raise ValueError(f"prefix_model: model {model.name!r} has unstacked params; pass the stacked layout")
+    params = dict(model.params)
+    params["layers"] = jax.tree.map(lambda a: a[:layers], model.params["layers"])
+    cfg = dataclasses.replace(model.cfg, n_layers=layers)
+    return Model(f"{model.name}[:{layers}]", params, cfg)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _pooled_hidden(params, tokens_BT, lengths_B, cfg):
-    out = lm.forward(params, tokens_BT, cfg, capture=("final_norm",))
+    # Logits at one position only: the head's work on the prompt is not needed (and not counted in the cost).
+    out = lm.forward(
+        params, tokens_BT, cfg, capture=("final_norm",), logits_at=jnp.zeros((tokens_BT.shape[0], 1), jnp.int32)
+    )
     h_BTD = out.captured["final_norm"].astype(jnp.float32)
     mask_BT = jnp.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]
-    return (h_BTD * mask_BT[..., None]).sum(1) / lengths_B[:, None]
+    mean_BD = (h_BTD * mask_BT[..., None]).sum(1) / lengths_B[:, None]
+    last_BD = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    return jnp.concatenate([mean_BD, last_BD], axis=-1)
+
+
+def _encode_prompts(tokenizer_name: str, prompts) -> list[np.ndarray]:
+    """`data.encode_text_prompt` of every prompt; one encode call for a character tokenizer (one id per character).
+
+    Per-prompt calls cost more wall time than a small probe LM's whole forward pass, hence the single call.
+    """
+    tk = tok_lib.get_tokenizer(tokenizer_name)
+    if not isinstance(tk, tok_lib.CharTokenizer) or not prompts:
+        return [data.encode_text_prompt(p, tk) for p in prompts]
+    bos = data.encode_text_prompt("", tk)
+    try:
+        flat = tk.encode("".join(prompts))
+    except ValueError:  # the per-prompt calls name the prompt's own character position
+        return [data.encode_text_prompt(p, tk) for p in prompts]
+    cuts = np.cumsum([len(p) for p in prompts])[:-1]
+    return [np.concatenate([bos, x]).astype(np.int32) for x in np.split(flat, cuts)]
 
 
 def hidden_features(model: Model, prompts, *, batch_size: int = 256) -> np.ndarray:
-    """[Q, D] mean over the prompt's tokens (BOS included) of `model`'s final-norm hidden state."""
-    ids = [data.encode_text_prompt(p, model.cfg.tokenizer) for p in prompts]
+    """[Q, 2D] `model`'s final-norm hidden state of each prompt: its mean over the tokens (BOS included), then the
+    last token's."""
+    ids = _encode_prompts(model.cfg.tokenizer, list(prompts))
     out = []
     for lo in range(0, len(ids), batch_size):
         chunk = ids[lo : lo + batch_size]
@@ -250,12 +296,24 @@ def hidden_features(model: Model, prompts, *, batch_size: int = 256) -> np.ndarr
     return np.concatenate(out).astype(np.float64)
 
 
+def hidden_flops(model: Model, prompt_tokens) -> np.ndarray:
+    """FLOPs of `hidden_features` per prompt: `lm.flops` of the prefill less the head on all but one position."""
+    n = np.asarray(prompt_tokens, np.float64)
+    head = 2.0 * model.cfg.d_model * model.cfg.vocab_size
+    return lm.flops(model.cfg, n.astype(np.int64), 0) - head * (n - 1)
+
+
 @dataclasses.dataclass(eq=False)
 class HiddenStateRouter:
-    """Logistic regression per model on a Lumen LM's pooled hidden state of the prompt."""
+    """Logistic regression per model on a Lumen LM's hidden states of the prompt (mean-pooled and last token).
+
+    The LM read may be any Lumen LM of the same tokenizer: one of the routed models, a prefix of its layers
+    (`prefix_model`), or a much smaller probe LM trained on the same task, which is what keeps the decision cheap
+    against the smallest routed model's generation.
+    """
 
     model: Model
-    w: np.ndarray  # [D, M]
+    w: np.ndarray  # [2D, M]
     b: np.ndarray  # [M]
     mean: np.ndarray
     std: np.ndarray
@@ -267,10 +325,20 @@ class HiddenStateRouter:
 
     @classmethod
     def fit(
-        cls, table: OutcomeTable, index=None, *, model: Model, steps: int = 400, lr: float = 0.05, l2: float = 1e-3
+        cls,
+        table: OutcomeTable,
+        index=None,
+        *,
+        model: Model,
+        layers: int | None = None,
+        steps: int = 400,
+        lr: float = 0.05,
+        l2: float = 1e-3,
     ) -> HiddenStateRouter:
-        """Fits on rows `index`, reading features from `model` (typically the cheapest model of the table)."""
+        """Fits on rows `index`, reading features from `model` (its first `layers` blocks if given)."""
         idx = _check_fit(table, index)
+        model = prefix_model(model, layers)
+        model = Model(model.name, jax.device_put(model.params), model.cfg)  # not copied to the device per decision
         H = hidden_features(model, [table.prompts[i] for i in idx])
         mean, std = _stats(H)
         X = _standardise(H, mean, std)
@@ -288,8 +356,8 @@ class HiddenStateRouter:
         return _sigmoid(X @ self.w + self.b)
 
     def flops(self, queries: Queries) -> np.ndarray:
-        n = np.asarray([len(data.encode_text_prompt(p, self.model.cfg.tokenizer)) for p in queries.prompts])
-        return lm.flops(self.model.cfg, n, 0) + 2.0 * self.w.size
+        n = np.asarray([len(x) for x in _encode_prompts(self.model.cfg.tokenizer, list(queries.prompts))])
+        return hidden_flops(self.model, n) + 2.0 * self.w.size
 
 
 @dataclasses.dataclass(eq=False)

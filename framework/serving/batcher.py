@@ -2,12 +2,17 @@
 
 Glossary: B rows of one generate call (padded to a power of two), N max new tokens of the call (bucketed).
 
-A single worker thread owns the accelerator. It takes the oldest waiting job, waits up to `window_s` for more (or
-until `max_batch` rows are waiting), groups the jobs by (model, temperature, top_p) (the values `generate` takes
-for a whole batch) and runs one `generate` per group over all their rows, each row with its own PRNG key, so a
+A single worker thread owns the accelerator; the HTTP event loop only submits jobs and awaits their futures, so it
+keeps accepting requests while `generate` runs. The worker takes the oldest waiting job and keeps collecting while
+jobs keep coming: it stops once no new job has arrived for `window_s`, once `max_wait_s` has passed since the first,
+or once `max_batch` rows are waiting (a burst of requests, e.g. clients answering the previous batch's responses,
+becomes one call instead of a few that catch only its head). It groups the jobs by (model, temperature, top_p) (the
+values `generate` takes for a whole batch) and runs one `generate` per group over all their rows, each row with its own PRNG key, so a
 row's sample depends only on its seed and prompt, never on which requests it was batched with. Rows are padded to
 a power of two (at least `min_batch`) and N is bucketed to a power of two (at least 16, capped by the context) so that the compiles are
 few; each row is then cut to its own `max_tokens`. `close()` finishes every job already submitted, then stops.
+`busy_s` sums the wall time of the `generate` calls (their duty cycle against the serving time is what a benchmark
+compares with direct `generate`).
 """
 
 from __future__ import annotations
@@ -59,13 +64,30 @@ class Job:
 class Batcher:
     """The worker thread that serves `Job`s in shared `generate` calls (see the module docstring)."""
 
-    def __init__(self, models: dict[str, Model], *, window_s: float = 0.005, max_batch: int = 64, min_batch: int = 1):
+    def __init__(
+        self,
+        models: dict[str, Model],
+        *,
+        window_s: float = 0.005,
+        max_batch: int = 64,
+        min_batch: int = 1,
+        max_wait_s: float | None = None,
+    ):
+        if window_s < 0 or max_batch < 1 or min_batch < 1:
+            raise ValueError(
+                f"Batcher: window_s must be >= 0, max_batch and min_batch >= 1; got {window_s}, {max_batch}, {min_batch}"
+            )
         self.models, self.window_s, self.max_batch = models, float(window_s), int(max_batch)
+        # Bounds the wait of the first job of a batch however long a burst lasts.
+        self.max_wait_s = 4.0 * self.window_s if max_wait_s is None else float(max_wait_s)
+        if self.max_wait_s < self.window_s:
+            raise ValueError(f"Batcher: max_wait_s {self.max_wait_s} must be >= window_s {self.window_s}")
         self.min_batch = int(min_batch)  # rows are padded to a power of two >= this: fewer distinct compiles
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self.calls = 0  # generate calls made (for tests and benchmarks)
         self.rows = 0  # real rows generated
+        self.busy_s = 0.0  # wall seconds spent inside generate calls
         self.trace: list | None = None  # set to [] to record each call's (model, padded prompts, N, sampling kwargs)
         self._thread = threading.Thread(target=self._loop, name="lumen-batcher", daemon=True)
         self._thread.start()
@@ -85,9 +107,10 @@ class Batcher:
 
     def _collect(self, first: Job) -> tuple[list[Job], bool]:
         jobs, rows = [first], len(first.prompts)
-        deadline = time.monotonic() + self.window_s
+        now = time.monotonic()
+        hard, quiet = now + self.max_wait_s, now + self.window_s
         while rows < self.max_batch:
-            left = deadline - time.monotonic()
+            left = min(hard, quiet) - time.monotonic()
             if left <= 0:
                 break
             try:
@@ -98,6 +121,7 @@ class Batcher:
                 return jobs, True
             jobs.append(job)
             rows += len(job.prompts)
+            quiet = time.monotonic() + self.window_s  # the burst goes on: wait for its next job
         return jobs, False
 
     def _loop(self) -> None:
@@ -154,8 +178,10 @@ class Batcher:
         padded = prompts + [prompts[0]] * (Bp - B)
         if self.trace is not None:
             self.trace.append((jobs[0].model, padded, N, kw, [j.max_tokens for j in jobs for _ in j.prompts]))
+        t0 = time.perf_counter()
         out = inference.generate(model.params, cfg, padded, max_new_tokens=N, **kw)
         tokens, lps, lens = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+        self.busy_s += time.perf_counter() - t0
         self.calls += 1
         self.rows += B
         stops = set(cfg.eos_ids)

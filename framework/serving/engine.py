@@ -2,10 +2,15 @@
 
 Glossary: n choices per prompt, N generated tokens of a row.
 
-Model names: a plain model's name, or `router-<router>-<threshold>` (RouteLLM's convention): the router scores the
-prompt for every model (cheapest first) and the cheapest model whose predicted success is >= threshold answers (the
-most expensive when none is); the response names the model that answered. Any threshold in [0, 1] is accepted;
-`GET /v1/models` lists the configured ones.
+Model names: a plain model's name, or a router with its decision rule; the response names the model that answered.
+  `router-<router>-<threshold>` (RouteLLM's convention, the threshold rule): the router scores the prompt for every
+      model (cheapest first) and the cheapest model whose predicted success is >= threshold answers (the most
+      expensive when none is). Any threshold in [0, 1] is accepted.
+  `router-<router>-utility-<price>` (the expected-utility rule, `routers.route_utility`): the model maximising
+      predicted success - price x its cost / the dearest model's cost, costs being `lm.flops` of this request's
+      prompt and `max_tokens` on each model. Any price >= 0 is accepted (0: the most likely model; large: the
+      cheapest).
+`GET /v1/models` lists the configured thresholds and prices.
 
 Chat: a chat request is mapped to one prompt of the model's format.
   "arith" tokenizer: the last user message is the question. Its text, stripped, gets the task's "Q " prefix if it
@@ -28,13 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from framework.routing.routers import Router, route
+from framework.models import lm
+from framework.routing.routers import Router, route, route_utility
 from framework.routing.table import Model, Queries
 from framework.serving.batcher import Batcher, Job, Row
 from framework.tasks import data
 from framework.tasks import tokenizer as tok_lib
 
-ROUTER_NAME = re.compile(r"^router-(?P<name>[A-Za-z0-9_.]+)-(?P<threshold>[0-9]*\.?[0-9]+)$")
+ROUTER_NAME = re.compile(r"^router-(?P<name>[A-Za-z0-9_.]+)-(?P<utility>utility-)?(?P<value>[0-9]*\.?[0-9]+)$")
 MAX_N = 16
 
 
@@ -58,11 +64,20 @@ class ApiError(Exception):
 
 @dataclasses.dataclass(eq=False)
 class ServedRouter:
-    """A router over served models (cheapest first) and the thresholds `/v1/models` advertises."""
+    """A router over served models (cheapest first) and the thresholds and utility prices `/v1/models` advertises."""
 
     router: Router
     models: tuple[str, ...]
     thresholds: tuple[float, ...] = (0.5,)
+    prices: tuple[float, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How a router's predictions pick a model: "threshold" (value in [0, 1]) or "utility" (value = price >= 0)."""
+
+    kind: str
+    value: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +126,7 @@ class Engine:
         window_s: float = 0.005,
         max_batch: int = 64,
         min_batch: int = 1,
+        max_wait_s: float | None = None,
         default_max_tokens: int = 16,
     ):
         self.models, self.routers = dict(models), dict(routers or {})
@@ -121,8 +137,14 @@ class Engine:
                     f"router {name!r}: models {r.models} must be served and match its "
                     f"{r.router.num_models} outputs (missing: {missing})"
                 )
+            if not all(0.0 <= t <= 1.0 for t in r.thresholds) or not all(p >= 0.0 for p in r.prices):
+                raise ValueError(
+                    f"router {name!r}: thresholds must be in [0, 1] and prices >= 0, got {r.thresholds}, {r.prices}"
+                )
         self.default_max_tokens = int(default_max_tokens)
-        self.batcher = Batcher(self.models, window_s=window_s, max_batch=max_batch, min_batch=min_batch)
+        self.batcher = Batcher(
+            self.models, window_s=window_s, max_batch=max_batch, min_batch=min_batch, max_wait_s=max_wait_s
+        )
         self.tokenizers = {n: tok_lib.get_tokenizer(m.cfg.tokenizer) for n, m in self.models.items()}
 
     def close(self) -> None:
@@ -134,20 +156,23 @@ class Engine:
         names = list(self.models)
         for rname, r in self.routers.items():
             names += [f"router-{rname}-{t:g}" for t in r.thresholds]
+            names += [f"router-{rname}-utility-{p:g}" for p in r.prices]
         return names
 
-    def resolve(self, name: Any) -> tuple[str | None, float | None, list[str]]:
-        """(router name or None, threshold, candidate models) for a requested model name; 404 if unknown."""
+    def resolve(self, name: Any) -> tuple[str | None, Rule | None, list[str]]:
+        """(router name or None, its decision rule, candidate models) for a requested model name; 404 if unknown."""
         if not isinstance(name, str) or not name:
             raise ApiError(400, f"model must be a non-empty string, got {name!r}", "model", "invalid_value")
         if name in self.models:
             return None, None, [name]
         m = ROUTER_NAME.match(name)
         if m and m.group("name") in self.routers:
-            t = float(m.group("threshold"))
-            if not 0.0 <= t <= 1.0:
-                raise ApiError(400, f"router threshold {t} in {name!r} must be in [0, 1]", "model", "invalid_value")
-            return m.group("name"), t, list(self.routers[m.group("name")].models)
+            v = float(m.group("value"))
+            if m.group("utility"):
+                return m.group("name"), Rule("utility", v), list(self.routers[m.group("name")].models)
+            if not 0.0 <= v <= 1.0:
+                raise ApiError(400, f"router threshold {v} in {name!r} must be in [0, 1]", "model", "invalid_value")
+            return m.group("name"), Rule("threshold", v), list(self.routers[m.group("name")].models)
         raise ApiError(
             404, f"The model {name!r} does not exist; served: {self.model_names()}", "model", "model_not_found"
         )
@@ -213,13 +238,25 @@ class Engine:
         except ValueError as e:
             raise ApiError(400, f"{param}: {e}", param, "invalid_characters") from None
 
-    def choose(self, router: str | None, threshold: float | None, candidates: list[str], text: str) -> str:
-        """The model that answers `text`: the only candidate, or the router's pick."""
+    def choose(
+        self, router: str | None, rule: Rule | None, candidates: list[str], texts: Sequence[str], max_tokens: int = 16
+    ) -> list[str]:
+        """The model that answers each of `texts`: the only candidate, or the router's picks under `rule` (one
+        `predict` call for all of them)."""
         if router is None:
-            return candidates[0]
-        q = Queries.from_prompts([text])
+            return [candidates[0]] * len(texts)
+        q = Queries.from_prompts(list(texts))
         probs = self.routers[router].router.predict(q)
-        return candidates[int(route(probs, threshold, q.tiebreak)[0])]
+        if rule.kind == "utility":
+            picks = []
+            for i, text in enumerate(texts):
+                cost = [
+                    lm.flops(self.models[m].cfg, len(self.encode(m, text, "prompt")), max_tokens) for m in candidates
+                ]
+                picks.append(int(route_utility(probs[i : i + 1], np.maximum.accumulate(cost), rule.value)[0]))
+        else:
+            picks = route(probs, rule.value, q.tiebreak)
+        return [candidates[int(k)] for k in picks]
 
     def _check_length(self, model: str, ids: np.ndarray, s: Sampling) -> None:
         ctx = self.models[model].cfg.max_seq_len
@@ -236,7 +273,7 @@ class Engine:
         self, model_name: Any, texts: Sequence[str], s: Sampling, params: Sequence[str] | None = None
     ) -> list[Choice]:
         """len(texts) * n choices (prompt-major), generated through the batcher."""
-        router, threshold, candidates = self.resolve(model_name)
+        router, rule, candidates = self.resolve(model_name)
         params = params or ["prompt"] * len(texts)
         # Every prompt is checked against every candidate first: a router must not turn a bad request into a 200.
         for text, param in zip(texts, params):
@@ -246,7 +283,7 @@ class Engine:
         if router is None:
             picks = [candidates[0]] * len(texts)
         else:  # a router may run a model (the hidden-state router): off the event loop
-            picks = [await loop.run_in_executor(None, self.choose, router, threshold, candidates, t) for t in texts]
+            picks = await loop.run_in_executor(None, self.choose, router, rule, candidates, texts, s.max_tokens)
         base = s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
         futures = []
         for i, (text, model) in enumerate(zip(texts, picks)):

@@ -3,11 +3,12 @@
 COMMAND: .venv/bin/python -m scripts.bench.routing [--queries 256 --rounds 3]
 RUNTIME: ~1-2 min on a 2-core CPU.
 EXPECT: the issue's target is a decision <= 2% of the smallest model's generation per query. The feature routers
-(mf, knn, difficulty) cost a tiny fraction in FLOPs; the hidden-state router reads a whole prefill of the model it
-reads (the smallest model here), so it costs the prompt's share of that model's work.
+(mf, knn, difficulty) cost a tiny fraction in FLOPs; the hidden-state router costs a prefill of the LM it reads: the
+study's d8 one-layer probe LM ("hidden") stays under 2%, reading the smallest routed model itself ("hidden-xs", for
+comparison) costs the prompt's share of that model's work.
 
-Models: the three of `configs/serve/demo.py` with untrained weights (costs do not depend on the weights; the routers
-are fit on a 128-query outcome table of them). The generation side is one batched greedy `generate` of the
+Models: the three of `configs/routing/default.py` and its probe LM with untrained weights (costs do not depend on the
+weights; the routers are fit on a 128-query outcome table of them). The generation side is one batched greedy `generate` of the
 smallest model over the same `--queries` prompts (max_new_tokens = the longest gold solution + 1), per query = call
 time / queries. The decision side is `router.predict` over the same queries in one batch (the study's path) and one
 query at a time through `Queries.from_prompts` (the server's path). Rounds alternate the sides; medians are reported.
@@ -39,21 +40,23 @@ def main() -> None:
 
     import jax
 
-    from configs.serve import demo
+    from configs.routing import default
     from experiments import routing
     from framework import inference
     from framework.models import lm
     from framework.routing.table import Queries, build_table
     from framework.tasks import arithmetic, data
 
-    config = demo.get_config()
+    config = default.get_config()
     config.unlock()
-    for mc in config.models.values():
+    for mc in [*config.models.values(), config.routers.probe]:
         mc.train_steps = 0
     models = routing.build_models(config, None)
+    probe = routing.build_probe(config, None)
     fit_table = build_table(models, routing.problems_for(config.task, 128, 0, split="eval"), batch_size=128)
     idx = np.arange(fit_table.num_queries)
-    rs = {n: routing.fit_router(n, fit_table, idx, models) for n in ("mf", "knn", "difficulty", "hidden")}
+    rs = {n: routing.fit_router(n, fit_table, idx, models, probe=probe) for n in ("mf", "knn", "difficulty", "hidden")}
+    rs["hidden-xs"] = routing.fit_router("hidden", fit_table, idx, models)  # reads the smallest routed model
     problems = routing.problems_for(config.task, args.queries, 1)
     q = Queries.from_prompts([arithmetic.format_prompt(p) for p in problems])
     small = models[0]

@@ -30,15 +30,18 @@ def summarize(results: dict) -> str:
         lines.append(f"== mix {mix}")
         for m, (c, a) in r["models"].items():
             lines.append(f"  model {m:10s} mean FLOPs {c:10.4g}  accuracy {a:.3f}")
-        lines.append("  name             |   AUC | APGR | norm APGR | CPT50 | CPT80 |  AIQ | smallest share @95%")
+        lines.append(
+            "  name             |   AUC | APGR | norm APGR | CPT50 | CPT80 |  AIQ | smallest share @95% | decision cost"
+        )
         for kind in ("routers", "cascades"):
             for name, v in r[kind].items():
                 m = v["metrics"]
                 share = v.get("smallest_share", {}).get("share", float("nan"))
+                cost = v.get("cost_share", float("nan"))
                 lines.append(
                     f"  {kind[:-1] + ' ' + name:16s} | {m['auc']:.3f} | {m['apgr']:.2f} | "
                     f"{m['normalized_apgr']:9.2f} | {m['cpt50']:5.2f} | {m['cpt80']:5.2f} | "
-                    f"{m['aiq']:.3f} | {share:.2f}"
+                    f"{m['aiq']:.3f} | {share:.2f} | {cost:.2%}"
                 )
     lines.append("== transfer (normalized APGR; router fit on one mix, scored on another)")
     for key, m in results["transfer"].items():
@@ -61,8 +64,8 @@ def main(argv: list[str]) -> None:
         f.write(text + "\n")
     if _PUBLISH.value:
         os.makedirs("docs/figures", exist_ok=True)
-        for mix in results["mixes"]:
-            shutil.copy(os.path.join(_WORKDIR.value, "figures", f"routing_{mix}.png"), "docs/figures/")
+        for name in [*results["mixes"], "share"]:
+            shutil.copy(os.path.join(_WORKDIR.value, "figures", f"routing_{name}.png"), "docs/figures/")
         with open("docs/figures/routing.json", "w") as f:
             json.dump({k: v for k, v in results.items()}, f, indent=1)
 
