@@ -15,6 +15,15 @@ accuracy as "scale the parameters instead", compute-optimal selection per bin ch
 scored on the other half -- per N, and at equal FLOPs (every (strategy, N, M, serial:parallel split) that costs no
 more than best-of-N at N, against best-of-N at that N) -- and coverage pass@k with a fitted exp(a k^b).
 
+The policy may be an imported Hugging Face checkpoint instead (`config.model.hf_path`, the policy's `model` section:
+a local folder with config.json, weights and tokenizer.json, loaded by `framework.models.hf.model_from_config`). It is
+used as given (nothing is trained): its prompts are the task's question text in its own tokenizer, its completions
+are decoded to text (`search.LMPolicy(tokenizer=)`) and checked by the arithmetic checker, and its FLOPs are
+`lm.flops` of the imported config on its own token counts. The PRMs stay Lumen LMs on the arithmetic character
+tokenizer, warm-started from the judge (which must then be its own model, not `judge.use_policy`), and read the
+decoded text re-tokenized in their tokenizer. Sequential revision fine-tunes the policy on arithmetic retry data with
+Lumen's trainer, which an imported checkpoint's tokenizer does not fit: it must be off (`revision.enabled=False`).
+
 Search runs on `config.mesh` when it spans more than one device: policy and PRM replicated, every batch split over
 the mesh's batch axes (`framework.search.LMPolicy`, `framework.verifiers.Verifier`).
 
@@ -27,8 +36,13 @@ The stages live in the library: verifier labelling, fitting and caching in `fram
 sweeps in `framework.search.sweep`, compute-optimal selection in `framework.search.compute_optimal`, figures and
 tables in `framework.search.report`.
 
-Artifacts in `workdir`: config.json, results/{label_sources,scaling,coverage,compute_optimal}.json,
-figures/{accuracy_vs_n,accuracy_vs_flops,accuracy_by_difficulty,compute_optimal,coverage,label_sources}.png.
+Training FLOPs (policy, bigger model, the search PRM's fit and its training traces) sit beside the inference FLOPs,
+so the PRM-vs-bigger-model comparison counts them apart and together (`report.prm_vs_bigger_lines`); compute-optimal
+selection at equal FLOPs is scored on answers and on the gold path.
+
+Artifacts in `workdir`: config.json, results/{label_sources,scaling,coverage,compute_optimal,compute_optimal_flops,
+compute_optimal_flops_gold_path}.json, figures/{accuracy_vs_n,gold_path_vs_n,accuracy_vs_flops,accuracy_by_difficulty_*,
+compute_optimal,serial_vs_parallel,coverage,label_sources}.png (error bars: standard errors over problems).
 """
 
 from __future__ import annotations
@@ -44,7 +58,7 @@ from configs.scaling.common import scaling_experiment
 from experiments import train_lm
 from framework import config as config_lib
 from framework import search, sharding, verifiers
-from framework.models import lm
+from framework.models import hf, lm
 from framework.search import analysis, compute_optimal, diagnostics, report, revision, sweep, timing
 from framework.tasks import arithmetic, data
 from framework.training import loop
@@ -64,14 +78,53 @@ def _lm_config(section) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def hf_path(config: ml_collections.ConfigDict) -> str | None:
+    """The imported policy checkpoint's folder (`config.model.hf_path`, i.e. the policy's model section), or None."""
+    return config.policy.train_lm.model.get("hf_path")
+
+
+def _validate_hf_policy(config: ml_collections.ConfigDict) -> None:
+    req, path = config_lib.require, hf_path(config)
+    req(config.policy.workdir is None, "policy.workdir", f"and model.hf_path={path!r} both name the policy; set one")
+    try:
+        hf.hf_model_config(config.model)
+    except (OSError, TypeError, ValueError, KeyError) as e:
+        raise config_lib.ConfigError(f"config key 'model.hf_path': {e}") from None
+    req(
+        os.path.exists(os.path.join(path, hf.TOKENIZER_FILE)),
+        "model.hf_path",
+        f"{path!r} holds no {hf.TOKENIZER_FILE}: the imported policy reads and writes the task's text",
+    )
+    req(
+        not config.judge.use_policy,
+        "judge.use_policy",
+        "an imported policy cannot be the judge: the PRMs are warm-started from the judge, a Lumen LM on the "
+        "arithmetic character tokenizer (set judge.use_policy=False)",
+    )
+    req(
+        not config.revision.enabled,
+        "revision.enabled",
+        "sequential revision fine-tunes the policy on arithmetic retry data with Lumen's trainer, which an imported "
+        "checkpoint's tokenizer does not fit (set revision.enabled=False with model.hf_path)",
+    )
+    try:
+        arithmetic.make_knobs(**train_lm.knobs(config.policy.train_lm))
+    except (TypeError, ValueError) as e:
+        raise config_lib.ConfigError(f"config section 'task': {e}") from None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks keys, types and values of every section; compiles nothing."""
     config_lib.check_against(config, scaling_experiment())
     req = config_lib.require
-    pol = train_lm.validate(_lm_config(config.policy))
-    if not config.judge.use_policy:
-        judge = train_lm.validate(_lm_config(config.judge))
-        req(judge.vocab_size == pol.vocab_size, "judge", "the judge must share the policy's tokenizer")
+    if hf_path(config) is not None:
+        _validate_hf_policy(config)
+        train_lm.validate(_lm_config(config.judge))
+    else:
+        pol = train_lm.validate(_lm_config(config.policy))
+        if not config.judge.use_policy:
+            judge = train_lm.validate(_lm_config(config.judge))
+            req(judge.vocab_size == pol.vocab_size, "judge", "the judge must share the policy's tokenizer")
     for key in config.labels.sources:
         try:
             sources.parse_source(key)
@@ -138,38 +191,63 @@ def _problems(seed: int, split: str, tag: int, n: int, num_steps, knobs: dict) -
     return arithmetic.sample_problems(np.random.default_rng([data.split_seed(seed, split), tag]), n, **knobs)
 
 
-def _sample_traces(policy, problems, per_problem: int, seed: int):
+def _sample_traces(policy, problems, per_problem: int, seed: int, flops: list | None = None):
+    """Rows and texts of `per_problem` sampled traces per problem; appends their `lm.flops` to `flops` if given."""
     rows = [p for p in problems for _ in range(per_problem)]
     out = policy.extend(rows, [""] * len(rows), until="answer", call_key=(seed, 99))
+    if flops is not None:
+        flops.append(float(np.sum(lm.flops(policy.cfg, out.prompt_tokens, out.tokens))))
     return rows, out.texts
+
+
+def training_flops(lm_config: ml_collections.ConfigDict, cfg: lm.LMConfig) -> float:
+    """Training FLOPs of a train_lm run (its steps x batch x seq_len packed tokens, `lm.flops_per_token`)."""
+    tc = lm_config.train
+    return lm.flops_per_token(cfg, tc.seq_len) * tc.seq_len * tc.batch_size * tc.steps
+
+
+def fit_flops(cfg: lm.LMConfig, rows, texts, steps: int, batch_size: int) -> float:
+    """Training FLOPs of a verifier fit: steps x traces per batch x the traces' mean tokens (`lm.flops_per_token` at
+    that length; the value head is not counted)."""
+    mean = float(np.mean([len(data.encode_prompt(p)) + len(t) for p, t in zip(rows, texts)]))
+    return lm.flops_per_token(cfg, max(1, round(mean))) * mean * batch_size * steps
 
 
 def _grouped(flat: list, k: int) -> list[list]:
     return [flat[i : i + k] for i in range(0, len(flat), k)]
 
 
-def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs, workdir: str, mesh=None, timings=None):
+def train_verifiers(
+    config, policy_params, policy_cfg, policy, judge, knobs, workdir: str, mesh=None, timings=None, base=None
+):
     """{source: (Verifier, held-out metrics)}: one PRM/ORM per label source (`verifiers.sources.fit_sources`, cached
     under workdir/verifiers/<source>) plus the oracle PRM, with ProcessBench F1 / AUROC against gold labels and the
-    selection accuracy among each held-out problem's samples. `timings` (a dict) gets seconds per sub-stage."""
+    selection accuracy among each held-out problem's samples. The verifiers are warm-started from `base`
+    ((params, LMConfig) of a Lumen LM on the arithmetic tokenizer; default the policy's). `timings` (a dict) gets
+    seconds per sub-stage."""
+    base_params, base_cfg = (policy_params, policy_cfg) if base is None else base
     timings = {} if timings is None else timings
     clock = timing.StageClock()
     c = config.prm
     train_p = _problems(config.seed, "train", 101, c.train_problems, c.num_steps, knobs)
     held_p = _problems(config.seed, "eval", 102, c.heldout_problems, c.num_steps, knobs)
-    rows, texts = _sample_traces(policy, train_p, c.samples_per_problem, config.seed)
+    trace_flops = []
+    rows, texts = _sample_traces(policy, train_p, c.samples_per_problem, config.seed, trace_flops)
     held_rows, held_texts = _sample_traces(policy, held_p, c.samples_per_problem, config.seed + 1)
     held_gold = [verifiers.gold_labels(p, t) for p, t in zip(held_rows, held_texts)]
     held_flags = diagnostics.gold_flags(held_p, _grouped(held_texts, c.samples_per_problem))
     clock.lap("traces")
     # A saved verifier is reused only if it was fitted from the same policy with the same settings.
-    fp = sources.fingerprint(policy_params, [config.seed, c.to_dict(), config.sampling.to_dict()])
-    like = verifiers.init(policy_params, policy_cfg, jax.random.key(config.seed))
+    settings = [config.seed, c.to_dict(), config.sampling.to_dict()]
+    if base is not None:
+        settings.append(sources.fingerprint(base_params, []))
+    fp = sources.fingerprint(policy_params, settings)
+    like = verifiers.init(base_params, base_cfg, jax.random.key(config.seed))
     fit_kw = dict(steps=c.steps, batch_size=c.batch_size, lr=c.lr, freeze_lm=c.freeze_lm)
     fitted = sources.fit_sources(
         config.labels.sources,
         like,
-        policy_cfg,
+        base_cfg,
         rows,
         texts,
         workdir=workdir,
@@ -182,10 +260,9 @@ def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs, wor
     )
     bs = config.sampling.batch_size
     scorers = {
-        s: (verifiers.Verifier(p, policy_cfg, batch_size=bs, min_batch=bs, mesh=mesh), m)
-        for s, (p, m) in fitted.items()
+        s: (verifiers.Verifier(p, base_cfg, batch_size=bs, min_batch=bs, mesh=mesh), m) for s, (p, m) in fitted.items()
     }
-    scorers["oracle"] = (verifiers.OracleVerifier(policy_cfg), {})
+    scorers["oracle"] = (verifiers.OracleVerifier(base_cfg), {})
     clock.lap("labels_and_fit")
     out = {}
     for source, (v, fit_m) in scorers.items():
@@ -195,6 +272,8 @@ def train_verifiers(config, policy_params, policy_cfg, policy, judge, knobs, wor
             _grouped(scores, c.samples_per_problem), held_flags, config.eval.aggregation
         )
         m.update(selection_accuracy_heldout=sel["selection_accuracy"], **fit_m)
+        if source != "oracle":  # sampling its training traces, and the fit (label costs are not counted)
+            m.update(traces_flops=trace_flops[0], fit_flops=fit_flops(base_cfg, rows, texts, c.steps, c.batch_size))
         out[source] = (v, m)
     clock.lap("heldout")
     timings.update(traces=clock.wall["traces"], heldout=clock.wall["heldout"])
@@ -343,9 +422,13 @@ def _curves(d: dict, fn=np.mean) -> dict:
     return {k: {n: float(fn(v)) for n, v in x.items()} for k, x in d.items()}
 
 
-def _scaling(config, sw: sweep.Sweep, pool, problems, policy, judge, vers, mesh) -> dict:
-    """The scaling table: accuracy, FLOPs, standard errors, gold-path ceilings and gaps, by difficulty bin."""
+def _scaling(config, sw: sweep.Sweep, pool, problems, policy, judge, vers, mesh, train_flops=None) -> dict:
+    """The scaling table: accuracy, FLOPs, standard errors, gold-path ceilings and gaps, by difficulty bin, and the
+    training FLOPs of the policy, the search PRM and the bigger model (`train_flops`: {"policy", "judge"})."""
     e = config.eval
+    train_flops = dict(train_flops or {})
+    prm_m = vers[config.prm.label_source][1]
+    train_flops.update(prm_fit=prm_m.get("fit_flops"), prm_traces=prm_m.get("traces_flops"))
     greedy = search.run("greedy", policy, None, problems, n=1)
     big = search.run("greedy", judge, None, problems, n=1)
     ceiling = sw.gold_ceiling["pass_at_n"]
@@ -359,6 +442,7 @@ def _scaling(config, sw: sweep.Sweep, pool, problems, policy, judge, vers, mesh)
             "gold_pass_at_n": _curves(sw.gold_ceiling)["pass_at_n"],
         },
         "on_gold_path": _curves(sw.on_gold),
+        "stderr_on_gold_path": _curves(sw.on_gold, lambda v: diagnostics.mean_se(v)[1]),
         "own_gold_ceiling": _curves(sw.gold_ceiling),
         "gap_to_gold_ceiling": {
             k: {n: float(np.mean(ceiling[n] - v)) for n, v in d.items() if n in ceiling}
@@ -377,12 +461,20 @@ def _scaling(config, sw: sweep.Sweep, pool, problems, policy, judge, vers, mesh)
             "judge": judge.num_params,
         },
         "flops_convention": "lm.flops per model call: prefill + decode, attention included; policy + verifier",
-        "accuracy_by_bin": {
-            kind: {
-                k: {n: {int(b): float(np.mean(v[bb == b])) for b in np.unique(bb)} for n, v in d.items()}
-                for k, d in sw.correct.items()
+        "training_flops": train_flops,
+        **{
+            f"{name}_by_bin": {
+                kind: {
+                    k: {n: {int(b): float(fn(v[bb == b])) for b in np.unique(bb)} for n, v in d.items()}
+                    for k, d in curves.items()
+                }
+                for kind, bb in pool["bins"].items()
             }
-            for kind, bb in pool["bins"].items()
+            for name, curves, fn in (
+                ("accuracy", sw.correct, np.mean),
+                ("stderr", sw.correct, lambda v: diagnostics.mean_se(v)[1]),
+                ("on_gold_path", sw.on_gold, np.mean),
+            )
         },
         "bins": {k: v.tolist() for k, v in pool["bins"].items()},
         "oracle_pass1": (pool["n_right"] / max(e.budgets)).tolist(),
@@ -408,30 +500,41 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     loop.write_config(config, workdir)
     clock = timing.StageClock()
-    pol_params, pol_cfg, pol_lm = load_or_train(config.policy, workdir, "policy")
+    if hf_path(config) is not None:
+        pol_cfg, pol_params, pol_tok = hf.model_from_config(config.model)
+        pol_lm = config.policy.train_lm  # its task section names the problems; its model is the imported one
+    else:
+        (pol_params, pol_cfg, pol_lm), pol_tok = load_or_train(config.policy, workdir, "policy"), None
     clock.lap("policy")
     if config.judge.use_policy:
-        judge_params, judge_cfg = pol_params, pol_cfg
+        judge_params, judge_cfg, judge_lm = pol_params, pol_cfg, None
     else:
-        judge_params, judge_cfg, _ = load_or_train(config.judge, workdir, "judge")
+        judge_params, judge_cfg, judge_lm = load_or_train(config.judge, workdir, "judge")
     clock.lap("judge")
     s, e = config.sampling, config.eval
     mesh, rules = make_mesh(config)
     sample = dict(batch_size=s.batch_size, min_batch=s.batch_size, mesh=mesh, rules=rules)
-    policy = search.LMPolicy(pol_params, pol_cfg, temperature=s.temperature, top_p=s.top_p, **sample)
+    policy = search.LMPolicy(pol_params, pol_cfg, temperature=s.temperature, top_p=s.top_p, tokenizer=pol_tok, **sample)
     judge = search.LMPolicy(judge_params, judge_cfg, temperature=0.0, **sample)
     knobs = train_lm.knobs(pol_lm)
     detail = {}
-    vers = train_verifiers(config, pol_params, pol_cfg, policy, judge, knobs, workdir, mesh, detail)
+    base = None if pol_tok is None else (judge_params, judge_cfg)
+    vers = train_verifiers(config, pol_params, pol_cfg, policy, judge, knobs, workdir, mesh, detail, base)
     clock.lap("verifiers")
     problems = _problems(config.seed, "test", 103, e.problems, e.num_steps, knobs)
     pool = _pool(config, policy, vers, problems)
     clock.lap("pool")
     prm = vers[config.prm.label_source][0]
     sw = pool["sweep"].update(_stepwise(config, policy, prm, problems, pol_params, pol_lm, workdir, sample, clock))
-    scaling = _scaling(config, sw, pool, problems, policy, judge, vers, mesh)
+    train_flops = {
+        "policy": None if pol_tok is not None else training_flops(pol_lm, pol_cfg),  # imported: not known here
+        "judge": training_flops(judge_lm, judge_cfg) if judge_lm is not None else None,
+    }
+    scaling = _scaling(config, sw, pool, problems, policy, judge, vers, mesh, train_flops)
     select = np.random.default_rng(config.seed).random(len(problems)) < e.selection_fraction
     optimal, optimal_flops = compute_optimal.tables(sw.correct, sw.flops, pool["bins"], select, e.budgets)
+    # The same selection scored on the gold path (the chosen trace right step by step: no chance hits).
+    _, optimal_flops_gold = compute_optimal.tables(sw.on_gold, sw.flops, pool["bins"], select, e.budgets)
     label_table = _label_table(config, vers, pool, problems)
     clock.lap("analysis")
     results = {
@@ -439,7 +542,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "coverage": _coverage(config, pool),
         "compute_optimal": optimal,
         "compute_optimal_flops": optimal_flops,
+        "compute_optimal_flops_gold_path": optimal_flops_gold,
         "label_sources": label_table,
+        "selection_fraction": e.selection_fraction,
         "timings": clock.wall,
         "timings_verifiers": detail,
         "cpu_seconds": clock.cpu,

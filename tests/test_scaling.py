@@ -167,3 +167,78 @@ def test_compute_optimal_keeps_fractional_correctness():
     assert chosen == {1: "a", 2: "a"} and right.tolist() == [0.5, 0.0, 1.0, 0.5]
     _, right = analysis.compute_optimal_at_flops(correct, {"a": 1.0, "b": 1.0}, 1.0, bins, select)
     assert right.mean() == correct["a"].mean()
+
+
+HF_POLICY = str(ROOT / "tests" / "assets" / "hf" / "llama_nopad")
+
+
+def _hf_config():
+    from configs.scaling import tiny
+
+    config = tiny.get_config()
+    config.model.hf_path = HF_POLICY  # the policy's model section (config.model is config.policy.train_lm.model)
+    config.judge.use_policy = False
+    config.judge.train_lm.train.update(steps=20, checkpoint_every=20, log_every=10)
+    config.revision.enabled = False
+    return config
+
+
+def test_imported_hf_policy_config_is_validated():
+    """An imported policy checkpoint is accepted with an own judge and revision off; what cannot be supported honestly
+    (the policy as its own judge: the PRMs need an arithmetic-tokenizer LM; revision: retry training on Lumen's
+    tokenizer) is a ConfigError naming the field, as are a folder without a checkpoint and two policies at once."""
+    from experiments import tts
+    from framework import config as config_lib
+
+    tts.validate(_hf_config())
+    for field, value, match in [
+        ("judge.use_policy", True, r"judge\.use_policy.*cannot be the judge"),
+        ("revision.enabled", True, r"revision\.enabled.*revision\.enabled=False"),
+        ("policy.workdir", "runs/some_policy", r"policy\.workdir.*both name the policy"),
+        ("model.hf_path", str(ROOT / "tests"), r"model\.hf_path.*config\.json"),
+    ]:
+        config = _hf_config()
+        section, key = field.split(".")
+        config[section][key] = value
+        with pytest.raises(config_lib.ConfigError, match=match):
+            tts.validate(config)
+
+
+@pytest.mark.slow
+def test_tts_runs_with_an_imported_hf_policy(tmp_path):
+    """The whole study at tiny scale with a random imported Llama as the policy: every stage runs, the policy is
+    priced with `lm.flops` of the imported config (greedy: prefill of its own prompt tokens plus the new tokens)."""
+    from experiments import tts
+    from framework.models import hf, lm
+
+    config = _hf_config()
+    results = tts.run(config, str(tmp_path / "tts_hf"))
+    sc = results["scaling"]
+    hf_cfg = hf.hf_model_config(config.model)
+    assert sc["params"]["policy"] == lm.param_count(hf_cfg) != sc["params"]["verifier"]
+    assert sc["greedy"]["flops_per_problem"] >= lm.flops(hf_cfg, 1, 1) > 0
+    fl = sc["flops_per_problem"]
+    assert fl["majority"][2] == pytest.approx(2 * fl["majority"][1])  # in memory the budgets are ints
+    assert 0.0 <= sc["accuracy"]["weighted_best_of_n"][4] <= sc["accuracy"]["pass_at_n"][4]
+    assert "oracle" in results["label_sources"] and not any(k.startswith("revision") for k in sc["accuracy"])
+
+
+def test_prm_vs_bigger_model_accounting():
+    """Training and inference FLOPs counted apart and together: the break-even number of problems is where policy +
+    PRM training plus Q searches equals the bigger model's training plus Q greedy answers."""
+    from framework.search import report
+
+    sc = {
+        "training_flops": {"policy": 10.0, "prm_fit": 4.0, "prm_traces": 1.0, "judge": 100.0},
+        "bigger_model_greedy": {"accuracy": 0.9, "flops_per_problem": 8.0},
+        "flops_per_problem": {"weighted_best_of_n": {1: 2.0, 2: 4.0, 4: 8.0, 8: 16.0}, "beam": {4: 20.0}},
+        "accuracy": {"weighted_best_of_n": {1: 0.3, 2: 0.4, 4: 0.5, 8: 0.6}, "beam": {4: 0.7}},
+    }
+    text = "\n".join(report.prm_vs_bigger_lines(sc))
+    assert "= 15; bigger model 100" in text  # 10 + 4 + 1
+    assert "weighted best-of-N at N=4: 0.500 at 8 per problem" in text  # the largest N within the bigger model's cost
+    assert "beam search: every N costs more" in text
+    sc["flops_per_problem"]["weighted_best_of_n"][4] = 7.0  # 1 FLOP cheaper per problem, 85 cheaper to train
+    assert "cheaper in both" in "\n".join(report.prm_vs_bigger_lines(sc))
+    sc["training_flops"]["judge"] = 5.0  # now 10 dearer to train, 1 cheaper per problem: equal after 10 problems
+    assert "totals equal after 10 problems" in "\n".join(report.prm_vs_bigger_lines(sc))

@@ -241,3 +241,62 @@ def test_search_on_the_mesh_equals_unsharded_search(tiny_cfg):
             np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
     sharded = search.LMPolicy(params, tiny_cfg, batch_size=16, mesh=mesh)
     assert len(jax.tree.leaves(sharded.params)[0].sharding.device_set) == 8  # the weights live on every device
+
+
+HF_FOLDER = "tests/assets/hf/llama_nopad"
+
+
+def test_imported_hf_policy_speaks_the_task_in_its_own_tokens():
+    """The bridge between an imported checkpoint's BPE tokenizer and the task's text, without running the model:
+    prompt ids are BOS + the question line and prefix in the model's tokens, a line stops at every id whose text
+    holds a newline (and EOS), decoded text is mapped into the arithmetic alphabet, and a tokenizer larger than the
+    model is refused."""
+    from framework.models import hf
+
+    cfg, params, tokenizer = hf.model_from_config({"hf_path": HF_FOLDER})
+    policy = search.LMPolicy(params, cfg, tokenizer=tokenizer)
+    p = arithmetic.sample_problems(3, 1, num_steps=2, modulus=10)[0]
+    ids = policy._encode(p, "1+2=3\n")
+    assert (
+        ids[0] == cfg.bos_id and ids[1:].tolist() == tokenizer.encode(arithmetic.format_prompt(p) + "1+2=3\n").tolist()
+    )
+    stops = set(policy._line_stop)
+    assert set(cfg.eos_ids) <= stops and tokenizer.encode("\n")[0] in stops
+    assert all("\n" in tokenizer.decode(np.asarray([i], np.int32)) for i in stops - set(cfg.eos_ids))
+    assert search.policy.to_task_alphabet("12+3é=4\tA 05\n") == "12+3?=4?A 05\n"
+    with pytest.raises(ValueError, match="more than the model's vocab_size"):
+        search.LMPolicy(params, dataclasses.replace(cfg, vocab_size=100), tokenizer=tokenizer)
+
+
+@pytest.mark.slow
+def test_imported_hf_policy_searches_in_its_own_tokens(tiny_cfg):
+    """An imported HF checkpoint (a random Llama with a BPE tokenizer) as the policy, a Lumen PRM on the arithmetic
+    tokenizer as the scorer: prompts are the question text in the model's tokens, completions come back as task
+    text, and FLOPs are `lm.flops` of the imported config on the model's own token counts. Accuracy is not asserted."""
+    from framework.models import hf
+
+    cfg, params, tokenizer = hf.model_from_config({"hf_path": HF_FOLDER})
+    problems = arithmetic.sample_problems(3, 2, num_steps=1, modulus=10)
+    policy = search.LMPolicy(params, cfg, temperature=1.0, batch_size=8, min_batch=8, tokenizer=tokenizer)
+    prefixes = ["", "1+2=3\n"]
+    out = policy.extend(problems, prefixes, until="line", call_key=(0, 1))
+    want = [1 + len(tokenizer.encode(arithmetic.format_prompt(p) + x)) for p, x in zip(problems, prefixes)]
+    assert out.prompt_tokens.tolist() == want  # BOS + the question line and prefix, in the model's tokens
+    assert all(t.endswith("\n") and t.count("\n") == 1 for t in out.texts)
+    alphabet = set(search.policy.tok.ALPHABET)
+    assert all(len(t) <= search.policy.line_tokens(10) + 1 and set(t) <= alphabet for t in out.texts)
+    assert np.all(out.tokens >= 1) and np.all(out.tokens <= search.policy.line_tokens(10))
+    prm = verifiers.Verifier(verifiers.init(lm.init(tiny_cfg, jax.random.key(0)), tiny_cfg, jax.random.key(1)),
+                             tiny_cfg, batch_size=8, min_batch=8)  # fmt: skip
+    rec_policy, rec_prm = _Recorder(policy), _Recorder(prm)
+    res = search.run("beam", rec_policy, rec_prm, problems, n=2, m=1, seed=0, slack_lines=0)
+    for p, t in zip(problems, res.traces):  # decoded text the checker and the PRM's character tokenizer read
+        assert set(t) <= alphabet and isinstance(arithmetic.check_solution(p, t), arithmetic.CheckResult)
+    index = {id(p): i for i, p in enumerate(problems)}
+    expected = np.zeros((2, len(problems)))
+    for row, (rec, c) in enumerate(((rec_policy, cfg), (rec_prm, tiny_cfg))):
+        for p, prompt, new in rec.rows:
+            expected[row, index[id(p)]] += lm.flops(c, prompt, new)
+    np.testing.assert_allclose(res.flops_per_problem(cfg), expected[0], rtol=1e-12)
+    np.testing.assert_allclose(res.flops_per_problem(cfg, tiny_cfg), expected.sum(0), rtol=1e-12)
+    assert res.tokens_generated.sum() == sum(new for _, _, new in rec_policy.rows) > 0

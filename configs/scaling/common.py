@@ -10,11 +10,14 @@ from configs import common
 STRATEGIES = ("majority", "best_of_n", "weighted_best_of_n", "beam", "dvts", "lookahead")
 
 
-def policy_lm(size: str = "tiny", steps: int = 1500, lr: float = 1e-2) -> ml_collections.ConfigDict:
-    """A train_lm config on the quickstart's task (mod-10 chains, K = 1..8): the policy (tiny) or the judge."""
-    cfg = common.lm_experiment(size=size)
-    cfg.task.modulus = 10
-    cfg.train.update(steps=steps, batch_size=32, seq_len=80, lr=lr, checkpoint_every=500, log_every=100, progress=False)
+def policy_lm(size: str = "tiny", steps: int = 1500, lr: float = 1e-2, modulus: int = 10) -> ml_collections.ConfigDict:
+    """The shared mod-10 LM recipe (`common.mod10_lm`) trained `steps` steps at `lr`: the policy (tiny) or the judge.
+
+    Other moduli change only the task (packed sequences of 80 tokens hold a K = 8 mod-10 chain; two-digit moduli get
+    128)."""
+    cfg = common.mod10_lm(size=size, steps=steps, lr=lr, progress=False)
+    if modulus != 10:
+        cfg.task.modulus, cfg.train.seq_len = modulus, 80 if modulus < 10 else 128
     cfg.eval.problems_per_k = 64
     return cfg
 

@@ -1,26 +1,38 @@
-"""Test-time scaling on the quickstart's task: accuracy vs N (to 256) for majority, best-of-N, weighted BoN, beam,
-DVTS and lookahead search with a PRM, revision at serial:parallel ratios, by difficulty, in FLOPs, compute-optimal vs
-best-of-N at equal FLOPs, coverage, and the PRM label-source table.
+"""Test-time scaling on the quickstart's task in the regime chosen from the regime map (docs/results/tts.md): the
+1500-step mod-10 policy, T = 0.8, K = 3..8, the gold-label PRM; every selector scored on answers and on the gold
+path. Accuracy vs N (pool strategies to 256; beam, DVTS and lookahead at M = 2 and 4; revision at serial:parallel
+ratios) by difficulty bin with standard errors, FLOPs, compute-optimal vs best-of-N at equal FLOPs, PRM vs the
+bigger model (training and inference FLOPs), coverage, and the PRM label-source table.
 
-COMMAND: .venv/bin/python -m scripts.reproduce.tts --workdir=runs/ttc   (trains the policy and the judge first)
+COMMAND: .venv/bin/python -m scripts.reproduce.tts --workdir=runs/tts_default   (trains the policy and the judge first)
+         (`--scale=full`: 100 problems, beam / DVTS to N = 32, lookahead and revision to 16)
          or .venv/bin/python -m scripts.launch --config=configs/scaling/default.py --workdir=runs/tts \
            --config.policy.workdir=<train_lm workdir> --config.judge.workdir=<train_lm workdir>
-RUNTIME: ~28-30 min on a 2-core CPU from a fresh workdir (policy ~1-2.5 min, judge ~2-3.5, verifiers ~5-6, pool ~1,
-  search ~9-10.5, revision ~5-8.5; docs/results/tts.md has the measured runs and their machines). A
-  rerun reuses the trained policies and the fitted verifiers.
-EXPECT (docs/results/tts.md; ~0.05 standard error per accuracy, and the policy's greedy accuracy
-  depends on the machine and JAX build it trains on: 0.35 and 0.45 measured): majority vote and weighted BoN within
-  ~0.06 of a single sample at every N up to 256 (0.35-0.44 in the measured runs); naive BoN no better; beam / DVTS /
-  lookahead 0.30-0.39, not above weighted BoN at equal N; serial revision below parallel chains at every N; pass@256
-  1.00; gold and consensus PRMs F1 ~0.6-0.85 (AUROC ~0.94-0.96), MC PRMs F1 <= 0.4; compute-optimal at equal FLOPs
-  within ~0.1 of weighted BoN; bigger model greedy 1.00.
+         An imported HF policy: --config.model.hf_path=<folder> --config.revision.enabled=False (experiments/tts.py).
+RUNTIME: the published run took 7.5 CPU-min (364 s user + 86 s sys) with the policy, judge, fitted verifiers and
+  revision policy reused; those stages took ~10 CPU-min in a fresh run of the same recipe, so a fresh default run is
+  ~18 CPU-min, ~22 min on a quiet 2-core CPU at the ~0.8 cores these runs use (not measured quiet; the published run
+  took 45 min wall at load average ~21). `:full` is roughly twice the search and revision cost.
+EXPECT (docs/results/tts.md; ~0.055 standard error per accuracy over 64 problems; the policy's greedy accuracy
+  depends on the machine it trains on): answer pass@N -> 1.00 by N = 128 while gold-path pass@N rises 0.21 -> 0.66;
+  every selector's answer accuracy 0.30-0.48 and flat in N, its chosen trace on the gold path 0.17-0.25 at every N
+  (the gold PRM's selection accuracy on the pool ~0.26; on 4 held-out samples per problem ~0.8); beam / DVTS /
+  lookahead not above weighted BoN at equal N; serial revision below parallel chains; compute-optimal within noise
+  of weighted BoN and level with majority vote at equal FLOPs (no budget with 4x less compute); bigger model greedy
+  1.00 at about the FLOPs of weighted best-of-4, trained on ~2.4x the FLOPs of policy + PRM.
 """
 
 from configs.scaling import common
 
 
 def get_config(arg: str | None = None):
-    del arg
+    if arg not in (None, "", "full"):
+        raise ValueError(f"configs/scaling/default.py: variant {arg!r}; expected nothing or 'full'")
     config = common.scaling_experiment()
+    # Two beam widths (M = 2 and 4) for beam search, DVTS and lookahead; 64 problems, searches to N = 16 and
+    # lookahead / revision to 8, so that a fresh run fits 30 min on a quiet 2-core CPU. `:full` is the larger run.
+    config.eval.update(extra_ms=(2,), problems=64, search_max_n=16, lookahead_max_n=8, revision_max_n=8)
+    if arg == "full":
+        config.eval.update(problems=100, search_max_n=32, lookahead_max_n=16, revision_max_n=16)
     config.lock()
     return config

@@ -25,6 +25,11 @@ def _mean(x) -> float:
     return float(np.mean(x)) if len(x) else float("nan")
 
 
+def _se(x) -> float:
+    """Standard error of the mean over problems (NaN below two)."""
+    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 def tables(
     correct: dict[str, dict[int, np.ndarray]],
     flops: dict[str, dict[int, float]],
@@ -50,10 +55,12 @@ def tables(
                 continue
             budget = flops[ref_name][n]
             chosen, right = analysis.compute_optimal_at_flops(configs, config_flops, budget, bb, select)
-            row = {"flops": budget, "chosen": chosen, "accuracy": _mean(right[ev])}
+            row = {"flops": budget, "chosen": chosen, "accuracy": _mean(right[ev]), "accuracy_se": _se(right[ev])}
             for ref in REFERENCES:
                 if ref in correct:
-                    row[ref] = _mean(correct[ref][n][ev])
+                    row[ref], row[f"{ref}_se"] = _mean(correct[ref][n][ev]), _se(correct[ref][n][ev])
+                    # Paired with the optimal choice on the same problems: the difference's own standard error.
+                    row[f"minus_{ref}"] = [_mean(right[ev] - correct[ref][n][ev]), _se(right[ev] - correct[ref][n][ev])]
                     curve = {flops[ref][k]: _mean(correct[ref][k][ev]) for k in correct[ref]}
                     row[f"{ref}_flops_to_match"] = analysis.flops_to_match(row["accuracy"], curve)
             at_flops[kind][n] = row

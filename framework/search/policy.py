@@ -18,6 +18,16 @@ every sample by (problem, sample id) writes the same text batched or alone (up t
 matmuls, which could flip a draw that sits on a boundary).
 Given a `mesh`, the parameters are replicated on it and every chunk's batch is split over its batch axes (the rules'
 `batch` entry, `data` by default): the model's logical activation constraints shard the decode, same tokens.
+
+Given a `tokenizer` (e.g. an imported Hugging Face checkpoint's `HFTokenizer`), the policy reads and writes the task's
+text in the model's own tokens: each row's prompt is the model's BOS and the tokenized text of the question line plus
+the prefix (re-tokenized as one text, so a prefix the model wrote may tokenize differently from how it was sampled),
+a line ends at any token whose text holds a newline or at EOS, and the new tokens are decoded back to text, cut to
+as many characters as the token cap (what a character-level policy could write: a line of the format, or the gold
+solution plus one line).
+Characters outside the arithmetic alphabet are written as "?" (the checker rejects such a line either way), so every
+trace is text a verifier on the arithmetic character tokenizer can read. Token counts (`Extension.tokens`,
+`prompt_tokens`) are in the policy's own tokens, which is what `lm.flops` of its config prices.
 """
 
 from __future__ import annotations
@@ -136,6 +146,7 @@ class LMPolicy:
         min_batch: int = 8,
         mesh: jax.sharding.Mesh | None = None,
         rules=sharding.DEFAULT_RULES,
+        tokenizer: tok.Tokenizer | None = None,
     ):
         if not np.isfinite(temperature) or temperature < 0:
             raise ValueError(f"LMPolicy: temperature must be finite and >= 0, got {temperature}")
@@ -148,6 +159,18 @@ class LMPolicy:
         self.mesh, self.rules, self.shards = mesh, rules, batch_shards(mesh, rules)
         if mesh is not None:
             self.params = replicate(params, mesh)
+        # None: the arithmetic character tokenizer (the task's own ids); otherwise the model's tokenizer.
+        self.tokenizer = tokenizer
+        if tokenizer is None:
+            self._line_stop, self._eos = (traces.NEWLINE_ID, tok.EOS_ID), (tok.EOS_ID,)
+        else:
+            if tokenizer.vocab_size > self.cfg.vocab_size:
+                raise ValueError(
+                    f"LMPolicy: tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, more than the model's "
+                    f"vocab_size={self.cfg.vocab_size}"
+                )
+            self._eos = tuple(self.cfg.eos_ids) or (() if tokenizer.eos_id is None else (tokenizer.eos_id,))
+            self._line_stop = newline_token_ids(tokenizer) + self._eos
 
     @property
     def num_params(self) -> int:
@@ -176,21 +199,20 @@ class LMPolicy:
         greedy_call = greedy or self.temperature == 0.0
         key_data = None if greedy_call else row_key_data(call_key, row_keys)
         gen, pro = np.zeros(len(problems), np.int64), np.zeros(len(problems), np.int64)
-        encoded = [
-            np.concatenate([data.encode_prompt(p), tok.encode(x)]).astype(np.int32) for p, x in zip(problems, prefixes)
-        ]
+        encoded = [self._encode(p, x) for p, x in zip(problems, prefixes)]
         order = sorted(range(len(problems)), key=lambda i: (len(encoded[i]), problems[i].num_steps))
         texts_sorted: list[str] = []
         for lo in range(0, len(problems), self.batch_size):
             rows = order[lo : lo + self.batch_size]
             ps, prompts = [problems[i] for i in rows], [encoded[i] for i in rows]
+            # Caps in characters bound the tokens too: every token of the task's text is at least one character.
             if until == "line":
-                stop, max_new = (traces.NEWLINE_ID, tok.EOS_ID), max(line_tokens(p.modulus) for p in ps)
+                stop, max_new = self._line_stop, max(line_tokens(p.modulus) for p in ps)
             else:
                 # The gold length plus one spare line and the EOS, in steps of 32: the decode loop stops when every
                 # row has, so a generous cap costs only cache slots, and one cap for all prefixes shares compiles.
                 need = max(arithmetic.solution_length(p.num_steps, p.modulus) + line_tokens(p.modulus) + 1 for p in ps)
-                stop, max_new = (tok.EOS_ID,), -(-need // 32) * 32
+                stop, max_new = self._eos, -(-need // 32) * 32
             room = self.cfg.max_seq_len - max(len(x) for x in prompts)
             if room < 1:
                 raise ValueError(f"LMPolicy.extend: a prefix of {max(len(x) for x in prompts)} tokens fills the model")
@@ -216,7 +238,9 @@ class LMPolicy:
                 )
             tokens, lengths = np.asarray(out.tokens)[:B], np.asarray(out.lengths)[:B]
             for b in range(B):
-                new = tok.decode(tokens[b, : lengths[b]])
+                # The character cap is the token cap: a line or trace of the imported model's text is no longer
+                # than the character-level policy could write (its tokens may hold several characters each).
+                new = self._decode(tokens[b, : lengths[b]])[:max_new]
                 texts_sorted.append(close_line(new) if until == "line" else traces.truncate_after_answer(new))
             gen[rows] = lengths
             pro[rows] = [len(x) for x in prompts]
@@ -224,3 +248,29 @@ class LMPolicy:
         for i, t in zip(order, texts_sorted):
             texts[i] = t
         return Extension(texts, gen, pro)
+
+    def _encode(self, problem: arithmetic.Problem, prefix: str) -> np.ndarray:
+        """The row's prompt ids: BOS, the question line and the prefix, in the policy's tokens."""
+        if self.tokenizer is None:
+            return np.concatenate([data.encode_prompt(problem), tok.encode(prefix)]).astype(np.int32)
+        bos = [] if self.cfg.bos_id is None else [self.cfg.bos_id]
+        text = self.tokenizer.encode(arithmetic.format_prompt(problem) + prefix)
+        return np.concatenate([np.asarray(bos, np.int32), text]).astype(np.int32)
+
+    def _decode(self, ids: np.ndarray) -> str:
+        if self.tokenizer is None:
+            return tok.decode(ids)
+        return to_task_alphabet(self.tokenizer.decode(ids))
+
+
+def newline_token_ids(tokenizer: tok.Tokenizer) -> tuple[int, ...]:
+    """Every id whose decoded text holds a newline: the tokens that end a line in that tokenizer's vocabulary."""
+    return tuple(i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode(np.asarray([i], np.int32)))
+
+
+_ALPHABET = frozenset(tok.ALPHABET)
+
+
+def to_task_alphabet(text: str) -> str:
+    """`text` with every character outside the arithmetic alphabet replaced by "?" (a character the task never uses)."""
+    return "".join(c if c in _ALPHABET else "?" for c in text)

@@ -73,7 +73,8 @@ def write(workdir: str, results: dict) -> None:
     plt = _plt()
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
-    for key in ("scaling", "coverage", "compute_optimal", "compute_optimal_flops", "label_sources"):
+    for key in ("scaling", "coverage", "compute_optimal", "compute_optimal_flops", "compute_optimal_flops_gold_path",
+                "label_sources"):  # fmt: skip
         if key in results:
             with open(os.path.join(workdir, "results", f"{key}.json"), "w") as f:
                 json.dump(results[key], f, indent=1, default=float)
@@ -105,15 +106,37 @@ def write(workdir: str, results: dict) -> None:
     fig.savefig(os.path.join(workdir, "figures", "accuracy_vs_n.png"), dpi=120)
     plt.close(fig)
 
+    if sc.get("on_gold_path"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        se = sc.get("stderr_on_gold_path", {})
+        for name, d in sc["on_gold_path"].items():
+            ns, acc = _series(d)
+            # Results without stored SEs get sqrt(p(1-p)/P): an upper bound for values averaged over seeds.
+            err = _series(se[name])[1] if name in se else [np.sqrt(a * (1 - a) / sc["problems"]) for a in acc]
+            ax.errorbar(ns, acc, yerr=err, marker="o", capsize=2, label=label(name))
+        ns, acc = _series(sc["ceilings"]["gold_pass_at_n"])
+        ax.plot(ns, acc, ls="--", color="k", label="gold-path pass@N (PRM ceiling)")
+        ax.set(xlabel="generation budget N", ylabel="chosen trace right on the gold path", ylim=(-0.02, 1.02))
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"gold-path accuracy vs N ({sc['problems']} problems)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, "figures", "gold_path_vs_n.png"), dpi=120)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, d in sc["flops_per_problem"].items():
         if name == "pass_at_n":
             continue
         ns, fl = _series(d)
-        ax.plot(
+        se = sc.get("stderr", {}).get(name)
+        ax.errorbar(
             fl,
             [sc["accuracy"][name].get(n, sc["accuracy"][name].get(str(n))) for n in ns],
+            yerr=None if se is None else [se.get(n, np.nan) for n in ns],
             marker="o",
+            capsize=2,
             label=label(name),
         )
     for key, marker, text in (("greedy", "s", "greedy"), ("bigger_model_greedy", "*", "bigger model, greedy")):
@@ -133,9 +156,12 @@ def write(workdir: str, results: dict) -> None:
         bins = sorted({int(b) for d in sc["accuracy_by_bin"][kind].values() for v in d.values() for b in v})
         fig, axes = plt.subplots(1, len(bins), figsize=(3 * len(bins), 3), sharey=True, squeeze=False)
         for ax, b in zip(axes[0], bins):
+            se = sc.get("stderr_by_bin", {}).get(kind, {})
             for name, d in sc["accuracy_by_bin"][kind].items():
                 ns = sorted(int(n) for n in d)
-                ax.plot(ns, [d[n].get(b, np.nan) for n in ns], marker=".", label=label(name), **_style(name))
+                err = [se[name][n].get(b, np.nan) for n in ns] if name in se else None
+                ax.errorbar(ns, [d[n].get(b, np.nan) for n in ns], yerr=err, marker=".", capsize=2,
+                            label=label(name), **_style(name))  # fmt: skip
             ax.set_xscale("log", base=2)
             ax.set(title=f"bin {b}", xlabel="N", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
@@ -161,19 +187,22 @@ def write(workdir: str, results: dict) -> None:
     ax.legend(fontsize=7)
     if at_flops:
         ax = axes[0][1]
+        n_eval = max(1, round(sc["problems"] * (1 - results.get("selection_fraction", 0.5))))
+
+        def err(d, ns, key):
+            # The stored SE over evaluation problems, else sqrt(p(1-p)/n): an upper bound for seed-averaged values.
+            return [d[n].get(f"{key}_se", np.sqrt(max(d[n][key] * (1 - d[n][key]), 0) / n_eval)) for n in ns]
+
         for kind, d in at_flops.items():
             ns = sorted(int(n) for n in d)
-            ax.plot(
-                [d[n]["flops"] for n in ns],
-                [d[n]["accuracy"] for n in ns],
-                marker="o",
-                label=f"compute-optimal ({kind} bins)",
-            )
+            ax.errorbar([d[n]["flops"] for n in ns], [d[n]["accuracy"] for n in ns], yerr=err(d, ns, "accuracy"),
+                        marker="o", capsize=2, label=f"compute-optimal ({kind} bins)")  # fmt: skip
         d = next(iter(at_flops.values()))
         ns = sorted(int(n) for n in d)
         for ref, marker in (("weighted_best_of_n", "s"), ("best_of_n", "^"), ("majority", "v")):
             if ref in d[ns[0]]:
-                ax.plot([d[n]["flops"] for n in ns], [d[n][ref] for n in ns], marker=marker, ls="--", label=label(ref))
+                ax.errorbar([d[n]["flops"] for n in ns], [d[n][ref] for n in ns], yerr=err(d, ns, ref),
+                            marker=marker, ls="--", capsize=2, label=label(ref))  # fmt: skip
         ax.set(
             xscale="log",
             xlabel="FLOPs per problem (budget = weighted BoN at N)",
@@ -197,7 +226,9 @@ def write(workdir: str, results: dict) -> None:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             width = 0.8 / len(revs)
             for i, r in enumerate(revs):
-                ax.bar(np.arange(len(bins)) + i * width, [by_bin[r][n_top][b] for b in bins], width, label=label(r))
+                se = sc.get("stderr_by_bin", {}).get("oracle", {}).get(r, {}).get(n_top, {})
+                ax.bar(np.arange(len(bins)) + i * width, [by_bin[r][n_top][b] for b in bins], width, label=label(r),
+                       yerr=[se.get(b, np.nan) for b in bins] if se else None, capsize=2)  # fmt: skip
             ax.set_xticks(np.arange(len(bins)) + 0.4 - width / 2, [f"bin {b}" for b in bins])
             ax.set(ylabel="accuracy", ylim=(0, 1.02), title=f"serial vs parallel at N={n_top} (oracle bins)")
             ax.legend(fontsize=7)
@@ -238,6 +269,26 @@ def write(workdir: str, results: dict) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "figures", "label_sources.png"), dpi=120)
     plt.close(fig)
+
+
+def _int_keys(obj):
+    """JSON's string keys back to ints where they are ints (budgets N, difficulty bins), recursively."""
+    if isinstance(obj, dict):
+        return {(int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k): _int_keys(v) for k, v in obj.items()}
+    return obj
+
+
+def load(workdir: str) -> dict:
+    """The results dict of a finished study from its `results/*.json` (what `write` and `summary` read)."""
+    out = {}
+    for key in ("scaling", "coverage", "compute_optimal", "compute_optimal_flops", "compute_optimal_flops_gold_path",
+                "label_sources", "run"):  # fmt: skip
+        path = os.path.join(workdir, "results", f"{key}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out[key] = _int_keys(json.load(f))
+    out.update(out.pop("run", {}))
+    return out
 
 
 def timing_summary(results: dict) -> str:
@@ -303,10 +354,18 @@ def summary(results: dict) -> str:
             f"{b['last']['best_of_n']:.3f}     {b['last']['weighted_best_of_n']:.3f}      "
             f"{b['min']['weighted_best_of_n']:.3f}     {b['product']['weighted_best_of_n']:.3f}"
         )
-    at_flops = results.get("compute_optimal_flops") or {}
+    lines += by_bin_lines(sc)
+    lines += prm_vs_bigger_lines(sc)
+    for key, score in (("compute_optimal_flops", "answer"), ("compute_optimal_flops_gold_path", "gold-path")):
+        lines += _optimal_lines(results.get(key) or {}, score)
+    return "\n".join(lines)
+
+
+def _optimal_lines(at_flops: dict, score: str) -> list[str]:
+    lines = []
     for kind, d in at_flops.items():
         lines.append("")
-        lines.append(f"compute-optimal at equal FLOPs ({kind} bins; evaluation half)")
+        lines.append(f"compute-optimal at equal FLOPs ({kind} bins; evaluation half; {score} accuracy)")
         lines.append("N    FLOPs      optimal  wBoN     BoN      majority wBoN FLOPs to match  chosen per bin")
         for n in sorted(d, key=int):
             r = d[n]
@@ -318,4 +377,51 @@ def summary(results: dict) -> str:
                 f"{'never' if not np.isfinite(ratio) else f'{ratio:.2g}x':<17} "
                 + " ".join(f"{b}:{c}" for b, c in sorted(r["chosen"].items(), key=lambda x: int(x[0])))
             )
-    return "\n".join(lines)
+    return lines
+
+
+def by_bin_lines(sc: dict, kind: str = "oracle") -> list[str]:
+    """Accuracy +- standard error per difficulty bin (1 = easiest) at each configuration's largest N, and the
+    chosen trace's gold-path rate."""
+    acc, se, gold = (sc.get(f"{k}_by_bin", {}).get(kind) for k in ("accuracy", "stderr", "on_gold_path"))
+    if not acc:
+        return []
+    lines = ["", f"by difficulty ({kind} bins, 1 = easiest): answer accuracy +- SE [gold-path rate] at the largest N"]
+    for name, d in acc.items():
+        n = max(d, key=int)
+        cells = []
+        for b in sorted(d[n], key=int):
+            g = (gold or {}).get(name, {}).get(n, {}).get(b)
+            cells.append(f"{d[n][b]:.2f}+-{se[name][n][b]:.2f}" + (f" [{g:.2f}]" if g is not None else ""))
+        lines.append(f"{label(name)[:19]:<20}N={int(n):<4d} " + "  ".join(cells))
+    return lines
+
+
+def prm_vs_bigger_lines(sc: dict) -> list[str]:
+    """Policy + PRM against the bigger model, greedy: inference FLOPs per problem, training FLOPs, and the number
+    of problems after which the total (training + inference) of each is equal."""
+    tf, big = sc.get("training_flops") or {}, sc["bigger_model_greedy"]
+    if not tf.get("judge") or not tf.get("policy"):
+        return []
+    small = tf["policy"] + (tf.get("prm_fit") or 0.0) + (tf.get("prm_traces") or 0.0)
+    lines = ["", "policy + PRM vs the bigger model (greedy), FLOPs"]
+    lines.append(
+        f"training: policy {tf['policy']:.3g} + PRM fit {tf.get('prm_fit') or 0:.3g} + PRM traces "
+        f"{tf.get('prm_traces') or 0:.3g} = {small:.3g}; bigger model {tf['judge']:.3g}"
+    )
+    lines.append(f"bigger model greedy: {big['accuracy']:.3f} at {big['flops_per_problem']:.3g} per problem")
+    for name in ("weighted_best_of_n", "beam", "majority"):
+        fl, acc = sc["flops_per_problem"].get(name, {}), sc["accuracy"].get(name, {})
+        within = [n for n in fl if n in acc and fl[n] <= big["flops_per_problem"] * (1 + 1e-9)]
+        if not within:
+            lines.append(f"{label(name)}: every N costs more per problem than the bigger model")
+            continue
+        n = max(within, key=lambda k: fl[k])
+        extra = fl[n] - big["flops_per_problem"]
+        # Totals equal after Q problems: small + Q * fl = big_train + Q * big_inf.
+        q = (tf["judge"] - small) / extra if extra < 0 else float("inf")
+        lines.append(
+            f"{label(name)} at N={int(n)}: {acc[n]:.3f} at {fl[n]:.3g} per problem; totals equal after "
+            + (f"{q:.3g} problems" if np.isfinite(q) and q > 0 else "never (cheaper in both)" if q <= 0 else "never")
+        )
+    return lines

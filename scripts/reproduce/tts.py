@@ -12,6 +12,7 @@ and Monte-Carlo PRMs) and difficulty, in answer and in gold-path accuracy, with 
 
   .venv/bin/python -m scripts.reproduce.tts --workdir=runs/test_time_compute            # default scale
   .venv/bin/python -m scripts.reproduce.tts --workdir=/tmp/ttc --scale=tiny              # CI scale (~1 min)
+  .venv/bin/python -m scripts.reproduce.tts --workdir=runs/tts_full --scale=full         # 100 problems, search N <= 32
   .venv/bin/python -m scripts.reproduce.tts --workdir=runs/ttc \\
       --policy_workdir=runs/tts/policy --judge_workdir=runs/tts/judge                    # reuse trained policies
   .venv/bin/python -m scripts.reproduce.tts --study=regimes --workdir=runs/tts_map \\
@@ -46,7 +47,12 @@ from framework.verifiers import sources
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/test_time_compute", "Output directory.")
 _STUDY = flags.DEFINE_enum("study", "scaling", ["scaling", "regimes"], "The scaling study or the regime map.")
-_SCALE = flags.DEFINE_enum("scale", "default", ["default", "tiny"], "default (by hand) or tiny (CI).")
+_SCALE = flags.DEFINE_enum(
+    "scale",
+    "default",
+    ["default", "full", "tiny"],
+    "default, full (configs/scaling/default.py:full) or tiny (CI).",
+)
 _POLICY = flags.DEFINE_string("policy_workdir", None, "A finished train_lm workdir to use as the policy.")
 _JUDGE = flags.DEFINE_string("judge_workdir", None, "A finished train_lm workdir to use as the judge.")
 _PROBLEMS = flags.DEFINE_integer("problems", None, "Override eval.problems.")
@@ -127,7 +133,9 @@ def main(argv):
     if _STUDY.value == "regimes":
         regime_map(_REGIMES.value, _WORKDIR.value)
         return
-    config = (tiny if _SCALE.value == "tiny" else default).get_config()
+    config = (
+        tiny.get_config() if _SCALE.value == "tiny" else default.get_config("full" if _SCALE.value == "full" else None)
+    )
     with config.unlocked():
         config.policy.workdir = _POLICY.value
         config.judge.workdir = _JUDGE.value
