@@ -7,6 +7,11 @@ The study: for each seed and history length, a ledger (`harness.make_ledger`) is
 store; each question retrieves k items, rendered into at most `task.budget` tokens (the answerer's window), and two
 readers answer from the same contexts: the deterministic `rule` reader (what the context supports, exactly) and the
 trained `lm` answerer. With `train.steps = 0` (or `study.lm_reader = False`) only the rule reader runs.
+
+Training the answerer: packed rows of reading examples (`train.pack`), the loss on the whole dialogue with weight
+`task.context_weight` before the answer and 1 on the answer (`answerer.answer_mask`); the held-out eval scores the
+answer tokens only. The dialogue is a target too because restated values ("kobu is still 40.") and fact lines
+need the same lookup as the answer: hundreds of targets per example instead of the answer's two or three.
 """
 
 from __future__ import annotations
@@ -54,6 +59,11 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
     t, tc, st = config.task, config.train, config.study
     req(t.budget > 0, "task.budget", f"must be positive, got {t.budget}")
     req(
+        0.0 <= t.context_weight <= 1.0,
+        "task.context_weight",
+        f"must be in [0, 1] (the loss weight of the dialogue before the answer), got {t.context_weight}",
+    )
+    req(
         1 <= t.min_events <= t.max_events,
         "task.min_events",
         f"need 1 <= min_events <= max_events, got {t.min_events}, {t.max_events}",
@@ -95,7 +105,7 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
     t, tc = config.task, config.train
     source = answerer.reading_source(t.budget, (t.min_events, t.max_events))
 
-    def ds(split, rows=None, num_batches=None):
+    def ds(split, rows=None, num_batches=None, loss_on="completion", pack=False):
         return data.make_text_dataset(
             source,
             "text",
@@ -105,7 +115,20 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
             split=split,
             rows=rows,
             num_batches=num_batches,
+            loss_on=loss_on,
+            pack=pack,
         )
+
+    w = float(t.context_weight)
+    keys = ("tokens", "loss_mask") + (("positions", "segment_ids") if tc.pack else ())
+
+    def weighted(b):
+        """The answer at weight 1 and (with task.context_weight > 0) the rest of the dialogue at that weight."""
+        b = {k: b[k] for k in keys}
+        if w > 0:
+            ans = answerer.answer_mask(b["tokens"], b.get("segment_ids"))
+            b["loss_mask"] = b["loss_mask"] * (w + (1.0 - w) * ans)
+        return b
 
     loss_fn = lm_loss_fn(model_cfg)
     eval_batches = [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in ds("eval", num_batches=2)]
@@ -115,7 +138,10 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
         logical_axes=lm.logical_axes(model_cfg),
         loss_fn=loss_fn,
         batches=lambda start, rows=None: (
-            {k: b[k] for k in ("tokens", "loss_mask")} for b in data.batch_iterator(ds("train", rows), start)
+            weighted(b)
+            for b in data.batch_iterator(
+                ds("train", rows, loss_on="all" if w > 0 else "completion", pack=tc.pack), start
+            )
         ),
         flops_per_example=lm.flops_per_token(model_cfg, tc.seq_len) * tc.seq_len,
         eval_fn=eval_fn,

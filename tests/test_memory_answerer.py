@@ -12,7 +12,7 @@ from framework.tasks.tokenizer import TEXT_TOKENIZER
 
 
 def _split(prompt: str) -> tuple[str, list[str]]:
-    *lines, q, a = prompt.split("\n")
+    q, *lines, a = prompt.split("\n")
     assert q.startswith("Q: ") and a == "A:"
     return q[3:], lines
 
@@ -66,7 +66,8 @@ def test_memory_config_is_checked_before_building():
     config = answerer_config.get_config("size=tiny,steps=2")
     assert experiment.validate(config).tokenizer == "text"
     for path, value, match in (
-        (("train", "seq_len"), 200, "train.seq_len"),
+        (("train", "seq_len"), 150, "train.seq_len"),
+        (("task", "context_weight"), 1.5, "task.context_weight"),
         (("study", "stores"), ("vector", "graph"), "unknown stores"),
         (("task", "budget"), 0, "task.budget"),
     ):
@@ -77,6 +78,34 @@ def test_memory_config_is_checked_before_building():
             experiment.validate(bad)
     with pytest.raises(ValueError, match="budget = 0"):
         answerer.reading_source(0)
+
+
+def test_training_batches_weight_the_answer_and_the_dialogue():
+    from experiments import memory as experiment
+    from framework.tasks import data
+
+    config = answerer_config.get_config("size=tiny,steps=2,budget=64")
+    with config.unlocked():
+        config.train.batch_size = 4
+    source = answerer.reading_source(64, (config.task.min_events, config.task.max_events))
+    _, task = experiment.make_task(config)
+    b = next(task.batches(0))
+    assert set(b) == {"tokens", "loss_mask", "positions", "segment_ids"}  # packed rows
+    answer = answerer.answer_mask(b["tokens"], b["segment_ids"])
+    w = config.task.context_weight
+    np.testing.assert_allclose(
+        b["loss_mask"], np.where(b["segment_ids"] > 0, w + (1 - w) * answer, 0.0) * (b["positions"] > 0)
+    )
+    # The answer mask equals the completion mask the pipeline builds from the prompt lengths, packed or not.
+    for pack in (False, True):
+        kw = dict(seed=0, batch_size=4, seq_len=120, pack=pack, num_batches=1)
+        done, everything = (
+            data.make_text_dataset(source, "text", **kw)[0],
+            data.make_text_dataset(source, "text", loss_on="all", **kw)[0],
+        )
+        got = answerer.answer_mask(everything["tokens"], everything.get("segment_ids"))
+        np.testing.assert_array_equal(got, done["loss_mask"])
+        assert got.sum() >= 4 * 3
 
 
 @pytest.mark.slow

@@ -189,3 +189,76 @@ def test_damaged_and_foreign_files_get_clear_errors(tmp_path):
         memory.FullContextStore(tmp_path)
     with pytest.raises(memory.MemoryDBError, match="does its folder exist"):
         memory.FullContextStore(tmp_path / "no" / "such" / "m.db")
+
+
+class _Recording:
+    """A `db.Backend` that runs on a `MemoryDB` and records every SQL statement the stores pass it."""
+
+    def __init__(self, inner):
+        self.inner, self.sql = inner, []
+        self.path, self.store_kind, self.embed_dim = inner.path, inner.store_kind, inner.embed_dim
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def execute(self, sql, args=()):
+        self.sql.append(sql)
+        return self.inner.execute(sql, args)
+
+    def executemany(self, sql, rows):
+        self.sql.append(sql)
+        return self.inner.executemany(sql, rows)
+
+    def query(self, sql, args=()):
+        self.sql.append(sql)
+        return self.inner.query(sql, args)
+
+
+def test_a_backend_plugs_in_and_its_sql_translates_to_postgres(tmp_path):
+    from framework.memory import pg
+
+    sql = set()
+    for kind in ("facts", "linked_notes", "core_archival"):
+        cls = memory.STORES[kind]
+        backend = _Recording(memory.MemoryDB(tmp_path / f"{kind}.db", store_kind=kind, embed_dim=256))
+        store = cls(backend, capacity=3) if kind != "core_archival" else cls(backend)
+        for t, text in enumerate(
+            ["set kobu to 1.", "set lima to 2.", "change kobu to 5.", "drop lima.", "set zo to 3."]
+        ):
+            store.write(memory.Event(text, time=t))
+        assert [i.text for i in store.retrieve("what is kobu now?", 2)]
+        store.forget(memory.Capacity(1))
+        assert store.db is backend and backend.integrity_check() == "ok"
+        store.close()
+        sql |= set(backend.sql)
+    assert any("INSERT OR REPLACE" in s for s in sql) and any("LIMIT -1" in s for s in sql)
+    for s in sql:  # every statement the stores issue has a PostgreSQL form with no SQLite-only construct left
+        out = pg.to_postgres(s)
+        assert "?" not in out and "INSERT OR" not in out and "LIMIT -1" not in out and "MAX(CAST" not in out, out
+    assert pg.to_postgres("SELECT a FROM t WHERE b = ? LIMIT -1 OFFSET ?") == "SELECT a FROM t WHERE b = %s OFFSET %s"
+    with pytest.raises(ValueError, match="no translation"):
+        pg.to_postgres("INSERT OR ROLLBACK INTO x VALUES (1)")
+    with pytest.raises(memory.MemoryDBError, match="holds a 'facts' store"):
+        memory.TemporalStore(memory.MemoryDB(tmp_path / "facts.db", store_kind="facts"))
+    with pytest.raises(ValueError, match="expected a file path or a framework.memory.db.Backend"):
+        memory.FactStore(42)
+
+
+def test_postgres_backend_round_trip():
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed here (no PostgreSQL driver)")
+    dsn = os.environ.get("LUMEN_PG_DSN")
+    if not dsn:
+        pytest.skip("no PostgreSQL server: set LUMEN_PG_DSN to a database with the pgvector extension")
+    from framework.memory import pg
+
+    schema = f"lumen_test_{os.getpid()}"
+    try:
+        with memory.FactStore(pg.PostgresDB(dsn, store_kind="facts", embed_dim=256, schema=schema)) as store:
+            store.write(memory.Event("set kobu to 12.", time=1))
+            assert store.write(memory.Event("change kobu to 40.", time=5)).decisions[0][0] == "UPDATE"
+        with memory.FactStore(pg.PostgresDB(dsn, store_kind="facts", embed_dim=256, schema=schema)) as store:
+            assert [i.render() for i in store.retrieve("what is kobu now?", 4)] == ["kobu = 40 (day 5-now)"]
+            assert [a["status"] for a in store.audit()] == ["hidden", "active"]
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -14,7 +14,8 @@ The stores: `FullContextStore`, `RecentWindowStore`, `VectorStore` (embeddings f
 hidden states - or `HashEmbedder`; exact sqlite-vec or approximate usearch search), `FactStore` (mem0),
 `CoreArchivalStore` (MemGPT), `TemporalStore` (bi-temporal, "as of" queries), `LinkedNotesStore` (A-MEM).
 Policies: `TTL`, `Capacity`, `Supersede`, `Delete` (hidden, never erased: `store.audit()` shows everything).
-The ledger-dialogue harness with exact answers is `framework.memory.harness`.
+The ledger-dialogue harness with exact answers is `framework.memory.harness`; a store given a `db.Backend` instead of
+a path stores there (`framework.memory.pg.PostgresDB`: PostgreSQL + pgvector).
 """
 
 from framework.memory.ann import ApproxIndex, recall_at_k

@@ -4,10 +4,10 @@ Glossary: B batch, T tokens, N new tokens.
 
 The dialogue format of one question (prompt, then the completion the model learns; the pipeline adds BOS/EOS):
 
+    Q: what is kobu now?            <- the question first (the model reads the context knowing it)
     day 3: set kobu to 12.          <- the retrieved context, rendered by `harness.render_context`
     kobu = 40 (day 5-now)
     core: lima = 7
-    Q: what is kobu now?
     A:                              <- prompt ends here
      40                             <- completion: " <answer>\\n" (a number or "unknown")
 
@@ -35,12 +35,37 @@ from framework.memory.ledger import extract_facts
 from framework.tasks.data import TextExample, TextSource
 from framework.tasks.tokenizer import TEXT_TOKENIZER
 
-__all__ = ["LMReader", "format_prompt", "reading_example", "reading_source"]
+__all__ = ["LMReader", "answer_mask", "format_prompt", "reading_example", "reading_source"]
 
 
 def format_prompt(question: str, lines: Sequence[str]) -> str:
-    """The answerer's prompt: the context lines, then "Q: <question>" and "A:"."""
-    return "".join(line + "\n" for line in lines) + f"Q: {question}\nA:"
+    """The answerer's prompt: "Q: <question>", the context lines, then "A:".
+
+    The question comes first so that a small model reads the context knowing what is asked: it can mark the lines
+    about the asked variable as it reads them, and "A:" only has to copy from the marked line.
+    """
+    return f"Q: {question}\n" + "".join(line + "\n" for line in lines) + "A:"
+
+
+def answer_mask(
+    tokens_BT: np.ndarray, segment_ids_BT: np.ndarray | None = None, tokenizer=TEXT_TOKENIZER
+) -> np.ndarray:
+    """[B, T] float32: 1 on each example's answer tokens (everything after its "A:", EOS included), else 0.
+
+    Training reads the whole dialogue with a weight on the context (`experiments.memory`: `task.context_weight`) and
+    the full weight on the answer; this finds the answer in packed rows (`segment_ids_BT`, one id per example)
+    without the prompt lengths, since "A:" occurs once per example, at the end of its prompt.
+    """
+    tokens_BT = np.asarray(tokens_BT)
+    seg_BT = np.ones_like(tokens_BT) if segment_ids_BT is None else np.asarray(segment_ids_BT)
+    a, colon = (int(t) for t in tokenizer.encode("A:"))
+    marker_BT = np.zeros(tokens_BT.shape, np.int32)
+    marker_BT[:, 2:] = (tokens_BT[:, :-2] == a) & (tokens_BT[:, 1:-1] == colon)  # the token right after "A:"
+    seen_BT = np.cumsum(marker_BT, axis=1)
+    new_seg_BT = np.ones(tokens_BT.shape, bool)
+    new_seg_BT[:, 1:] = seg_BT[:, 1:] != seg_BT[:, :-1]
+    start_BT = np.maximum.accumulate(np.where(new_seg_BT, seen_BT - marker_BT, 0), axis=1)  # markers before it
+    return ((seen_BT - start_BT > 0) & (seg_BT > 0) & (tokens_BT != tokenizer.pad_id)).astype(np.float32)
 
 
 def _intervals(events) -> dict[str, list[tuple[float, float | None, int, float]]]:
@@ -62,20 +87,25 @@ def reading_example(seed: int, *, budget: int = 256, events: tuple[int, int] = (
     ledger = make_ledger(
         int(rng.integers(1 << 30)), int(rng.integers(events[0], events[1] + 1)), questions_per_ability=2
     )
-    q = ledger.questions[int(rng.integers(len(ledger.questions)))]
+    # Abstention questions at a lower weight: with the contexts the cut empties, "unknown" would be half the targets.
+    weights = np.array([0.4 if q.ability == "abstention" else 1.0 for q in ledger.questions])
+    q = ledger.questions[int(rng.choice(len(weights), p=weights / weights.sum()))]
     asked = [
         w
         for w in q.text.replace("?", "").split()
         if w not in ("what", "is", "was", "now", "plus", "on", "day") and not w.isdigit()
     ]
-    keep_asked, keep_other = rng.uniform(0.85, 1.0), rng.uniform(0.0, 0.4)
+    style = int(rng.integers(4))
+    hist = _intervals(ledger.events)
+    # A few other lines (0-5, as a k = 8 retrieval brings beside the asked ones), so the asked lines usually survive
+    # the budget and "unknown" is mostly the target when the context really lacks them, not because the cut did.
+    others = len(ledger.events) if style in (0, 3) else len(hist)
+    keep_asked, keep_other = rng.uniform(0.85, 1.0), min(1.0, rng.uniform(0.0, 5.0) / max(others, 1))
 
     def keep(key) -> bool:
         return rng.random() < (keep_asked if key in asked else keep_other)
 
-    style = int(rng.integers(4))
     items: list[Item] = []
-    hist = _intervals(ledger.events)
     if style in (0, 3):  # utterances (vector store, window, archival)
         for n, e in enumerate(ledger.events):
             keys = [f.key for f in extract_facts(e.text)] or [w for w in e.text[:-1].split() if w in hist]

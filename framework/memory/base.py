@@ -4,8 +4,9 @@ Glossary: N items, D embedding width, K items asked for.
 
 A store takes `write(event)` (one utterance with its time), answers `retrieve(query, k) -> [Item]` (the k best
 visible items with scores, best first) and applies `forget(policy)`. Every store keeps its items in one SQLite file
-(`db.MemoryDB`): rows are never deleted by a policy, only hidden (`status` != "active", with the reason and time),
-so an audit (`store.audit()`) still sees every memory ever written.
+(`db.MemoryDB`), or in any `db.Backend` passed instead of the path (e.g. `pg.PostgresDB`): rows are never deleted
+by a policy, only hidden (`status` != "active", with the reason and time), so an audit (`store.audit()`) still
+sees every memory ever written.
 
 Write policies (constructor arguments of every store): `ttl` gives each item an expiry time (its time + ttl): from
 then on retrieval hides it (the row stays); `capacity` bounds the visible items: a write beyond it evicts the
@@ -174,7 +175,17 @@ class StoreBase:
         self.embedder, self.tokenizer = embedder, tokenizer
         self.name = self.kind
         dim = getattr(embedder, "dim", None)
-        self.db = MemoryDB(path, store_kind=self.kind, embed_dim=dim, synchronous=synchronous, migrate=migrate)
+        if isinstance(path, (str, os.PathLike)):
+            self.db = MemoryDB(path, store_kind=self.kind, embed_dim=dim, synchronous=synchronous, migrate=migrate)
+        elif all(hasattr(path, m) for m in ("transaction", "execute", "query", "knn", "close")):
+            self.db = path  # another `db.Backend` (e.g. `pg.PostgresDB`), opened by the caller
+            if path.store_kind != self.kind or (dim or None) != path.embed_dim:
+                raise MemoryDBError(
+                    f"backend {path.path!r} holds a {path.store_kind!r} store of width {path.embed_dim}, opened as "
+                    f"{self.kind!r} with width {dim}"
+                )
+        else:
+            raise ValueError(f"path = {path!r}; expected a file path or a framework.memory.db.Backend")
         if embedder is not None:
             with self.db.transaction():
                 got = self.db.query("SELECT value FROM meta WHERE key = 'embedder'")

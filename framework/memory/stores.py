@@ -26,6 +26,7 @@ import numpy as np
 
 from framework.memory.ann import ApproxIndex
 from framework.memory.base import Event, Item, StoreBase, WriteResult, check_k
+from framework.memory.db import MemoryDB
 from framework.memory.embed import HashEmbedder
 
 __all__ = ["FullContextStore", "LinkedNotesStore", "RecentWindowStore", "VectorStore"]
@@ -112,6 +113,11 @@ class VectorStore(_EventStore):
             raise ValueError(f"index = {index!r}; expected 'exact' or 'approx'")
         super().__init__(path, embedder=embedder or HashEmbedder(), **kw)
         self.index_kind = index
+        if index == "approx" and not isinstance(self.db, MemoryDB):
+            self.db.close()
+            raise ValueError(
+                "index = 'approx' keeps a usearch file beside a SQLite store; this backend's knn is its own"
+            )
         self.ann = None
         if index == "approx":
             settings = ann_settings or {}

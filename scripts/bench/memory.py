@@ -9,7 +9,8 @@ hardest case for a graph index), D = --dim; queries are stored vectors plus nois
 - batched write throughput (items/s): `write_many` of 1000 items per transaction, over all N;
 - single-write throughput: 200 more writes of one item, one transaction each;
 - retrieval latency p50/p99 of `retrieve_vector(q, 10)` (the store's whole path: search, SQL filter of hidden and
-  expired items, use counts), exact and through the usearch HNSW index (`index="approx"`, M = 16, ef_construction = 64, ef_search = 128);
+  expired items, use counts), exact and through the usearch HNSW index (`index="approx"` at `ApproxIndex`'s default
+  connectivity M, ef_construction and ef_search);
 - recall@10 of the HNSW path against exact search over the same queries (the acceptance bar is >= 0.95 at 1e5).
 
 COMMAND: .venv/bin/python -m scripts.bench.memory --sizes=1000,100000,1000000 --no_append
@@ -103,8 +104,9 @@ def bench_size(
     )
 
 
-def ef_sweep(n: int, dim: int, queries: int, data: str, efs: list[int], seed: int = 0) -> dict:
-    """Recall@10 and time per query of the bare HNSW index (M = 16, ef_construction = 64) against ef_search.
+def ef_sweep(n: int, dim: int, queries: int, data: str, efs: list[int], seed: int = 0, **settings) -> dict:
+    """Recall@10 and time per query of the bare HNSW index against ef_search (`settings`: connectivity and
+    expansion_add, else `ApproxIndex`'s defaults).
 
     The exact neighbours come from a numpy brute force over the same vectors and queries as `bench_size`.
     """
@@ -113,10 +115,12 @@ def ef_sweep(n: int, dim: int, queries: int, data: str, efs: list[int], seed: in
     q_QD = x_ND[rng.integers(n, size=queries)] + 0.1 * rng.standard_normal((queries, dim)).astype(np.float32)
     q_QD /= np.linalg.norm(q_QD, axis=1, keepdims=True)
     exact_QK = np.argsort(-(q_QD @ x_ND.T), axis=1)[:, :10] + 1  # item ids start at 1
-    ann = memory.ApproxIndex(dim)
+    ann = memory.ApproxIndex(dim, **settings)
     t0 = time.process_time()
     ann.add(np.arange(1, n + 1), x_ND)
     out = dict(n=n, dim=dim, data=data, queries=queries, build_cpu_s=time.process_time() - t0, sweep=[])
+    out.update({k: v for k, v in ann.settings.items() if k != "expansion_search"})
+    print(out, flush=True)
     for ef in efs:
         ann.index.expansion_search = int(ef)
         t0 = time.perf_counter()
@@ -138,11 +142,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None, help="where the store files go (default: a temporary folder)")
     p.add_argument("--no_append", action="store_true", help="print only; do not write BENCHMARKS.md")
     p.add_argument("--ef_sweep", default="", help="e.g. 128,256,512,1024: only sweep the bare index's ef_search")
+    p.add_argument("--connectivity", type=int, default=None, help="--ef_sweep's HNSW M (default: the store's)")
+    p.add_argument("--expansion_add", type=int, default=None, help="--ef_sweep's ef_construction (default: store's)")
     args = p.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     if args.ef_sweep:
         efs = [int(e) for e in args.ef_sweep.split(",")]
-        res = [ef_sweep(n, args.dim, args.queries, args.data, efs) for n in sizes]
+        knobs = dict(connectivity=args.connectivity, expansion_add=args.expansion_add)
+        knobs = {k: v for k, v in knobs.items() if v is not None}
+        res = [ef_sweep(n, args.dim, args.queries, args.data, efs, **knobs) for n in sizes]
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(dict(results=res, cpu=common.cpu_model()), indent=1))
         return
@@ -172,9 +180,12 @@ def main(argv: list[str] | None = None) -> None:
                 ]
             )
             print(rows[-1], flush=True)
+    hnsw = ", ".join(f"{k}={v}" for k, v in memory.ApproxIndex(1).settings.items())
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(results=results, cpu=common.cpu_model(), cores=common.num_cores()), indent=1))
+    out.write_text(
+        json.dumps(dict(results=results, hnsw=hnsw, cpu=common.cpu_model(), cores=common.num_cores()), indent=1)
+    )
     table = common.markdown_table(
         [
             "N items",
@@ -189,9 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         rows,
     )
     body = (
-        f"`VectorStore` on SQLite (WAL, synchronous=NORMAL) with sqlite-vec exact KNN and a usearch HNSW index "
-        f"(M=16, ef_construction=64, ef_search=128), D={args.dim} {args.data} unit vectors, k=10; latency is the store's whole retrieval path "
-        f"(search, SQL visibility filter, use counts). JSON: `{out}`.\n\n{table}\n"
+        f"`VectorStore` on SQLite (WAL, synchronous=NORMAL) with sqlite-vec exact KNN and a usearch HNSW index at "
+        f"the store's defaults ({hnsw}), D={args.dim} {args.data} unit vectors, k=10; latency is the store's whole "
+        f"retrieval path (search, SQL visibility filter, use counts). JSON: `{out}`.\n\n{table}\n"
     )
     import apsw
     import usearch

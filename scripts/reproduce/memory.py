@@ -2,7 +2,7 @@
 length, with the rule reader and the trained LM answerer (docs/results/memory.md).
 
   .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_study            (the full study)
-  .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_rule --steps=0   (rule reader only, minutes)
+  .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_rule --steps=0 --budget=256   (rule reader only)
 
 It runs `experiments.memory.run` with `configs/memory/answerer.py` (train the answerer through the one loop,
 resuming from --workdir, then the study over --lengths x --seeds x every store), copies
@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default="runs/memory_study")
     p.add_argument("--out", default="docs/results/memory")
     p.add_argument("--size", default="tiny")
-    p.add_argument("--steps", type=int, default=800, help="answerer training steps (0: rule reader only)")
+    p.add_argument("--layers", type=int, default=4, help="the answerer's layers (0: the size's own)")
+    p.add_argument("--budget", type=int, default=128, help="tokens of retrieved context a reader sees")
+    p.add_argument("--steps", type=int, default=1500, help="answerer training steps (0: rule reader only)")
     p.add_argument("--lengths", default="10,30,100,300,1000,3000")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--table_only", action="store_true", help="print the tables of an existing --workdir")
@@ -67,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         from experiments import memory as experiment
 
         lengths, seeds = args.lengths.replace(",", "/"), args.seeds.replace(",", "/")
-        config = answerer_config.get_config(f"size={args.size},steps={args.steps},lengths={lengths},seeds={seeds}")
+        config = answerer_config.get_config(
+            f"size={args.size},layers={args.layers},budget={args.budget},steps={args.steps},"
+            f"lengths={lengths},seeds={seeds}"
+        )
         with config.unlocked():
             config.train.progress = False
         t0, c0 = time.time(), time.process_time()
