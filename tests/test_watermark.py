@@ -5,6 +5,8 @@ The model is a 1-layer random-weight LM with a 1024-token vocabulary, its weight
 a few nats (a high-entropy model, as watermarks need). Each scheme compiles the decode loop once (module fixture).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,16 +73,26 @@ def marked(model):
     return get
 
 
-def test_the_model_has_high_entropy(model, clean):
-    out, _ = clean
-    # Mean surprisal of its own samples: a few nats, i.e. the regime where watermarks have room.
-    assert 2.0 < -float(np.mean(out.logprobs)) < 6.0
+def test_the_model_has_high_entropy(model):
+    cfg, params = model
+    tokens = np.random.default_rng(1).integers(3, V, (4, 24)).astype(np.int32)
+    logits = jax.jit(lambda p, t: lm.forward(p, t, cfg).logits)(params, tokens)  # one compile, not one per op
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    entropy = -float(jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1)))
+    # Next-token entropy of a few nats: the regime where watermarks have room.
+    assert 2.0 < entropy < 6.0, entropy
+
+
+def _other_key(scheme):
+    if isinstance(scheme, wm.SynthID):
+        return dataclasses.replace(scheme, keys=tuple(k + 1 for k in scheme.keys))
+    return dataclasses.replace(scheme, key=scheme.key + 1)
 
 
 @pytest.mark.parametrize(
     "name", ["kgw", pytest.param("synthid", marks=pytest.mark.slow), pytest.param("gumbel", marks=pytest.mark.slow)]
 )
-def test_watermarked_text_is_detected_within_200_tokens_and_clean_text_is_not(marked, clean, name):
+def test_watermarked_text_is_detected_within_200_tokens_and_not_under_another_key(marked, name):
     scheme = SCHEMES[name]
     out, (tokens, lengths, start) = marked(name)
     assert np.all(np.asarray(out.lengths) == N)
@@ -88,7 +100,9 @@ def test_watermarked_text_is_detected_within_200_tokens_and_clean_text_is_not(ma
     assert np.all(np.asarray(det.num_scored) >= N - 4) and np.all(np.asarray(det.num_scored) <= N)
     assert np.all(np.asarray(det.enough))
     assert np.all(np.asarray(det.p_value) < 1e-4), (name, det)
-    control = wm.detect(scheme, *clean[1])
+    # The same text is not watermarked under another key: the detector's null (the model's own unwatermarked text
+    # is the slow test below; the KS test checks the null's calibration).
+    control = wm.detect(_other_key(scheme), tokens, lengths, start)
     assert np.all(np.asarray(control.p_value) > 1e-4), (name, control)
     # The prompt is only context: scoring it too changes the count by exactly the prompt's scorable positions.
     with_prompt = wm.detect(scheme, tokens, lengths)
@@ -96,6 +110,12 @@ def test_watermarked_text_is_detected_within_200_tokens_and_clean_text_is_not(ma
     extra = np.asarray(with_prompt.num_scored) - np.asarray(det.num_scored)
     if name == "kgw":  # no positions skipped: the difference is each prompt's positions past the first H
         np.testing.assert_array_equal(extra, np.maximum(start - width, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_the_models_unwatermarked_text_is_not_detected(clean, name):
+    assert np.all(np.asarray(wm.detect(SCHEMES[name], *clean[1]).p_value) > 1e-4)
 
 
 @pytest.mark.slow
@@ -147,8 +167,12 @@ def test_tournament_update_never_makes_nan_on_peaked_distributions():
     out = np.asarray(synthid.tournament_logprobs(logits, g))
     assert not np.isnan(out).any()
     np.testing.assert_allclose(np.exp(out).sum(-1), 1.0, atol=1e-4)
+    # The processor's boolean path gives the same floats, bit for bit.
+    bits = synthid._tournament_bits(logits, [jnp.asarray(g[..., m] == 1) for m in range(g.shape[-1])])
+    np.testing.assert_array_equal(np.asarray(bits), out)
 
 
+@pytest.mark.slow  # the fast enumeration test above covers SynthID's update; this one adds Gumbel over many keys
 def test_distortion_free_over_keys_within_sampling_error():
     """Over many contexts (each seeds the watermark like a fresh key) the SynthID processor's mean distribution and
     the Gumbel sampler's token frequencies match the model's within 4.5 standard errors; KGW's visibly do not.
@@ -175,21 +199,23 @@ def test_distortion_free_over_keys_within_sampling_error():
     assert np.abs(qk - p).max() > 0.01
 
 
-def test_windowed_detection_finds_a_watermarked_span(marked, clean):
+def test_windowed_detection_finds_a_watermarked_span(marked):
+    """A 60-token stretch of watermarked text pasted into unwatermarked (uniform random) text is found."""
     scheme = SCHEMES["kgw"]
     _, (tokens, lengths, start) = marked("kgw")
-    ctoks, clens, cstart = clean[1]
-    mixed = ctoks.copy()
+    background = np.random.default_rng(2).integers(3, V, tokens.shape).astype(np.int32)
+    background[:, : start.max()] = tokens[:, : start.max()]  # the prompts
+    mixed = background.copy()
     lo, hi = 60, 120  # the watermarked span, in positions past the prompt
     for b in range(len(mixed)):
         s = start[b]
         mixed[b, s + lo : s + hi] = tokens[b, s + lo : s + hi]
-    win = wm.detect_windows(scheme, mixed, clens, cstart, window=40)
-    st = np.asarray(win.start) - cstart
+    win = wm.detect_windows(scheme, mixed, lengths, start, window=40)
+    st = np.asarray(win.start) - start
     assert np.all(st >= lo - 20) and np.all(st + 40 <= hi + 20), st
     assert np.all(np.asarray(win.p_value) < 1e-4)
     assert np.all(np.asarray(win.p_value) >= np.asarray(win.p_value_raw))
-    clean_win = wm.detect_windows(scheme, ctoks, clens, cstart, window=40)
+    clean_win = wm.detect_windows(scheme, background, lengths, start, window=40)
     assert np.all(np.asarray(clean_win.p_value) > 1e-3)
 
 
@@ -225,9 +251,10 @@ def test_too_short_texts_say_not_enough_tokens():
     np.testing.assert_array_equal(np.asarray(det.enough), [False, False, True])
     np.testing.assert_array_equal(np.asarray(det.p_value)[:2], [1.0, 1.0])
     np.testing.assert_array_equal(np.asarray(det.score)[:2], [0.0, 0.0])
-    for s in SCHEMES.values():
-        d = wm.detect(s, np.arange(10, 16)[None, :], lengths_B=[5], min_tokens=1)
+    for s in SCHEMES.values():  # the same shapes and min_tokens as above: KGW's detector is not compiled again
+        d = wm.detect(s, tokens, lengths_B=[0, 1, 6], start_B=[0, 1, 2], min_tokens=3)
         assert np.all(np.isfinite(np.asarray(d.score))) and np.all(np.isfinite(np.asarray(d.p_value)))
+        assert not np.asarray(d.enough)[:2].any()
 
 
 @pytest.mark.parametrize(
@@ -244,6 +271,9 @@ def test_too_short_texts_say_not_enough_tokens():
         (lambda: wm.SynthID(V, keys=(1, 2), ngram_len=1), "ngram_len=1"),
         (lambda: wm.SynthID(V, keys=(1,), sampling_table_size=2**25 + 1), "sampling_table_size"),
         (lambda: wm.Gumbel(0), "vocab_size=0"),
+        (lambda: wm.KGW(V, gamma=-0.25), "gamma=-0.25"),
+        (lambda: wm.SynthID(V, keys=(1, 2**64)), "keys"),
+        (lambda: wm.detect(SCHEMES["kgw"], np.zeros((2, 0), np.int32)), "context_width=1"),  # an empty array
         (lambda: wm.detect(SCHEMES["kgw"], np.arange(8)[None], lengths_B=[9]), "lengths"),
         (lambda: wm.detect(SCHEMES["kgw"], np.arange(8)[None], start_B=[2, 3]), "start"),
         (lambda: wm.detect(SCHEMES["kgw"], np.array([[1, 2, V]])), "vocab_size=1024"),
@@ -263,18 +293,26 @@ def test_bad_inputs_name_the_field(make, match):
         make()
 
 
-def test_a_vocabulary_mismatch_between_generator_and_model_is_an_error(model):
+@pytest.mark.parametrize(
+    "hook",
+    [
+        {"logits_processors": (wm.KGW(512),)},
+        {"logits_processors": (wm.SynthID(512, keys=(1, 2)),)},
+        {"sampler": wm.Gumbel(512)},
+    ],
+)
+def test_a_vocabulary_mismatch_between_generator_and_model_is_an_error(model, hook):
     cfg, params = model
     with pytest.raises(ValueError, match="vocab_size=512"):
-        generate(
-            params,
-            cfg,
-            _prompts(),
-            max_new_tokens=2,
-            temperature=1.0,
-            rng=jax.random.key(0),
-            logits_processors=(wm.KGW(512),),
-        )
+        generate(params, cfg, _prompts(), max_new_tokens=2, temperature=1.0, rng=jax.random.key(0), **hook)
+
+
+def test_per_row_keys_of_the_wrong_length_are_an_error(model):
+    """The Gumbel sampler draws from each row's own key: 3 keys for 4 prompts is named, before any compile."""
+    cfg, params = model
+    keys = jax.random.split(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match="rng"):
+        generate(params, cfg, _prompts(), max_new_tokens=2, temperature=1.0, rng=keys, sampler=SCHEMES["gumbel"])
 
 
 @pytest.mark.slow

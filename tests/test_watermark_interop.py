@@ -58,6 +58,7 @@ def test_score_update_equals_the_reference(goldens):
     assert np.all(np.isneginf(ours[~finite])) and (~finite).any()
 
 
+@pytest.mark.slow  # compiles three detectors; the g-value and mask equalities above are the fast interop tests
 def test_text_watermarked_by_transformers_is_detected_by_lumen(goldens):
     meta, _ = goldens
     gen = np.load(f"{ASSETS}/hf_generated.npz")

@@ -68,16 +68,21 @@ def decode_context(tokens_BS: Int[Array, "B S"], lengths_B: Int[Array, " B"], wi
 
 def repeated_decode_context(tokens_BS, lengths_B, width: int, history: int) -> Bool[Array, " B"]:
     """Whether each row's current context (its last `width` tokens) equals one of the contexts of its previous
-    `history` positions (the windows ending 1..history tokens earlier that lie wholly in the row)."""
-    if history <= 0:
+    `history` positions (the windows ending 1..history tokens earlier that lie wholly in the row).
+
+    Every window start j of the buffer is compared at once through static slices (no gather), then kept where it
+    lies 1..history positions back: O(S x width) per row whatever `history` is.
+    """
+    S = tokens_BS.shape[1]
+    J = S - width  # window starts 0..S-width-1: a window ending at the last slot is never an earlier one
+    if history <= 0 or J <= 0:
         return jnp.zeros(lengths_B.shape, bool)
     ctx_BH, _ = decode_context(tokens_BS, lengths_B, width)
-    back_W = jnp.arange(1, history + 1)
-    idx_BWH = (lengths_B[:, None, None] - back_W[None, :, None]) - width + jnp.arange(width)[None, None, :]
-    prev_BWH = jnp.take_along_axis(tokens_BS[:, None, :], jnp.clip(idx_BWH, 0, tokens_BS.shape[1] - 1), axis=2)
-    same_BW = jnp.all(prev_BWH == ctx_BH[:, None, :], axis=-1)
-    whole_BW = (lengths_B[:, None] - back_W[None, :]) >= width
-    return jnp.any(same_BW & whole_BW, axis=1)
+    same_BJ = tokens_BS[:, :J] == ctx_BH[:, :1]
+    for i in range(1, width):
+        same_BJ = same_BJ & (tokens_BS[:, i : i + J] == ctx_BH[:, i : i + 1])
+    back_BJ = lengths_B[:, None] - width - jnp.arange(J)[None, :]  # how far back the window at j ends
+    return jnp.any(same_BJ & (back_BJ >= 1) & (back_BJ <= history), axis=1)
 
 
 def repeated_keys(hi_BT, lo_BT, valid_BT, window: int | None) -> Bool[Array, "B T"]:

@@ -66,14 +66,42 @@ def _g_from_hash(h, keys, table):
 def _g_layers(h, keys, table) -> list:
     """One [*X] g-value array per key."""
     n = table.shape[0]
-    gs = []
-    for k in keys:
-        if _is_pow2(n):  # only the low word decides the index: 32-bit arithmetic, a tenth of the work
-            idx = (hashing.lcg_step_low(h[1], k) & jnp.uint32(n - 1)).astype(jnp.int32)
-        else:
-            idx = hashing.mod_signed(hashing.lcg_step(h, hashing.split64(k)), n)
-        gs.append(jnp.asarray(table)[idx])
-    return gs
+    if _is_pow2(n):
+        return _g_layers_packed(h[1], keys, n, table)
+    return [jnp.asarray(table)[hashing.mod_signed(hashing.lcg_step(h, hashing.split64(k)), n)] for k in keys]
+
+
+def _g_layers_packed(lo, keys, n: int, table, as_bool: bool = False) -> list:
+    """`_g_layers` for a power-of-two table from one gather per hash: the index under key k is
+    (lo + k) * A + 1 mod n = (lo * A mod n + e_k) mod n with e_k = k * A + 1 mod n, so one packed word at
+    lo * A mod n holds the g-value of every key (bit m of word m // 32: `packed_table`)."""
+    words = jnp.asarray(packed_table(table.tobytes(), n, _low_words(keys)))
+    u = (lo * jnp.uint32(_MUL_LO) & jnp.uint32(n - 1)).astype(jnp.int32)
+    packed = [words[w][u] for w in range(words.shape[0])]
+    if as_bool:
+        return [(packed[m // 32] & jnp.uint32(1 << (m % 32))) != 0 for m in range(len(keys))]
+    return [((packed[m // 32] >> jnp.uint32(m % 32)) & jnp.uint32(1)).astype(jnp.int32) for m in range(len(keys))]
+
+
+_MUL_LO = hashing.split64(hashing.LCG_MULTIPLIER)[1]
+
+
+def _low_words(keys) -> tuple[int, ...]:
+    return tuple(int(k) & 0xFFFFFFFF for k in keys)
+
+
+@functools.lru_cache(maxsize=32)
+def packed_table(table_bytes: bytes, n: int, keys_lo: tuple[int, ...]) -> np.ndarray:
+    """[ceil(M / 32), n] uint32: bit m % 32 of word m // 32 at u is table[(u + k_m * A + 1) mod n], for the low
+    32-bit words k_m of the keys and a power-of-two table of n entries (`table_bytes`, int32)."""
+    table = np.frombuffer(table_bytes, np.int32)
+    u = np.arange(n, dtype=np.uint64)
+    words = np.zeros((-(-len(keys_lo) // 32), n), np.uint32)
+    for m, k in enumerate(keys_lo):
+        e = (k * _MUL_LO + 1) & (n - 1)
+        words[m // 32] |= table[(u + e) & np.uint64(n - 1)].astype(np.uint32) << np.uint32(m % 32)
+    words.flags.writeable = False
+    return words
 
 
 def _ngram_hash(h, tokens_XN, low: bool):
@@ -139,6 +167,17 @@ def _tournament(logits_BV, g_per_layer):
     return jnp.log(probs_BV)
 
 
+def _tournament_bits(logits_BV, bits_per_layer):
+    """`_tournament` for boolean g-values, with the same float results: g * p is p or 0 and 1 + g - s is 2 - s or
+    1 - s exactly, so selects replace the int-to-float converts and products (the sum's order is the reduce's own)."""
+    probs_BV = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
+    for bit_BV in bits_per_layer:
+        s_B1 = jnp.sum(jnp.where(bit_BV, probs_BV, 0.0), axis=-1, keepdims=True)
+        factor_BV = jnp.where(bit_BV, 2.0 - s_B1, 1.0 - s_B1)
+        probs_BV = probs_BV * jnp.maximum(factor_BV, 0.0)
+    return jnp.log(probs_BV)
+
+
 @dataclasses.dataclass(frozen=True)
 class SynthID:
     """SynthID processor: `generate(..., logits_processors=(SynthID(cfg.vocab_size, keys=(...), ngram_len=5),))`.
@@ -190,18 +229,21 @@ class SynthID:
         """g-values of every candidate next token after contexts ctx_BC [B, ngram_len - 1]."""
         return jnp.stack(self._next_token_layers(ctx_BC), axis=-1)
 
-    def _next_token_layers(self, ctx_BC) -> list:
+    def _next_token_layers(self, ctx_BC, as_bool: bool = False) -> list:
         low = _is_pow2(self.sampling_table_size)
         h = _ngram_hash(hashing.ones_like_hash(ctx_BC.shape[:1]), ctx_BC, low)
         h = tuple(x[:, None] for x in h)
         h = _ngram_hash(h, jnp.arange(self.vocab_size, dtype=jnp.int32)[None, :, None], low)
-        return _g_layers(h, self.keys, self.table)
+        if as_bool and low:
+            return _g_layers_packed(h[1], self.keys, self.sampling_table_size, self.table, as_bool=True)
+        layers = _g_layers(h, self.keys, self.table)
+        return [g != 0 for g in layers] if as_bool else layers
 
     def __call__(self, logits_BV: Float[Array, "B V"], tokens_BS, lengths_B) -> Float[Array, "B V"]:
         base.check_vocab("SynthID", self.vocab_size, logits_BV)
         C = self.ngram_len - 1
         ctx_BC, ok_B = base.decode_context(tokens_BS, lengths_B, C)
-        marked_BV = _tournament(logits_BV, self._next_token_layers(ctx_BC))
+        marked_BV = _tournament_bits(logits_BV, self._next_token_layers(ctx_BC, as_bool=True))
         repeated_B = base.repeated_decode_context(tokens_BS, lengths_B, C, self.context_history_size)
         keep_B = ok_B & ~repeated_B
         return jnp.where(keep_B[:, None], marked_BV, logits_BV)

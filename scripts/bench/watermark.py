@@ -11,12 +11,15 @@ SynthID processor's cost grows with vocab x depth); detection of 10k x 256 token
 Decode: one random model (d 256, 4 layers, vocab 4096), prompts of 16 tokens, 64 new tokens at temperature 1, no
 early stop. Each scheme is compiled once, then `--rounds` rounds of one unwatermarked call and one watermarked call
 (order alternating between rounds); a round's ratio is watermarked / unwatermarked wall seconds and the table gives
-the median ratio and its range. Detection: `--rows` x 256 random tokens (the prompt's 16 not scored), one call of
+the median ratio and its range, and the median ratio of the process's CPU seconds (steadier than wall time when
+other processes share the cores). Detection: `--rows` x 256 random tokens (the prompt's 16 not scored), one call of
 `detect` per scheme after a compiling call of the same shape; `transformers`' side runs in `--hf_python` (this file
 with `--hf_worker`): SynthID as `compute_g_values` + `compute_context_repetition_mask` + the mean score on the same
-tokens (batched torch) on the first `--hf_synthid_rows` rows, and KGW as `WatermarkDetector` (one row at a time
+tokens (batched torch) on the first `--hf_synthid_rows` rows, its `SynthIDTextWatermarkDetector` (the Bayesian
+detector's path) on the same rows beside Lumen's `detect_bayesian`, and KGW as `WatermarkDetector` (one row at a time
 in Python) on the first `--hf_kgw_rows` rows, each reported as rows/s (their green lists differ from Lumen's: the
-comparison is of throughput on the same token arrays).
+comparison is of throughput on the same token arrays). MarkLLM is not installed in the parity venv, so it is not
+compared.
 """
 
 from __future__ import annotations
@@ -57,6 +60,18 @@ def hf_worker(path: str, synthid_rows: int, kgw_rows: int) -> None:
     g = g[:, PROMPT - 4 :]
     score = (g * mask[..., None]).sum((1, 2)) / (g.shape[-1] * mask.sum(1))
     synthid_s = time.perf_counter() - t0
+    # The Bayesian path: SynthIDTextWatermarkDetector (EOS mask, repetition mask, g-values, BayesianDetectorModel;
+    # its weights untrained: the cost does not depend on them).
+    from transformers import BayesianDetectorConfig, BayesianDetectorModel, SynthIDTextWatermarkDetector
+
+    class _Tok:  # the detector reads only eos_token_id from its tokenizer
+        eos_token_id = 2
+
+    bayes = SynthIDTextWatermarkDetector(BayesianDetectorModel(BayesianDetectorConfig(len(KEYS))), proc, _Tok())
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        bayes(tokens)
+        bayes_s = time.perf_counter() - t0
     cfg = GenerationConfig(watermarking_config=WatermarkingConfig(greenlist_ratio=0.25, bias=2.0))
 
     class _Cfg:  # WatermarkDetector reads only these fields of the model config
@@ -71,6 +86,7 @@ def hf_worker(path: str, synthid_rows: int, kgw_rows: int) -> None:
             dict(
                 synthid_s=synthid_s,
                 synthid_rows=len(tokens),
+                bayes_s=bayes_s,
                 kgw_s=kgw_s,
                 kgw_rows=kgw_rows,
                 mean_score=float(score.float().mean()),
@@ -79,6 +95,10 @@ def hf_worker(path: str, synthid_rows: int, kgw_rows: int) -> None:
             )
         )
     )
+
+
+def _wanted(name: str, schemes: str) -> bool:
+    return not schemes or any(s.strip().lower() in name.lower() for s in schemes.split(","))
 
 
 def _decode_ratios(args, common):
@@ -98,8 +118,9 @@ def _decode_ratios(args, common):
         f"SynthID (depth {len(KEYS)}, n=5)": ("p", wm.SynthID(V, keys=KEYS, ngram_len=5)),
         "Gumbel (h=4)": ("s", wm.Gumbel(V, context_width=4)),
     }
+    schemes = {k: v for k, v in schemes.items() if _wanted(k, args.schemes)}
     rows = []
-    for batch in (1, 8):
+    for batch in args.batches:
         prompts = np.random.default_rng(0).integers(3, V, (batch, PROMPT)).astype(np.int32)
 
         def call(hook):
@@ -112,14 +133,16 @@ def _decode_ratios(args, common):
         for name, (kind, scheme) in schemes.items():
             hook = {"logits_processors": (scheme,)} if kind == "p" else {"sampler": scheme}
             call(hook)
-            ratios, base_s, mark_s = [], [], []
+            ratios, cpu_ratios, base_s, mark_s, base_cpu, mark_cpu = [], [], [], [], [], []
             for r in range(args.rounds):
-                order = [({}, base_s), (hook, mark_s)]
-                for h, sink in order if r % 2 == 0 else order[::-1]:
-                    t0 = time.perf_counter()
+                order = [({}, base_s, base_cpu), (hook, mark_s, mark_cpu)]
+                for h, sink, cpu_sink in order if r % 2 == 0 else order[::-1]:
+                    t0, c0 = time.perf_counter(), time.process_time()
                     call(h)
                     sink.append(time.perf_counter() - t0)
+                    cpu_sink.append(time.process_time() - c0)
                 ratios.append(mark_s[-1] / base_s[-1])
+                cpu_ratios.append(mark_cpu[-1] / base_cpu[-1])
             rows.append(
                 [
                     batch,
@@ -128,10 +151,13 @@ def _decode_ratios(args, common):
                     f"{batch * NEW / common.median(mark_s):.0f}",
                     f"{common.median(ratios):.2f}x",
                     f"{min(ratios):.2f}-{max(ratios):.2f}",
+                    f"{common.median(cpu_ratios):.2f}x",
                 ]
             )
             print(rows[-1], flush=True)
-    return common.markdown_table(["batch", "scheme", "plain tok/s", "marked tok/s", "median ratio", "range"], rows)
+    return common.markdown_table(
+        ["batch", "scheme", "plain tok/s", "marked tok/s", "median ratio", "range", "CPU-seconds ratio"], rows
+    )
 
 
 def _detection(args, common):
@@ -147,8 +173,14 @@ def _detection(args, common):
         f"SynthID depth {len(KEYS)}": wm.SynthID(V, keys=KEYS, ngram_len=5),
         "Gumbel": wm.Gumbel(V, context_width=4),
     }
+    schemes["SynthID Bayesian (trained-detector path)"] = "bayesian"
     rows = []
     for name, scheme in schemes.items():
+        if not _wanted(name, args.schemes):
+            continue
+        if scheme == "bayesian":
+            rows.append(_bayesian_detection(args, tokens, start, name))
+            continue
         kw = {"ignore_repeated_ngrams": True} if "repeats" in name else {}
         t0 = time.perf_counter()
         jax.block_until_ready(wm.detect(scheme, tokens, None, start, **kw))
@@ -189,6 +221,15 @@ def _detection(args, common):
         )
         rows.append(
             [
+                "transformers SynthIDTextWatermarkDetector (Bayesian; batched torch)",
+                hf["synthid_rows"],
+                "",
+                f"{hf['bayes_s']:.2f}",
+                f"{hf['synthid_rows'] / hf['bayes_s']:,.0f}",
+            ]
+        )
+        rows.append(
+            [
                 "transformers KGW WatermarkDetector (per row)",
                 hf["kgw_rows"],
                 "",
@@ -199,6 +240,30 @@ def _detection(args, common):
     return common.markdown_table(["detector", "rows", "first call s", "call s", "rows/s"], rows)
 
 
+def _bayesian_detection(args, tokens, start, name):
+    """`detect_bayesian` on the same rows: an untrained detector (the cost does not depend on its weights)
+    calibrated on the first 1000 rows."""
+    import jax
+    import jax.numpy as jnp
+
+    from framework import watermark as wm
+    from framework.watermark.bayesian import BayesianScorer
+
+    sid = wm.SynthID(V, keys=KEYS, ngram_len=5)
+    params = BayesianScorer(sid.depth, sid.g_rate).init(
+        jax.random.key(0), jnp.zeros((1, 8, sid.depth)), jnp.ones((1, 8), bool)
+    )
+    det = wm.BayesianSynthID(sid, jax.device_get(params)).calibrate((tokens[:1000], None, start[:1000]))
+    times = []
+    for _ in range(2):  # the first call compiles
+        t0 = time.perf_counter()
+        jax.block_until_ready(wm.detect_bayesian(det, tokens, None, start))
+        times.append(time.perf_counter() - t0)
+    row = [f"Lumen {name}", args.rows, f"{times[0]:.2f}", f"{times[1]:.2f}", f"{args.rows / times[1]:,.0f}"]
+    print(row, flush=True)
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
@@ -207,6 +272,10 @@ def main(argv=None):
     p.add_argument("--hf_synthid_rows", type=int, default=1000)
     p.add_argument("--hf_kgw_rows", type=int, default=200)
     p.add_argument("--no_hf", action="store_true")
+    p.add_argument("--schemes", default="", help="comma list of name parts to run (e.g. synthid,gumbel); all if empty")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    p.add_argument("--no_detection", action="store_true")
+    p.add_argument("--no_decode", action="store_true")
     p.add_argument("--no_record", action="store_true", help="print only; do not write BENCHMARKS.md")
     p.add_argument("--hf_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -217,8 +286,8 @@ def main(argv=None):
     from scripts.bench import common
 
     monitor = common.ContentionMonitor()
-    decode = _decode_ratios(args, common)
-    detection = _detection(args, common)
+    decode = "(not run)" if args.no_decode else _decode_ratios(args, common)
+    detection = "(not run)" if args.no_detection else _detection(args, common)
     body = (
         f"Decode ({PROMPT}-token prompts, {NEW} new tokens, temperature 1, vocab {V}; ratio = watermarked / "
         f"plain wall seconds per round, {args.rounds} alternating rounds):\n\n{decode}\n\nDetection of "

@@ -262,6 +262,97 @@ def arithmetic_study(args, out, workdir):
     out["arithmetic"] = dict(k=4, temperature=1.0, problems=len(problems), settings=res)
 
 
+BAYES_LENGTHS = (2, 4, 8, 16, 32, 64)
+
+
+def bayesian_study(args, out):
+    """SynthID's trained Bayesian detector vs the mean and weighted-mean scores: TPR at 1% FPR vs length."""
+    V = args.vocab
+    cfg, params = _random_model(V, 0)
+    scheme = _schemes(V)["synthid"]
+    n = args.bayes_rows
+    res = dict(rows_per_set=n, new_tokens=args.bayes_new, steps=args.bayes_steps, l2=args.bayes_l2, by_temperature={})
+    for temp in args.bayes_temperatures:
+        sets = {}
+        for i, name in enumerate(("train", "cal", "test")):
+            rng = np.random.default_rng(20 + i)
+            prompts = [rng.integers(3, V, int(k)).astype(np.int32) for k in rng.integers(4, 17, n)]
+            kw = dict(max_new_tokens=args.bayes_new, temperature=temp, stop_tokens=(), rng=jax.random.key(20 + i))
+            sets[f"{name}_clean"] = wm.join_generation(prompts, generate(params, cfg, prompts, **kw))
+            if name != "cal":
+                o = generate(params, cfg, prompts, logits_processors=(scheme,), **kw)
+                sets[f"{name}_marked"] = wm.join_generation(prompts, o)
+        t0 = time.time()
+        det = wm.fit_bayesian(
+            scheme, sets["train_marked"], sets["train_clean"], steps=args.bayes_steps, l2=args.bayes_l2
+        )
+        det = det.calibrate(sets["cal_clean"], min_rows=n // 2)
+        fit_s = time.time() - t0
+
+        def scores(kind, data, L):
+            toks, lens, start = data
+            lens = np.minimum(start + L, lens)
+            if kind == "bayesian":
+                d = wm.detect_bayesian(det, toks, lens, start)
+            else:
+                d = wm.detect(scheme, toks, lens, start, weighted=kind == "weighted_mean")
+            return np.asarray(d.score, np.float64), np.asarray(d.p_value, np.float64)
+
+        rows = {}
+        for L in BAYES_LENGTHS:
+            rows[L] = {}
+            for kind in ("mean", "weighted_mean", "bayesian"):
+                null, _ = scores(kind, sets["cal_clean"], L)
+                pos, p_pos = scores(kind, sets["test_marked"], L)
+                neg, p_neg = scores(kind, sets["test_clean"], L)
+                row = dict(auc=_auc(pos, neg))
+                for a in (0.01, 0.1):
+                    thr = np.quantile(null, 1 - a, method="higher")  # flag scores above the null's (1-a) quantile
+                    row[f"tpr_at_fpr_{a:g}"] = float((pos > thr).mean())
+                    row[f"measured_fpr_{a:g}"] = float((neg > thr).mean())
+                row["tpr_own_p_1e2"] = float((p_pos <= 0.01).mean())
+                row["fpr_own_p_1e2"] = float((p_neg <= 0.01).mean())
+                rows[L][kind] = row
+            print(
+                f"T={temp} L={L}",
+                {k: round(v["tpr_at_fpr_0.01"], 3) for k, v in rows[L].items()},
+                flush=True,
+            )
+        lik = det.params["params"]["likelihood"]
+        res["by_temperature"][str(temp)] = dict(
+            mean_surprisal_nats=float(-np.mean(np.asarray(o.logprobs))),
+            fit_seconds=fit_s,
+            beta=np.asarray(lik["beta"]).tolist(),
+            delta_abs_mean=float(
+                np.abs(np.tril(np.asarray(lik["delta"]), -1)).sum() / (scheme.depth * (scheme.depth - 1) / 2)
+            ),
+            prior_logit=float(det.params["params"]["prior_logit"]),
+            lengths=rows,
+        )
+    out["bayesian"] = res
+
+
+def bayesian_figure(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = list(res["by_temperature"])
+    fig, ax = plt.subplots(1, len(temps), figsize=(5.5 * len(temps), 4), squeeze=False)
+    for i, temp in enumerate(temps):
+        rows = res["by_temperature"][temp]["lengths"]
+        Ls = sorted(rows, key=int)
+        for kind, style in (("mean", "o-"), ("weighted_mean", "s--"), ("bayesian", "^-")):
+            ax[0, i].plot([int(L) for L in Ls], [rows[L][kind]["tpr_at_fpr_0.01"] for L in Ls], style, label=kind)
+        ax[0, i].set_xscale("log", base=2)
+        ax[0, i].set_xticks([int(L) for L in Ls], Ls)
+        ax[0, i].set(xlabel="generated tokens", ylabel="TPR at 1% FPR", ylim=(0, 1.02), title=f"SynthID, T={temp}")
+        ax[0, i].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _signal_by_entropy(params, cfg, scheme, joined):
     """Per generated token: the policy's entropy there, and the watermark statistic's excess over its null mean."""
     toks, lens, start = joined
@@ -338,7 +429,14 @@ def main(argv=None):
     p.add_argument("--span", type=int, default=50)
     p.add_argument("--ks_rows", type=int, default=4000)
     p.add_argument("--problems", type=int, default=200)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: high_entropy,calibration,arithmetic")
+    p.add_argument("--bayes_rows", type=int, default=512, help="rows in each of the train/calibration/test sets")
+    p.add_argument("--bayes_new", type=int, default=64)
+    p.add_argument("--bayes_steps", type=int, default=2000)
+    p.add_argument("--bayes_l2", type=float, default=1.0)
+    p.add_argument("--bayes_temperatures", type=lambda x: [float(t) for t in x.split(",")], default=[1.0, 0.5])
+    p.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: high_entropy,calibration,arithmetic,bayesian"
+    )
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     results = os.path.join(args.workdir, "results")
@@ -346,7 +444,13 @@ def main(argv=None):
     os.makedirs(os.path.join(args.workdir, "figures"), exist_ok=True)
     # One JSON per part, so parts may run as separate processes on the same workdir; the figure and the joined
     # results/watermark.json are made from whatever parts exist.
-    for part, fn in (("calibration", calibration), ("high_entropy", high_entropy), ("arithmetic", arithmetic_study)):
+    parts = (
+        ("calibration", calibration),
+        ("high_entropy", high_entropy),
+        ("arithmetic", arithmetic_study),
+        ("bayesian", bayesian_study),
+    )
+    for part, fn in parts:
         if part in skip:
             continue
         out = {"args": vars(args)}
@@ -356,7 +460,7 @@ def main(argv=None):
         with open(os.path.join(results, f"{part}.json"), "w") as f:
             json.dump(out, f, indent=1, default=float)
     joined = {}
-    for part in ("calibration", "high_entropy", "arithmetic"):
+    for part, _ in parts:
         path = os.path.join(results, f"{part}.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -368,6 +472,8 @@ def main(argv=None):
         json.dump(joined, f, indent=1)
     if "high_entropy" in joined:
         figure(joined, os.path.join(args.workdir, "figures", "watermark.png"))
+    if "bayesian" in joined:
+        bayesian_figure(joined["bayesian"], os.path.join(args.workdir, "figures", "watermark_bayesian.png"))
     print("wrote", os.path.join(results, "watermark.json"))
 
 
