@@ -6,7 +6,9 @@ Stages of `run(config, workdir)`:
 1. SFT (`config.sft.steps` > 0): the arithmetic LM trained for that many steps in `workdir/sft` (resumable), a
    partly right policy; steps = 0 starts from a random init (tests).
 2. Pairs: `prefopt.arithmetic_pairs` (gold trace vs one corrupted step; `config.pairs.flip_rate`, `length_skew`),
-   encoded once, shuffled once by the seed; batch i is chunk i mod (N // B): a pure function of (seed, i).
+   encoded once, shuffled once by the seed; batch i is chunk i mod (N // B): a pure function of (seed, i). Kind
+   "kto" unpairs them (2N rows: chosen desirable, rejected undesirable; each row's KL row is its prompt with another
+   prompt's completion) and trains with `prefopt.kto_loss` (z₀ from the batch's KL rows, detached, clamped >= 0).
 3. Preference training (`preference_task`, a `loop.Task`): each step scores chosen and rejected in one forward pass
    of the policy ([2B, T]) and, for kinds that use one, the frozen reference, then `prefopt.preference_loss`; every
    TRL metric is logged as train/<name>. The reference is the loop's frozen input (sharded like the LM), or, with
@@ -50,17 +52,33 @@ log = logging.getLogger(__name__)
 
 PAIR_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+KTO = "kto"  # the unpaired kind: rows (prompt, completion, desirable) and `prefopt.kto_loss`
+KTO_KEYS = ("tokens", "mask", "kl_tokens", "kl_mask", "desirable")
+KTO_REF_KEYS = ("ref_logps", "ref_kl_logps")
 
 
 # --------------------------------------------------------------------------------------------------- config
 def kinds(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The loss kinds of `config.pref.kind` ("sigmoid" or "sigmoid,sft")."""
+    """The loss kinds of `config.pref.kind` ("sigmoid", "sigmoid,sft", or "kto" for unpaired rows)."""
+    if config.pref.kind.strip() == KTO:
+        return (KTO,)
     return prefopt.kinds_of(tuple(k.strip() for k in config.pref.kind.split(",")))
 
 
+def kto_hparams(beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> dict[str, float]:
+    """KTO's hyper-parameters, checked: β > 0 and finite class weights λ_D, λ_U >= 0 (ValueError naming the field)."""
+    prefopt.check_hparams("sigmoid", {"beta": beta})
+    for name, v in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (np.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} = {v!r}; expected a finite number >= 0")
+    return dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+
+
 def loss_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The hyper-parameters `preference_loss` takes, from `config.pref`, checked."""
+    """The hyper-parameters the config's loss takes (`preference_loss`'s, or `kto_loss`'s), from `config.pref`."""
     p = config.pref
+    if kinds(config) == (KTO,):
+        return kto_hparams(p.beta, p.desirable_weight, p.undesirable_weight)
     h = dict(beta=p.beta, epsilon=p.epsilon, gamma=p.gamma, alpha=p.alpha, tau=p.tau)
     if p.weights is not None:
         h["weights"] = tuple(p.weights)
@@ -127,22 +145,24 @@ def reference_logps(params, cfg, tokens_BT, mask_BT):
 
 
 def _both(batch):
-    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
-    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    """[2B, T] tokens and masks the reference scores: chosen then rejected (pairs), or rows then KL rows (KTO)."""
+    a, b = ("chosen_", "rejected_") if "chosen_tokens" in batch else ("", "kl_")
+    tokens = jnp.concatenate([batch[f"{a}tokens"], batch[f"{b}tokens"]])
+    mask = jnp.concatenate([batch[f"{a}mask"], batch[f"{b}mask"]])
     return tokens, mask
 
 
 # ------------------------------------------------------------------------------------------------------ data
 @dataclasses.dataclass
 class PairData:
-    """Encoded pairs shuffled once by the seed and cut to whole batches; batch i = chunk i mod chunks."""
+    """Encoded pairs (or KTO rows) shuffled once by the seed and cut to whole batches; batch i = chunk i mod chunks."""
 
     arrays: dict[str, np.ndarray]
     batch_size: int
 
     @classmethod
     def make(cls, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int) -> PairData:
-        n = len(arrays["chosen_tokens"])
+        n = len(next(iter(arrays.values())))
         if n < batch_size:
             raise ValueError(f"{n} pairs are fewer than one batch of {batch_size}")
         order = np.random.default_rng([seed, 0x5EED]).permutation(n)[: n - n % batch_size]
@@ -150,7 +170,7 @@ class PairData:
 
     @property
     def chunks(self) -> int:
-        return len(self.arrays["chosen_tokens"]) // self.batch_size
+        return len(next(iter(self.arrays.values()))) // self.batch_size
 
     def chunk(self, i: int, keys) -> dict[str, np.ndarray]:
         j = (i % self.chunks) * self.batch_size
@@ -169,8 +189,9 @@ def _is_lora(x) -> bool:
 
 
 def precompute_reference(data: PairData, ref_params, cfg, mesh, rules, ref_logps_fn=reference_logps) -> None:
-    """Adds `ref_chosen_logps`/`ref_rejected_logps` columns to `data`: the reference scored once per chunk, under the
-    same mesh, shardings and batch composition as the train step (so training is bitwise that of on-the-fly)."""
+    """Adds `ref_chosen_logps`/`ref_rejected_logps` columns to `data` (KTO rows: `ref_logps`/`ref_kl_logps`): the
+    reference scored once per chunk, under the same mesh, shardings and batch composition as the train step (so
+    training is bitwise that of on-the-fly)."""
     shapes = jax.eval_shape(lambda: ref_params)
     if any(isinstance(x, peft.LoraWeight) for x in jax.tree.leaves(ref_params, is_leaf=_is_lora)):
         # Adapted params are the loop's frozen input, replicated (peft.adapter_task does the same).
@@ -184,14 +205,16 @@ def precompute_reference(data: PairData, ref_params, cfg, mesh, rules, ref_logps
         logps = ref_logps_fn(jax.lax.stop_gradient(ref), cfg, *_both(batch))
         return jnp.split(logps, 2)
 
+    kto = "chosen_tokens" not in data.arrays
+    keys, columns = (KTO_KEYS[:4], KTO_REF_KEYS) if kto else (PAIR_KEYS, REF_KEYS)
     out_w, out_l = [], []
     with sharding.rules_context(mesh, rules):
         for i in range(data.chunks):
-            batch = sharding.global_batch(data.chunk(i, PAIR_KEYS), mesh, data.batch_size, rules)
+            batch = sharding.global_batch(data.chunk(i, keys), mesh, data.batch_size, rules)
             w, l_ = jax.device_get(score(ref, batch))
             out_w.append(w), out_l.append(l_)
-    data.arrays["ref_chosen_logps"] = np.concatenate(out_w).astype(np.float32)
-    data.arrays["ref_rejected_logps"] = np.concatenate(out_l).astype(np.float32)
+    data.arrays[columns[0]] = np.concatenate(out_w).astype(np.float32)
+    data.arrays[columns[1]] = np.concatenate(out_l).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------------ task
@@ -212,14 +235,25 @@ def preference_task(
 ) -> loop.Task:
     """The `loop.Task` that trains `policy_params` (or LoRA adapters on them) on `data` with a preference loss.
 
-    The reference is `policy_params` as given (frozen). `ref_logps_fn(params, cfg, tokens_BT, mask_BT) -> [B]`
+    `kind` is a paired kind (or list) of `prefopt.KINDS` on pair data (`encode_pairs`' arrays), or "kto" on unpaired
+    rows (`encode_kto`'s arrays; `hparams` = beta, desirable_weight, undesirable_weight): each KTO step scores its rows
+    and, without gradient, its mismatched KL rows under the policy and the reference, for `prefopt.kto_loss`. The
+    reference is `policy_params` as given (frozen). `ref_logps_fn(params, cfg, tokens_BT, mask_BT) -> [B]`
     scores the reference (replace it to count or forbid reference passes). `precompute_ref_logps` needs `mesh` and
     `rules` (those of `loop.train`'s config) and adds the cached columns to `data`. `data_stats` (e.g. the dropped
     row counts of `encode_pairs`) are logged as constant `data/<name>` metrics.
     """
-    kinds_ = prefopt.kinds_of(kind)
-    h = {k: v for k, v in prefopt.check_hparams(kinds_, hparams).items() if v is not None}
-    uses_ref = prefopt.needs_reference(kinds_)
+    kto = kind == KTO or tuple(kind) == (KTO,)
+    if kto:
+        kinds_, h, uses_ref = (KTO,), kto_hparams(**hparams), True
+        if "tokens" not in data.arrays:
+            raise ValueError(f"kind = {KTO!r} trains on unpaired rows; expected `encode_kto` arrays in data")
+    else:
+        kinds_ = prefopt.kinds_of(kind)
+        h = {k: v for k, v in prefopt.check_hparams(kinds_, hparams).items() if v is not None}
+        uses_ref = prefopt.needs_reference(kinds_)
+        if "chosen_tokens" not in data.arrays:
+            raise ValueError(f"kind = {kind!r} trains on pairs; expected `encode_pairs` arrays in data")
     cached = uses_ref and precompute_ref_logps
     if lora is not None:
         adapted = peft.add_adapters(
@@ -230,8 +264,21 @@ def preference_task(
             raise ValueError("precompute_ref_logps needs the training mesh and rules (mesh=, rules=)")
         ref = adapted if lora is not None else policy_params
         precompute_reference(data, ref, model_cfg, mesh, rules, ref_logps_fn)
-    keys = PAIR_KEYS + (REF_KEYS if cached else ())
+    keys = (KTO_KEYS + (KTO_REF_KEYS if cached else ())) if kto else (PAIR_KEYS + (REF_KEYS if cached else ()))
     consts = {f"data/{k}": float(v) for k, v in (data_stats or {}).items() if k.startswith("dropped")}
+
+    def kto_loss_fn(params, batch, frozen=None):
+        policy = peft.set_adapters(frozen["adapted"], params) if lora is not None else params
+        logps = policy_stats(policy, model_cfg, batch["tokens"], batch["mask"])[0]
+        # z0's policy side carries no gradient (kto_loss detaches it): a separate forward with no backward pass
+        kl_logps = policy_stats(jax.lax.stop_gradient(policy), model_cfg, batch["kl_tokens"], batch["kl_mask"])[0]
+        if cached:
+            ref, ref_kl = batch["ref_logps"], batch["ref_kl_logps"]
+        else:
+            ref_params = frozen["adapted"] if lora is not None else frozen["ref"]
+            ref, ref_kl = jnp.split(ref_logps_fn(ref_params, model_cfg, *_both(batch)), 2)
+        loss_B, metrics = prefopt.kto_loss(logps, ref, batch["desirable"], kl_logps, ref_kl, **h)
+        return jnp.mean(loss_B), metrics | {k: jnp.float32(v) for k, v in consts.items()}
 
     def loss_fn(params, batch, frozen=None):
         policy = peft.set_adapters(frozen["adapted"], params) if lora is not None else params
@@ -255,11 +302,18 @@ def preference_task(
             rejected_logits_sum_B=sl,
             **h,
         )
-        return jnp.mean(loss_B), metrics | {k: jnp.float32(v) for k, v in consts.items()}
+        # summed log-probs for every kind (reference-free kinds log length-averaged `logps/*`, as TRL does)
+        sums = {"sum_logps/chosen": jnp.mean(lw), "sum_logps/rejected": jnp.mean(ll)}
+        return jnp.mean(loss_B), metrics | sums | {k: jnp.float32(v) for k, v in consts.items()}
 
-    T = data.arrays["chosen_tokens"].shape[1]
-    passes = 3.0 + (1.0 if uses_ref and not cached else 0.0)  # fwd+bwd of the policy, + the reference's fwd
-    flops = lm.flops_per_token(model_cfg, T, training=False) * 2 * T * passes
+    T = data.arrays["tokens" if kto else "chosen_tokens"].shape[1]
+    if kto:  # per row: the policy's fwd+bwd, its KL rows' fwd, and the reference's fwd of both
+        passes = 4.0 + (2.0 if not cached else 0.0)
+        flops = lm.flops_per_token(model_cfg, T, training=False) * T * passes
+        loss_fn = kto_loss_fn
+    else:  # per pair: fwd+bwd of the policy on both sides, + the reference's fwd
+        passes = 3.0 + (1.0 if uses_ref and not cached else 0.0)
+        flops = lm.flops_per_token(model_cfg, T, training=False) * 2 * T * passes
     batches = lambda start, rows=None: data.batches(start, keys, rows)  # noqa: E731
     if lora is not None:
         adapters = peft.adapter_params(adapted)
@@ -311,8 +365,9 @@ def sft_policy(config: ml_collections.ConfigDict, workdir: str):
     return jax.device_get(loop.train(c, os.path.join(workdir, "sft"), task).params)
 
 
-def make_pairs(config: ml_collections.ConfigDict, split: str, n: int):
-    """(encoded arrays, stats) of the config's arithmetic pairs on `split` (held-out pairs are clean)."""
+def make_pairs(config: ml_collections.ConfigDict, split: str, n: int, *, unpaired: bool = False):
+    """(encoded arrays, stats) of the config's arithmetic pairs on `split` (held-out pairs are clean); `unpaired`:
+    the same pairs as 2n KTO rows (chosen desirable, rejected undesirable; `prefopt.kto_rows`, `encode_kto`)."""
     noisy = split == "train"
     pairs, stats = prefopt.arithmetic_pairs(
         config.seed,
@@ -322,7 +377,10 @@ def make_pairs(config: ml_collections.ConfigDict, split: str, n: int):
         length_skew=config.pairs.length_skew,
         **task_knobs(config),
     )
-    arrays, counts = prefopt.encode_pairs(pairs, "arith", config.train.seq_len)
+    if unpaired:
+        arrays, counts = prefopt.encode_kto(prefopt.kto_rows(pairs), "arith", config.train.seq_len)
+    else:
+        arrays, counts = prefopt.encode_pairs(pairs, "arith", config.train.seq_len)
     return arrays, stats | counts
 
 
@@ -371,7 +429,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, start_params=None, s
     """
     model_cfg = validate(config)
     start = sft_policy(config, workdir) if start_params is None else start_params
-    arrays, stats = make_pairs(config, "train", config.pairs.n)
+    kto = kinds(config) == (KTO,)
+    arrays, stats = make_pairs(config, "train", config.pairs.n, unpaired=kto)
     data = PairData.make(arrays, config.train.batch_size, config.seed)
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config.mesh)
     h = loss_hparams(config)
@@ -393,14 +452,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, start_params=None, s
     state = loop.train(config, workdir, task)
     params = trained_policy(task, jax.device_get(state.params))
     eval_arrays, _ = make_pairs(config, "eval", config.pairs.eval_n)
-    hk = {k: v for k, v in h.items() if v is not None}
+    # KTO's held-out pairs are scored by its implicit reward β·(logπ − logπ_ref), as DPO's are
+    eval_kind, hk = (("sigmoid",), {"beta": h["beta"]}) if kto else (kinds(config), h)
+    hk = {k: v for k, v in hk.items() if v is not None}
     results = {
         "step": int(state.step),
         "kind": list(kinds(config)),
         "data": stats,
         "sft": greedy_eval(start, model_cfg, config) if sft_eval is None else sft_eval,
         "policy": greedy_eval(params, model_cfg, config),
-        "heldout_pairs": pair_eval(params, start, model_cfg, eval_arrays, kinds(config), hk),
+        "heldout_pairs": pair_eval(params, start, model_cfg, eval_arrays, eval_kind, hk),
     }
     if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "results"), exist_ok=True)

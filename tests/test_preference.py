@@ -8,6 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs.preference.common import preference_experiment
 from experiments import preference
@@ -35,11 +36,28 @@ def setup():
 
 
 def _train(
-    setup, tmp_path, *, kind="sigmoid", precompute=False, lora=None, ref_fn=preference.reference_logps, one=False, **h
+    setup,
+    tmp_path,
+    *,
+    kind="sigmoid",
+    precompute=False,
+    lora=None,
+    ref_fn=preference.reference_logps,
+    one=False,
+    arrays=None,
+    mesh=None,
+    specs=None,
+    **h,
 ):
-    """Three steps of `preference_task` on the loop, data-parallel over 2 devices (or on one: cheaper to compile)."""
-    config, model_cfg, params, arrays, stats = setup
+    """Three steps of `preference_task` on the loop, data-parallel over 2 devices (or on one: cheaper to compile; or
+    on the devices of `mesh`, {data, fsdp, tensor} sizes). `specs` (a dict) gets the trained params' mesh specs."""
+    config, model_cfg, params, pair_arrays, stats = setup
+    arrays = pair_arrays if arrays is None else arrays
     devices = jax.devices()[: 1 if one else 2]
+    if mesh is not None:
+        config = config.copy_and_resolve_references()
+        config.mesh.update(mesh)
+        devices = jax.devices()[: int(np.prod(list(mesh.values())))]
     data = preference.PairData.make(arrays, config.train.batch_size, config.seed)
     mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules_from_config(config.mesh)
     task = preference.preference_task(
@@ -56,13 +74,33 @@ def _train(
         data_stats=stats,
     )
     state = loop.train(config, str(tmp_path), task, devices=devices)
+    if specs is not None:
+        specs.update(jax.tree.map(lambda x: x.sharding.spec, state.params))
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return task, jax.device_get(state.params), [m for m in metrics if "train/loss" in m]
 
 
-def test_precomputed_reference_trains_bitwise_like_on_the_fly(setup, tmp_path):
-    _, p_fly, m_fly = _train(setup, tmp_path / "fly")
-    task, p_pre, m_pre = _train(setup, tmp_path / "pre", precompute=True)
+FSDP_TP = dict(data=1, fsdp=2, tensor=2)
+
+
+@pytest.fixture(scope="module")
+def fly_run(setup, tmp_path_factory):
+    """DPO, reference on the fly, FSDP x TP over 2 x 2 devices (the rules table's shardings), and its param specs."""
+    specs = {}
+    return _train(setup, tmp_path_factory.mktemp("fly"), mesh=FSDP_TP, specs=specs), specs
+
+
+def _strip(spec):  # trailing None axes dropped
+    return P(*tuple(spec)[: max([i + 1 for i, a in enumerate(spec) if a is not None], default=0)])
+
+
+@pytest.mark.slow  # two train-step compiles on 4 devices (~13 s CPU): pays for the notebook in `make test`
+def test_precomputed_reference_trains_bitwise_like_on_the_fly_under_fsdp_tp(setup, fly_run, tmp_path):
+    (_, p_fly, m_fly), specs = fly_run
+    # sharded as the rules table says (batch over fsdp, weights over fsdp x tensor), not silently replicated
+    assert _strip(specs["layers"]["attn"]["q_proj"]["kernel"]) == P(None, "fsdp", "tensor")
+    assert _strip(specs["layers"]["mlp"]["up_proj"]["kernel"]) == P(None, "fsdp", "tensor")
+    task, p_pre, m_pre = _train(setup, tmp_path / "pre", precompute=True, mesh=FSDP_TP)
     assert task.frozen is None  # one model in the step: the reference is only its cached columns
     # step 1: policy == reference, so Δ = 0 and the DPO loss is log 2, rewards 0
     assert m_fly[0]["train/loss"] == pytest.approx(np.log(2.0), abs=1e-6)
@@ -75,12 +113,77 @@ def test_precomputed_reference_trains_bitwise_like_on_the_fly(setup, tmp_path):
     assert "train/logits/chosen" in m_fly[0] and "train/data/dropped_identical" in m_fly[0]
 
 
-def test_reference_free_kinds_never_run_the_reference(setup, tmp_path):
+def _assert_same_training(a, b):
+    """Same logged losses, margins, chosen log-probs and gradient norms at every step, and the same trained params,
+    within fp32 tolerance.
+
+    Params are compared per tensor in norm (relative 1e-4), not per element: Adam divides each gradient element by
+    its own scale, so an element whose gradient is near fp32 rounding of the reduction moves by a sizeable fraction
+    of its (lr 1e-2) step, while a mis-sharded step (an unreduced gradient, a wrong shard) is off by O(1)."""
+    (_, pa, ma), (_, pb, mb) = a, b
+    for key in ("train/loss", "train/rewards/margins", "train/logps/chosen", "train/grad_norm"):
+        np.testing.assert_allclose([m[key] for m in ma], [m[key] for m in mb], rtol=1e-5, atol=1e-6, err_msg=key)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree.leaves(pb)):
+        err = np.linalg.norm(np.asarray(x) - np.asarray(y)) / np.linalg.norm(np.asarray(y))
+        assert err <= 1e-4, (jax.tree_util.keystr(path), err)
+
+
+@pytest.fixture(scope="module")
+def one_run(setup, tmp_path_factory):
+    return _train(setup, tmp_path_factory.mktemp("one"), one=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode,precompute,q_spec",
+    [
+        (FSDP_TP, False, P(None, "fsdp", "tensor")),
+        (dict(data=1, fsdp=4, tensor=1), False, P(None, "fsdp")),
+        (dict(data=1, fsdp=1, tensor=4), True, P(None, None, "tensor")),
+        (dict(data=2, fsdp=1, tensor=1), False, P()),
+    ],
+    ids=["fsdp2_tp2", "fsdp4", "tp4_precomputed", "dp2"],
+)
+def test_sharded_steps_equal_the_one_device_step(setup, fly_run, one_run, tmp_path, mode, precompute, q_spec):
+    """DP, FSDP, TP and FSDP x TP (rules table) train like one device, within fp32 tolerance."""
+    specs = {}
+    run = fly_run[0] if mode is FSDP_TP else _train(setup, tmp_path, mesh=mode, precompute=precompute, specs=specs)
+    _assert_same_training(run, one_run)
+    assert _strip((fly_run[1] if mode is FSDP_TP else specs)["layers"]["attn"]["q_proj"]["kernel"]) == q_spec
+
+
+def _task(setup, kind="sigmoid", **kw):
+    """A `preference_task` on one device and its first batch (for checks that trace or evaluate one step)."""
+    config, model_cfg, params, arrays, _ = setup
+    data = preference.PairData.make(arrays, config.train.batch_size, config.seed)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    task = preference.preference_task(
+        model_cfg, params, data, kind=kind, mesh=mesh, rules=sharding.rules_from_config(config.mesh), **kw
+    )
+    return task, next(task.batches(0))
+
+
+def test_reference_free_kinds_never_run_the_reference(setup):
+    """Building the task (precompute on) and tracing its step never call the reference for SimPO/ORPO; DPO's does."""
+
     def forbidden(*a, **k):
         raise AssertionError("a reference-free kind ran a reference forward pass")
 
-    task, _, metrics = _train(setup, tmp_path, kind="simpo", ref_fn=forbidden, precompute=True, one=True, beta=2.0)
-    assert task.frozen is None and len(metrics) == 3
+    params = setup[2]
+    for kind, beta in (("simpo", 2.0), ("orpo", 0.1)):
+        task, batch = _task(setup, kind, hparams=dict(beta=beta), precompute_ref_logps=True, ref_logps_fn=forbidden)
+        assert task.frozen is None and not set(preference.REF_KEYS) & set(batch)
+        loss, metrics = jax.eval_shape(task.loss_fn, params, batch)
+        assert loss.shape == () and "rewards/margins" in metrics
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return preference.reference_logps(*a, **k)
+
+    task, batch = _task(setup, hparams=dict(beta=0.1), ref_logps_fn=counting)
+    jax.eval_shape(task.loss_fn, params, batch, task.frozen)
+    assert calls and set(task.frozen) == {"ref"}
 
 
 @pytest.mark.slow
@@ -100,7 +203,56 @@ def test_orpo_is_reference_free_and_kinds_with_a_reference_call_it(setup, tmp_pa
     assert calls  # a kind with a reference does call it (traced once into the step)
 
 
-def test_lora_reference_is_the_base_with_adapters_off(setup, tmp_path):
+def _kto_arrays(setup):
+    config = setup[0]
+    arrays, stats = preference.make_pairs(config, "train", config.pairs.n, unpaired=True)
+    assert stats["rows"] == 2 * config.pairs.n and arrays["desirable"].sum() == config.pairs.n
+    return {k: v[: 2 * config.train.batch_size] for k, v in arrays.items()}  # two batches: steps 1, 3 see one
+
+
+def test_kto_step_on_unpaired_rows(setup):
+    """KTO's step at the start: policy == reference, so ρ = 0, z0 = 0, every row's loss is 1 − σ(0) = 0.5."""
+    config, model_cfg, params = setup[:3]
+    data = preference.PairData.make(_kto_arrays(setup), config.train.batch_size, config.seed)
+    task = preference.preference_task(model_cfg, params, data, kind="kto", hparams=dict(beta=0.1))
+    assert set(task.frozen) == {"ref"}
+    batch = next(task.batches(0))
+    assert set(batch) == set(preference.KTO_KEYS)
+    loss, metrics = jax.jit(task.loss_fn)(params, batch, task.frozen)
+    assert float(loss) == pytest.approx(0.5, abs=1e-6) and float(metrics["kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(metrics["count/chosen"] + metrics["count/rejected"]) == config.train.batch_size
+    pairs = preference.PairData.make(setup[3], config.train.batch_size, config.seed)
+    with pytest.raises(ValueError, match="unpaired rows"):
+        preference.preference_task(model_cfg, params, pairs, kind="kto", hparams=dict(beta=0.1))
+
+
+@pytest.mark.slow
+def test_kto_trains_on_unpaired_rows(setup, tmp_path):
+    task, _, metrics = _train(setup, tmp_path, kind="kto", arrays=_kto_arrays(setup), one=True, beta=0.1)
+    assert metrics[0]["train/loss"] == pytest.approx(0.5, abs=1e-6)
+    assert metrics[0]["train/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics[2]["train/loss"] < metrics[0]["train/loss"]  # it learns (same batch at steps 1 and 3)
+    assert metrics[2]["train/rewards/margins"] > 0.0
+    assert all(m["train/kl"] >= 0.0 for m in metrics)  # z0 is clamped at 0
+    pre, _, m_pre = _train(setup, tmp_path / "pre", kind="kto", arrays=_kto_arrays(setup), one=True, precompute=True)
+    assert pre.frozen is None and [m["train/loss"] for m in m_pre] == [m["train/loss"] for m in metrics]
+
+
+def test_lora_reference_is_the_base_with_adapters_off(setup):
+    """One evaluation of the step's loss: the adapters start at B = 0, so the policy is its reference (DPO loss log 2)
+    and the base is held once, as the frozen input both share."""
+    task, batch = _task(setup, hparams=dict(beta=0.1), lora=peft.LoraConfig(rank=4, alpha=8.0))
+    assert set(task.frozen) == {"adapted"}
+    adapters = task.init_params(None)
+    loss, metrics = jax.jit(task.loss_fn)(adapters, batch, task.frozen)
+    assert float(loss) == pytest.approx(np.log(2.0), abs=1e-6) and float(metrics["rewards/margins"]) == 0.0
+    merged = preference.trained_policy(task, adapters)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(setup[2])):
+        np.testing.assert_array_equal(a, b)  # B = 0: merging changes nothing
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_with_the_base_as_reference(setup, tmp_path):
     task, adapters, metrics = _train(setup, tmp_path, lora=peft.LoraConfig(rank=4, alpha=8.0), one=True)
     assert set(task.frozen) == {"adapted"}  # the base once: policy and reference share it
     assert metrics[0]["train/loss"] == pytest.approx(np.log(2.0), abs=1e-6)  # adapters start at B = 0
@@ -124,6 +276,21 @@ def test_bad_config_names_the_key(setup):
     c.pairs.n = 4
     with pytest.raises(config_lib.ConfigError, match="pairs.n"):
         preference.validate(c)
+    for key, value in (("desirable_weight", -1.0), ("undesirable_weight", float("nan")), ("beta", 0.0)):
+        c = config.copy_and_resolve_references()
+        c.pref.kind = "kto"
+        c.pref[key] = value
+        with pytest.raises(config_lib.ConfigError, match=key):
+            preference.validate(c)
+
+
+def test_kto_config_validates():
+    from configs.preference import kto
+
+    c = kto.get_config("lr=3e-5,undesirable_weight=1.5")
+    preference.validate(c)
+    assert preference.kinds(c) == ("kto",) and c.train.batch_size == 32
+    assert preference.loss_hparams(c) == dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.5)
 
 
 def test_pairs_kind_list_parses(setup):

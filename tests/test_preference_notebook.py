@@ -1,4 +1,4 @@
-"""Executes notebooks/preference.ipynb end to end at tiny scale (LUMEN_NOTEBOOK_QUICK=1)."""
+"""Executes notebooks/preference.ipynb end to end at tiny scale (LUMEN_NOTEBOOK_QUICK=1: ~20 s of CPU)."""
 
 import os
 import re
@@ -14,7 +14,6 @@ from tests.test_notebook import NOTEBOOK, _kernel_manager, _text_outputs  # noqa
 PREF_NOTEBOOK = NOTEBOOK.parent / "preference.ipynb"
 
 
-@pytest.mark.slow
 def test_preference_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("LUMEN_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

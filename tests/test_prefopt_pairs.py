@@ -80,9 +80,12 @@ def test_kto_rows_unpair_and_kl_rows_mismatch():
     arrays, stats = prefopt.encode_kto(rows + [("Q 01+01\n", "", True)], "arith", seq_len=64)
     assert stats == dict(rows=8, dropped_empty=1)
     assert arrays["desirable"].tolist() == [1, 0] * 4
-    # the KL row i is row i's prompt with row i+1's completion
-    m0, k0 = arrays["mask"][1] > 0, arrays["kl_mask"][0] > 0
-    np.testing.assert_array_equal(arrays["tokens"][1][m0], arrays["kl_tokens"][0][k0])
+    # the KL row i is row i's prompt with the completion of the next row of another prompt (rows 0, 1 share one)
+    for i, j in ((0, 2), (1, 2), (7, 0)):
+        m, k = arrays["mask"][j] > 0, arrays["kl_mask"][i] > 0
+        np.testing.assert_array_equal(arrays["tokens"][j][m], arrays["kl_tokens"][i][k])
+        start = int(np.argmax(arrays["mask"][i] > 0))  # BOS + row i's prompt come first
+        np.testing.assert_array_equal(arrays["tokens"][i][:start], arrays["kl_tokens"][i][:start])
 
 
 def test_bad_knobs_name_the_field():

@@ -29,13 +29,15 @@ def preference_experiment(*, size: str = "tiny", kind: str = "sigmoid", seed: in
     )
     config.pref = ml_collections.ConfigDict(
         dict(
-            kind=kind,  # one of framework.prefopt.KINDS, or several joined by "," (weighted by `weights`)
+            kind=kind,  # one of framework.prefopt.KINDS, several joined by "," (weighted by `weights`), or "kto"
             weights=config_dict.placeholder(tuple),
             beta=0.1,
             epsilon=0.0,
             gamma=0.5,
             alpha=0.0,
             tau=0.05,
+            desirable_weight=1.0,  # KTO's λ_D and λ_U (kind "kto": unpaired rows, train.batch_size rows a step)
+            undesirable_weight=1.0,
             precompute_ref_logps=False,  # reference log-probs computed once and cached as dataset columns
             lora_rank=0,  # > 0: train LoRA adapters; the reference is the base with adapters at their zero init
             lora_alpha=16.0,

@@ -3,7 +3,8 @@
 COMMAND: .venv/bin/python -m scripts.reproduce.preference --workdir=runs/preference_study
   (the study script runs this config's SFT once per seed and then every arm; one arm alone:
   .venv/bin/python -m scripts.launch --config=configs/preference/study.py:kind=ipo --workdir=runs/pref_ipo)
-RUNTIME: one arm ~1-2 min on a 2-core CPU after the SFT stage (~1-3 min, stopped at held-out token accuracy 0.95).
+RUNTIME: one arm ~15 s of CPU after the SFT stage (~1-3 min, stopped at held-out token accuracy 0.95); 1-3 min of
+  wall time on a loaded 2-core CPU.
 EXPECT: see docs/results/preference.md.
 """
 

@@ -206,15 +206,19 @@ def encode_kto(
     too_long: str = "error",
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Arrays for KTO: tokens/mask [N, T], desirable [N], and kl_tokens/kl_mask [N, T] pairing each prompt with the
-    next row's completion (the mismatched pairs of the KL estimate z₀). Empty completions are dropped and counted."""
+    completion of the next row that has a different prompt (cyclically; the mismatched pairs of the KL estimate z₀:
+    `kto_rows` puts a pair's two rows next to each other, and a matched prompt would not estimate the KL). Empty
+    completions are dropped and counted."""
     tok = get_tokenizer(tokenizer)
     kept = [r for r in rows if r[1]]
     stats = dict(rows=len(kept), dropped_empty=len(rows) - len(kept))
     if len(kept) < 2:
         raise ValueError(f"encode_kto: {len(kept)} usable rows; expected >= 2 (the KL estimate pairs rows)")
+    n = len(kept)
     out: dict[str, list] = {k: [] for k in ("tokens", "mask", "kl_tokens", "kl_mask")}
     for i, (prompt, completion, _) in enumerate(kept):
-        for prefix, c in (("", completion), ("kl_", kept[(i + 1) % len(kept)][1])):
+        j = next((j % n for j in range(i + 1, i + n) if kept[j % n][0] != prompt), (i + 1) % n)
+        for prefix, c in (("", completion), ("kl_", kept[j][1])):
             ex = data.encode_text_example((prompt, c), tok, seq_len, "completion", too_long)
             out[f"{prefix}tokens"].append(ex["tokens"])
             out[f"{prefix}mask"].append(ex["loss_mask"])

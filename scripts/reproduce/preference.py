@@ -1,19 +1,20 @@
-"""The preference study: DPO-family kinds at matched steps on arithmetic pairs, with per-kind LR sweeps, label noise
-and length-skewed pairs, two seeds.
+"""The preference study: the DPO family at matched steps on arithmetic pairs, each kind at its own tuned learning
+rate, two seeds, with label-noise and length-skew arms.
 
   .venv/bin/python -m scripts.reproduce.preference --workdir=runs/preference_study
 
 Setting (configs/preference/study.py): the tiny LM SFT'd on mod-10 chains with K = 1..5 until its held-out token
 accuracy reaches 0.95 (a partly right policy, once per seed in <workdir>/sft_s<seed>), then each arm trains the same
-number of steps on (gold trace, one-corrupted-step trace) pairs with the SFT policy as reference:
-1. LR sweep per kind (--kinds; --lrs for the first, --lrs_other for the rest) on the first seed; the LR kept is the
-   one with the best held-out exact match (mean over K), marked "(edge)" when it is the smallest or largest swept
-   (not bracketed; always so for a one-value grid).
+number of steps on (gold trace, one-corrupted-step trace) pairs with the SFT policy as reference (KTO: the same pairs
+unpaired, twice the rows per step, so every kind sees the same completions per step):
+1. LR sweep per kind (--kinds) on the first seed: --lrs, extended by one grid point (×√10) past whichever end holds
+   the best held-out exact match (mean over K), up to --extend times; the LR kept is the best, marked "edge" when it
+   is still the smallest or largest swept (not bracketed).
 2. The other seeds at each kind's kept LR.
 3. Label noise: --flips of the training labels swapped, for --noise_kinds (cdpo and robust with ε = the flip rate),
-   at their kept LR, every seed.
-4. Length bias: chosen completions padded with --skew filler characters after the answer line, for --length_kinds;
-   measured as the mean characters a greedy completion has beyond the gold solution.
+   every seed, at the matched LR (the first noise kind's kept LR) and at each kind's own kept LR, plus --noise_lrs.
+4. Length bias: chosen completions padded with --skew filler characters after the answer line, for --length_kinds
+   at their kept LR; measured as the mean characters a greedy completion has beyond the gold solution.
 Every run is `experiments.preference.run` in <workdir>/runs/<arm>/ (resumable: a finished run's results are read
 back). Writes <workdir>/results/preference.json and <workdir>/figures/preference.png.
 """
@@ -21,6 +22,7 @@ back). Writes <workdir>/results/preference.json and <workdir>/figures/preference
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -33,19 +35,34 @@ from experiments import preference
 from framework.models import lm
 
 flags.DEFINE_string("workdir", "runs/preference_study", "where runs, results and figures go")
-flags.DEFINE_list("kinds", ["sigmoid", "ipo", "cdpo", "robust", "hinge", "simpo", "orpo"], "kinds compared")
-flags.DEFINE_list("lrs", ["3e-5", "1e-4", "3e-4", "1e-3"], "learning rates swept for the first kind (first seed)")
-flags.DEFINE_list("lrs_other", None, "learning rates swept for the other kinds (default: --lrs)")
+flags.DEFINE_list(
+    "kinds", ["sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "alphadpo", "kto"], "kinds compared"
+)
+flags.DEFINE_list("lrs", ["3e-5", "1e-4", "3e-4"], "learning rates swept per kind (first seed), before extension")
+flags.DEFINE_integer("extend", 2, "grid points added past an edge that holds the best exact match, at most")
+flags.DEFINE_bool("extend_down", True, "also extend below the smallest LR (towards the SFT policy itself)")
 flags.DEFINE_list("seeds", ["1", "2"], "seeds (SFT policy, data order, held-out problems)")
 flags.DEFINE_list("flips", ["0.2", "0.4"], "label flip rates of the noise arm (0 comes from the sweep)")
-flags.DEFINE_list("noise_kinds", ["sigmoid", "cdpo", "robust"], "kinds of the noise arm")
+flags.DEFINE_list(
+    "noise_kinds", ["sigmoid", "cdpo", "robust"], "kinds of the noise arm (the first sets the matched LR)"
+)
+flags.DEFINE_list("noise_lrs", [], "extra learning rates of the noise arm (every noise kind, clean and noisy)")
+flags.DEFINE_bool("noise_tuned", True, "run the noise arm at the matched and each kind's own kept LR too")
 flags.DEFINE_list("length_kinds", ["sigmoid", "simpo", "orpo"], "kinds of the length arm")
+flags.DEFINE_list("length_lrs", [], "extra learning rates of the length arm (besides each kind's kept LR)")
 flags.DEFINE_integer("skew", 8, "filler characters added to the chosen completions in the length arm")
 flags.DEFINE_integer("steps", 150, "preference steps of every arm")
 flags.DEFINE_integer("problems_per_k", 64, "held-out problems per K")
+flags.DEFINE_bool("report_only", False, "summarise the finished runs of <workdir> (a partial study) without training")
 FLAGS = flags.FLAGS
 
-KIND_HPARAMS = {"cdpo": dict(epsilon=0.1), "robust": dict(epsilon=0.1), "simpo": dict(beta=2.0, gamma=0.5)}
+KIND_HPARAMS = {
+    "cdpo": dict(epsilon=0.1),
+    "robust": dict(epsilon=0.1),
+    "simpo": dict(beta=2.0, gamma=0.5),
+    "alphadpo": dict(beta=2.0, gamma=0.5, alpha=0.2),
+}
+KTO_ROWS_PER_PAIR = 2  # a KTO step takes 2x the pair batch in rows: the same completions per step as a paired kind
 
 
 def arm_config(kind: str, seed: int, lr: float, *, flip: float = 0.0, skew: int = 0):
@@ -57,6 +74,8 @@ def arm_config(kind: str, seed: int, lr: float, *, flip: float = 0.0, skew: int 
     config.pairs.update(flip_rate=flip, length_skew=skew)
     for k, v in KIND_HPARAMS.get(kind, {}).items():
         config.pref[k] = v
+    if kind == preference.KTO:
+        config.train.batch_size *= KTO_ROWS_PER_PAIR
     if flip and kind in ("cdpo", "robust"):
         config.pref.epsilon = min(flip, 0.45)  # the noise model's ε at the true flip rate
     config.lock()
@@ -69,9 +88,21 @@ def exact(results) -> float:
 
 
 class Study:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, report_only: bool = False):
         self.workdir = workdir
+        self.report_only = report_only
         self.sft: dict[int, tuple] = {}
+
+    def done(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.workdir, "runs", name, "results", "preference.json"))
+
+    def finished_lrs(self, kind: str, seed: int) -> list[float]:
+        """LRs of `kind`'s finished sweep runs on `seed` (a resumed study keeps every point it has)."""
+        root, pre, post = os.path.join(self.workdir, "runs"), f"sweep_{kind}_lr", f"_s{seed}"
+        names = os.listdir(root) if os.path.isdir(root) else []
+        return [
+            float(n[len(pre) : -len(post)]) for n in names if n.startswith(pre) and n.endswith(post) and self.done(n)
+        ]
 
     def start(self, seed: int):
         """(SFT params, their evaluation) of a seed, trained once in <workdir>/sft_s<seed>."""
@@ -82,21 +113,27 @@ class Study:
             self.sft[seed] = (params, preference.greedy_eval(params, model_cfg, config))
         return self.sft[seed]
 
-    def run(self, name: str, kind: str, seed: int, lr: float, **kw) -> dict:
+    def run(self, name: str, kind: str, seed: int, lr: float, **kw) -> dict | None:
+        """The results of one arm (trained unless finished; None for an unfinished arm under --report_only)."""
         workdir = os.path.join(self.workdir, "runs", name)
         path = os.path.join(workdir, "results", "preference.json")
+        if not os.path.exists(path) and self.report_only:
+            return None
         if os.path.exists(path):
             with open(path) as f:
                 out = json.load(f)
         else:
             params, sft_eval = self.start(seed)
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             out = preference.run(arm_config(kind, seed, lr, **kw), workdir, start_params=params, sft_eval=sft_eval)
             out.pop("params")
-            out["wall_s"] = time.time() - t0
+            out.update(wall_s=time.time() - t0, cpu_s=time.process_time() - c0)
+            with open(path, "w") as f:
+                json.dump(out, f, indent=1)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             records = [json.loads(x) for x in f if x.strip()]
-        keys = ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies", "loss")
+        keys = ("logps/chosen", "logps/rejected", "sum_logps/chosen", "sum_logps/rejected", "rewards/margins")
+        keys += ("rewards/accuracies", "loss", "kl")
         out["trajectory"] = {k: [[r["step"], r[f"train/{k}"]] for r in records if f"train/{k}" in r] for k in keys}
         out.update(name=name, kind=kind, seed=seed, lr=lr, **kw)
         print(
@@ -107,88 +144,225 @@ class Study:
         return out
 
 
+def _grid_neighbour(lr: float, up: bool) -> float:
+    """The next point of the half-decade grid (1e-5, 3e-5, 1e-4, ...) above or below `lr`."""
+    e = math.log10(lr) + (0.5 if up else -0.5)
+    return float(f"{10**e:.0e}") if abs(e - round(e)) > 0.25 else float(10 ** round(e))
+
+
+def sweep(
+    st: Study, kind: str, seed: int, lrs: list[float], extend: int, down: bool = True
+) -> tuple[list[dict], dict | None]:
+    """Runs `kind` at `lrs` (and keeps any LR already finished) on `seed`, extending past the edge holding the best
+    exact match; (runs, kept)."""
+    grid = sorted(set(lrs) | set(st.finished_lrs(kind, seed)))
+    runs = {lr: st.run(f"sweep_{kind}_lr{lr:g}_s{seed}", kind, seed, lr) for lr in grid}
+    runs = {lr: r for lr, r in runs.items() if r is not None}
+    grid = sorted(runs)
+    if not grid:
+        return [], None
+    for _ in range(0 if st.report_only else extend):
+        best = max(grid, key=lambda lr: (exact(runs[lr]["policy"]), -lr))
+        if best not in (grid[0], grid[-1]) or len(grid) == 1 or (best == grid[0] and not down):
+            break
+        lr = _grid_neighbour(best, up=best == grid[-1])
+        runs[lr] = st.run(f"sweep_{kind}_lr{lr:g}_s{seed}", kind, seed, lr)
+        grid = sorted(runs)
+    best = max(grid, key=lambda lr: (exact(runs[lr]["policy"]), -lr))
+    return [runs[lr] for lr in grid], dict(lr=best, edge=best in (grid[0], grid[-1]), swept=grid)
+
+
 def main(argv):
     del argv
     seeds = [int(s) for s in FLAGS.seeds]
     lrs = [float(x) for x in FLAGS.lrs]
-    st = Study(FLAGS.workdir)
-    t0 = time.time()
+    # Arms share most programs (evaluation, reference scoring, same-kind steps): compile each once per study
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    st = Study(FLAGS.workdir, FLAGS.report_only)
+    t0, c0 = time.time(), time.process_time()
     runs, kept = [], {}
-    other = [float(x) for x in FLAGS.lrs_other] if FLAGS.lrs_other else lrs
-    for i, kind in enumerate(FLAGS.kinds):  # 1. LR sweep on the first seed
-        grid = lrs if i == 0 else other
-        sweep = [st.run(f"sweep_{kind}_lr{lr:g}_s{seeds[0]}", kind, seeds[0], lr) for lr in grid]
-        runs += sweep
-        best = max(range(len(grid)), key=lambda j: (exact(sweep[j]["policy"]), -j))
-        kept[kind] = dict(lr=grid[best], edge=best in (0, len(grid) - 1), swept=grid)
-    for kind in FLAGS.kinds:  # 2. the other seeds at the kept LR
+    for kind in FLAGS.kinds:  # 1. LR sweep on the first seed
+        rs, k = sweep(st, kind, seeds[0], lrs, FLAGS.extend, FLAGS.extend_down)
+        runs += rs
+        if k is not None:
+            kept[kind] = k
+    for kind in kept:  # 2. the other seeds at the kept LR
         for seed in seeds[1:]:
             runs.append(st.run(f"sweep_{kind}_lr{kept[kind]['lr']:g}_s{seed}", kind, seed, kept[kind]["lr"]))
-    for flip in map(float, FLAGS.flips):  # 3. label noise
+    noise_lr = {}
+    if (
+        FLAGS.noise_kinds and FLAGS.noise_kinds[0] in kept
+    ):  # 3. label noise at the matched LR, each kind's own kept LR and --noise_lrs
+        matched = kept.get(FLAGS.noise_kinds[0], dict(lr=lrs[0]))["lr"]
         for kind in FLAGS.noise_kinds:
-            lr = kept.get(kind, kept.get("sigmoid", dict(lr=lrs[0])))["lr"]
-            for seed in seeds:
-                runs.append(st.run(f"flip{flip:g}_{kind}_s{seed}", kind, seed, lr, flip=flip))
+            own = kept.get(kind, dict(lr=matched))["lr"]
+            tuned = {matched, own} if FLAGS.noise_tuned else set()
+            noise_lr[kind] = sorted(tuned | set(map(float, FLAGS.noise_lrs)))
+        for kind in FLAGS.noise_kinds:
+            for lr in noise_lr[kind]:
+                for seed in seeds:
+                    runs.append(st.run(f"sweep_{kind}_lr{lr:g}_s{seed}", kind, seed, lr))  # the clean point
+                    for flip in map(float, FLAGS.flips):
+                        runs.append(st.run(f"flip{flip:g}_{kind}_lr{lr:g}_s{seed}", kind, seed, lr, flip=flip))
     for kind in FLAGS.length_kinds:  # 4. length-skewed pairs
         lr = kept.get(kind, kept.get("sigmoid", dict(lr=lrs[0])))["lr"]
         for seed in seeds:
             runs.append(st.run(f"skew{FLAGS.skew}_{kind}_s{seed}", kind, seed, lr, skew=FLAGS.skew))
-    sft = {s: st.start(s)[1] for s in seeds}
+            for extra in map(float, FLAGS.length_lrs):
+                name, clean = f"skew{FLAGS.skew}_{kind}_lr{extra:g}_s{seed}", f"sweep_{kind}_lr{extra:g}_s{seed}"
+                runs += [st.run(clean, kind, seed, extra), st.run(name, kind, seed, extra, skew=FLAGS.skew)]
+    runs = [r for r in runs if r is not None]
+    sft = {s: r["sft"] for r in runs for s in seeds if r["seed"] == s}
+    unique = {r["name"]: r for r in runs}
     summary = dict(
         settings=dict(
-            kinds=FLAGS.kinds,
+            kinds=[k for k in FLAGS.kinds if k in kept],
             lrs=lrs,
+            extend=FLAGS.extend,
+            extend_down=FLAGS.extend_down,
             seeds=seeds,
             flips=FLAGS.flips,
+            noise_kinds=FLAGS.noise_kinds,
+            noise_lr=noise_lr,
+            length_kinds=FLAGS.length_kinds,
             skew=FLAGS.skew,
             steps=FLAGS.steps,
             problems_per_k=FLAGS.problems_per_k,
             kind_hparams=KIND_HPARAMS,
+            kto_rows_per_pair=KTO_ROWS_PER_PAIR,
             jax=jax.__version__,
         ),
         kept_lr=kept,
         sft=sft,
-        runs=runs,
+        runs=list(unique.values()),
         wall_s=time.time() - t0,
+        cpu_s=time.process_time() - c0,
+        runs_cpu_s=sum(r.get("cpu_s", 0.0) for r in unique.values()),
     )
     os.makedirs(os.path.join(FLAGS.workdir, "results"), exist_ok=True)
     with open(os.path.join(FLAGS.workdir, "results", "preference.json"), "w") as f:
         json.dump(summary, f, indent=1)
     figure(summary, os.path.join(FLAGS.workdir, "figures", "preference.png"))
     print(table(summary))
+    print(sweep_table(summary))
+    print(noise_table(summary))
+    print(length_table(summary))
 
 
 def _kept_runs(summary, kind):
     lr = summary["kept_lr"][kind]["lr"]
-    return [r for r in summary["runs"] if r["name"].startswith(f"sweep_{kind}_") and r["lr"] == lr]
+    return sorted(
+        [r for r in summary["runs"] if r["name"].startswith(f"sweep_{kind}_") and r["lr"] == lr],
+        key=lambda r: r["seed"],
+    )
+
+
+def _sft(summary, seed):
+    return summary["sft"][seed] if seed in summary["sft"] else summary["sft"][str(seed)]
+
+
+def _per_seed(rs, f, fmt="{:.3f}") -> str:
+    return " / ".join(fmt.format(f(r)) for r in rs)
+
+
+def _change(r, key) -> float:
+    if r["kind"] == preference.KTO:  # KTO logs the summed log-probs of its desirable / undesirable rows
+        key = key.replace("sum_logps", "logps")
+    traj = r["trajectory"][key]
+    return traj[-1][1] - traj[0][1]
 
 
 def table(summary) -> str:
-    """Markdown: per kind, kept LR, held-out exact match and reward accuracy per seed, and the SFT baseline."""
+    """Markdown: per kind, the swept and kept LR, held-out exact match and reward accuracy per seed (and the change
+    from the seed's SFT policy), and the training batches' summed chosen/rejected log-prob change and last margin."""
     seeds = summary["settings"]["seeds"]
-    sft = " / ".join(
-        f"{exact(summary['sft'][s] if s in summary['sft'] else summary['sft'][str(s)]):.3f}" for s in seeds
-    )
+    sft = " / ".join(f"{exact(_sft(summary, s)):.3f}" for s in seeds)
     lines = [
-        "| kind | kept LR | exact match (seeds " + ", ".join(map(str, seeds)) + ") | reward acc. | "
-        "Δ train logps/chosen (first→last log window) | last margin |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| SFT policy | – | {sft} | – | – | – |",
+        "| kind | LRs swept | kept LR | exact match (seeds " + ", ".join(map(str, seeds)) + ") | Δ vs SFT | "
+        "reward acc. | Δ Σlogp chosen | Δ Σlogp rejected | last margin |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| SFT policy | – | – | {sft} | – | – | – | – | – |",
     ]
     for kind in summary["settings"]["kinds"]:
-        rs = sorted(_kept_runs(summary, kind), key=lambda r: r["seed"])
-        k = summary["kept_lr"][kind]
-        em = " / ".join(f"{exact(r['policy']):.3f}" for r in rs)
-        acc = " / ".join(f"{r['heldout_pairs']['rewards/accuracies']:.3f}" for r in rs)
-        drop = " / ".join(f"{_logp_change(r):+.2f}" for r in rs)
-        margin = " / ".join(f"{r['trajectory']['rewards/margins'][-1][1]:.2f}" for r in rs)
-        lines.append(f"| {kind} | {k['lr']:g}{' (edge)' if k['edge'] else ''} | {em} | {acc} | {drop} | {margin} |")
+        rs, k = _kept_runs(summary, kind), summary["kept_lr"][kind]
+        swept = ", ".join(f"{x:g}" for x in k["swept"])
+        lines.append(
+            f"| {kind} | {swept} | {k['lr']:g}{' (edge)' if k['edge'] else ''} | {_per_seed(rs, lambda r: exact(r['policy']))} "
+            f"| {_per_seed(rs, lambda r: exact(r['policy']) - exact(r['sft']), '{:+.3f}')} "
+            f"| {_per_seed(rs, lambda r: r['heldout_pairs']['rewards/accuracies'])} "
+            f"| {_per_seed(rs, lambda r: _change(r, 'sum_logps/chosen'), '{:+.1f}')} "
+            f"| {_per_seed(rs, lambda r: _change(r, 'sum_logps/rejected'), '{:+.1f}')} "
+            f"| {_per_seed(rs, lambda r: r['trajectory']['rewards/margins'][-1][1], '{:.2f}')} |"
+        )
     return "\n".join(lines)
 
 
-def _logp_change(r) -> float:
-    traj = r["trajectory"]["logps/chosen"]
-    return traj[-1][1] - traj[0][1]
+def sweep_table(summary) -> str:
+    """Markdown: held-out exact match (first seed) of every kind at every swept LR."""
+    lrs = sorted({lr for k in summary["kept_lr"].values() for lr in k["swept"]})
+    seed = summary["settings"]["seeds"][0]
+    lines = ["| kind | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for kind in summary["settings"]["kinds"]:
+        cells = []
+        for lr in lrs:
+            r = [x for x in summary["runs"] if x["name"] == f"sweep_{kind}_lr{lr:g}_s{seed}"]
+            best = lr == summary["kept_lr"][kind]["lr"]
+            cells.append(("**{:.3f}**" if best else "{:.3f}").format(exact(r[0]["policy"])) if r else "")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _noise_runs(summary, kind, lr, flip):
+    if flip == 0:
+        return sorted(
+            [r for r in summary["runs"] if r["name"].startswith(f"sweep_{kind}_lr{lr:g}_s")], key=lambda r: r["seed"]
+        )
+    return sorted(
+        [r for r in summary["runs"] if r["name"].startswith(f"flip{flip:g}_{kind}_lr{lr:g}_s")],
+        key=lambda r: r["seed"],
+    )
+
+
+def noise_table(summary) -> str:
+    """Markdown: exact match and held-out reward accuracy per seed vs the flip rate, per noise kind and LR."""
+    flips = [0.0] + [float(f) for f in summary["settings"]["flips"]]
+    lines = [
+        "| kind | LR | "
+        + " | ".join(f"exact @ {f:g}" for f in flips)
+        + " | "
+        + " | ".join(f"reward acc. @ {f:g}" for f in flips)
+        + " |",
+        "|---|---:|" + "---:|" * (2 * len(flips)),
+    ]
+    for kind, lrs in summary["settings"]["noise_lr"].items():
+        for lr in lrs:
+            rows = [_noise_runs(summary, kind, lr, f) for f in flips]
+            em = [_per_seed(rs, lambda r: exact(r["policy"])) for rs in rows]
+            acc = [_per_seed(rs, lambda r: r["heldout_pairs"]["rewards/accuracies"]) for rs in rows]
+            lines.append(f"| {kind} | {lr:g} | " + " | ".join(em) + " | " + " | ".join(acc) + " |")
+    return "\n".join(lines)
+
+
+def length_table(summary) -> str:
+    """Markdown: greedy characters beyond the gold solution and exact match, clean vs length-skewed pairs, per kind
+    and LR (the clean runs are the sweep's at the same LR)."""
+    lines = [
+        "| kind | LR | extra chars, clean pairs | extra chars, skewed pairs | exact, clean | exact, skewed |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    skewed = [r for r in summary["runs"] if r.get("skew")]
+    for kind, lr in sorted({(r["kind"], r["lr"]) for r in skewed}):
+        skew = sorted([r for r in skewed if r["kind"] == kind and r["lr"] == lr], key=lambda r: r["seed"])
+        clean = sorted(
+            [r for r in summary["runs"] if r["name"].startswith(f"sweep_{kind}_lr{lr:g}_s")], key=lambda r: r["seed"]
+        )
+        lines.append(
+            f"| {kind} | {lr:g} | {_per_seed(clean, lambda r: r['policy']['extra_chars'], '{:.2f}')} "
+            f"| {_per_seed(skew, lambda r: r['policy']['extra_chars'], '{:.2f}')} "
+            f"| {_per_seed(clean, lambda r: exact(r['policy']))} | {_per_seed(skew, lambda r: exact(r['policy']))} |"
+        )
+    return "\n".join(lines)
 
 
 def figure(summary, path: str) -> None:
@@ -198,54 +372,96 @@ def figure(summary, path: str) -> None:
     import matplotlib.pyplot as plt
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    for kind in summary["settings"]["kinds"]:
-        rs = _kept_runs(summary, kind)
-        if rs:
-            steps, vals = zip(*rs[0]["trajectory"]["logps/chosen"])
-            line = ax.plot(steps, vals, label=f"{kind} chosen")[0]
-            steps, vals = zip(*rs[0]["trajectory"]["logps/rejected"])
-            ax.plot(steps, vals, ls="--", color=line.get_color())
-    ax.set(xlabel="step", ylabel="logps (train batch; solid chosen, dashed rejected)", title="log-prob trajectories")
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    flips = [0.0] + [float(f) for f in summary["settings"]["flips"]]
-    for kind in sorted({r["kind"] for r in summary["runs"] if r.get("flip")}):
-        ys = []
-        for f in flips:
-            rs = (
-                _kept_runs(summary, kind)
-                if f == 0
-                else [r for r in summary["runs"] if r.get("flip") == f and r["kind"] == kind]
-            )
-            ys.append([exact(r["policy"]) for r in rs])
-        ax.errorbar(
-            flips,
-            [np.mean(y) for y in ys],
-            yerr=[np.ptp(y) / 2 if y else 0 for y in ys],
-            marker="o",
-            capsize=3,
-            label=kind,
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    kinds = summary["settings"]["kinds"]
+    seed = summary["settings"]["seeds"][0]
+
+    def chosen_rejected(r):
+        kc, kr = (
+            ("logps/chosen", "logps/rejected")
+            if r["kind"] == preference.KTO
+            else ("sum_logps/chosen", "sum_logps/rejected")
         )
+        return r["trajectory"].get(kc), r["trajectory"].get(kr)
+
+    ax = axes[0, 0]  # every kind at the matched LR 1e-4, where each of them moves the policy
+    for kind in kinds:
+        rs = [r for r in summary["runs"] if r["name"] == f"sweep_{kind}_lr0.0001_s{seed}"]
+        if not rs or not all(chosen_rejected(rs[0])):
+            continue
+        c, rj = chosen_rejected(rs[0])
+        line = ax.plot(*zip(*c), label=kind)[0]
+        ax.plot(*zip(*rj), ls="--", color=line.get_color())
+    ax.set(xlabel="step", ylabel="Σ log-prob (train batch)", title="lr 1e-4, seed 1: chosen (solid), rejected (dashed)")
+    ax.legend(fontsize=7, ncol=2)
+    ax = axes[0, 1]  # DPO across its LR sweep: the chosen log-prob against the margin
+    for r in sorted(
+        [r for r in summary["runs"] if r["name"].startswith("sweep_sigmoid_") and r["seed"] == seed],
+        key=lambda r: r["lr"],
+    ):
+        c, _ = chosen_rejected(r)
+        m = r["trajectory"]["rewards/margins"]
+        if c and m:
+            ax.plot([v for _, v in m], [v for _, v in c], marker=".", label=f"lr {r['lr']:g}")
     ax.set(
-        xlabel="flipped label fraction",
-        ylabel="held-out exact match (mean over K; bar = seed range)",
-        title="label noise",
+        xlabel="rewards/margins (train batch)",
+        ylabel="Σ log-prob chosen",
+        yscale="symlog",
+        title="DPO, seed 1: chosen log-prob as the margin grows",
     )
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    kinds = sorted({r["kind"] for r in summary["runs"] if r.get("skew")})
-    for i, kind in enumerate(kinds):
-        skewed = [r["policy"]["extra_chars"] for r in summary["runs"] if r.get("skew") and r["kind"] == kind]
-        clean = [r["policy"]["extra_chars"] for r in _kept_runs(summary, kind)]
+    ax.legend(fontsize=7)
+    ax = axes[0, 2]
+    for kind in kinds:
+        swept = summary["kept_lr"][kind]["swept"]
+        ys = [
+            [exact(r["policy"]) for r in summary["runs"] if r["name"] == f"sweep_{kind}_lr{lr:g}_s{seed}"]
+            for lr in swept
+        ]
+        ax.plot(swept, [y[0] for y in ys], marker="o", label=kind)
+    ax.axhline(exact(_sft(summary, seed)), color="k", ls=":", label="SFT")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="held-out exact match (mean over K)", title="LR sweep, seed 1")
+    ax.legend(fontsize=7, ncol=2)
+    flips = [0.0] + [float(f) for f in summary["settings"]["flips"]]
+    for ax, metric in ((axes[1, 0], "exact"), (axes[1, 1], "acc")):
+        for kind, lrs in summary["settings"]["noise_lr"].items():
+            for lr in lrs:
+                ys = []
+                for f in flips:
+                    rs = _noise_runs(summary, kind, lr, f)
+                    ys.append(
+                        [
+                            exact(r["policy"]) if metric == "exact" else r["heldout_pairs"]["rewards/accuracies"]
+                            for r in rs
+                        ]
+                    )
+                ax.errorbar(
+                    flips,
+                    [np.mean(y) if y else np.nan for y in ys],
+                    yerr=[np.ptp(y) / 2 if y else 0 for y in ys],
+                    marker="o",
+                    capsize=3,
+                    label=f"{kind} lr {lr:g}",
+                )
+        ax.set(xlabel="flipped label fraction")
+        ax.legend(fontsize=7)
+    axes[1, 0].set(ylabel="held-out exact match (bar = seed range)", title="label noise: exact match")
+    axes[1, 1].set(ylabel="held-out reward accuracy (clean pairs)", title="label noise: reward accuracy")
+    ax = axes[1, 2]
+    skewed = [r for r in summary["runs"] if r.get("skew")]
+    groups = sorted({(r["kind"], r["lr"]) for r in skewed})
+    for i, (kind, lr) in enumerate(groups):
+        sk = [r["policy"]["extra_chars"] for r in skewed if r["kind"] == kind and r["lr"] == lr]
+        clean = [
+            r["policy"]["extra_chars"] for r in summary["runs"] if r["name"].startswith(f"sweep_{kind}_lr{lr:g}_s")
+        ]
         ax.bar(i - 0.2, np.mean(clean) if clean else 0, 0.4, color="C0", label="clean pairs" if i == 0 else None)
-        ax.bar(i + 0.2, np.mean(skewed), 0.4, color="C3", label="chosen +skew chars" if i == 0 else None)
-    ax.set_xticks(range(len(kinds)), kinds)
-    ax.set(ylabel="chars beyond the gold solution (greedy)", title="length bias")
+        ax.bar(i + 0.2, np.mean(sk), 0.4, color="C3", label="chosen + skew chars" if i == 0 else None)
+        ax.plot([i + 0.2] * len(sk), sk, "k.")
+    ax.set_xticks(range(len(groups)), [f"{k}\nlr {lr:g}" for k, lr in groups], fontsize=8)
+    ax.set(ylabel="chars beyond the gold solution (greedy; dots = seeds)", title="length bias")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
