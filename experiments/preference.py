@@ -86,14 +86,8 @@ def loss_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def task_knobs(config: ml_collections.ConfigDict) -> dict:
-    t = config.task
-    return dict(
-        num_steps=tuple(t.num_steps) if not isinstance(t.num_steps, int) else t.num_steps,
-        ops=t.ops,
-        op_weights=None if t.op_weights is None else tuple(t.op_weights),
-        modulus=t.modulus,
-        answer_mod=t.answer_mod,
-    )
+    """The task section's knobs as keyword arguments (`arithmetic.Knobs.from_config`)."""
+    return arithmetic.Knobs.from_config(config.task).as_kwargs()
 
 
 def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:

@@ -61,21 +61,14 @@ class Spec:
     @property
     def knobs(self) -> dict:
         """The task knobs as keyword arguments of the data and eval functions."""
-        return dataclasses.asdict(self.task)
+        return self.task.as_kwargs()
 
 
 def knobs(config: ml_collections.ConfigDict | Spec) -> dict:
     """Task knobs (arithmetic.Knobs fields, as keyword arguments) of a train_lm config or its parsed `Spec`."""
     if isinstance(config, Spec):
         return config.knobs
-    t = config.task
-    return dict(
-        num_steps=tuple(t.num_steps) if not isinstance(t.num_steps, int) else t.num_steps,
-        ops=t.ops,
-        op_weights=None if t.op_weights is None else tuple(t.op_weights),
-        modulus=t.modulus,
-        answer_mod=t.answer_mod,
-    )
+    return arithmetic.Knobs.from_config(config.task).as_kwargs()
 
 
 def parse(config: ml_collections.ConfigDict | Spec) -> Spec:

@@ -39,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -198,6 +199,13 @@ class Knobs:
                 raise ValueError(f"op_weights = {w}; expected finite non-negative weights with a positive sum")
             object.__setattr__(self, "op_weights", w)
         _check_modulus(self.modulus, self.answer_mod)
+
+    @classmethod
+    def from_config(cls, task: Mapping[str, Any]) -> Knobs:
+        """The knobs of a config's `task` section (its other keys, e.g. loss_on and pack, belong to the data)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        kw = {k: tuple(task[k]) if isinstance(task[k], (list, tuple)) else task[k] for k in names if k in task}
+        return make_knobs(**kw)
 
     @property
     def steps_range(self) -> tuple[int, int]:
