@@ -40,32 +40,43 @@ def _text_outputs(nb) -> str:
     return "".join(out)
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+def run_notebook(path: pathlib.Path, tmp_path: pathlib.Path, monkeypatch) -> tuple:
+    """Executes a notebook in QUICK mode (LUMEN_NOTEBOOK_QUICK=1) like a user's machine: one CPU device (not
+    conftest's 8 simulated ones), no Colab variables, inline figures, runs/ under `tmp_path`.
+
+    Returns (the executed notebook, its stdout and plain-text outputs joined); a failing cell raises
+    CellExecutionError with its traceback.
+    """
     monkeypatch.setenv("LUMEN_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    # Run like a user's machine (one CPU device), not under conftest's 8 simulated devices.
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
     monkeypatch.setenv("XLA_FLAGS", flags)
     for name in [k for k in os.environ if k.startswith("COLAB_")]:
         monkeypatch.delenv(name)
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb,
         km=_kernel_manager(tmp_path),
         timeout=600,
         resources={"metadata": {"path": str(tmp_path)}},  # the kernel's cwd: runs/ lands in tmp_path
     )
-    client.execute()  # raises CellExecutionError, with the traceback, if any cell fails
+    client.execute()
+    return nb, _text_outputs(nb)
 
-    text = _text_outputs(nb)
+
+def has_figure(nb) -> bool:
+    """Whether any cell displayed a PNG figure."""
+    return any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    nb, text = run_notebook(NOTEBOOK, tmp_path, monkeypatch)
     assert "skipped the install step" in text
     graded = re.findall(r"steps ok (\d+)/(\d+), (exact|answer ok|wrong)", text)
     assert len(graded) == 8, text
     assert "graded 8 completions" in text
     assert re.search(r"^greedy ", text, re.M) and re.search(r"^T=0\.8 ", text, re.M)
     assert "exact match" in text  # the accuracy-by-K table
-    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert images, "the loss-curve cell displayed no figure"
+    assert has_figure(nb), "the loss-curve cell displayed no figure"
     assert (tmp_path / "runs" / "notebook_quick" / "metrics.jsonl").exists()
