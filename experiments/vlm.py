@@ -1,8 +1,10 @@
 """Train a VLM on rendered arithmetic expressions in stages through the one loop, and measure reading and answering.
 
 Stages (each a `loop.Task` on `loop.train`, in its own workdir subfolder, resumable; a stage with steps=0 is skipped):
-  pretrain  the LM alone on the text version of the task ("value:23+45" -> "68", "read:23+45" -> "23+45"): the
-            "pretrained LM" LLaVA and PaliGemma start from;
+  pretrain  the LM alone on the text version of the task ("read:" -> "2+4", "value:" -> "6"), the expression given
+            as text: with task.text_layout="grid" each image cell's character as a token where the image tokens go
+            (the image as text: needs task.cell = the patch size), with "prompt" after the prompt ("value:2+4");
+            the "pretrained LM" LLaVA and PaliGemma start from;
   stage1    read the expression from the image ("read:" -> "23+45"); trains the groups in `stage1.train`
             (default the projector, as LLaVA's stage 1; add "vision" to train the encoder too);
   stage2    both prompts ("mixed"), the answer being the chain's value; trains `stage2.train` (default projector + LM).
@@ -61,8 +63,11 @@ def make_task(config: ml_collections.ConfigDict, mode: str, *, text: bool = Fals
             jitter=t.jitter,
             noise=t.noise,
             distractors=t.distractors,
+            cell=t.cell,
+            line_jitter=t.line_jitter,
         ),
         text=text,
+        layout=t.text_layout if text else "prompt",
     )
 
 

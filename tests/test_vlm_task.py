@@ -40,6 +40,40 @@ def test_glyphs_are_drawn_where_the_font_says():
     np.testing.assert_array_equal(box, want)
 
 
+def test_cell_rendering_puts_character_i_alone_in_cell_i_and_cell_text_says_which():
+    """With `cell`, every character's glyph lies whole inside its own cell (at a jittered offset), empty cells are
+    blank, and `cell_text` names each cell's character: the image read as one token per patch."""
+    knobs = dict(cell=8, scale=(1, 1), jitter=True, line_jitter=True)
+    for seed in range(3):
+        img = render.render_expression("3+4*2", seed=seed, knobs=knobs)[:, :, 0] > 0
+        grid = render.cell_text("3+4*2", seed=seed, knobs=knobs)
+        assert len(grid) == 32 and grid.replace(" ", "") == "3+4*2"
+        for i, ch in enumerate(grid):
+            block = img[(i // 8) * 8 : (i // 8 + 1) * 8, (i % 8) * 8 : (i % 8 + 1) * 8]
+            if ch == " ":
+                assert not block.any()
+                continue
+            rows, cols = np.nonzero(block)
+            y, x = rows.min() - (np.argmax(render.FONT[ch].any(1))), cols.min() - np.argmax(render.FONT[ch].any(0))
+            np.testing.assert_array_equal(block[y : y + 5, x : x + 3], render.FONT[ch])
+    with pytest.raises(ValueError, match="cell=6"):
+        render.RenderKnobs(cell=6)
+
+
+def test_grid_text_rows_hold_the_cells_where_the_image_tokens_go():
+    knobs = dict(num_steps=(1, 3), modulus=10)
+    task = render.VLMTask(num_image_tokens=32, mode="read", knobs=knobs, render=dict(cell=8, scale=(1, 1)))
+    text = render.VLMTask(num_image_tokens=32, mode="read", knobs=knobs, render=task.render, text=True, layout="grid")
+    img_b, txt_b = (render.make_vlm_dataset(t, seed=1, batch_size=2)[0] for t in (task, text))
+    for b in range(2):
+        ex = text.example(render.split_seed(1, "train"), b)
+        grid = render.cell_text(ex["completion"], seed=b, knobs=task.render)
+        assert render.VLM_TOKENIZER.decode(txt_b["tokens"][b][:32]) == grid and grid.startswith(ex["completion"])
+        np.testing.assert_array_equal(txt_b["tokens"][b][32:], img_b["tokens"][b][32:])  # same prompt and answer
+    with pytest.raises(ValueError, match="render.cell=0 must tile"):
+        render.VLMTask(num_image_tokens=32, text=True, layout="grid")
+
+
 def test_render_refuses_unknown_characters_and_text_that_does_not_fit():
     with pytest.raises(ValueError, match=r"character 'x' of '3x4' is not in the font"):
         render.render_expression("3x4", seed=0)
@@ -83,6 +117,8 @@ def test_text_task_writes_the_expression_into_the_prompt():
         ("model.image_token_id", 7, "model.image_token_id"),
         ("task.num_steps", (1, 5), "do not fit a 64 px wide image"),
         ("model.lm.max_seq_len", 40, "model.lm.max_seq_len"),
+        ("task.text_layout", "rows", "task.layout='rows'"),
+        ("task.cell", 16, r"render.cell=16 must tile the 32x64 image into num_image_tokens=32 cells"),
     ],
 )
 def test_config_errors_name_the_key(key, value, match):

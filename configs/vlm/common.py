@@ -47,7 +47,18 @@ def vlm_experiment(*, seed: int = 0) -> ml_collections.ConfigDict:
         )
     )
     config.task = ml_collections.ConfigDict(
-        dict(num_steps=(1, 3), ops="+-*", modulus=10, scale=(2, 2), jitter=True, noise=0.0, distractors=0)
+        dict(
+            num_steps=(1, 3),
+            ops="+-*",
+            modulus=10,
+            scale=(1, 1),
+            jitter=False,  # glyphs centred in their cells (True: a random offset inside the cell)
+            noise=0.0,
+            distractors=0,
+            cell=8,  # one character per 8-px patch (0: free placement, glyphs straddle patches)
+            line_jitter=False,
+            text_layout="grid",  # the text-only LM reads the image's cells as tokens ("prompt": inline)
+        )
     )
     config.pretrain = stage(600, 3e-3, "mixed", ("lm",))
     config.stage1 = stage(600, 3e-3, "read", ("projector", "vision"))

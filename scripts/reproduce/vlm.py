@@ -1,6 +1,6 @@
 """The VLM study: two-stage training on rendered expressions and its ablations, over seeds.
 
-  python -m scripts.reproduce.vlm --workdir=runs/vlm_study [--seeds=0,1] [--pretrain_steps=1500 --stage_steps=800]
+  python -m scripts.reproduce.vlm --workdir=runs/vlm_study [--seeds=0,1] [--pretrain_steps=500 --stage_steps=500]
 
 Variants (configs/vlm/study.py arguments): base (MLP projector, prefix-LM mask, encoder trained, stage 1 then 2),
 linear (linear projector), causal (causal mask throughout), frozen (the encoder never trained: the projector reads
@@ -23,10 +23,10 @@ from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/vlm_study", "Output directory.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model init, data order, eval problems).")
-_VARIANTS = flags.DEFINE_list("variants", ["base", "linear", "causal", "frozen", "no_stage1"], "Variants to run.")
-_PRETRAIN = flags.DEFINE_integer("pretrain_steps", 1500, "Text-pretraining steps of the LM.")
-_STAGE = flags.DEFINE_integer("stage_steps", 800, "Steps of stage 1 and of stage 2.")
-_PROBLEMS = flags.DEFINE_integer("problems_per_k", 64, "Held-out problems per K in each evaluation.")
+_VARIANTS = flags.DEFINE_list("variants", ["base", "no_stage1", "frozen", "causal", "linear"], "Variants to run.")
+_PRETRAIN = flags.DEFINE_integer("pretrain_steps", 500, "Text-pretraining steps of the LM.")
+_STAGE = flags.DEFINE_integer("stage_steps", 500, "Steps of stage 1 and of stage 2.")
+_PROBLEMS = flags.DEFINE_integer("problems_per_k", 32, "Held-out problems per K in each evaluation.")
 
 VARIANTS = {
     "base": "",
