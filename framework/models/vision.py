@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from framework import config as config_lib
 from framework.models import attention as attn_lib
 from framework.models.config import _DTYPES, MLP_ACTIVATIONS
 from framework.models.lm import Linear
@@ -98,12 +99,7 @@ class ViTConfig:
         """A ViTConfig from a ConfigDict/dict (e.g. `config.model.vision`); unknown keys are an error."""
         if isinstance(config, ViTConfig):
             return config
-        d = dict(config.items()) if hasattr(config, "items") else dict(config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown vision config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return cls(**config_lib.known_fields(cls, config, "vision"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from framework import config as config_lib
 from framework import inference
 from framework.inference import reference, request
 from framework.models import lm, vision
@@ -71,12 +72,7 @@ class VLMConfig:
         """A VLMConfig from a ConfigDict/dict with sections `vision` and `lm`; unknown keys are an error."""
         if isinstance(config, VLMConfig):
             return config
-        d = dict(config.items()) if hasattr(config, "items") else dict(config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return cls(**config_lib.known_fields(cls, config, "model"))
 
     @property
     def num_image_tokens(self) -> int:
