@@ -9,10 +9,9 @@ COMMAND: .venv/bin/python -m scripts.reproduce.tts --workdir=runs/tts_default   
          or .venv/bin/python -m scripts.launch --config=configs/scaling/default.py --workdir=runs/tts \
            --config.policy.workdir=<train_lm workdir> --config.judge.workdir=<train_lm workdir>
          An imported HF policy: --config.model.hf_path=<folder> --config.revision.enabled=False (experiments/tts.py).
-RUNTIME: the published run took 7.5 CPU-min (364 s user + 86 s sys) with the policy, judge, fitted verifiers and
-  revision policy reused; those stages took ~10 CPU-min in a fresh run of the same recipe, so a fresh default run is
-  ~18 CPU-min, ~22 min on a quiet 2-core CPU at the ~0.8 cores these runs use (not measured quiet; the published run
-  took 45 min wall at load average ~21). `:full` is roughly twice the search and revision cost.
+RUNTIME: ~10 min on a quiet 2-core CPU from a fresh workdir (measured: 10:12 wall, 18 CPU-min, everything trained
+  here); a rerun reuses the trained policies and fitted verifiers. `:full` is roughly twice the search and revision
+  cost.
 EXPECT (docs/results/tts.md; ~0.055 standard error per accuracy over 64 problems; the policy's greedy accuracy
   depends on the machine it trains on): answer pass@N -> 1.00 by N = 128 while gold-path pass@N rises 0.21 -> 0.66;
   every selector's answer accuracy 0.30-0.48 and flat in N, its chosen trace on the gold path 0.17-0.25 at every N
