@@ -145,6 +145,8 @@ def _validate(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, arithmeti
         req(metric in EVAL_METRICS, "train.stop_when", f"metric {metric!r} is not one of the eval's {EVAL_METRICS}")
         req(tc.eval_every > 0, "train.stop_when", f"needs train.eval_every > 0 to evaluate, got {tc.eval_every}")
     req(tc.nonfinite in ("stop", "skip"), "train.nonfinite", f"must be 'stop' or 'skip', got {tc.nonfinite!r}")
+    parity_n = config.eval.decode_parity_problems
+    req(parity_n >= 0, "eval.decode_parity_problems", f"must be >= 0 (0 = skip the check), got {parity_n}")
     req(tc.lr > 0, "train.lr", f"must be positive, got {tc.lr}")
     req(config.task.loss_on in data.LOSS_ON, "task.loss_on", f"must be one of {data.LOSS_ON}")
     try:
@@ -175,8 +177,11 @@ def _eval_loss_fn(spec: Spec, loss_fn, n_batches: int = 4):
 
 
 def decode_parity(params, model_cfg, config: ml_collections.ConfigDict | Spec) -> dict:
-    """Cached `generate` vs the no-cache reference decode on held-out prompts: greedy and sampled."""
+    """Cached `generate` vs the no-cache reference decode on held-out prompts: greedy and sampled ({} when the
+    config asks for 0 prompts)."""
     spec = parse(config)
+    if spec.eval.decode_parity_problems == 0:
+        return {}
     problems = policy_eval.eval_problems(
         spec.seed, spec.task.steps_range[1], spec.eval.decode_parity_problems, **spec.knobs
     )
@@ -261,7 +266,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stopped = f" (train.stop_when {stop_when!r} met)" if int(state.step) < steps else ""
         print(f"greedy accuracy by K after {int(state.step)} of {steps} steps{stopped}:")
         print(format_table(acc))
-        print(metrics_lib.format_metrics("decode parity vs the no-cache reference:", parity))
+        if parity:
+            print(metrics_lib.format_metrics("decode parity vs the no-cache reference:", parity))
     return dict(results, params=params)
 
 

@@ -87,8 +87,9 @@ def test_launch_writes_artifacts_and_a_rerun_resumes(tmp_path):
         ("--config.train.steps=ten", ["--config.train.steps=ten"]),
         ("--config.train.seq_len=16", ["train.seq_len", "16 is shorter than the longest example"]),
         ("--config.model.n_heads=3", ["model.n_heads (3) must be divisible by model.n_kv_heads (2)"]),
+        ("--config.eval.decode_parity_problems=-1", ["eval.decode_parity_problems", "must be >= 0"]),
     ],
-    ids=["unknown_key", "wrong_type", "seq_len_too_short", "heads"],
+    ids=["unknown_key", "wrong_type", "seq_len_too_short", "heads", "parity_problems"],
 )
 def test_bad_configs_fail_fast_naming_the_key(tmp_path, override, expected):
     workdir = tmp_path / "run"
