@@ -5,8 +5,9 @@ Glossary: B pairs per batch, N pairs in the data set, T tokens.
 Stages of `run(config, workdir)`:
 1. SFT (`config.sft.steps` > 0): the arithmetic LM trained for that many steps in `workdir/sft` (resumable), a
    partly right policy; steps = 0 starts from a random init (tests).
-2. Pairs: `prefopt.arithmetic_pairs` (gold trace vs one corrupted step; `config.pairs.flip_rate`, `length_skew`),
-   encoded once, shuffled once by the seed; batch i is chunk i mod (N // B): a pure function of (seed, i). Kind
+2. Pairs: `prefopt.arithmetic_pairs` (gold trace vs one corrupted step) or, with `config.pairs.source = "policy"`,
+   `policy_pairs` (gold trace vs a wrong sample of the starting policy: pairs that differ where it errs), with
+   `config.pairs.flip_rate` and `length_skew`, encoded once, shuffled once by the seed; batch i is chunk i mod (N // B): a pure function of (seed, i). Kind
    "kto" unpairs them (2N rows: chosen desirable, rejected undesirable; each row's KL row is its prompt with another
    prompt's completion) and trains with `prefopt.kto_loss` (z₀ from the batch's KL rows, detached, clamped >= 0).
 3. Preference training (`preference_task`, a `loop.Task`): each step scores chosen and rejected in one forward pass
@@ -44,6 +45,7 @@ from framework import config as config_lib
 from framework import inference, peft, prefopt, sharding
 from framework.models import lm
 from framework.tasks import arithmetic, policy_eval
+from framework.tasks import data as task_data
 from framework.tasks import tokenizer as tok
 from framework.training import loop
 from framework.training.loss import sequence_logprobs
@@ -112,6 +114,9 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
     req(pc.n >= tc.batch_size, "pairs.n", f"{pc.n} pairs are fewer than one batch (train.batch_size={tc.batch_size})")
     req(pc.eval_n >= 1, "pairs.eval_n", f"must be >= 1, got {pc.eval_n}")
     req(0.0 <= pc.flip_rate <= 1.0, "pairs.flip_rate", f"must be in [0, 1], got {pc.flip_rate}")
+    req(pc.source in ("corrupt", "policy"), "pairs.source", f"must be 'corrupt' or 'policy', got {pc.source!r}")
+    req(pc.samples >= 1, "pairs.samples", f"must be >= 1, got {pc.samples}")
+    req(pc.temperature > 0, "pairs.temperature", f"must be > 0 (sampled completions), got {pc.temperature}")
     req(
         config.pref.lora_rank >= 0,
         "pref.lora_rank",
@@ -263,7 +268,7 @@ def preference_task(
 
     def kto_loss_fn(params, batch, frozen=None):
         policy = peft.set_adapters(frozen["adapted"], params) if lora is not None else params
-        logps = policy_stats(policy, model_cfg, batch["tokens"], batch["mask"])[0]
+        logps, lengths, logits_sum = policy_stats(policy, model_cfg, batch["tokens"], batch["mask"])
         # z0's policy side carries no gradient (kto_loss detaches it): a separate forward with no backward pass
         kl_logps = policy_stats(jax.lax.stop_gradient(policy), model_cfg, batch["kl_tokens"], batch["kl_mask"])[0]
         if cached:
@@ -272,7 +277,9 @@ def preference_task(
             ref_params = frozen["adapted"] if lora is not None else frozen["ref"]
             ref, ref_kl = jnp.split(ref_logps_fn(ref_params, model_cfg, *_both(batch)), 2)
         loss_B, metrics = prefopt.kto_loss(logps, ref, batch["desirable"], kl_logps, ref_kl, **h)
-        return jnp.mean(loss_B), metrics | {k: jnp.float32(v) for k, v in consts.items()}
+        return jnp.mean(loss_B), metrics | kto_logits(batch["desirable"], lengths, logits_sum) | {
+            k: jnp.float32(v) for k, v in consts.items()
+        }
 
     def loss_fn(params, batch, frozen=None):
         policy = peft.set_adapters(frozen["adapted"], params) if lora is not None else params
@@ -331,6 +338,17 @@ def preference_task(
     )
 
 
+def kto_logits(desirable_B, len_B, logits_sum_B) -> dict[str, jax.Array]:
+    """TRL's KTO `logits/chosen`, `logits/rejected`: the vocab-mean logit averaged over the completion tokens of the
+    desirable (undesirable) rows; 0 for a group absent from the batch."""
+    d_B = desirable_B.astype(jnp.float32)
+    out = {}
+    for name, w_B in (("chosen", d_B), ("rejected", 1.0 - d_B)):
+        tokens = jnp.sum(w_B * len_B)
+        out[f"logits/{name}"] = jnp.where(tokens > 0, jnp.sum(w_B * logits_sum_B) / jnp.maximum(tokens, 1.0), 0.0)
+    return out
+
+
 def trained_policy(task: loop.Task, params):
     """Plain LM params of a trained task's state params (adapters merged into the base for a LoRA task)."""
     if isinstance(task.frozen, dict) and "adapted" in task.frozen:
@@ -359,18 +377,41 @@ def sft_policy(config: ml_collections.ConfigDict, workdir: str):
     return jax.device_get(loop.train(c, os.path.join(workdir, "sft"), task).params)
 
 
-def make_pairs(config: ml_collections.ConfigDict, split: str, n: int, *, unpaired: bool = False):
-    """(encoded arrays, stats) of the config's arithmetic pairs on `split` (held-out pairs are clean); `unpaired`:
-    the same pairs as 2n KTO rows (chosen desirable, rejected undesirable; `prefopt.kto_rows`, `encode_kto`)."""
-    noisy = split == "train"
-    pairs, stats = prefopt.arithmetic_pairs(
-        config.seed,
-        n,
-        split=split,
-        flip_rate=config.pairs.flip_rate if noisy else 0.0,
-        length_skew=config.pairs.length_skew,
-        **task_knobs(config),
+def policy_pairs(config: ml_collections.ConfigDict, params, split: str, n: int):
+    """(clean pairs, stats) of `config.pairs.source = "policy"`: `n` problems of `split`, each paired as gold trace vs
+    the first wrong of `config.pairs.samples` completions of `params` (problems the policy always solves give none)."""
+    rng = np.random.default_rng([task_data.split_seed(config.seed, split), 0x5A3F])
+    problems = arithmetic.sample_problems(rng, n, **task_knobs(config))
+    key = jax.random.fold_in(jax.random.key(config.seed), task_data.SPLITS.index(split))
+    pc = config.pairs
+    return prefopt.sampled_pairs(
+        params,
+        lm.LMConfig.from_config(config.model),
+        problems,
+        samples=pc.samples,
+        temperature=pc.temperature,
+        rng=key,
+        batch_size=config.eval.batch_size,
+        chosen="gold",
     )
+
+
+def make_pairs(
+    config: ml_collections.ConfigDict, split: str, n: int, *, unpaired: bool = False, policy=None, sampled=None
+):
+    """(encoded arrays, stats) of the config's pairs on `split` (held-out pairs are clean); `unpaired`: the same pairs
+    as 2n KTO rows (chosen desirable, rejected undesirable; `prefopt.kto_rows`, `encode_kto`). Source "policy" pairs
+    are sampled from `policy` (or given as `sampled`, `policy_pairs`' output) before flips and length skew."""
+    noisy = split == "train"
+    flip, skew = (config.pairs.flip_rate if noisy else 0.0), config.pairs.length_skew
+    if config.pairs.source == "policy":
+        clean, clean_stats = sampled if sampled is not None else policy_pairs(config, policy, split, n)
+        pairs, stats = prefopt.perturb_pairs(clean, config.seed, flip_rate=flip, length_skew=skew)
+        stats = clean_stats | stats
+    else:
+        pairs, stats = prefopt.arithmetic_pairs(
+            config.seed, n, split=split, flip_rate=flip, length_skew=skew, **task_knobs(config)
+        )
     if unpaired:
         arrays, counts = prefopt.encode_kto(prefopt.kto_rows(pairs), "arith", config.train.seq_len)
     else:
@@ -415,16 +456,19 @@ def pair_eval(params, ref_params, model_cfg, arrays, kind, h) -> dict[str, float
     return {k: float(v) for k, v in m.items()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, start_params=None, sft_eval=None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, start_params=None, sft_eval=None, sampled=None) -> dict:
     """SFT (or init), pairs, preference training on the loop (resumable), evaluation; returns the results dict.
 
-    `start_params` (plain LM params) replaces the SFT stage and `sft_eval` its evaluation (a study shares one SFT
-    policy between many runs).
+    `start_params` (plain LM params) replaces the SFT stage and `sft_eval` its evaluation, and `sampled` ({split:
+    `policy_pairs(config, start_params, split, n)`}) the policy's sampled pairs (a study shares them between runs).
     """
     model_cfg = validate(config)
     start = sft_policy(config, workdir) if start_params is None else start_params
     kto = kinds(config) == (KTO,)
-    arrays, stats = make_pairs(config, "train", config.pairs.n, unpaired=kto)
+    sampled = sampled or {}
+    arrays, stats = make_pairs(
+        config, "train", config.pairs.n, unpaired=kto, policy=start, sampled=sampled.get("train")
+    )
     data = PairData.make(arrays, config.train.batch_size, config.seed)
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config.mesh)
     h = loss_hparams(config)
@@ -445,7 +489,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, start_params=None, s
     )
     state = loop.train(config, workdir, task)
     params = trained_policy(task, jax.device_get(state.params))
-    eval_arrays, _ = make_pairs(config, "eval", config.pairs.eval_n)
+    eval_arrays, _ = make_pairs(config, "eval", config.pairs.eval_n, policy=start, sampled=sampled.get("eval"))
     # KTO's held-out pairs are scored by its implicit reward β·(logπ − logπ_ref), as DPO's are
     eval_kind, hk = (("sigmoid",), {"beta": h["beta"]}) if kto else (kinds(config), h)
     hk = {k: v for k, v in hk.items() if v is not None}

@@ -4,6 +4,7 @@ reference-free kinds never touch the reference, LoRA with the base as reference,
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -210,6 +211,7 @@ def _kto_arrays(setup):
     return {k: v[: 2 * config.train.batch_size] for k, v in arrays.items()}  # two batches: steps 1, 3 see one
 
 
+@pytest.mark.slow  # step 1 == 0.5 and kl == 0 are also checked, with TRL's values, by the trainer golden test
 def test_kto_step_on_unpaired_rows(setup):
     """KTO's step at the start: policy == reference, so ρ = 0, z0 = 0, every row's loss is 1 − σ(0) = 0.5."""
     config, model_cfg, params = setup[:3]
@@ -238,6 +240,7 @@ def test_kto_trains_on_unpaired_rows(setup, tmp_path):
     assert pre.frozen is None and [m["train/loss"] for m in m_pre] == [m["train/loss"] for m in metrics]
 
 
+@pytest.mark.slow  # pays for the KTO trainer golden in `make test`; the slow LoRA training test checks step 1 too
 def test_lora_reference_is_the_base_with_adapters_off(setup):
     """One evaluation of the step's loss: the adapters start at B = 0, so the policy is its reference (DPO loss log 2)
     and the base is held once, as the frozen input both share."""
@@ -259,6 +262,9 @@ def test_lora_trains_adapters_with_the_base_as_reference(setup, tmp_path):
     assert metrics[2]["train/loss"] < metrics[0]["train/loss"]
     merged = preference.trained_policy(task, adapters)
     assert jax.tree.structure(merged) == jax.tree.structure(setup[2])
+    start = preference.trained_policy(task, task.init_params(None))
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(setup[2])):
+        np.testing.assert_array_equal(a, b)  # B = 0 at the start: merging changes nothing
 
 
 def test_bad_config_names_the_key(setup):
@@ -272,10 +278,11 @@ def test_bad_config_names_the_key(setup):
         c.pref[key] = value
         with pytest.raises(config_lib.ConfigError, match=match):
             preference.validate(c)
-    c = config.copy_and_resolve_references()
-    c.pairs.n = 4
-    with pytest.raises(config_lib.ConfigError, match="pairs.n"):
-        preference.validate(c)
+    for key, value in (("n", 4), ("source", "sampled"), ("samples", 0), ("temperature", 0.0)):
+        c = config.copy_and_resolve_references()
+        c.pairs[key] = value
+        with pytest.raises(config_lib.ConfigError, match=f"pairs.{key}"):
+            preference.validate(c)
     for key, value in (("desirable_weight", -1.0), ("undesirable_weight", float("nan")), ("beta", 0.0)):
         c = config.copy_and_resolve_references()
         c.pref.kind = "kto"
@@ -300,3 +307,106 @@ def test_pairs_kind_list_parses(setup):
     assert preference.kinds(c) == ("sigmoid", "sft")
     assert preference.loss_hparams(c)["weights"] == (1.0, 0.2)
     assert prefopt.needs_reference(preference.kinds(c))
+
+
+TRAINER_GOLDENS = pathlib.Path(__file__).parent / "assets" / "trl" / "trainer"
+
+
+def _load_trainer_goldens(folder: pathlib.Path):
+    """TRL's trainer-level goldens (scripts/golden/trl_trainer_goldens.py): the two Llamas, the batches, the steps."""
+    from framework.models import hf
+
+    cfg, policy = hf.load_hf_checkpoint(folder / "policy", scan_layers=False)
+    _, ref = hf.load_hf_checkpoint(folder / "ref", scan_layers=False)
+    record = json.loads((folder / "goldens.json").read_text())
+    with np.load(folder / "batches.npz") as f:
+        arrays = dict(f)
+    return cfg, policy, ref, {c["trainer"]: c for c in record["cases"]}, arrays
+
+
+@pytest.fixture(scope="module")
+def trl_trainer():
+    return _load_trainer_goldens(TRAINER_GOLDENS)
+
+
+def _pad_to(x_NT, width):
+    return np.pad(x_NT, ((0, 0), (0, width - x_NT.shape[1])))  # right padding: pad id 0, mask 0
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    # DPO's first step is also checked against live TRL by scripts/bench/preference.py; its losses by the loss goldens
+    [pytest.param("DPOTrainer", marks=pytest.mark.slow), "KTOTrainer"],
+)
+def test_trainer_matches_trl_on_the_same_llama_and_batch(trl_trainer, trainer):
+    _check_trainer_case(trl_trainer, trainer)
+
+
+PARITY_PY = pathlib.Path(__file__).resolve().parents[1] / ".venv-parity" / "bin" / "python"
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+@pytest.mark.skipif(not PARITY_PY.exists(), reason="no .venv-parity (torch + trl)")
+def test_trainer_matches_live_trl(tmp_path):
+    """The same check against TRL run now (the golden script in the parity venv, into a temporary folder)."""
+    import os
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "golden" / "trl_trainer_goldens.py"
+    subprocess.run(
+        [str(PARITY_PY), str(script), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1"),
+    )
+    goldens = _load_trainer_goldens(tmp_path)
+    for trainer in ("DPOTrainer", "KTOTrainer"):
+        _check_trainer_case(goldens, trainer)
+
+
+def _check_trainer_case(trl_trainer, trainer):
+    """Lumen's trainer step (its `loop.Task` loss function, TRL's collated batch, the same safetensors, `ref_model`
+    as the frozen reference) gives TRL's loss and logged metrics on step 1, and after one SGD step (lr 0.5) on step 2:
+    forward, reference, metrics and gradient agree. With the policy as its own reference the loss is log 2 (DPO) or
+    0.5 (KTO: ρ = 0, z0 = 0) and the margins and `kl` are 0. fp32 on both sides; the tolerance (1e-5 relative,
+    1e-5 absolute) is float noise of two implementations' forwards summed over ~10 tokens."""
+    cfg, policy, ref, cases, a = trl_trainer
+    case = cases[trainer]
+    if trainer == "DPOTrainer":
+        ids, mask = a["dpo_input_ids"], a["dpo_completion_mask"].astype(np.float32)
+        b = len(ids) // 2
+        arrays = dict(chosen_tokens=ids[:b], chosen_mask=mask[:b], rejected_tokens=ids[b:], rejected_mask=mask[b:])
+        kind, hparams = tuple(case["kind"]), dict(beta=case["beta"])
+    else:
+        width = max(a["kto_input_ids"].shape[1], a["kto_KL_input_ids"].shape[1])  # one width for rows and KL rows
+        arrays = dict(
+            tokens=_pad_to(a["kto_input_ids"], width),
+            mask=_pad_to(a["kto_completion_mask"], width).astype(np.float32),
+            kl_tokens=_pad_to(a["kto_KL_input_ids"], width),
+            kl_mask=_pad_to(a["kto_KL_completion_mask"], width).astype(np.float32),
+            desirable=a["kto_label"],
+        )
+        kind, hparams = "kto", case["hparams"]
+    rows = len(next(iter(arrays.values())))
+    data = preference.PairData.make(arrays, rows, 0)  # one batch (its row order is shuffled: every value is a mean)
+    task = preference.preference_task(cfg, policy, data, kind=kind, hparams=hparams)
+    other = ("sigmoid", "pairs") if kind == "kto" else ("kto", "unpaired rows")
+    with pytest.raises(ValueError, match=other[1]):  # a kind on the other kind's data
+        preference.preference_task(cfg, policy, data, kind=other[0], hparams=dict(beta=0.1))
+    batch, frozen = next(task.batches(0)), {"ref": ref}
+    assert set(batch) == set(preference.KTO_KEYS if kind == "kto" else preference.PAIR_KEYS)
+    step_fn = jax.jit(jax.value_and_grad(lambda p, f: task.loss_fn(p, batch, f), has_aux=True))
+    (loss, metrics), _ = step_fn(policy, {"ref": policy})  # policy == reference: ρ = 0, z0 = 0
+    assert float(loss) == pytest.approx(0.5 if kind == "kto" else np.log(2.0), abs=1e-6)
+    assert float(metrics["rewards/margins"]) == 0.0 and float(metrics.get("kl", 0.0)) == 0.0
+    params = policy
+    for step, want in enumerate(case["steps"], 1):
+        (loss, metrics), grads = step_fn(params, frozen)
+        got = {"loss": float(loss)} | {k: float(metrics[k]) for k in want["metrics"] if k in metrics}
+        expect = {"loss": want["loss"]} | {k: want["metrics"][k] for k in got if k != "loss"}
+        for k in ("rewards/chosen", "rewards/margins", "logps/chosen", "logits/chosen") + (("kl",) * (kind == "kto")):
+            assert k in got, f"{trainer} step {step}: Lumen does not log {k}"
+        g, e = np.array(list(got.values())), np.array(list(expect.values()))
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=str(got))
+        params = jax.tree.map(lambda p, g: p - case["lr"] * g, params, grads)

@@ -43,7 +43,11 @@ def test_launch_sft_then_dpo(tmp_path):
     proc = _launch(tmp_path / "run", *TINY)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "run" / "results" / "preference.json").read_text())
-    assert results["step"] == 3 and results["kind"] == ["sigmoid"] and results["data"]["pairs"] == 16
+    assert results["step"] == 3 and results["kind"] == ["sigmoid"] and results["data"]["problems"] == 16
+    # on-policy pairs (the study config's source): every problem the SFT policy gets wrong in a sample gives one; a
+    # pair with an empty sampled completion (or chosen == rejected) is dropped and counted
+    d = results["data"]
+    assert 0 < d["pairs"] and d["pairs"] + d["dropped_empty"] + d["dropped_identical"] == 16 - d["all_right"]
     assert set(results["policy"]["accuracy_by_k"]) == {"1", "2"}
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "train/rewards/accuracies" in records[0] and (tmp_path / "run" / "sft" / "metrics.jsonl").exists()

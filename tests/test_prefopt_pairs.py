@@ -106,3 +106,29 @@ def test_sampled_pairs_pair_a_right_sample_with_a_wrong_one(monkeypatch):
     pairs, stats = prefopt.sampled_pairs(None, None, problems, samples=2, rng=jax.random.key(0))
     assert [(p.chosen, p.rejected) for p in pairs] == [(gold[0], bad[0])]
     assert (stats["problems"], stats["all_right"], stats["all_wrong"], stats["pairs"]) == (3, 1, 1, 1)
+
+
+def test_sampled_pairs_with_gold_chosen_and_perturbed(monkeypatch):
+    """chosen="gold": every problem with a wrong sample pairs the gold trace with it (all-wrong problems too);
+    `perturb_pairs` pads the chosen side and flips labels by its seed, marking them."""
+    problems = arithmetic.sample_problems(5, 3, num_steps=2, modulus=100)
+    gold = [arithmetic.format_solution(p) for p in problems]
+    bad = [prefopt.corrupt_trace(p, 0, 1) for p in problems]
+    samples = {0: [bad[0], gold[1], bad[2]], 1: [gold[0], gold[1], bad[2]]}
+    calls = iter(range(2))
+    monkeypatch.setattr(prefopt.pairs.policy_eval, "complete", lambda *a, **k: samples[next(calls)])
+    pairs, stats = prefopt.sampled_pairs(None, None, problems, samples=2, rng=jax.random.key(0), chosen="gold")
+    assert [(p.chosen, p.rejected) for p in pairs] == [(gold[0], bad[0]), (gold[2], bad[2])]
+    assert (stats["all_right"], stats["all_wrong"], stats["pairs"]) == (1, 1, 2)
+    skewed, s = prefopt.perturb_pairs(pairs, 0, length_skew=3)
+    assert [p.chosen for p in skewed] == [gold[0] + "???", gold[2] + "???"] and s["flipped"] == 0
+    flipped, s = prefopt.perturb_pairs(pairs * 50, 0, flip_rate=0.3)
+    assert all(
+        (p.chosen, p.rejected) == ((q.rejected, q.chosen) if p.flipped else (q.chosen, q.rejected))
+        for p, q in zip(flipped, pairs * 50)
+    )
+    assert 10 < s["flipped"] < 50 and flipped == prefopt.perturb_pairs(pairs * 50, 0, flip_rate=0.3)[0]
+    with pytest.raises(ValueError, match="chosen"):
+        prefopt.sampled_pairs(None, None, problems, rng=jax.random.key(0), chosen="best")
+    with pytest.raises(ValueError, match="flip_rate"):
+        prefopt.perturb_pairs(pairs, 0, flip_rate=-0.1)

@@ -25,6 +25,11 @@ def preference_experiment(*, size: str = "tiny", kind: str = "sigmoid", seed: in
             eval_n=128,  # held-out pairs (split "eval") for reward accuracy and margins
             flip_rate=0.0,  # fraction of pairs whose labels are swapped (label noise)
             length_skew=0,  # filler characters after the chosen (> 0) or rejected (< 0) answer line
+            # "corrupt": gold trace vs the gold trace with one corrupted step; "policy": gold trace vs a wrong
+            # completion of the starting policy (`samples` per problem at `temperature`; n = problems sampled)
+            source="corrupt",
+            samples=4,
+            temperature=1.0,
         )
     )
     config.pref = ml_collections.ConfigDict(

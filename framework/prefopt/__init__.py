@@ -25,6 +25,7 @@ from framework.prefopt.pairs import (
     encode_pairs,
     kto_rows,
     pair_stats,
+    perturb_pairs,
     sampled_pairs,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "encode_pairs",
     "kto_rows",
     "pair_stats",
+    "perturb_pairs",
     "sampled_pairs",
     "NEEDS_LENGTHS",
     "REFERENCE_FREE",

@@ -8,8 +8,9 @@ wrong value, so the error propagates to the answer, as a real slip does; the ste
 answer stays right, up to 16 times, so nearly every rejected answer is wrong). Knobs: `flip_rate` swaps chosen and
 rejected in that fraction of pairs (label noise, recorded per pair), `length_skew` appends filler after the answer
 line (which the checker ignores) to the chosen (> 0) or the rejected (< 0) completion: a length bias that carries no
-correctness signal. `sampled_pairs` draws completions from a policy and pairs a checker-correct one with a wrong
-one. `kto_rows` unpairs pairs for KTO.
+correctness signal. `sampled_pairs` draws completions from a policy and pairs a checker-correct one (or the gold
+trace) with a wrong one: pairs that differ where that policy errs. `perturb_pairs` applies the same label flips and
+length skew to any pairs. `kto_rows` unpairs pairs for KTO.
 
 `encode_pairs` turns any pairs (Pair or (prompt, chosen, rejected) tuples, any tokenizer) into fixed-shape arrays:
 `chosen_tokens`/`rejected_tokens` int32 [N, T] (BOS + prompt + completion + EOS) and `chosen_mask`/`rejected_mask`
@@ -120,13 +121,17 @@ def sampled_pairs(
     temperature: float = 1.0,
     rng,
     batch_size: int = 128,
+    chosen: str = "sample",
 ) -> tuple[list[Pair], dict[str, Any]]:
-    """Pairs of the policy's own completions judged by the checker: the first exactly-correct sample of a problem as
-    chosen, its first wrong one as rejected; problems whose samples are all right or all wrong give no pair."""
+    """Pairs of the policy's own completions judged by the checker: its first wrong sample of a problem as rejected,
+    and as chosen its first exactly-correct sample (`chosen="sample"`; problems whose samples are all right or all
+    wrong give no pair) or the gold trace (`chosen="gold"`; every problem with a wrong sample gives a pair)."""
     import jax
 
-    if samples < 2:
-        raise ValueError(f"samples = {samples}; expected >= 2 completions per problem to pair")
+    if samples < 1 or (chosen == "sample" and samples < 2):
+        raise ValueError(f"samples = {samples}; expected >= 2 completions per problem (>= 1 with chosen='gold')")
+    if chosen not in ("sample", "gold"):
+        raise ValueError(f"chosen = {chosen!r}; expected 'sample' (a correct sample) or 'gold' (the gold trace)")
     texts = [
         policy_eval.complete(
             params, cfg, list(problems), temperature=temperature, rng=jax.random.fold_in(rng, s), batch_size=batch_size
@@ -139,11 +144,31 @@ def sampled_pairs(
         for s in range(samples):
             r = arithmetic.check_solution(p, texts[s][i])
             (good if r.answer_correct and r.process_correct else bad).append(texts[s][i])
-        if good and bad:
-            pairs.append(Pair(arithmetic.format_prompt(p), good[0], bad[0]))
         all_right += not bad
         all_wrong += not good
+        if chosen == "gold":
+            good = [arithmetic.format_solution(p)]
+        if good and bad:
+            pairs.append(Pair(arithmetic.format_prompt(p), good[0], bad[0]))
     return pairs, dict(pair_stats(pairs), problems=len(problems), all_right=all_right, all_wrong=all_wrong)
+
+
+def perturb_pairs(
+    pairs: Sequence[Pair], seed: int, *, flip_rate: float = 0.0, length_skew: int = 0
+) -> tuple[list[Pair], dict[str, Any]]:
+    """`pairs` with `length_skew` filler characters after the chosen (> 0) or rejected (< 0) completion and then a
+    `flip_rate` fraction of labels swapped (drawn from `seed`, marked `flipped`), and their stats."""
+    if not 0.0 <= flip_rate <= 1.0:
+        raise ValueError(f"flip_rate = {flip_rate!r}; expected a fraction in [0, 1]")
+    if isinstance(length_skew, bool) or not isinstance(length_skew, (int, np.integer)):
+        raise ValueError(f"length_skew = {length_skew!r}; expected an int (filler characters, sign = which side)")
+    flips = np.random.default_rng([seed, 0xF11B]).uniform(size=len(pairs)) < flip_rate
+    out = []
+    for p, flip in zip(map(_as_pair, pairs), flips):
+        c = p.chosen + FILLER * max(length_skew, 0)
+        r = p.rejected + FILLER * max(-length_skew, 0)
+        out.append(Pair(p.prompt, r, c, True) if flip else Pair(p.prompt, c, r, False))
+    return out, pair_stats(out)
 
 
 def kto_rows(pairs: Iterable[Pair | tuple]) -> list[tuple[str, str, bool]]:

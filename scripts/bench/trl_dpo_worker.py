@@ -86,6 +86,7 @@ class Session:
             save_strategy="no",
             lr_scheduler_type="constant",
             weight_decay=0.0,
+            bf16=False,  # TRL's default bf16 autocasts the prepared reference's forward: fp32 on both sides
             dataloader_num_workers=0,
             disable_tqdm=True,
         )

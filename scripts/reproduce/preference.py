@@ -5,8 +5,11 @@ rate, two seeds, with label-noise and length-skew arms.
 
 Setting (configs/preference/study.py): the tiny LM SFT'd on mod-10 chains with K = 1..5 until its held-out token
 accuracy reaches 0.95 (a partly right policy, once per seed in <workdir>/sft_s<seed>), then each arm trains the same
-number of steps on (gold trace, one-corrupted-step trace) pairs with the SFT policy as reference (KTO: the same pairs
-unpaired, twice the rows per step, so every kind sees the same completions per step):
+number of steps with the SFT policy as reference on pairs of the gold trace vs (--source=policy) a wrong completion
+sampled from that SFT policy (sampled once per seed and shared by every arm: pairs that differ where the policy
+errs) or (--source=corrupt) the gold trace with one corrupted step. KTO trains on the same pairs unpaired, twice the
+rows per step, so every kind sees the same completions per step. "a+b" kinds are weighted lists (sigmoid+sft = RPO,
+DPO plus the chosen NLL); "sft" alone (the chosen NLL) is the control that separates the preference term from it.
 1. LR sweep per kind (--kinds) on the first seed: --lrs, extended by one grid point (×√10) past whichever end holds
    the best held-out exact match (mean over K), up to --extend times; the LR kept is the best, marked "edge" when it
    is still the smallest or largest swept (not bracketed).
@@ -36,9 +39,11 @@ from framework.models import lm
 
 flags.DEFINE_string("workdir", "runs/preference_study", "where runs, results and figures go")
 flags.DEFINE_list(
-    "kinds", ["sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "alphadpo", "kto"], "kinds compared"
+    "kinds",
+    ["sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "alphadpo", "kto", "sigmoid+sft", "sft"],
+    "kinds compared (a+b: a weighted list, e.g. sigmoid+sft = RPO, DPO plus the chosen NLL; sft alone: the control)",
 )
-flags.DEFINE_list("lrs", ["3e-5", "1e-4", "3e-4"], "learning rates swept per kind (first seed), before extension")
+flags.DEFINE_list("lrs", ["3e-6", "3e-5", "3e-4"], "learning rates swept per kind (first seed), before extension")
 flags.DEFINE_integer("extend", 2, "grid points added past an edge that holds the best exact match, at most")
 flags.DEFINE_bool("extend_down", True, "also extend below the smallest LR (towards the SFT policy itself)")
 flags.DEFINE_list("seeds", ["1", "2"], "seeds (SFT policy, data order, held-out problems)")
@@ -46,13 +51,23 @@ flags.DEFINE_list("flips", ["0.2", "0.4"], "label flip rates of the noise arm (0
 flags.DEFINE_list(
     "noise_kinds", ["sigmoid", "cdpo", "robust"], "kinds of the noise arm (the first sets the matched LR)"
 )
-flags.DEFINE_list("noise_lrs", [], "extra learning rates of the noise arm (every noise kind, clean and noisy)")
+flags.DEFINE_list(
+    "noise_lrs", ["3e-5"], "extra learning rates of the noise arm (every noise kind, clean and noisy): where DPO moves"
+)
 flags.DEFINE_bool("noise_tuned", True, "run the noise arm at the matched and each kind's own kept LR too")
 flags.DEFINE_list("length_kinds", ["sigmoid", "simpo", "orpo"], "kinds of the length arm")
-flags.DEFINE_list("length_lrs", [], "extra learning rates of the length arm (besides each kind's kept LR)")
+flags.DEFINE_list("length_lrs", ["3e-5"], "extra learning rates of the length arm (besides each kind's kept LR)")
 flags.DEFINE_integer("skew", 8, "filler characters added to the chosen completions in the length arm")
 flags.DEFINE_integer("steps", 150, "preference steps of every arm")
 flags.DEFINE_integer("problems_per_k", 64, "held-out problems per K")
+flags.DEFINE_enum(
+    "source", "policy", ["policy", "corrupt"], "pairs: the SFT policy's wrong samples, or corrupted steps"
+)
+flags.DEFINE_string(
+    "sft_stop",
+    None,
+    "the SFT stage's train.stop_when (default: the config's, token accuracy 0.95; '' = its full schedule)",
+)
 flags.DEFINE_bool("report_only", False, "summarise the finished runs of <workdir> (a partial study) without training")
 FLAGS = flags.FLAGS
 
@@ -66,12 +81,17 @@ KTO_ROWS_PER_PAIR = 2  # a KTO step takes 2x the pair batch in rows: the same co
 
 
 def arm_config(kind: str, seed: int, lr: float, *, flip: float = 0.0, skew: int = 0):
-    config = study.get_config(f"kind={kind},seed={seed},lr={lr}")
+    config = study.get_config(f"seed={seed},lr={lr},source={FLAGS.source}")
     config.unlock()
+    config.pref.kind = kind.replace("+", ",")
     config.train.steps = FLAGS.steps
     config.train.progress = False
     config.eval.problems_per_k = FLAGS.problems_per_k
     config.pairs.update(flip_rate=flip, length_skew=skew)
+    if FLAGS.sft_stop is not None:
+        config.sft.stop_when = FLAGS.sft_stop
+        if not FLAGS.sft_stop:  # no early stop to check: evaluate the SFT stage rarely
+            config.sft.eval_every = 500
     for k, v in KIND_HPARAMS.get(kind, {}).items():
         config.pref[k] = v
     if kind == preference.KTO:
@@ -110,8 +130,15 @@ class Study:
             config = arm_config("sigmoid", seed, 1e-4)
             params = preference.sft_policy(config, os.path.join(self.workdir, f"sft_s{seed}"))
             model_cfg = lm.LMConfig.from_config(config.model)
-            self.sft[seed] = (params, preference.greedy_eval(params, model_cfg, config))
+            sampled = {}
+            if config.pairs.source == "policy":  # the SFT policy's pairs, sampled once per seed for every arm
+                sampled = {s: preference.policy_pairs(config, params, s, n) for s, n in self.pair_counts(config)}
+            self.sft[seed] = (params, preference.greedy_eval(params, model_cfg, config), sampled)
         return self.sft[seed]
+
+    @staticmethod
+    def pair_counts(config):
+        return (("train", config.pairs.n), ("eval", config.pairs.eval_n))
 
     def run(self, name: str, kind: str, seed: int, lr: float, **kw) -> dict | None:
         """The results of one arm (trained unless finished; None for an unfinished arm under --report_only)."""
@@ -123,9 +150,10 @@ class Study:
             with open(path) as f:
                 out = json.load(f)
         else:
-            params, sft_eval = self.start(seed)
+            params, sft_eval, sampled = self.start(seed)
             t0, c0 = time.time(), time.process_time()
-            out = preference.run(arm_config(kind, seed, lr, **kw), workdir, start_params=params, sft_eval=sft_eval)
+            config = arm_config(kind, seed, lr, **kw)
+            out = preference.run(config, workdir, start_params=params, sft_eval=sft_eval, sampled=sampled)
             out.pop("params")
             out.update(wall_s=time.time() - t0, cpu_s=time.process_time() - c0)
             with open(path, "w") as f:
@@ -181,6 +209,8 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     st = Study(FLAGS.workdir, FLAGS.report_only)
     t0, c0 = time.time(), time.process_time()
+    if FLAGS.source == "policy" and not FLAGS.report_only and nothing_to_learn(st, seeds):
+        return
     runs, kept = [], {}
     for kind in FLAGS.kinds:  # 1. LR sweep on the first seed
         rs, k = sweep(st, kind, seeds[0], lrs, FLAGS.extend, FLAGS.extend_down)
@@ -231,6 +261,8 @@ def main(argv):
             problems_per_k=FLAGS.problems_per_k,
             kind_hparams=KIND_HPARAMS,
             kto_rows_per_pair=KTO_ROWS_PER_PAIR,
+            source=FLAGS.source,
+            sft_stop_when=arm_config("sigmoid", seeds[0], lrs[0]).sft.stop_when,
             jax=jax.__version__,
         ),
         kept_lr=kept,
@@ -248,6 +280,27 @@ def main(argv):
     print(sweep_table(summary))
     print(noise_table(summary))
     print(length_table(summary))
+
+
+def nothing_to_learn(st: Study, seeds: list[int]) -> bool:
+    """True (and <workdir>/results/preference.json holds each seed's SFT evaluation and pair counts) when a seed's SFT
+    policy leaves fewer on-policy pairs than one batch: it (nearly) never errs, so there is no preference to train."""
+    config = arm_config("sigmoid", seeds[0], 1e-4)
+    report = {}
+    for seed in seeds:
+        _, sft_eval, sampled = st.start(seed)
+        report[seed] = dict(sft=sft_eval, pairs={s: stats for s, (_, stats) in sampled.items()})
+    if all(r["pairs"]["train"]["pairs"] >= config.train.batch_size for r in report.values()):
+        return False
+    os.makedirs(os.path.join(FLAGS.workdir, "results"), exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, "results", "preference.json"), "w") as f:
+        json.dump(
+            dict(stopped="fewer on-policy pairs than one batch", sft_stop_when=config.sft.stop_when, seeds=report), f
+        )
+    for seed, r in report.items():
+        print(f"seed {seed}: SFT exact match {exact(r['sft']):.3f}, on-policy pairs {r['pairs']}")
+    print(f"fewer on-policy pairs than one batch ({config.train.batch_size}): nothing to train; see the results JSON")
+    return True
 
 
 def _kept_runs(summary, kind):
@@ -384,15 +437,16 @@ def figure(summary, path: str) -> None:
         )
         return r["trajectory"].get(kc), r["trajectory"].get(kr)
 
-    ax = axes[0, 0]  # every kind at the matched LR 1e-4, where each of them moves the policy
+    ax = axes[0, 0]  # every kind at its kept LR
     for kind in kinds:
-        rs = [r for r in summary["runs"] if r["name"] == f"sweep_{kind}_lr0.0001_s{seed}"]
+        lr = summary["kept_lr"][kind]["lr"]
+        rs = [r for r in summary["runs"] if r["name"] == f"sweep_{kind}_lr{lr:g}_s{seed}"]
         if not rs or not all(chosen_rejected(rs[0])):
             continue
         c, rj = chosen_rejected(rs[0])
         line = ax.plot(*zip(*c), label=kind)[0]
         ax.plot(*zip(*rj), ls="--", color=line.get_color())
-    ax.set(xlabel="step", ylabel="Σ log-prob (train batch)", title="lr 1e-4, seed 1: chosen (solid), rejected (dashed)")
+    ax.set(xlabel="step", ylabel="Σ log-prob (train batch)", title="kept LR, seed 1: chosen (solid), rejected (dashed)")
     ax.legend(fontsize=7, ncol=2)
     ax = axes[0, 1]  # DPO across its LR sweep: the chosen log-prob against the margin
     for r in sorted(
