@@ -39,7 +39,9 @@ def test_logits_match_transformers(loaded):
     ids, types = g["input_ids"], g["token_type_ids"]
     prefix = (types == 0).sum(1).astype(np.int32)  # token type 0 = the bidirectional prefix, 1 = the causal suffix
     assert prefix.tolist() == [ids.shape[1], ids.shape[1] - 3, ids.shape[1]]
-    logits = np.asarray(vlm.apply(params, g["pixel_values"], ids, cfg, prefix_len_B=prefix))
+    vlm.check_inputs(g["pixel_values"], ids, cfg)  # what apply checks eagerly; under jit one program runs it all
+    run = jax.jit(lambda p, im, t, pre: vlm.apply(p, im, t, cfg, prefix_len_B=pre))
+    logits = np.asarray(run(params, g["pixel_values"], ids, prefix))
     assert np.abs(g["logits"]).max() > 1.0  # the fixture's logits spread: a wrong mapping cannot hide under 1e-4
     np.testing.assert_allclose(logits, g["logits"], atol=ATOL, rtol=0)
 

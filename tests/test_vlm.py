@@ -1,11 +1,12 @@
 """The VLM (framework.models.vlm): prefix-LM mask, placeholder merge, text-only parity with the LM, generation of a
-batch mixing image and text-only rows (KV cache vs the no-cache reference), frozen groups through the one loop, and
-bad inputs refused before anything compiles.
+batch mixing image and text-only rows (KV cache vs the no-cache reference), frozen groups and a LoRA stage through
+the one loop, and bad inputs refused before anything compiles.
 
 Glossary: B batch, T tokens, N image tokens per image (2x4 = 8 patches here), D LM width.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 
 from configs import common
+from experiments import vlm as vlm_exp
 from framework import inference
 from framework.models import attention as attn_lib
 from framework.models import lm, vlm
+from framework.peft import lora
 from framework.training import loop
 
 IMG = 100  # the placeholder id (the first id after the printable-text tokenizer's)
@@ -58,11 +61,14 @@ def test_prefix_mask_matches_a_hand_built_one(model):
     np.testing.assert_array_equal(attn_lib.make_mask(pos, pos, prefix_len_B=jnp.asarray(prefix)), hand)
 
     embeds = vlm.embed_inputs(params, images[:2], tokens, cfg)
-    run = jax.jit(lambda e: lm.forward(params["lm"], None, cfg.lm, embeds_BTD=e, prefix_len_B=prefix).logits)
-    base = run(embeds)
+    # Position s is a traced argument: one compiled program serves the base run and every moved input.
+    run = jax.jit(
+        lambda e, s, d: lm.forward(params["lm"], None, cfg.lm, embeds_BTD=e.at[:, s].add(d), prefix_len_B=prefix).logits
+    )
+    base = np.asarray(run(embeds, 0, 0.0))
     moved = np.zeros((2, T, T), bool)
     for s in range(T):
-        diff = np.abs(np.asarray(run(embeds.at[:, s].add(1.0)) - base)).max(-1)
+        diff = np.abs(np.asarray(run(embeds, s, 1.0)) - base).max(-1)
         moved[:, :, s] = diff > 1e-6
     np.testing.assert_array_equal(moved, hand)
 
@@ -132,17 +138,43 @@ def _train_config(tmp_path, steps=3):
     return config
 
 
-@pytest.mark.parametrize("frozen", [("vision", "lm"), pytest.param(("vision",), marks=pytest.mark.slow)])
-def test_frozen_groups_stay_bitwise_unchanged(model, tmp_path, frozen):
-    cfg, params, images = model
+def _batch(cfg):
     rng = np.random.default_rng(3)
     tokens = np.stack([_prompt(cfg, rng.integers(3, 99, 6), True) for _ in range(8)])
-    batch = {
+    return {
         "images": rng.uniform(-1, 1, (8, 16, 32, 1)).astype(np.float32),
         "tokens": tokens,
         "loss_mask": (np.arange(tokens.shape[1]) >= cfg.num_image_tokens + 4).astype(np.float32)[None].repeat(8, 0),
         "prefix_len": np.full(8, cfg.num_image_tokens + 4, np.int32),
     }
+
+
+def test_lora_stage_trains_adapters_and_keeps_frozen_groups_bitwise(model, tmp_path):
+    """Stage 2 with the LM through LoRA and the encoder frozen by its label: the encoder stays bitwise, the projector
+    trains, and after merging only the LM's LoRA-targeted kernels differ from the start (the rest bitwise equal)."""
+    cfg, params, _ = model
+    batch = _batch(cfg)
+    task, finish = vlm_exp.lora_task(
+        cfg, params, rank=2, trained=("projector", "lm"), batches=lambda start: iter([batch] * 10)
+    )
+    state = loop.train(_train_config(tmp_path), str(tmp_path / "run"), task, devices=jax.devices()[:1])
+    assert set(state.params) == {"vision", "projector", "lora"}
+    out = finish(jax.device_get(state.params))
+    for g, frozen in (("vision", True), ("projector", False)):
+        same = [np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, (out[g], params[g])))]
+        assert all(same) if frozen else not any(same), g
+    target = re.compile(lora.DEFAULT_TARGETS)
+    flat = jax.tree_util.tree_flatten_with_path(out["lm"])[0]
+    for (path, new), old in zip(flat, jax.tree.leaves(params["lm"])):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        assert new.shape == old.shape and (np.array_equal(new, old) != bool(target.fullmatch(name))), name
+
+
+@pytest.mark.slow  # the fast LoRA-stage test above checks a label-frozen group stays bitwise
+@pytest.mark.parametrize("frozen", [("vision", "lm"), ("vision",)])
+def test_frozen_groups_stay_bitwise_unchanged(model, tmp_path, frozen):
+    cfg, params, images = model
+    batch = _batch(cfg)
     task = loop.Task(
         init_params=lambda r: params,
         logical_axes=vlm.logical_axes(cfg),

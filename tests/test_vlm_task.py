@@ -16,7 +16,7 @@ from configs.vlm import study, tiny
 from experiments import vlm as vlm_exp
 from framework import config as config_lib
 from framework.tasks import arithmetic, render
-from framework.tasks.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from framework.tasks.tokenizer import BOS_ID, EOS_ID, PAD_ID, TEXT_TOKENIZER
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,30 @@ def test_text_task_writes_the_expression_into_the_prompt():
     assert ex["prompt"] == "value:" + render.expression(ex["problem"]) and not np.any(batch["tokens"] == 100)
 
 
+def test_trace_answers_are_the_checkers_gold_and_mixed_rows_read_one_in_n():
+    """With answer="trace" a "value:" row completes the arithmetic task's gold trace, which its checker grades as
+    correct; a mixed stream reads on every read_every-th row; rows and the eval's decode length fit the longest
+    trace."""
+    knobs = dict(num_steps=(1, 3), modulus=10)
+    task = render.VLMTask(num_image_tokens=32, mode="mixed", knobs=knobs, answer="trace", read_every=3)
+    batch = render.make_vlm_dataset(task, seed=2, batch_size=6)[0]
+    for b in range(6):
+        ex = task.example(render.split_seed(2, "train"), b)
+        assert ex["mode"] == ("read" if b % 3 == 0 else "compute")
+        if ex["mode"] == "compute":
+            assert ex["completion"] == arithmetic.format_solution(ex["problem"])
+            assert arithmetic.check_solution(ex["problem"], ex["completion"]).process_correct
+        answer = batch["tokens"][b][batch["loss_mask"][b] > 0]
+        assert render.VLM_TOKENIZER.decode(answer) == ex["completion"] and answer[-1] == EOS_ID
+    longest = arithmetic.format_solution(arithmetic.Problem(9, ("*",) * 3, (9,) * 3, 10))
+    assert task.seq_len() == 32 + 1 + len("value:") + len(longest) + 1
+    assert vlm_exp.max_new_tokens(task) == TEXT_TOKENIZER.encode(longest).size + 1
+    with pytest.raises(ValueError, match="task.answer='steps'"):
+        render.VLMTask(num_image_tokens=32, answer="steps")
+    with pytest.raises(ValueError, match="task.read_every=0"):
+        render.VLMTask(num_image_tokens=32, read_every=0)
+
+
 @pytest.mark.parametrize(
     "key,value,match",
     [
@@ -119,6 +143,8 @@ def test_text_task_writes_the_expression_into_the_prompt():
         ("model.lm.max_seq_len", 40, "model.lm.max_seq_len"),
         ("task.text_layout", "rows", "task.layout='rows'"),
         ("task.cell", 16, r"render.cell=16 must tile the 32x64 image into num_image_tokens=32 cells"),
+        ("stage2.lora_rank", -1, "stage2.lora_rank"),
+        ("eval.modes", ("write",), "eval.modes"),
     ],
 )
 def test_config_errors_name_the_key(key, value, match):
@@ -134,10 +160,17 @@ def test_config_errors_name_the_key(key, value, match):
 
 
 def test_study_variants_choose_groups_mask_and_projector():
-    c = study.get_config("projector=linear,mask=causal,encoder=frozen,stage1=0")
-    assert c.model.projector == "linear" and not c.model.prefix_lm and c.stage1.steps == 0
+    c = study.get_config("projector=mlp,mask=causal,encoder=frozen,stage1=0")
+    assert c.model.projector == "mlp" and not c.model.prefix_lm and c.stage1.steps == 0
     assert tuple(c.stage2.train) == ("projector", "lm")
     vlm_exp.validate(c)
+    c = study.get_config("lora=8,augment=1")
+    assert c.model.projector == "linear" and c.stage2.lora_rank == 8 and c.task.jitter and c.task.noise > 0
+    vlm_exp.validate(c)
+    c.unlock()
+    c.stage2.train = ("projector", "vision")
+    with pytest.raises(config_lib.ConfigError, match="LoRA adapts the LM"):
+        vlm_exp.validate(c)
     vlm_exp.validate(tiny.get_config())
 
 
@@ -149,7 +182,8 @@ def test_launch_runs_the_stages_and_writes_results(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "run" / "results" / "vlm.json").read_text())
-    assert set(results["stages"]) == {"stage1", "stage2"} and set(results["stages"]["stage2"]) == {"read", "compute"}
+    assert set(results["stages"]) == {"pretrain", "stage1", "stage2"}
+    assert set(results["stages"]["stage2"]) == {"read", "compute", "text_compute"}
     assert (tmp_path / "run" / "figures" / "samples.png").stat().st_size > 0
     for stage in ("pretrain", "stage1", "stage2"):
         records = [json.loads(x) for x in (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()]

@@ -27,9 +27,10 @@ VISION = dict(
 )
 
 
-def stage(steps: int, lr: float, mode: str, train: tuple[str, ...]) -> ml_collections.ConfigDict:
-    """One training stage: its steps and peak lr, the prompt mode and the param groups it trains."""
-    return ml_collections.ConfigDict(dict(steps=steps, lr=lr, mode=mode, train=tuple(train)))
+def stage(steps: int, lr: float, mode: str, train: tuple[str, ...], lora_rank: int = 0) -> ml_collections.ConfigDict:
+    """One training stage: its steps and peak lr, the prompt mode, the param groups it trains and, with lora_rank > 0,
+    LoRA adapters of that rank on the LM instead of the full LM (the "lm" group must be trained)."""
+    return ml_collections.ConfigDict(dict(steps=steps, lr=lr, mode=mode, train=tuple(train), lora_rank=lora_rank))
 
 
 def vlm_experiment(*, seed: int = 0) -> ml_collections.ConfigDict:
@@ -58,12 +59,22 @@ def vlm_experiment(*, seed: int = 0) -> ml_collections.ConfigDict:
             cell=8,  # one character per 8-px patch (0: free placement, glyphs straddle patches)
             line_jitter=False,
             text_layout="grid",  # the text-only LM reads the image's cells as tokens ("prompt": inline)
+            answer="trace",  # "value:" completes the step-by-step trace ending "A <value>" ("value": the value alone)
+            read_every=4,  # "mixed" stages: one row in 4 reads, the others compute
         )
     )
     config.pretrain = stage(600, 3e-3, "mixed", ("lm",))
-    config.stage1 = stage(600, 3e-3, "read", ("projector", "vision"))
+    # The stopping rule of the text pretraining (until_exact 0: exactly `steps` steps). With until_exact > 0, after
+    # `steps` steps and then every `check_every` steps the LM answers held-out "eval"-split problems of the largest K
+    # from text; it stops at the first check whose answer exact match is >= until_exact, or at max_steps. Each
+    # block of check_every steps after the first `steps` restarts the lr at pretrain.lr, cosine-decayed to
+    # lr * train.min_lr_ratio at the block's end (a warm restart: a plateaued LM gets a large lr again).
+    config.pretrain.update(dict(until_exact=0.0, check_every=0, max_steps=0))
+    config.stage1 = stage(600, 1e-2, "read", ("projector", "vision"))
     config.stage2 = stage(600, 1e-3, "mixed", ("projector", "lm", "vision"))
     config.train = common.train_config(steps=1, batch_size=32, warmup_steps=30, log_every=50, checkpoint_every=200)
-    config.eval = ml_collections.ConfigDict(dict(problems_per_k=64, batch_size=64))
+    config.eval = ml_collections.ConfigDict(
+        dict(problems_per_k=64, batch_size=64, text_ceiling=True, modes=("read", "compute"))
+    )
     config.mesh = common.mesh_config()
     return config

@@ -12,7 +12,9 @@ one character, and `cell_text` gives the image as text: each cell's character, r
 
 The VLM task: example i of a stream is the arithmetic problem `Knobs.problem_at(stream_seed, i)` (framework.tasks
 .arithmetic), its expression rendered with seed i. Prompts ask either to read it ("read:" -> "23+45*03") or to
-compute it ("value:" -> "87", the chain's answer mod M, left to right as the arithmetic task defines it). A row is
+compute it ("value:" -> "87", the chain's answer mod M, left to right as the arithmetic task defines it; with
+`answer="trace"` the completion is the arithmetic task's gold trace instead, one "a+b=c" line per step then "A 87",
+the text `arithmetic.check_solution` grades). A row is
 `[IMG] * N + [BOS] + prompt + completion + [EOS]` right-padded with PAD, in the printable-text tokenizer's ids with
 the image placeholder IMAGE_TOKEN_ID = 100 after them (`VLMTokenizer`); the loss is on the completion and the EOS,
 and the prefix (image + BOS + prompt) is the prefix-LM mask's. `text=True` writes the expression as text instead of an image:
@@ -39,6 +41,7 @@ from framework.tasks.tokenizer import BOS_ID, EOS_ID, PAD_ID, TEXT_TOKENIZER, TE
 IMAGE_TOKEN_ID = TEXT_VOCAB_SIZE  # the first id after the printable-text tokenizer's
 MODES = ("read", "compute", "mixed")
 LAYOUTS = ("prompt", "grid")
+ANSWERS = ("value", "trace")
 PROMPTS = {"read": "read:", "compute": "value:"}
 
 _FONT_ROWS = {
@@ -233,10 +236,16 @@ class VLMTask:
     render: RenderKnobs = dataclasses.field(default_factory=RenderKnobs)
     text: bool = False  # the expression as text instead of an image (LM pretraining)
     layout: str = "prompt"  # with `text`: "prompt" appends it to the prompt, "grid" writes the image's cells as tokens
+    answer: str = "value"  # what "compute" completes: the value alone, or the step-by-step trace ending "A <value>"
+    read_every: int = 2  # "mixed": row i reads when i % read_every == 0, else computes
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"task.mode={self.mode!r}; expected one of {MODES}")
+        if self.answer not in ANSWERS:
+            raise ValueError(f"task.answer={self.answer!r}; expected one of {ANSWERS}")
+        if isinstance(self.read_every, bool) or not isinstance(self.read_every, int) or self.read_every < 1:
+            raise ValueError(f"task.read_every={self.read_every!r}; expected an int >= 1")
         if self.layout not in LAYOUTS:
             raise ValueError(f"task.layout={self.layout!r}; expected one of {LAYOUTS}")
         if isinstance(self.knobs, Mapping):
@@ -265,17 +274,21 @@ class VLMTask:
         expr = k.steps_range[1] * (1 + arithmetic.number_width(k.modulus)) + arithmetic.number_width(k.modulus)
         inline = self.text and self.layout == "prompt"
         head = 0 if inline else self.num_image_tokens
-        return head + 1 + max(len(p) for p in PROMPTS.values()) + (expr if inline else 0) + expr + 1
+        longest = expr if self.answer == "value" else max(expr, arithmetic.solution_length(k.steps_range[1], k.modulus))
+        return head + 1 + max(len(p) for p in PROMPTS.values()) + (expr if inline else 0) + longest + 1
 
     def example(self, stream_seed: int, index: int) -> dict[str, Any]:
         """Example `index`: the problem, its image (None with `text`), the prompt and the completion."""
         problem = self.knobs.problem_at(stream_seed, index)
-        mode = self.mode if self.mode != "mixed" else ("read", "compute")[index % 2]
+        mode = self.mode if self.mode != "mixed" else ("compute", "read")[index % self.read_every == 0]
         expr = expression(problem)
         prompt = PROMPTS[mode] + (expr if self.text and self.layout == "prompt" else "")
         image = None if self.text else render_expression(expr, seed=index, knobs=self.render)
         grid = cell_text(expr, seed=index, knobs=self.render) if self.text and self.layout == "grid" else None
-        completion = expr if mode == "read" else answer_text(problem)
+        if mode == "read":
+            completion = expr
+        else:
+            completion = answer_text(problem) if self.answer == "value" else arithmetic.format_solution(problem)
         return dict(problem=problem, image=image, prompt=prompt, completion=completion, mode=mode, grid=grid)
 
     def prompt_ids(self, prompt: str, grid: str | None = None) -> np.ndarray:
