@@ -4,14 +4,15 @@ Artifacts in `workdir`: config.json, metrics.jsonl, checkpoints/ (the answerer, 
 stores/*.db (one SQLite file per store, seed and length), results/memory_study.json, figures/memory_<reader>.png.
 
 The study: for each seed and history length, a ledger (`harness.make_ledger`) is written into a fresh file of every
-store; each question retrieves k items, rendered into at most `task.budget` tokens (the answerer's window), and two
-readers answer from the same contexts: the deterministic `rule` reader (what the context supports, exactly) and the
-trained `lm` answerer. With `train.steps = 0` (or `study.lm_reader = False`) only the rule reader runs.
+store; each question retrieves k items, filled by rank into at most `task.budget` tokens (the answerer's window),
+and the readers answer from the same contexts: the deterministic `rule` reader (what the context supports, exactly)
+and the trained LM answerer (`lm`: greedy; `lm_scored`: the scored decoding rule; `study.decisions`). The
+pseudo-store `gold` gives each question the lines a perfect retriever would (`harness.gold_context`): the readers'
+ceiling. With `train.steps = 0` (or `study.lm_reader = False`) only the rule reader runs.
 
-Training the answerer: packed rows of reading examples (`train.pack`), the loss on the whole dialogue with weight
-`task.context_weight` before the answer and 1 on the answer (`answerer.answer_mask`); the held-out eval scores the
-answer tokens only. The dialogue is a target too because restated values ("kobu is still 40.") and fact lines
-need the same lookup as the answer: hundreds of targets per example instead of the answer's two or three.
+Training the answerer: packed rows of reading examples (`train.pack`; up to `task.questions` questions per context,
+a share `task.easy` of plain lookups), the loss with weight 1 on the answers (`answerer.answer_mask`) and
+`task.context_weight` on the rest of the dialogue; the held-out eval scores the answer of one-question examples.
 """
 
 from __future__ import annotations
@@ -85,11 +86,23 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
         "study.lengths",
         f"{st.lengths}: expected positive history lengths",
     )
-    unknown = sorted(set(st.stores) - set(memory.STORES) - {"vector_lm"})
+    unknown = sorted(set(st.stores) - set(memory.STORES) - {"vector_lm", "gold"})
     req(
         not unknown,
         "study.stores",
-        f"unknown stores {unknown}; expected some of {sorted(memory.STORES)} or 'vector_lm'",
+        f"unknown stores {unknown}; expected some of {sorted(memory.STORES)}, 'vector_lm' or 'gold'",
+    )
+    req(
+        len(st.decisions) > 0 and set(st.decisions) <= set(answerer.DECISIONS),
+        "study.decisions",
+        f"{st.decisions!r}: expected some of {answerer.DECISIONS} (the LM reader's decoding rules)",
+    )
+    req(0.0 <= t.easy <= 1.0, "task.easy", f"must be in [0, 1] (the share of plain lookups), got {t.easy}")
+    req(t.questions >= 1, "task.questions", f"must be >= 1 (questions per training context), got {t.questions}")
+    req(
+        len(t.curriculum_steps) == 2 and 0 <= t.curriculum_steps[0] <= t.curriculum_steps[1],
+        "task.curriculum_steps",
+        f"{t.curriculum_steps}: expected (a, b) with 0 <= a <= b (steps of one-variable, then plain lookups)",
     )
     req(
         st.k > 0 and st.questions_per_ability > 0,
@@ -103,11 +116,13 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
     """The answerer's model config and its `loop.Task` (init, loss, reading batches, held-out eval)."""
     model_cfg = validate(config)
     t, tc = config.task, config.train
-    source = answerer.reading_source(t.budget, (t.min_events, t.max_events))
+    stages = answerer.curriculum_indices(t.curriculum_steps, tc.batch_size, tc.seq_len, tc.pack)
+    source = answerer.reading_source(t.budget, (t.min_events, t.max_events), t.questions, t.easy, stages)
+    one = answerer.reading_source(t.budget, (t.min_events, t.max_events), 1, t.easy)  # eval: the answer only
 
     def ds(split, rows=None, num_batches=None, loss_on="completion", pack=False):
         return data.make_text_dataset(
-            source,
+            source if split == "train" else one,
             "text",
             seed=config.seed,
             batch_size=tc.batch_size,
@@ -149,12 +164,14 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
     return model_cfg, task
 
 
-def _open_store(kind: str, path: str, embedder=None):
+def _open_store(kind: str, path: str, embedder=None, budget: int = 96):
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.remove(path + suffix)  # every cell of the study starts from an empty file
     if kind == "vector_lm":
         return memory.VectorStore(path, embedder=embedder)
+    if kind == "core_archival":  # MemGPT sizes the core block to the window: a third of it, the rest for archival
+        return memory.CoreArchivalStore(path, core_chars=budget // 3)
     return memory.STORES[kind](path)
 
 
@@ -168,10 +185,13 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, budget: int, re
             for kind in study.stores:
                 if kind == "vector_lm" and embedder is None:
                     continue
-                path = os.path.join(workdir, "stores", f"{kind}-n{n}-s{seed}.db")
                 t0 = time.perf_counter()
-                with _open_store(kind, path, embedder) as store:
-                    contexts = harness.ask(store, ledger, k=study.k, budget=budget)
+                if kind == "gold":  # the reader's ceiling: the right lines, whatever a store would retrieve
+                    contexts = [(q.text, harness.gold_context(ledger, q, budget)) for q in ledger.questions]
+                else:
+                    path = os.path.join(workdir, "stores", f"{kind}-n{n}-s{seed}.db")
+                    with _open_store(kind, path, embedder, budget) as store:
+                        contexts = harness.ask(store, ledger, k=study.k, budget=budget)
                 seconds = time.perf_counter() - t0
                 for name, reader in readers.items():
                     res = harness.score(ledger, contexts, reader)
@@ -240,7 +260,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = loop.train(config, workdir, task)
         params = jax.device_get(state.params)
         if config.study.lm_reader:
-            readers["lm"] = answerer.LMReader(params, model_cfg)
+            for decision in config.study.decisions:  # "lm" (greedy), "lm_scored"
+                name = "lm" if decision == "greedy" else f"lm_{decision}"
+                readers[name] = answerer.LMReader(params, model_cfg, decision=decision)
         embedder = memory.LMEmbedder(params, model_cfg)
     rows = run_study(config.study, workdir, budget=config.task.budget, readers=readers, embedder=embedder)
     out = dict(config=json.loads(config_lib.to_json(config)), rows=rows)

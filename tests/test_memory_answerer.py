@@ -11,23 +11,36 @@ from framework.models import lm
 from framework.tasks.tokenizer import TEXT_TOKENIZER
 
 
-def _split(prompt: str) -> tuple[str, list[str]]:
-    q, *lines, a = prompt.split("\n")
-    assert q.startswith("Q: ") and a == "A:"
-    return q[3:], lines
+def _split(text: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """An example's context lines and its (question, answer) pairs."""
+    rows = text.rstrip("\n").split("\n")
+    first = next(i for i, r in enumerate(rows) if r.startswith("Q: "))
+    qa = rows[first:]
+    assert all(q.startswith("Q: ") and a.startswith("A: ") for q, a in zip(qa[::2], qa[1::2])) and len(qa) % 2 == 0
+    return rows[:first], [(q[3:], a[3:]) for q, a in zip(qa[::2], qa[1::2])]
 
 
 def test_reading_examples_are_exact_and_deterministic():
-    source = answerer.reading_source(budget=256)
+    source = answerer.reading_source(budget=128)
     exs = [source.example(7, i) for i in range(60)]
     assert exs == [source.example(7, i) for i in range(60)]
+    lines = ["day 1: set kobu to 12.", "lima = 7 (day 2-now)"]
+    assert [answerer.worked_answer(q, lines) for q in ("what is kobu plus lima now?", "what was kobu on day 3?")] == [
+        "kobu + lima = 12 + 7 = 19",
+        "kobu on day 3 = 12",
+    ]
+    assert answerer.worked_answer("what is kobu plus pato now?", lines) == "kobu + pato = 12 + unknown = unknown"
     for ex in exs:
-        question, lines = _split(ex.prompt)
-        assert ex.completion == f" {harness.rule_reader(question, lines)}\n"  # what the context supports
-        assert sum(len(x) + 1 for x in lines) <= 256
+        assert ex.prompt.endswith("A:") and ex.completion.startswith(" ")
+        lines, qa = _split(ex.prompt + ex.completion)
+        assert [a for _, a in qa] == [answerer.worked_answer(q, lines) for q, _ in qa]
+        # The answer is what the context supports.
+        assert [answerer.final_answer(a) for _, a in qa] == [harness.rule_reader(q, lines) for q, _ in qa]
+        assert sum(len(x) + 1 for x in lines) <= 128
         assert 1 + len(TEXT_TOKENIZER.encode(ex.prompt + ex.completion)) + 1 <= source.max_tokens
-    answers = [ex.completion.strip() for ex in exs]
-    assert 0.1 < np.mean([a == "unknown" for a in answers]) < 0.7 and len(set(answers)) > 10
+    answers = [answerer.final_answer(a) for ex in exs for _, a in _split(ex.prompt + ex.completion)[1]]
+    assert 0.1 < np.mean([a == "unknown" for a in answers]) < 0.5 and len(set(answers)) > 10
+    assert len(answers) > 1.3 * len(exs)  # several questions per context where they fit
     styles = {("fact" if "(day " in ex.prompt else "") + ("core" if "core: " in ex.prompt else "") for ex in exs}
     assert styles == {"", "fact", "core"}  # utterance, fact/interval and MemGPT-shaped contexts all occur
 
@@ -60,6 +73,37 @@ def test_lm_reader_answers_through_generate():
         answerer.LMReader(None, arith)
 
 
+def test_scored_decision_takes_the_likelier_whole_answer(monkeypatch):
+    import jax.numpy as jnp
+
+    tok = TEXT_TOKENIZER
+    proc = answerer.NoUnknown(*(int(t) for t in tok.encode("= u")))
+    rows = [tok.encode("A: kobu = "), tok.encode("A: kobu ")]
+    tokens_BS = jnp.asarray(np.stack([np.pad(r, (0, 12 - len(r))) for r in rows]))
+    logits_BV = jnp.zeros((2, tok.vocab_size))
+    out_BV = np.asarray(proc(logits_BV, tokens_BS, jnp.asarray([len(r) for r in rows])))
+    u = tok.encode("u")[0]
+    assert out_BV[0, u] == -np.inf and np.isfinite(np.delete(out_BV[0], u)).all() and np.isfinite(out_BV[1]).all()
+
+    cfg = lm.LMConfig(vocab_size=100, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
+    greedy = (["kobu = unknown", "kobu = unknown", "lima = 5"], np.array([-3.0, -3.0, -1.0]))
+    forced = (["kobu = 7", "kobu = 8", "lima = 6"], np.array([-2.0, -4.0, -0.5]))
+
+    def fake(self, chunk, processors):
+        assert len(chunk) == 4  # padded to the batch size
+        return [x + "\n" for x in (forced if processors else greedy)[0]] + ["?"], np.append(
+            (forced if processors else greedy)[1], 0.0
+        )
+
+    monkeypatch.setattr(answerer.LMReader, "_generate", fake)
+    pairs = [("what is kobu now?", [])] * 3
+    assert answerer.LMReader(None, cfg, batch_size=4).answer_batch(pairs) == ["unknown", "unknown", "5"]
+    # "unknown" gives way only to a likelier number answer; a greedy number is never replaced.
+    assert answerer.LMReader(None, cfg, batch_size=4, decision="scored").answer_batch(pairs) == ["7", "unknown", "5"]
+    with pytest.raises(ValueError, match="decision = 'beam'"):
+        answerer.LMReader(None, cfg, decision="beam")
+
+
 def test_memory_config_is_checked_before_building():
     from experiments import memory as experiment
 
@@ -70,6 +114,8 @@ def test_memory_config_is_checked_before_building():
         (("task", "context_weight"), 1.5, "task.context_weight"),
         (("study", "stores"), ("vector", "graph"), "unknown stores"),
         (("task", "budget"), 0, "task.budget"),
+        (("task", "curriculum_steps"), (600, 500), "task.curriculum_steps"),
+        (("study", "decisions"), ("greedy", "beam"), "study.decisions"),
     ):
         bad = answerer_config.get_config("size=tiny,steps=2")
         with bad.unlocked():
@@ -78,6 +124,12 @@ def test_memory_config_is_checked_before_building():
             experiment.validate(bad)
     with pytest.raises(ValueError, match="budget = 0"):
         answerer.reading_source(0)
+    with pytest.raises(ValueError, match="curriculum = "):
+        answerer.reading_source(96, curriculum=(5, 2))
+    # The curriculum's first stage is one-variable lookups, then plain lookups, then the mix.
+    staged = answerer.reading_source(96, curriculum=(4, 8))
+    first = [staged.example(0, i).prompt.count("\n") for i in range(4)]
+    assert first == [2] * 4  # one context line, then "Q: ..." and "A:"
 
 
 def test_training_batches_weight_the_answer_and_the_dialogue():
@@ -96,16 +148,25 @@ def test_training_batches_weight_the_answer_and_the_dialogue():
     np.testing.assert_allclose(
         b["loss_mask"], np.where(b["segment_ids"] > 0, w + (1 - w) * answer, 0.0) * (b["positions"] > 0)
     )
-    # The answer mask equals the completion mask the pipeline builds from the prompt lengths, packed or not.
+    # With one question per example the answer mask equals the pipeline's completion mask, packed or not; with
+    # several, it holds exactly the answers.
+    one = answerer.reading_source(64, (config.task.min_events, config.task.max_events), questions=1)
     for pack in (False, True):
-        kw = dict(seed=0, batch_size=4, seq_len=120, pack=pack, num_batches=1)
+        kw = dict(seed=0, batch_size=4, seq_len=160, pack=pack, num_batches=1)
         done, everything = (
-            data.make_text_dataset(source, "text", **kw)[0],
-            data.make_text_dataset(source, "text", loss_on="all", **kw)[0],
+            data.make_text_dataset(one, "text", **kw)[0],
+            data.make_text_dataset(one, "text", loss_on="all", **kw)[0],
         )
         got = answerer.answer_mask(everything["tokens"], everything.get("segment_ids"))
         np.testing.assert_array_equal(got, done["loss_mask"])
         assert got.sum() >= 4 * 3
+    rows = data.make_text_dataset(source, "text", seed=0, batch_size=4, seq_len=160, loss_on="all", num_batches=1)[0]
+    got = answerer.answer_mask(rows["tokens"])
+    for b in range(4):
+        text = TEXT_TOKENIZER.decode(rows["tokens"][b][rows["tokens"][b] > 2])
+        answers = "".join(f" {a}\n" for _, a in _split(text)[1])
+        masked = rows["tokens"][b][got[b] > 0]
+        assert TEXT_TOKENIZER.decode(masked[masked > 2]) == answers and masked[-1] == TEXT_TOKENIZER.eos_id
 
 
 @pytest.mark.slow
@@ -118,6 +179,6 @@ def test_experiment_trains_and_runs_the_study(tmp_path):
         config.study.stores = ("facts", "vector_lm")
     out = experiment.run(config, str(tmp_path))
     assert {(r["store"], r["reader"]) for r in out["rows"]} == {
-        (s, r) for s in ("facts", "vector_lm") for r in ("rule", "lm")
+        (s, r) for s in ("facts", "vector_lm") for r in ("rule", "lm", "lm_scored")
     }
     assert (tmp_path / "figures" / "memory_lm.png").exists() and (tmp_path / "results" / "memory_study.json").exists()

@@ -1,5 +1,7 @@
 """The ledger-dialogue harness: deterministic histories, exact answers, the rule-based reader, the evaluation loop."""
 
+import dataclasses
+
 import pytest
 
 from framework import memory
@@ -44,6 +46,25 @@ def test_rule_reader_reads_fact_and_core_lines():
     assert r("what is pato now?", lines) == "unknown" and r("what is kobu plus lima now?", lines) == "49"
     with pytest.raises(ValueError, match="expected one of the ledger question forms"):
         r("how are you?", lines)
+
+
+def test_context_is_filled_by_rank_and_shown_in_time_order():
+    items = [
+        memory.Item(1, "set kobu to 12.", 0.9, 1.0, "event"),
+        memory.Item(2, "the sky looks grey today.", 0.1, 2.0, "event"),
+        memory.Item(3, "change kobu to 40.", 0.8, 3.0, "event"),
+        memory.Item(0, "lima = 7", 2.0, 0.0, "core"),
+    ]
+    budget = sum(len(s) + 1 for s in ("core: lima = 7", "day 1: set kobu to 12.", "day 3: change kobu to 40."))
+    lines = harness.render_context(items, budget)
+    assert lines == ["core: lima = 7", "day 1: set kobu to 12.", "day 3: change kobu to 40."]  # the chatter lost
+    assert harness.render_context(items, None)[1:] == [
+        "day 1: set kobu to 12.",
+        "day 2: the sky looks grey today.",
+        "day 3: change kobu to 40.",
+    ]
+    same = [dataclasses.replace(it, score=1.0) for it in items[:3]]  # equal scores: the most recent survive
+    assert harness.render_context(same, 60) == ["day 2: the sky looks grey today.", "day 3: change kobu to 40."]
 
 
 def test_evaluate_shows_what_each_store_keeps(tmp_path):

@@ -1,71 +1,121 @@
 """The LM answerer: a Lumen LM (text tokenizer) that reads a store's retrieved lines and answers, or abstains.
 
-Glossary: B batch, T tokens, N new tokens.
+Glossary: B batch, S prompt + generated tokens, T tokens, V vocab, N new tokens.
 
 The dialogue format of one question (prompt, then the completion the model learns; the pipeline adds BOS/EOS):
 
-    Q: what is kobu now?            <- the question first (the model reads the context knowing it)
-    day 3: set kobu to 12.          <- the retrieved context, rendered by `harness.render_context`
+    core: lima = 7                  <- the retrieved context, filled by rank and shown in time order
+    day 3: set kobu to 12.             (`harness.render_context`)
     kobu = 40 (day 5-now)
-    core: lima = 7
+    Q: what is kobu now?            <- the question right before the answer
     A:                              <- prompt ends here
-     40                             <- completion: " <answer>\\n" (a number or "unknown")
+     kobu = 40                      <- completion: " <worked answer>\n" (`worked_answer`; the answer is its last
+                                       field, a number or "unknown")
 
 Training data (`reading_source`): ledgers from `harness.make_ledger` with contexts shaped like each store's
-(utterance subsets as a vector store or window returns them, current facts as the fact store, validity intervals
-as the temporal store, core lines plus utterances as MemGPT), built without a database so a batch is cheap; the
-target is what the context supports (`harness.rule_reader`), so the model learns to read, not to guess: when the
-asked variable is absent the target is "unknown". It trains through the one loop as a `loop.Task`
-(`experiments.memory.make_task`).
+(utterances as a vector store, window or full context returns them, current facts as the fact store, validity
+intervals as the temporal store, core lines plus utterances as MemGPT), built without a database so a batch is
+cheap; the target is what the context supports (`harness.rule_reader`), so the model learns to read, not to
+guess: when the asked variable is absent the target is "unknown". A training example may ask up to three
+questions of one context ("Q: ...\nA: ...\n" after the first answer): more lookups per token read. A share of
+plain lookups (one to three variables, one line each) and a curriculum over the stream (one-variable lookups
+first, then plain lookups, then the mix) give the model the copy, then the name match, before the store-shaped
+questions. It trains through the one loop as a `loop.Task` (`experiments.memory.make_task`).
 
-`LMReader(params, cfg)` is a harness reader: `reader(question, lines)` or `reader.answer_batch(pairs)` (one
-greedy `generate` call per batch), stopping at EOS or the newline.
+`LMReader(params, cfg, decision=...)` is a harness reader: `reader(question, lines)` or
+`reader.answer_batch(pairs)` (one `generate` call per batch, stopping at EOS or the newline), greedy or by the
+scored rule (an "unknown" replaced by a likelier number answer; see `LMReader`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
 import numpy as np
 
 from framework.memory.base import Item
-from framework.memory.harness import make_ledger, render_context, rule_reader
+from framework.memory.harness import _Q_AT, _Q_NOW, _Q_SUM, UNKNOWN, _lookup, make_ledger, render_context
 from framework.memory.ledger import extract_facts
 from framework.tasks.data import TextExample, TextSource
 from framework.tasks.tokenizer import TEXT_TOKENIZER
 
-__all__ = ["LMReader", "answer_mask", "format_prompt", "reading_example", "reading_source"]
+__all__ = [
+    "DECISIONS",
+    "LMReader",
+    "NoUnknown",
+    "answer_mask",
+    "final_answer",
+    "format_prompt",
+    "reading_example",
+    "reading_source",
+    "worked_answer",
+]
 
 
 def format_prompt(question: str, lines: Sequence[str]) -> str:
-    """The answerer's prompt: "Q: <question>", the context lines, then "A:".
+    """The answerer's prompt: the context lines, then "Q: <question>" and "A:".
 
-    The question comes first so that a small model reads the context knowing what is asked: it can mark the lines
-    about the asked variable as it reads them, and "A:" only has to copy from the marked line.
+    The question comes right before the answer so that the lookup is short: at "A:" the asked name is a few tokens
+    back and the model copies the value that follows that name in the context (an induction-style match).
     """
-    return f"Q: {question}\n" + "".join(line + "\n" for line in lines) + "A:"
+    return "".join(line + "\n" for line in lines) + f"Q: {question}\nA:"
+
+
+def worked_answer(question: str, lines: Sequence[str]) -> str:
+    """What the answerer writes after "A:": the asked names restated with the values the lines give, then the answer.
+
+    "kobu = 40", "kobu on day 4 = 12", "kobu + lima = 40 + 7 = 47" ("unknown" for a value the lines lack; a sum
+    with an unknown term is unknown). Restating the name first turns the lookup into a copy: having written
+    "kobu = ", the model finds "kobu" in the context and copies what follows it (an induction-style match), instead
+    of carrying the name from the question to the answer in one step. The answer is the last field
+    (`final_answer`), always what `harness.rule_reader` reads from the same lines.
+    """
+    if m := _Q_SUM.match(question):
+        a, b = (_lookup(lines, m.group(i), None) for i in (1, 2))
+        total = UNKNOWN if a is None or b is None else str(a + b)
+        return f"{m.group(1)} + {m.group(2)} = {_show(a)} + {_show(b)} = {total}"
+    if m := _Q_NOW.match(question):
+        return f"{m.group(1)} = {_show(_lookup(lines, m.group(1), None))}"
+    if m := _Q_AT.match(question):
+        return f"{m.group(1)} on day {m.group(2)} = {_show(_lookup(lines, m.group(1), float(m.group(2))))}"
+    raise ValueError(f"question = {question!r}; expected one of the ledger question forms")
+
+
+def _show(v: int | None) -> str:
+    return UNKNOWN if v is None else str(v)
+
+
+def final_answer(text: str) -> str:
+    """The answer in a worked answer: the field after its last "= " (the whole text if it has none)."""
+    return text.strip().rsplit("= ", 1)[-1].strip()
 
 
 def answer_mask(
     tokens_BT: np.ndarray, segment_ids_BT: np.ndarray | None = None, tokenizer=TEXT_TOKENIZER
 ) -> np.ndarray:
-    """[B, T] float32: 1 on each example's answer tokens (everything after its "A:", EOS included), else 0.
+    """[B, T] float32: 1 on every answer's tokens (after each "A:" up to its newline, and an EOS right after), else 0.
 
-    Training reads the whole dialogue with a weight on the context (`experiments.memory`: `task.context_weight`) and
-    the full weight on the answer; this finds the answer in packed rows (`segment_ids_BT`, one id per example)
-    without the prompt lengths, since "A:" occurs once per example, at the end of its prompt.
+    Training reads the whole dialogue with a weight on the rest (`experiments.memory`: `task.context_weight`) and
+    the full weight on the answers; this finds them in packed rows without the prompt lengths, since each answer
+    follows an "A:" and ends at the next newline. A training example may ask several questions of one context.
     """
     tokens_BT = np.asarray(tokens_BT)
     seg_BT = np.ones_like(tokens_BT) if segment_ids_BT is None else np.asarray(segment_ids_BT)
     a, colon = (int(t) for t in tokenizer.encode("A:"))
-    marker_BT = np.zeros(tokens_BT.shape, np.int32)
-    marker_BT[:, 2:] = (tokens_BT[:, :-2] == a) & (tokens_BT[:, 1:-1] == colon)  # the token right after "A:"
-    seen_BT = np.cumsum(marker_BT, axis=1)
-    new_seg_BT = np.ones(tokens_BT.shape, bool)
-    new_seg_BT[:, 1:] = seg_BT[:, 1:] != seg_BT[:, :-1]
-    start_BT = np.maximum.accumulate(np.where(new_seg_BT, seen_BT - marker_BT, 0), axis=1)  # markers before it
-    return ((seen_BT - start_BT > 0) & (seg_BT > 0) & (tokens_BT != tokenizer.pad_id)).astype(np.float32)
+    newline = int(tokenizer.encode("\n")[0])
+    out_BT = np.zeros(tokens_BT.shape, np.float32)
+    for b, row in enumerate(tokens_BT):
+        starts = np.flatnonzero((row[:-2] == a) & (row[1:-1] == colon)) + 2  # the token right after "A:"
+        ends = np.flatnonzero(row == newline)
+        for s in starts:
+            j = np.searchsorted(ends, s)
+            e = int(ends[j]) + 1 if j < len(ends) else len(row)
+            if e < len(row) and row[e] == tokenizer.eos_id and seg_BT[b, e] == seg_BT[b, s]:
+                e += 1
+            out_BT[b, s:e] = seg_BT[b, s:e] == seg_BT[b, s]
+    return out_BT * ((seg_BT > 0) & (tokens_BT != tokenizer.pad_id))
 
 
 def _intervals(events) -> dict[str, list[tuple[float, float | None, int, float]]]:
@@ -81,80 +131,217 @@ def _intervals(events) -> dict[str, list[tuple[float, float | None, int, float]]
     return out
 
 
-def reading_example(seed: int, *, budget: int = 256, events: tuple[int, int] = (6, 64)) -> TextExample:
-    """One training example: a random ledger, one of its questions, a store-shaped context and the read answer."""
+def _asked(question: str) -> list[str]:
+    return [
+        w
+        for w in question.replace("?", "").split()
+        if w not in ("what", "is", "was", "now", "plus", "on", "day") and not w.isdigit()
+    ]
+
+
+def reading_example(
+    seed: int,
+    *,
+    budget: int = 128,
+    events: tuple[int, int] = (6, 64),
+    questions: int = 3,
+    easy: float = 0.5,
+    max_tokens: int = 0,
+    max_vars: int = 3,
+) -> TextExample:
+    """One training example: a random ledger, a store-shaped context and 1 to `questions` questions read from it.
+
+    The context is what a store's retrieval brings, filled by rank as `harness.render_context` does: the asked
+    variables' items score high, 0-6 others low (a recency-ranked history, as full context and window stores give,
+    in one example of eight), cut to `budget` tokens and shown oldest first. Every answer is what the context
+    supports (`rule_reader`); values are uniform, so the lookup is the only way to predict a number. The first
+    question is the one the context was retrieved for; the others (asked while the example fits `max_tokens`)
+    read the same lines, adding answer targets at little cost. A fraction `easy` of the examples are plain
+    lookups (`_plain_lookup`): the steps the store-shaped questions build on.
+    """
     rng = np.random.default_rng(seed)
     ledger = make_ledger(
         int(rng.integers(1 << 30)), int(rng.integers(events[0], events[1] + 1)), questions_per_ability=2
     )
-    # Abstention questions at a lower weight: with the contexts the cut empties, "unknown" would be half the targets.
-    weights = np.array([0.4 if q.ability == "abstention" else 1.0 for q in ledger.questions])
-    q = ledger.questions[int(rng.choice(len(weights), p=weights / weights.sum()))]
-    asked = [
-        w
-        for w in q.text.replace("?", "").split()
-        if w not in ("what", "is", "was", "now", "plus", "on", "day") and not w.isdigit()
-    ]
     style = int(rng.integers(4))
     hist = _intervals(ledger.events)
-    # A few other lines (0-5, as a k = 8 retrieval brings beside the asked ones), so the asked lines usually survive
-    # the budget and "unknown" is mostly the target when the context really lacks them, not because the cut did.
-    others = len(ledger.events) if style in (0, 3) else len(hist)
-    keep_asked, keep_other = rng.uniform(0.85, 1.0), min(1.0, rng.uniform(0.0, 5.0) / max(others, 1))
+    live = sorted(k for k, h in hist.items() if h and h[-1][1] is None)
+    if rng.random() < easy and live:
+        return _plain_lookup(rng, hist, live, style, budget, questions, max_tokens, max_vars)
+    # Abstention questions at a lower weight, or "unknown" would be near half the targets.
+    weights = np.array([0.4 if q.ability == "abstention" else 1.0 for q in ledger.questions])
+    order = rng.choice(len(weights), size=len(weights), replace=False, p=weights / weights.sum())
+    qs = [ledger.questions[int(j)] for j in order[: max(1, int(questions))]]
+    asked = set(_asked(qs[0].text))
+    recency = rng.random() < 0.125
+    n_other = int(rng.integers(0, 7))
 
-    def keep(key) -> bool:
-        return rng.random() < (keep_asked if key in asked else keep_other)
+    def score(key) -> float:
+        if recency:
+            return 1.0
+        return float(rng.uniform(0.5, 1.0) if key in asked else rng.uniform(0.0, 0.6))
 
     items: list[Item] = []
     if style in (0, 3):  # utterances (vector store, window, archival)
         for n, e in enumerate(ledger.events):
             keys = [f.key for f in extract_facts(e.text)] or [w for w in e.text[:-1].split() if w in hist]
-            if keep(keys[0] if keys else None):
-                items.append(Item(n + 1, e.text, 1.0, e.time, "event"))
+            items.append(Item(n + 1, e.text, score(keys[0] if keys else None), e.time, "event"))
     if style == 1:  # current facts (mem0)
         items += [
-            Item(0, f"{k} = {h[-1][2]}", 1.0, h[-1][3], "fact", k, h[-1][0], None)
+            Item(0, f"{k} = {h[-1][2]}", score(k), h[-1][3], "fact", k, h[-1][0], None)
             for k, h in hist.items()
-            if h and h[-1][1] is None and keep(k)
+            if h and h[-1][1] is None
         ]
     if style == 2:  # validity intervals (bi-temporal)
-        items += [
-            Item(0, f"{k} = {v}", 1.0, t, "fact", k, vf, vt) for k, h in hist.items() if keep(k) for vf, vt, v, t in h
-        ]
-    if style == 3:  # core lines (MemGPT)
+        items += [Item(0, f"{k} = {v}", score(k), t, "fact", k, vf, vt) for k, h in hist.items() for vf, vt, v, t in h]
+    if not recency:  # a retrieval returns the asked items and a few others, not the whole history
+        mine = [it for it in items if it.score >= 0.5]
+        rest = [it for it in items if it.score < 0.5]
+        items = mine + [rest[int(j)] for j in rng.permutation(len(rest))[:n_other]]
+    if style == 3:  # core lines (MemGPT), always first
         items += [
             Item(0, f"{k} = {h[-1][2]}", 2.0, 0.0, "core")
             for k, h in hist.items()
-            if h and h[-1][1] is None and keep(k)
+            if h and h[-1][1] is None and (k in asked or rng.random() < 0.3)
         ]
-    lines = render_context(items, budget)
-    return TextExample(format_prompt(q.text, lines), f" {rule_reader(q.text, lines)}\n")
+    return _example(render_context(items, budget), [q.text for q in qs], max_tokens)
 
 
-def _example_at(stream_seed: int, index: int, *, budget: int, events: tuple[int, int]) -> TextExample:
-    return reading_example(
-        int(np.random.SeedSequence([stream_seed, index]).generate_state(1)[0]), budget=budget, events=events
-    )
+def _example(lines: list[str], qs: list[str], max_tokens: int) -> TextExample:
+    """The first question as the prompt, its worked answer and the other questions' while they fit `max_tokens`."""
+    prompt = format_prompt(qs[0], lines)
+    completion = f" {worked_answer(qs[0], lines)}\n"
+    for q in qs[1:]:
+        more = f"Q: {q}\nA: {worked_answer(q, lines)}\n"
+        if max_tokens and 2 + len(TEXT_TOKENIZER.encode(prompt + completion + more)) > max_tokens:
+            break
+        completion += more
+    return TextExample(prompt, completion)
 
 
-def reading_source(budget: int = 256, events: tuple[int, int] = (6, 64)) -> TextSource:
-    """The answerer's training stream (see module docstring); `budget` bounds the context's tokens."""
-    if int(budget) <= 0 or not 1 <= events[0] <= events[1]:
-        raise ValueError(f"budget = {budget}, events = {events}; expected budget > 0 and 1 <= lo <= hi")
-    longest_q, longest_a = len("what is abababab plus abababab now?"), len(" unknown\n")
+def _plain_lookup(rng, hist, live, style, budget, questions, max_tokens, max_vars=3) -> TextExample:
+    """1-3 variables' current values, one line each in the store's style, and "what is <name> now?" about them.
+
+    One variable alone (two examples in five) can be answered by copying the only value there; with two or three,
+    only by matching the name. One question in five asks about a variable of the ledger absent from the lines.
+    """
+    n = 1 if max_vars == 1 else 1 + int(rng.choice(3, p=[0.4, 0.35, 0.25]))
+    keys = [live[int(j)] for j in rng.permutation(len(live))[:n]]
+    items = []
+    for n, k in enumerate(keys):
+        vf, _, v, t = hist[k][-1]
+        if style == 0:
+            items.append(Item(n + 1, f"set {k} to {v}.", 1.0, t, "event"))
+        elif style == 3:
+            items.append(Item(0, f"{k} = {v}", 2.0, 0.0, "core"))
+        else:
+            items.append(Item(n + 1, f"{k} = {v}", 1.0, t, "fact", k, vf, None))
+    absent = [k for k in hist if k not in keys] if max_vars > 1 else []
+    qs = []
+    for k in keys[int(rng.integers(len(keys))) :] + keys:
+        if absent and rng.random() < 0.2:
+            qs.append(f"what is {absent[int(rng.integers(len(absent)))]} now?")
+        qs.append(f"what is {k} now?")
+    return _example(render_context(items, budget), qs[: max(1, int(questions))], max_tokens)
+
+
+def _example_at(stream_seed: int, index: int, *, curriculum: tuple[int, int] = (0, 0), **kw) -> TextExample:
+    if index < curriculum[1]:  # the early stream: plain lookups only, one variable alone at first
+        kw.update(easy=1.0, max_vars=1 if index < curriculum[0] else 3)
+    return reading_example(int(np.random.SeedSequence([stream_seed, index]).generate_state(1)[0]), **kw)
+
+
+def reading_source(
+    budget: int = 128,
+    events: tuple[int, int] = (6, 64),
+    questions: int = 3,
+    easy: float = 0.5,
+    curriculum: tuple[int, int] = (0, 0),
+) -> TextSource:
+    """The answerer's training stream (see `reading_example`); `budget` bounds the context's tokens.
+
+    `curriculum=(a, b)`: examples before index a are one-variable lookups (copy the only value), before index b
+    plain lookups of one to three variables (match the name), then the mix. `curriculum_indices` converts steps.
+    """
+    if int(budget) <= 0 or not 1 <= events[0] <= events[1] or int(questions) < 1 or not 0.0 <= easy <= 1.0:
+        raise ValueError(
+            f"budget = {budget}, events = {events}, questions = {questions}, easy = {easy}; "
+            "expected budget > 0, 1 <= lo <= hi, questions >= 1 and 0 <= easy <= 1"
+        )
+    if not 0 <= curriculum[0] <= curriculum[1]:
+        raise ValueError(f"curriculum = {curriculum}; expected 0 <= a <= b (example indices)")
+    longest_q = len("Q: what is abababab plus abababab now?\nA:")
+    longest_a = len(" abababab + abababab = unknown + unknown = unknown\n")
+    max_tokens = 1 + int(budget) + longest_q + longest_a + 1
     return TextSource(
-        functools.partial(_example_at, budget=int(budget), events=tuple(events)),
+        functools.partial(
+            _example_at,
+            budget=int(budget),
+            events=tuple(events),
+            questions=int(questions),
+            easy=float(easy),
+            max_tokens=max_tokens,
+            curriculum=(int(curriculum[0]), int(curriculum[1])),
+        ),
         name="ledger_reading",
-        min_tokens=16,
-        max_tokens=1 + int(budget) + 3 + longest_q + 3 + longest_a + 1,
-        hint=" (the answerer needs seq_len >= budget + 56)",
+        min_tokens=MIN_TOKENS,
+        max_tokens=max_tokens,
+        hint=" (the answerer needs seq_len >= budget + 96)",
     )
+
+
+MIN_TOKENS = 16
+
+
+def curriculum_indices(steps: tuple[int, int], batch_size: int, seq_len: int, pack: bool) -> tuple[int, int]:
+    """The example indices where the curriculum's stages end, from training steps: a packed row of `seq_len`
+    tokens starts every `seq_len // MIN_TOKENS` indices of the stream (`data.make_text_dataset`), a plain row
+    every index."""
+    per_row = max(1, seq_len // MIN_TOKENS) if pack else 1
+    return (int(steps[0]) * batch_size * per_row, int(steps[1]) * batch_size * per_row)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoUnknown:
+    """A logits processor that forbids starting "unknown" in a value slot (right after "= "), so the continuation
+    must give a number wherever a value goes."""
+
+    equals: int
+    space: int
+    u: int
+
+    def __call__(self, logits_BV, tokens_BS, lengths_B):
+        import jax.numpy as jnp
+
+        last2_B2 = jnp.take_along_axis(tokens_BS, jnp.maximum(lengths_B[:, None] + jnp.arange(-2, 0), 0), axis=1)
+        slot_B = (last2_B2[:, 0] == self.equals) & (last2_B2[:, 1] == self.space)
+        return logits_BV.at[:, self.u].set(jnp.where(slot_B, -jnp.inf, logits_BV[:, self.u]))
+
+
+DECISIONS = ("greedy", "scored")
 
 
 class LMReader:
-    """A harness reader backed by a Lumen LM: greedy answers to (question, context lines)."""
+    """A harness reader backed by a Lumen LM: answers to (question, context lines) by one of two decoding rules.
 
-    def __init__(self, params, cfg, *, max_new_tokens: int = 10, batch_size: int = 32, tokenizer=TEXT_TOKENIZER):
+    The model writes a worked answer ("kobu = 40", `worked_answer`); the reader returns its last field.
+    `decision="greedy"`: the greedy continuation of the prompt up to its newline.
+    `decision="scored"`: the greedy continuation, except that where it answers "unknown", the greedy continuation
+    with "unknown" forbidden in every value slot (`NoUnknown`) is taken instead if its sequence log-probability
+    under the model (raw logits, no processor) is higher. Greedy decides token by token and can pick "unknown"
+    when most of the mass is on "some number" but spread over ten first digits; this rule compares whole answers.
+    """
+
+    def __init__(
+        self,
+        params,
+        cfg,
+        *,
+        max_new_tokens: int = 48,
+        batch_size: int = 32,
+        decision: str = "greedy",
+        tokenizer=TEXT_TOKENIZER,
+    ):
         from framework.models import lm
 
         self.params, self.cfg = params, lm.LMConfig.from_config(cfg)
@@ -163,13 +350,31 @@ class LMReader:
                 f"model vocab_size {self.cfg.vocab_size} != the {tokenizer.name!r} tokenizer's "
                 f"{tokenizer.vocab_size}: the answerer reads the text tokenizer"
             )
+        if decision not in DECISIONS:
+            raise ValueError(f"decision = {decision!r}; expected one of {DECISIONS}")
         self.tokenizer, self.max_new_tokens, self.batch_size = tokenizer, int(max_new_tokens), int(batch_size)
+        self.decision = decision
         self.newline = int(tokenizer.encode("\n")[0])
+        self.no_unknown = NoUnknown(*(int(t) for t in tokenizer.encode("= u")))
 
-    def answer_batch(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
-        """Greedy answers to [(question, lines)], in order."""
+    def _generate(self, chunk: list[np.ndarray], processors: tuple) -> tuple[list[str], np.ndarray]:
+        """Greedy worked answers (text up to the newline) and their sequence log-probabilities under the model."""
         from framework.inference import generate
 
+        res = generate(
+            self.params,
+            self.cfg,
+            chunk,
+            max_new_tokens=self.max_new_tokens,
+            stop_tokens=(self.tokenizer.eos_id, self.newline),
+            logits_processors=processors,
+        )
+        toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
+        texts = [self.tokenizer.decode(toks[b, : lens[b]]) for b in range(len(chunk))]
+        return texts, np.asarray(res.logprobs).sum(axis=1)  # zero past each row's length
+
+    def worked_batch(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+        """The worked answers ("kobu = 40") to [(question, lines)], in order, by `self.decision`."""
         prompts = [
             np.concatenate([[self.tokenizer.bos_id], self.tokenizer.encode(format_prompt(q, lines))])
             for q, lines in pairs
@@ -185,17 +390,20 @@ class LMReader:
             chunk = prompts[lo : lo + self.batch_size]
             n = len(chunk)
             chunk = chunk + [chunk[-1]] * (self.batch_size - n)  # one batch shape: one compile per prompt bucket
-            res = generate(
-                self.params,
-                self.cfg,
-                chunk,
-                max_new_tokens=self.max_new_tokens,
-                stop_tokens=(self.tokenizer.eos_id, self.newline),
-            )
-            toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
-            out += [self.tokenizer.decode(toks[b, : lens[b]]).strip() for b in range(n)]
+            texts, logp_B = self._generate(chunk, ())
+            if self.decision == "scored" and any(final_answer(t) == UNKNOWN for t in texts[:n]):
+                forced, forced_logp_B = self._generate(chunk, (self.no_unknown,))
+                texts = [
+                    f if final_answer(t) == UNKNOWN and forced_logp_B[b] > logp_B[b] else t
+                    for b, (t, f) in enumerate(zip(texts, forced))
+                ]
+            out += [t.strip() for t in texts[:n]]
         return out
 
+    def answer_batch(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+        """Answers to [(question, lines)], in order: the last field of each worked answer."""
+        return [final_answer(t) for t in self.worked_batch(pairs)]
+
     def __call__(self, question: str, lines: Sequence[str]) -> str:
-        """The greedy answer to one question."""
+        """The answer to one question."""
         return self.answer_batch([(question, lines)])[0]

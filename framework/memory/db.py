@@ -46,6 +46,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Backend",
     "MemoryDB",
+    "NestedTransactions",
     "MemoryDBError",
     "SchemaVersionError",
     "migrate",
@@ -234,7 +235,34 @@ def migrate(path: str, *, busy_timeout_ms: int = 30_000) -> int:
         conn.close()
 
 
-class MemoryDB:
+class NestedTransactions:
+    """The `transaction()` every backend shares: the outermost use opens the backend's own transaction
+    (`_outer_transaction`), nested uses join it, so a store method that writes in a transaction can call another."""
+
+    _depth = 0
+
+    def _outer_transaction(self) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All statements inside commit together or not at all; nested uses join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            with self._outer_transaction():
+                yield
+        finally:
+            self._depth = 0
+
+
+class MemoryDB(NestedTransactions):
     """One memory store's SQLite file: WAL, transactions, schema check, exact vector search (see module docstring).
 
     `store_kind` names the store that owns the file (opening it as another kind is an error); `embed_dim` > 0 adds
@@ -275,7 +303,6 @@ class MemoryDB:
         except Exception:
             self._conn.close()
             raise
-        self._depth = 0
 
     def _open(self, fresh: bool, embed_dim: int | None, do_migrate: bool, busy_timeout_ms: int) -> None:
         conn = self._conn
@@ -319,24 +346,14 @@ class MemoryDB:
 
     # ---- transactions and statements ----
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """`BEGIN IMMEDIATE` ... `COMMIT`, or ROLLBACK on any exception; nested uses join the outer transaction."""
-        if self._depth:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
+    def _outer_transaction(self) -> Iterator[None]:
+        """`BEGIN IMMEDIATE` ... `COMMIT`, or ROLLBACK on any exception."""
         self._conn.execute("BEGIN IMMEDIATE")
-        self._depth = 1
         try:
             yield
         except BaseException:
-            self._depth = 0
             self._conn.execute("ROLLBACK")
             raise
-        self._depth = 0
         self._conn.execute("COMMIT")
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> int:

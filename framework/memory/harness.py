@@ -43,6 +43,7 @@ __all__ = [
     "Question",
     "ask",
     "evaluate",
+    "gold_context",
     "make_ledger",
     "render_context",
     "rule_reader",
@@ -225,19 +226,38 @@ def rule_reader(question: str, lines: Sequence[str]) -> str:
 
 
 def render_context(items: Sequence[Item], budget: int | None, tokenizer=TEXT_TOKENIZER) -> list[str]:
-    """The lines a reader sees: core lines, then items oldest first; only the most recent that fit `budget` tokens."""
-    ordered = sorted(items, key=lambda it: (it.kind != "core", it.time, it.id))
-    lines = [it.render() for it in ordered]
-    if budget is None:
-        return lines
+    """The lines a reader sees: the best-ranked items that fit `budget` tokens, shown core lines first, then oldest first.
+
+    Items are kept by rank (core lines, then score, ties to the most recent), so a store's best items survive the
+    window: a vector store keeps its nearest items, while full context and window stores (equal or recency scores)
+    keep the most recent. Kept items are shown in time order, so "the last line about kobu" is its latest value.
+    """
+    ranked = sorted(items, key=lambda it: (it.kind != "core", -it.score, -it.time, -it.id))
     kept, used = [], 0
-    for line in reversed(lines):
-        cost = len(tokenizer.encode(line)) + 1
-        if used + cost > budget:
-            break
-        kept.append(line)
+    for it in ranked:
+        cost = len(tokenizer.encode(it.render())) + 1
+        if budget is not None and used + cost > budget:
+            continue
+        kept.append(it)
         used += cost
-    return kept[::-1]
+    return [it.render() for it in sorted(kept, key=lambda it: (it.kind != "core", it.time, it.id))]
+
+
+def gold_context(ledger: Ledger, question: Question, budget: int | None, tokenizer=TEXT_TOKENIZER) -> list[str]:
+    """The lines a perfect retriever would bring for `question`: every utterance naming an asked variable, the most
+    recent first into the `budget` (for "as of day d", those on or before d first), shown in time order.
+
+    The reader's ceiling: what it answers from the right lines, whatever a store retrieves. The rule reader answers
+    from them exactly except where the budget cannot hold a question's lines (sums over two long histories).
+    """
+    words = set(question.text.replace("?", "").split()) - {"what", "is", "was", "now", "plus", "on", "day"}
+    day = float(m.group(2)) if (m := _Q_AT.match(question.text)) else np.inf
+    items = [
+        Item(n + 1, e.text, 1.0 if e.time <= day else 0.5, e.time, "event")
+        for n, e in enumerate(ledger.events)
+        if words & set(e.text[:-1].split())
+    ]
+    return render_context(items, budget, tokenizer)
 
 
 Reader = Callable[[str, Sequence[str]], str]

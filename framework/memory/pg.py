@@ -28,12 +28,19 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from framework.memory.db import _DDL_V1, MIGRATIONS, SCHEMA_VERSION, MemoryDBError, SchemaVersionError
+from framework.memory.db import (
+    _DDL_V1,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    MemoryDBError,
+    NestedTransactions,
+    SchemaVersionError,
+)
 
 __all__ = ["PostgresDB", "to_postgres"]
 
@@ -71,7 +78,7 @@ def _parse_vector(text: str) -> np.ndarray:
     return np.asarray([float(x) for x in text.strip("[]").split(",") if x], np.float32)
 
 
-class PostgresDB:
+class PostgresDB(NestedTransactions):
     """One memory store in one PostgreSQL schema (pgvector for vectors): a `db.Backend` (see module docstring)."""
 
     def __init__(
@@ -88,7 +95,6 @@ class PostgresDB:
             ) from err
         self.path, self.store_kind, self.schema = f"{dsn}#{schema}", store_kind, schema
         self._conn = psycopg.connect(dsn, autocommit=True)
-        self._depth = 0
         self._conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         with self.transaction():
             fresh = not self._conn.execute(
@@ -128,22 +134,8 @@ class PostgresDB:
         if embed_dim is not None and self.embed_dim != (int(embed_dim) or None):
             raise MemoryDBError(f"memory schema {self.path!r} stores width {self.embed_dim}, opened with {embed_dim}")
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """All statements inside commit together or not at all; nested uses join the outer transaction."""
-        if self._depth:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
-        self._depth = 1
-        try:
-            with self._conn.transaction():
-                yield
-        finally:
-            self._depth = 0
+    def _outer_transaction(self) -> contextlib.AbstractContextManager[None]:
+        return self._conn.transaction()  # psycopg: COMMIT on exit, ROLLBACK on an exception
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Runs one statement; returns the new row's id for an INSERT into a table with ids, else 0."""

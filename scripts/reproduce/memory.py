@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="docs/results/memory")
     p.add_argument("--size", default="tiny")
     p.add_argument("--layers", type=int, default=4, help="the answerer's layers (0: the size's own)")
-    p.add_argument("--budget", type=int, default=128, help="tokens of retrieved context a reader sees")
+    p.add_argument("--budget", type=int, default=96, help="tokens of retrieved context a reader sees")
     p.add_argument("--steps", type=int, default=1500, help="answerer training steps (0: rule reader only)")
     p.add_argument("--lengths", default="10,30,100,300,1000,3000")
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--decisions", default="greedy,scored", help="the LM reader's decoding rules (lm, lm_scored)")
     p.add_argument("--table_only", action="store_true", help="print the tables of an existing --workdir")
     args = p.parse_args(argv)
     result = os.path.join(args.workdir, "results", "memory_study.json")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         lengths, seeds = args.lengths.replace(",", "/"), args.seeds.replace(",", "/")
         config = answerer_config.get_config(
             f"size={args.size},layers={args.layers},budget={args.budget},steps={args.steps},"
-            f"lengths={lengths},seeds={seeds}"
+            f"lengths={lengths},seeds={seeds},decisions={args.decisions.replace(',', '/')}"
         )
         with config.unlocked():
             config.train.progress = False
