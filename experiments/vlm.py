@@ -5,7 +5,9 @@ Stages (each a `loop.Task` on `loop.train`, in its own workdir subfolder, resuma
             with task.answer="trace", or "6" with "value"), the expression given
             as text: with task.text_layout="grid" each image cell's character as a token where the image tokens go
             (the image as text: needs task.cell = the patch size), with "prompt" after the prompt ("value:2+4");
-            the "pretrained LM" LLaVA and PaliGemma start from;
+            the "pretrained LM" LLaVA and PaliGemma start from; with `pretrain.until_exact` > 0 it runs until the LM
+            computes (`next_pretrain_block`: checks of held-out answers at the largest K after `steps` steps and
+            every `check_every` steps, each block a warm restart of the lr, up to `max_steps`; <stage>/checks.json);
   stage1    read the expression from the image ("read:" -> "23+45"); trains the groups in `stage1.train`
             (default the projector, as LLaVA's stage 1; add "vision" to train the encoder too);
   stage2    both prompts ("mixed"), the answer being the chain's trace or value; trains `stage2.train` (default
@@ -110,8 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> vlm.VLMConfig:
     pc = config.pretrain
     req(0.0 <= pc.until_exact <= 1.0, "pretrain.until_exact", f"must be in [0, 1] (0: off), got {pc.until_exact}")
     req(pc.check_every >= 0, "pretrain.check_every", f"must be >= 0, got {pc.check_every}")
-    if pc.until_exact > 0:
-        req(pc.steps > 0, "pretrain.steps", "the stopping rule (pretrain.until_exact > 0) needs steps > 0")
+    if pc.until_exact > 0 and pc.steps > 0:  # steps 0 skips the stage, rule and all
         req(
             pc.check_every > 0,
             "pretrain.check_every",

@@ -174,6 +174,36 @@ def test_study_variants_choose_groups_mask_and_projector():
     vlm_exp.validate(tiny.get_config())
 
 
+def test_pretraining_rule_checks_restarts_the_lr_and_stops_at_threshold_or_cap():
+    from framework.training import optim
+
+    config = study.get_config()
+    config.unlock()
+    config.pretrain.update(steps=2500, until_exact=0.9, check_every=500, max_steps=3200)
+    vlm_exp.validate(config)
+    pc = config.pretrain
+    assert vlm_exp.next_pretrain_block(pc, 2500, 0.9) is None  # met at the first check: exactly `steps` steps
+    target, lm = vlm_exp.next_pretrain_block(pc, 2500, 0.5)
+    assert target == 3000 and vlm_exp.next_pretrain_block(pc, 3000, 0.5) == (3200, lm | {"warmup_steps": 3000})
+    assert vlm_exp.next_pretrain_block(pc, 3200, 0.5) is None  # the cap
+    # The block's schedule (the config's, under the "lm" label's settings) restarts at pretrain.lr and decays to
+    # lr * min_lr_ratio at its end; before the block it is the first `steps` steps' schedule's own business.
+    lr = optim.lr_schedule({**config.train, "steps": target, **lm})
+    assert float(lr(2500)) == pytest.approx(pc.lr)
+    assert float(lr(3000)) == pytest.approx(pc.lr * config.train.min_lr_ratio)
+    for key, value, match in [
+        ("until_exact", 1.5, "pretrain.until_exact"),
+        ("check_every", 0, "pretrain.check_every"),
+        ("max_steps", 500, "pretrain.max_steps"),  # below pretrain.steps (600)
+    ]:
+        bad = study.get_config()
+        bad.unlock()
+        bad.pretrain.update(until_exact=0.9, check_every=500, max_steps=5000)
+        bad.pretrain[key] = value
+        with pytest.raises(config_lib.ConfigError, match=match):
+            vlm_exp.validate(bad)
+
+
 @pytest.mark.slow
 def test_launch_runs_the_stages_and_writes_results(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -185,6 +215,8 @@ def test_launch_runs_the_stages_and_writes_results(tmp_path):
     assert set(results["stages"]) == {"pretrain", "stage1", "stage2"}
     assert set(results["stages"]["stage2"]) == {"read", "compute", "text_compute"}
     assert (tmp_path / "run" / "figures" / "samples.png").stat().st_size > 0
-    for stage in ("pretrain", "stage1", "stage2"):
+    # tiny.py's pretraining rule never meets its threshold: checks after steps 2 and 3 (the cap), trained to 3.
+    assert [c["step"] for c in results["pretrain_checks"]] == [2, 3]
+    for stage, steps in (("pretrain", [1, 2, 3]), ("stage1", [1, 2]), ("stage2", [1, 2])):
         records = [json.loads(x) for x in (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+        assert [r["step"] for r in records if "train/loss" in r] == steps

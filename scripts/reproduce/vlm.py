@@ -146,6 +146,7 @@ def main(argv) -> None:
             with open(path, "w") as f:
                 json.dump(out, f, indent=2)
             print(f"{name} seed {seed}: {time.time() - t0:.0f} s wall, {_cpu_s() - c0:.0f} CPU-s", flush=True)
+    out = json.loads(json.dumps(out))  # K keys as strings, as in the runs kept from the results file
     print(table(out))
     plot(out, os.path.join(workdir, "figures", "vlm_study.png"))
 
