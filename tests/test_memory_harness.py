@@ -92,3 +92,18 @@ def test_bad_ledger_arguments():
         harness.make_ledger(0, 0)
     with pytest.raises(ValueError, match="per_session = 0"):
         harness.make_ledger(0, 5, per_session=0)
+
+
+def test_asked_names_and_gold_context_match_names_not_day_numbers():
+    assert harness.asked_names("what is kobu plus lima now?") == ["kobu", "lima"]
+    assert harness.asked_names("what was kobu on day 4?") == ["kobu"]
+    with pytest.raises(ValueError, match="ledger question forms"):
+        harness.asked_names("how is kobu?")
+    events = (
+        memory.Event("set kobu to 12.", 1.0),
+        memory.Event("set lima to 4.", 2.0),  # its value equals the asked day: not a line about kobu
+        memory.Event("change kobu to 40.", 5.0),
+    )
+    q = harness.Question("temporal", "what was kobu on day 4?", "12")
+    ledger = harness.Ledger(0, events, (q,))
+    assert harness.gold_context(ledger, q, budget=None) == ["day 1: set kobu to 12.", "day 5: change kobu to 40."]

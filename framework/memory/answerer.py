@@ -36,7 +36,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from framework.memory.base import Item
-from framework.memory.harness import _Q_AT, _Q_NOW, _Q_SUM, UNKNOWN, _lookup, make_ledger, render_context
+from framework.memory.harness import (
+    _Q_AT,
+    _Q_NOW,
+    _Q_SUM,
+    UNKNOWN,
+    _lookup,
+    asked_names,
+    make_ledger,
+    render_context,
+)
 from framework.memory.ledger import extract_facts
 from framework.tasks.data import TextExample, TextSource
 from framework.tasks.tokenizer import TEXT_TOKENIZER
@@ -131,14 +140,6 @@ def _intervals(events) -> dict[str, list[tuple[float, float | None, int, float]]
     return out
 
 
-def _asked(question: str) -> list[str]:
-    return [
-        w
-        for w in question.replace("?", "").split()
-        if w not in ("what", "is", "was", "now", "plus", "on", "day") and not w.isdigit()
-    ]
-
-
 def reading_example(
     seed: int,
     *,
@@ -172,7 +173,7 @@ def reading_example(
     weights = np.array([0.4 if q.ability == "abstention" else 1.0 for q in ledger.questions])
     order = rng.choice(len(weights), size=len(weights), replace=False, p=weights / weights.sum())
     qs = [ledger.questions[int(j)] for j in order[: max(1, int(questions))]]
-    asked = set(_asked(qs[0].text))
+    asked = set(asked_names(qs[0].text))
     recency = rng.random() < 0.125
     n_other = int(rng.integers(0, 7))
 

@@ -42,6 +42,7 @@ __all__ = [
     "Ledger",
     "Question",
     "ask",
+    "asked_names",
     "evaluate",
     "gold_context",
     "make_ledger",
@@ -243,6 +244,14 @@ def render_context(items: Sequence[Item], budget: int | None, tokenizer=TEXT_TOK
     return [it.render() for it in sorted(kept, key=lambda it: (it.kind != "core", it.time, it.id))]
 
 
+def asked_names(question: str) -> list[str]:
+    """The variable names a ledger question asks about ("what is kobu plus lima now?" -> ["kobu", "lima"])."""
+    for pattern in (_Q_SUM, _Q_NOW, _Q_AT):
+        if m := pattern.match(question):
+            return [g for g in m.groups() if not g.isdigit()]
+    raise ValueError(f"question = {question!r}; expected one of the ledger question forms")
+
+
 def gold_context(ledger: Ledger, question: Question, budget: int | None, tokenizer=TEXT_TOKENIZER) -> list[str]:
     """The lines a perfect retriever would bring for `question`: every utterance naming an asked variable, the most
     recent first into the `budget` (for "as of day d", those on or before d first), shown in time order.
@@ -250,12 +259,12 @@ def gold_context(ledger: Ledger, question: Question, budget: int | None, tokeniz
     The reader's ceiling: what it answers from the right lines, whatever a store retrieves. The rule reader answers
     from them exactly except where the budget cannot hold a question's lines (sums over two long histories).
     """
-    words = set(question.text.replace("?", "").split()) - {"what", "is", "was", "now", "plus", "on", "day"}
+    names = set(asked_names(question.text))
     day = float(m.group(2)) if (m := _Q_AT.match(question.text)) else np.inf
     items = [
         Item(n + 1, e.text, 1.0 if e.time <= day else 0.5, e.time, "event")
         for n, e in enumerate(ledger.events)
-        if words & set(e.text[:-1].split())
+        if names & set(e.text[:-1].split())
     ]
     return render_context(items, budget, tokenizer)
 
