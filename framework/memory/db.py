@@ -314,6 +314,8 @@ class MemoryDB(NestedTransactions):
             with _immediate(conn):  # two processes creating one file at once: only the first writes the schema
                 if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchall():
                     _create(conn, self.store_kind, embed_dim, SCHEMA_VERSION)
+        with contextlib.suppress(apsw.Error):
+            conn.execute("PRAGMA optimize=0x10002")  # statistics for a file written before (see `close`)
         version = int(conn.execute("PRAGMA user_version").fetchall()[0][0])
         if version != SCHEMA_VERSION:
             if version > SCHEMA_VERSION or not do_migrate:
@@ -459,7 +461,11 @@ class MemoryDB(NestedTransactions):
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
-        """Closes the connection (committed data is already on disk)."""
+        """Closes the connection (committed data is already on disk), leaving the query planner's statistics fresh."""
+        # Without statistics SQLite runs the visibility filter of a retrieval by scanning every active item instead
+        # of k primary-key lookups (~80 ms at 1e6 items): `optimize` gathers what the planner needs, cheaply.
+        with contextlib.suppress(apsw.Error):
+            self._conn.execute("PRAGMA optimize")
         self._conn.close()
 
     def __enter__(self) -> MemoryDB:
