@@ -98,6 +98,7 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
         f"{st.decisions!r}: expected some of {answerer.DECISIONS} (the LM reader's decoding rules)",
     )
     req(0.0 <= t.easy <= 1.0, "task.easy", f"must be in [0, 1] (the share of plain lookups), got {t.easy}")
+    req(t.max_vars >= 1, "task.max_vars", f"must be >= 1 (variables in a plain lookup), got {t.max_vars}")
     req(t.questions >= 1, "task.questions", f"must be >= 1 (questions per training context), got {t.questions}")
     req(
         len(t.curriculum_steps) == 2 and 0 <= t.curriculum_steps[0] <= t.curriculum_steps[1],
@@ -117,7 +118,7 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
     model_cfg = validate(config)
     t, tc = config.task, config.train
     stages = answerer.curriculum_indices(t.curriculum_steps, tc.batch_size, tc.seq_len, tc.pack)
-    source = answerer.reading_source(t.budget, (t.min_events, t.max_events), t.questions, t.easy, stages)
+    source = answerer.reading_source(t.budget, (t.min_events, t.max_events), t.questions, t.easy, stages, t.max_vars)
     one = answerer.reading_source(t.budget, (t.min_events, t.max_events), 1, t.easy)  # eval: the answer only
 
     def ds(split, rows=None, num_batches=None, loss_on="completion", pack=False):
@@ -147,7 +148,11 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
 
     loss_fn = lm_loss_fn(model_cfg)
     eval_batches = [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in ds("eval", num_batches=2)]
-    eval_fn = held_out_eval(loss_fn, eval_batches)
+    held_out, probe = held_out_eval(loss_fn, eval_batches), answerer.lookup_probe(model_cfg)
+
+    def eval_fn(state):  # the held-out answers' loss, and whether the answerer matches names (eval/lookup_p_*)
+        return {**held_out(state), **probe(state.params)}
+
     task = loop.Task(
         init_params=lambda rng: lm.init(model_cfg, rng),
         logical_axes=lm.logical_axes(model_cfg),

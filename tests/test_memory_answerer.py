@@ -45,7 +45,9 @@ def test_reading_examples_are_exact_and_deterministic():
     assert styles == {"", "fact", "core"}  # utterance, fact/interval and MemGPT-shaped contexts all occur
 
 
-def test_lm_reader_answers_through_generate():
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """One tiny random text LM (config, params) for the tests that run a model: one init compile."""
     cfg = lm.LMConfig(
         vocab_size=100,
         d_model=16,
@@ -54,10 +56,15 @@ def test_lm_reader_answers_through_generate():
         n_kv_heads=1,
         head_dim=8,
         d_ff=32,
-        max_seq_len=96,
+        max_seq_len=128,
         tokenizer="text",
     )
-    reader = answerer.LMReader(lm.init(cfg, jax.random.key(0)), cfg, max_new_tokens=4, batch_size=2)
+    return cfg, lm.init(cfg, jax.random.key(0))
+
+
+def test_lm_reader_answers_through_generate(tiny_lm):
+    cfg, params = tiny_lm
+    reader = answerer.LMReader(params, cfg, max_new_tokens=4, batch_size=2)
     pairs = [
         ("what is kobu now?", ["day 1: set kobu to 3."]),
         ("what is lima now?", []),
@@ -66,7 +73,7 @@ def test_lm_reader_answers_through_generate():
     got = reader.answer_batch(pairs)
     assert len(got) == 3 and got[0] == got[2] and all(isinstance(g, str) and "\n" not in g for g in got)
     assert reader(*pairs[0]) == got[0]  # the batch padding does not change a row's greedy answer
-    with pytest.raises(ValueError, match="exceeds the answerer's max_seq_len 96"):
+    with pytest.raises(ValueError, match="exceeds the answerer's max_seq_len 128"):
         reader("what is kobu now?", ["day 1: chat about the river and the garden again."] * 3)
     arith = lm.LMConfig(vocab_size=24, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
     with pytest.raises(ValueError, match="the answerer reads the text tokenizer"):
@@ -116,6 +123,7 @@ def test_memory_config_is_checked_before_building():
         (("task", "budget"), 0, "task.budget"),
         (("task", "curriculum_steps"), (600, 500), "task.curriculum_steps"),
         (("study", "decisions"), ("greedy", "beam"), "study.decisions"),
+        (("task", "max_vars"), 0, "task.max_vars"),
     ):
         bad = answerer_config.get_config("size=tiny,steps=2")
         with bad.unlocked():
@@ -126,17 +134,39 @@ def test_memory_config_is_checked_before_building():
         answerer.reading_source(0)
     with pytest.raises(ValueError, match="curriculum = "):
         answerer.reading_source(96, curriculum=(5, 2))
+    with pytest.raises(ValueError, match="max_vars = 0"):
+        answerer.reading_source(96, max_vars=0)
     # The curriculum's first stage is one-variable lookups, then plain lookups, then the mix.
     staged = answerer.reading_source(96, curriculum=(4, 8))
     first = [staged.example(0, i).prompt.count("\n") for i in range(4)]
     assert first == [2] * 4  # one context line, then "Q: ..." and "A:"
+    wide = answerer.reading_source(200, curriculum=(0, 400), max_vars=5)
+    lines = [wide.example(0, i).prompt.count("\n") - 1 for i in range(400)]
+    assert min(lines) == 1 and max(lines) == 5  # plain lookups of 1 to max_vars lines
+
+
+def test_lookup_probe_asks_for_the_asked_variables_value(tiny_lm):
+    sets = answerer.lookup_probe_examples((1, 3), count=8)
+    assert sorted(sets) == ["n1_event", "n1_fact", "n3_event", "n3_fact"]
+    for key, (tokens_BT, at_B, gold_B) in sets.items():
+        for row, at, gold in zip(tokens_BT, at_B, gold_B):
+            text = TEXT_TOKENIZER.decode(row[1 : at + 1])
+            body, answer = text.split("\nA: ")
+            *lines, question = body.split("\n")
+            assert len(lines) == int(key[1]) and question.startswith("Q: what is ")
+            name = question.split()[3]
+            assert answer == f"{name} = "  # scored right after the restated name
+            assert TEXT_TOKENIZER.decode([gold]) == harness.rule_reader(question[3:], lines)[0]
+    cfg, params = tiny_lm
+    got = answerer.lookup_probe(cfg, sets)(params)
+    assert sorted(got) == [f"lookup_p_{k}" for k in sorted(sets)] and all(0.0 < p < 1.0 for p in got.values())
 
 
 def test_training_batches_weight_the_answer_and_the_dialogue():
     from experiments import memory as experiment
     from framework.tasks import data
 
-    config = answerer_config.get_config("size=tiny,steps=2,budget=64")
+    config = answerer_config.get_config("size=tiny,steps=2,budget=64,context_weight=0.1")
     with config.unlocked():
         config.train.batch_size = 4
     source = answerer.reading_source(64, (config.task.min_events, config.task.max_events))

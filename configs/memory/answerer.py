@@ -1,14 +1,16 @@
 """The memory study: a small text LM trained to answer ledger questions from retrieved context, then every store.
 
 COMMAND: .venv/bin/python -m scripts.launch --config=configs/memory/answerer.py --workdir=runs/memory
-  (variants after a colon: `answerer.py:steps=1600,budget=96,curriculum2=1000,lengths=10/100/1000,seeds=0`; `steps=0`
-  runs the study with the rule reader only; scripts/reproduce/memory.py wraps this and prints the tables)
-RUNTIME: ~0.4 s CPU per step for the 4-layer tiny answerer (seq_len 192, packed batches of 16) on a 2-core CPU;
-  `scripts.reproduce.memory --steps=1600` (training + the study over 6 lengths x 2 seeds x 9 stores) took 12 CPU-min.
-EXPECT: with the curriculum (one-variable lookups to step 500, plain lookups to 1000, then the mix) the answerer
-  copies the value of a lone variable by step ~1000 but does not yet match names among two or three by step 1600
-  (docs/results/memory.md); the rule reader shows the stores' shapes (full context falls with history length, fact
-  and temporal stores hold up on updates, only temporal on "as of" questions, windows fail multi-session).
+  (variants after a colon: `answerer.py:steps=1600,budget=96,curriculum2=1000,context_weight=0.1,lengths=10/100,
+  seeds=0`; `steps=0` runs the study with the rule reader only; scripts/reproduce/memory.py wraps this and prints
+  the tables)
+RUNTIME: ~0.12-0.3 s per step for the 4-layer tiny answerer (seq_len 192, packed batches of 16) on a 2-core CPU;
+  the default 6000 steps and the study (6 lengths x 2 seeds x 9 stores, 20 questions per ability) ~25-40 min.
+EXPECT: (docs/results/memory.md) with the curriculum (one-variable lookups to step 500, plain lookups of one to
+  three variables to 3000, then the mix) and the whole dialogue in the loss, the answerer copies a lone value by
+  step ~1000 and starts matching names among two or three around step 3000 (`eval/lookup_p_*`); the rule reader
+  shows the stores' shapes (full context falls with history length, fact and temporal stores hold up on updates,
+  only temporal on "as of" questions, windows fail multi-session).
 """
 
 from configs import common
@@ -31,13 +33,15 @@ def get_config(arg: str | None = None):
         arg,
         size="tiny",
         layers=4,
-        steps=1500,
+        steps=6000,
         budget=96,
         lengths="10/30/100/300/1000/3000",
         seeds="0/1",
         decisions="greedy/scored",
         curriculum1=500,
-        curriculum2=1000,
+        curriculum2=3000,
+        max_vars=3,
+        context_weight=1.0,
     )
     config = common.lm_experiment(size=args.size)
     config.experiment = "memory"
@@ -53,10 +57,11 @@ def get_config(arg: str | None = None):
         budget=args.budget,
         min_events=6,
         max_events=64,
-        context_weight=0.1,
+        context_weight=args.context_weight,
         questions=3,
         easy=0.8,
         curriculum_steps=(args.curriculum1, args.curriculum2),
+        max_vars=args.max_vars,
     )
     config.train.update(
         steps=args.steps,
@@ -76,7 +81,7 @@ def get_config(arg: str | None = None):
         seeds=tuple(int(x) for x in args.seeds.split("/")),
         stores=STORES,
         k=8,
-        questions_per_ability=10,
+        questions_per_ability=20,
         lm_reader=True,
         decisions=tuple(args.decisions.split("/")),
     )

@@ -42,6 +42,7 @@ from framework.memory.harness import (
     _Q_SUM,
     UNKNOWN,
     _lookup,
+    _names,
     asked_names,
     make_ledger,
     render_context,
@@ -57,6 +58,8 @@ __all__ = [
     "answer_mask",
     "final_answer",
     "format_prompt",
+    "lookup_probe",
+    "lookup_probe_examples",
     "reading_example",
     "reading_source",
     "worked_answer",
@@ -221,12 +224,16 @@ def _example(lines: list[str], qs: list[str], max_tokens: int) -> TextExample:
 
 
 def _plain_lookup(rng, hist, live, style, budget, questions, max_tokens, max_vars=3) -> TextExample:
-    """1-3 variables' current values, one line each in the store's style, and "what is <name> now?" about them.
+    """1 to `max_vars` variables' current values, one line each in the store's style, and "what is <name> now?".
 
-    One variable alone (two examples in five) can be answered by copying the only value there; with two or three,
-    only by matching the name. One question in five asks about a variable of the ledger absent from the lines.
+    One variable alone (two examples in five at `max_vars` = 3, else 1 in `max_vars`) can be answered by copying
+    the only value there; with more, only by matching the name. One question in five asks about a variable of the
+    ledger absent from the lines.
     """
-    n = 1 if max_vars == 1 else 1 + int(rng.choice(3, p=[0.4, 0.35, 0.25]))
+    if max_vars == 3:
+        n = 1 + int(rng.choice(3, p=[0.4, 0.35, 0.25]))
+    else:
+        n = 1 + int(rng.integers(max_vars))
     keys = [live[int(j)] for j in rng.permutation(len(live))[:n]]
     items = []
     for n, k in enumerate(keys):
@@ -248,7 +255,7 @@ def _plain_lookup(rng, hist, live, style, budget, questions, max_tokens, max_var
 
 def _example_at(stream_seed: int, index: int, *, curriculum: tuple[int, int] = (0, 0), **kw) -> TextExample:
     if index < curriculum[1]:  # the early stream: plain lookups only, one variable alone at first
-        kw.update(easy=1.0, max_vars=1 if index < curriculum[0] else 3)
+        kw.update(easy=1.0, max_vars=1 if index < curriculum[0] else kw.get("max_vars", 3))
     return reading_example(int(np.random.SeedSequence([stream_seed, index]).generate_state(1)[0]), **kw)
 
 
@@ -258,11 +265,13 @@ def reading_source(
     questions: int = 3,
     easy: float = 0.5,
     curriculum: tuple[int, int] = (0, 0),
+    max_vars: int = 3,
 ) -> TextSource:
     """The answerer's training stream (see `reading_example`); `budget` bounds the context's tokens.
 
     `curriculum=(a, b)`: examples before index a are one-variable lookups (copy the only value), before index b
-    plain lookups of one to three variables (match the name), then the mix. `curriculum_indices` converts steps.
+    plain lookups of one to `max_vars` variables (match the name), then the mix. `curriculum_indices` converts
+    steps.
     """
     if int(budget) <= 0 or not 1 <= events[0] <= events[1] or int(questions) < 1 or not 0.0 <= easy <= 1.0:
         raise ValueError(
@@ -271,6 +280,8 @@ def reading_source(
         )
     if not 0 <= curriculum[0] <= curriculum[1]:
         raise ValueError(f"curriculum = {curriculum}; expected 0 <= a <= b (example indices)")
+    if isinstance(max_vars, bool) or int(max_vars) < 1:
+        raise ValueError(f"max_vars = {max_vars!r}; expected >= 1 (variables in a plain lookup)")
     longest_q = len("Q: what is abababab plus abababab now?\nA:")
     longest_a = len(" abababab + abababab = unknown + unknown = unknown\n")
     max_tokens = 1 + int(budget) + longest_q + longest_a + 1
@@ -283,6 +294,7 @@ def reading_source(
             easy=float(easy),
             max_tokens=max_tokens,
             curriculum=(int(curriculum[0]), int(curriculum[1])),
+            max_vars=int(max_vars),
         ),
         name="ledger_reading",
         min_tokens=MIN_TOKENS,
@@ -300,6 +312,79 @@ def curriculum_indices(steps: tuple[int, int], batch_size: int, seq_len: int, pa
     every index."""
     per_row = max(1, seq_len // MIN_TOKENS) if pack else 1
     return (int(steps[0]) * batch_size * per_row, int(steps[1]) * batch_size * per_row)
+
+
+def lookup_probe_examples(
+    lines_per_context: Sequence[int] = (1, 2, 3), count: int = 64, seed: int = 123, tokenizer=TEXT_TOKENIZER
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Held-out plain lookups that show whether the answerer matches names: {"n2_event": (tokens_BT, at_B, gold_B)}.
+
+    For each number of lines n and each line style (utterances "day d: set kobu to 12." or fact lines
+    "kobu = 12 (day d-now)"), `count` contexts of n variables with fresh names and uniform values, one asked; the
+    tokens run up to the worked answer's "kobu =", `at_B` is the last position and `gold_B` the first token of the
+    value. A reader that copies a value without matching the name scores ~1/n of its one-line score.
+    """
+    out = {}
+    for n in lines_per_context:
+        for style in ("event", "fact"):
+            rng = np.random.default_rng([seed, n, style == "fact"])
+            rows, at, gold = [], [], []
+            for _ in range(count):
+                names = _names(rng, n)
+                items = []
+                for j, k in enumerate(names):
+                    v, t = int(rng.integers(100)), float(rng.integers(0, 9))
+                    items.append(
+                        Item(j + 1, f"set {k} to {v}.", 1.0, t, "event")
+                        if style == "event"
+                        else Item(j + 1, f"{k} = {v}", 1.0, t, "fact", k, t, None)
+                    )
+                lines = render_context(items, None)
+                q = f"what is {names[int(rng.integers(n))]} now?"
+                head, value = worked_answer(q, lines).rsplit("= ", 1)
+                prefix = [tokenizer.bos_id, *tokenizer.encode(f"{format_prompt(q, lines)} {head}=")]
+                full = [tokenizer.bos_id, *tokenizer.encode(f"{format_prompt(q, lines)} {head}= {value}")]
+                if full[: len(prefix)] != prefix:
+                    raise ValueError(f"{tokenizer.name!r} merges across the '=' of a worked answer: cannot probe")
+                while not tokenizer.decode(full[len(prefix) : len(prefix) + 1]).strip():
+                    prefix = full[: len(prefix) + 1]  # a space token of its own (characters) belongs to the prompt
+                rows.append(prefix)
+                at.append(len(prefix) - 1)
+                gold.append(full[len(prefix)])
+            out[f"n{n}_{style}"] = (rows, np.asarray(at, np.int32), np.asarray(gold, np.int32))
+    width = max(len(r) for rows, _, _ in out.values() for r in rows)  # one shape for every set: one compile
+    for key, (rows, at, gold) in out.items():
+        tokens_BT = np.zeros((count, width), np.int32)
+        for b, r in enumerate(rows):
+            tokens_BT[b, : len(r)] = r
+        out[key] = (tokens_BT, at, gold)
+    return out
+
+
+def lookup_probe(cfg, examples=None):
+    """`probe(params) -> {"lookup_p_n2_event": mean probability of the correct first value token, ...}`.
+
+    Teacher-forced on `lookup_probe_examples`: the probability the model gives the asked variable's value right
+    after "kobu =", with 1, 2, 3 lines in the context. Name matching shows as the n-line score staying near the
+    one-line score; copying some value without matching falls as ~1/n of it.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from framework.models import lm
+
+    cfg = lm.LMConfig.from_config(cfg)
+    examples = lookup_probe_examples() if examples is None else examples
+
+    @jax.jit
+    def prob(params, tokens_BT, at_B, gold_B):
+        logits_BNV = lm.forward(params, tokens_BT, cfg, logits_at=at_B[:, None]).logits
+        return jnp.take_along_axis(jax.nn.softmax(logits_BNV[:, 0].astype(jnp.float32)), gold_B[:, None], 1).mean()
+
+    def probe(params) -> dict[str, float]:
+        return {f"lookup_p_{k}": float(prob(params, *map(jnp.asarray, v))) for k, v in examples.items()}
+
+    return probe
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,10 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", default="tiny")
     p.add_argument("--layers", type=int, default=4, help="the answerer's layers (0: the size's own)")
     p.add_argument("--budget", type=int, default=96, help="tokens of retrieved context a reader sees")
-    p.add_argument("--steps", type=int, default=1500, help="answerer training steps (0: rule reader only)")
+    p.add_argument("--steps", type=int, default=6000, help="answerer training steps (0: rule reader only)")
     p.add_argument("--lengths", default="10,30,100,300,1000,3000")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--decisions", default="greedy,scored", help="the LM reader's decoding rules (lm, lm_scored)")
+    p.add_argument("--curriculum", default="500,3000", help="steps where one-variable, then plain lookups end")
+    p.add_argument("--max_vars", type=int, default=3, help="variables in a plain lookup (1 to this many lines)")
+    p.add_argument("--questions", type=int, default=20, help="questions per ability per ledger")
+    p.add_argument("--context_weight", type=float, default=1.0, help="loss weight of the dialogue before answers")
     p.add_argument("--table_only", action="store_true", help="print the tables of an existing --workdir")
     args = p.parse_args(argv)
     result = os.path.join(args.workdir, "results", "memory_study.json")
@@ -70,12 +74,15 @@ def main(argv: list[str] | None = None) -> None:
         from experiments import memory as experiment
 
         lengths, seeds = args.lengths.replace(",", "/"), args.seeds.replace(",", "/")
+        c1, c2 = (int(x) for x in args.curriculum.split(","))
         config = answerer_config.get_config(
             f"size={args.size},layers={args.layers},budget={args.budget},steps={args.steps},"
-            f"lengths={lengths},seeds={seeds},decisions={args.decisions.replace(',', '/')}"
+            f"lengths={lengths},seeds={seeds},decisions={args.decisions.replace(',', '/')},"
+            f"curriculum1={c1},curriculum2={c2},max_vars={args.max_vars},context_weight={args.context_weight}"
         )
         with config.unlocked():
             config.train.progress = False
+            config.study.questions_per_ability = args.questions
         t0, c0 = time.time(), time.process_time()
         out = experiment.run(config, args.workdir)
         out["wall_seconds"], out["process_cpu_seconds"] = time.time() - t0, time.process_time() - c0
