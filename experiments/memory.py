@@ -148,10 +148,12 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
 
     loss_fn = lm_loss_fn(model_cfg)
     eval_batches = [{k: np.asarray(b[k]) for k in ("tokens", "loss_mask")} for b in ds("eval", num_batches=2)]
-    held_out, probe = held_out_eval(loss_fn, eval_batches), answerer.lookup_probe(model_cfg)
+    held_out, probes = held_out_eval(loss_fn, eval_batches), answerer.lookup_probe_examples()
+    fits = max(tokens_BT.shape[1] for tokens_BT, _, _ in probes.values()) <= model_cfg.max_seq_len
+    probe = answerer.lookup_probe(model_cfg, probes) if fits else None  # a window too short for 3 lines: no probe
 
     def eval_fn(state):  # the held-out answers' loss, and whether the answerer matches names (eval/lookup_p_*)
-        return {**held_out(state), **probe(state.params)}
+        return {**held_out(state), **(probe(state.params) if probe else {})}
 
     task = loop.Task(
         init_params=lambda rng: lm.init(model_cfg, rng),
