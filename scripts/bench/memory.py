@@ -106,6 +106,7 @@ def bench_size(
     if sqlite_optimize and dsn is None:  # table statistics for SQLite's planner (kept in the file)
         store.db.execute("PRAGMA optimize=0x10002")
     q_QD = _queries(rng, x_ND, queries)
+    common = dict(n=n, dim=dim, data=data, queries=queries, write_batched_per_s=batched, write_single_per_s=single)
     exact_ids, exact_s = [], []
     for q in q_QD:
         t0 = time.perf_counter()
@@ -133,14 +134,9 @@ def bench_size(
         exact_QK = _exact_ids(np.concatenate([x_ND, extra_ND]), q_QD)
         return dict(
             backend="postgres",
-            n=n,
-            dim=dim,
-            data=data,
-            queries=queries,
+            **common,
             ef_search=ef_search,
             knn_plan=knn_plan,
-            write_batched_per_s=batched,
-            write_single_per_s=single,
             file_mb=float(size_mb),
             exact_p50_ms=float("nan"),
             exact_p99_ms=float("nan"),
@@ -168,12 +164,7 @@ def bench_size(
     return dict(
         backend="sqlite",
         sqlite_optimize=sqlite_optimize,
-        n=n,
-        dim=dim,
-        data=data,
-        queries=queries,
-        write_batched_per_s=batched,
-        write_single_per_s=single,
+        **common,
         file_mb=size_mb,
         exact_p50_ms=_pct(exact_s, 50),
         exact_p99_ms=_pct(exact_s, 99),
@@ -194,7 +185,7 @@ def ef_sweep(n: int, dim: int, queries: int, data: str, efs: list[int], seed: in
     x_ND = _vectors(rng, n, dim, data)
     q_QD = _queries(rng, x_ND, queries)
     q_QD /= np.linalg.norm(q_QD, axis=1, keepdims=True)
-    exact_QK = np.argsort(-(q_QD @ x_ND.T), axis=1)[:, :10] + 1  # item ids start at 1
+    exact_QK = _exact_ids(x_ND, q_QD)
     ann = memory.ApproxIndex(dim, **settings)
     t0 = time.process_time()
     ann.add(np.arange(1, n + 1), x_ND)
