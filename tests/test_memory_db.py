@@ -12,6 +12,18 @@ from framework import memory
 from framework.memory import db as db_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A short scripted history every store must keep the same across a restart (here) and across backends
+# (tests/test_memory_pg.py).
+SCRIPT_EVENTS = (
+    "set kobu to 12.",
+    "the sky looks grey today.",
+    "set lima to 5.",
+    "change kobu to 40.",
+    "remember to check kobu.",
+    "set pato to 7.",
+    "drop lima.",
+)
+SCRIPT_QUERIES = ("what is kobu now?", "what is lima now?", "what was kobu on day 2?")
 
 # A writer process: writes `n` events to a store and prints each committed item id (after the commit returns).
 WRITER = textwrap.dedent("""
@@ -80,23 +92,13 @@ def test_two_writer_processes_never_corrupt(tmp_path):
 @pytest.mark.parametrize("kind", sorted(memory.STORES))
 def test_reopen_after_restart_gives_same_retrievals(tmp_path, kind):
     path = tmp_path / f"{kind}.db"
-    texts = [
-        "set kobu to 12.",
-        "the sky looks grey today.",
-        "set lima to 5.",
-        "change kobu to 40.",
-        "remember to check kobu.",
-        "set pato to 7.",
-        "drop lima.",
-    ]
-    queries = ["what is kobu now?", "what is lima now?", "what was kobu on day 2?"]
     store = memory.STORES[kind](path)
-    for t, text in enumerate(texts):
+    for t, text in enumerate(SCRIPT_EVENTS):
         store.write(memory.Event(text, time=float(t), session=t // 3))
-    before = [[(i.id, i.text, round(i.score, 6)) for i in store.retrieve(q, 3)] for q in queries]
+    before = [[(i.id, i.text, round(i.score, 6)) for i in store.retrieve(q, 3)] for q in SCRIPT_QUERIES]
     store.close()
     with memory.STORES[kind](path) as again:
-        after = [[(i.id, i.text, round(i.score, 6)) for i in again.retrieve(q, 3)] for q in queries]
+        after = [[(i.id, i.text, round(i.score, 6)) for i in again.retrieve(q, 3)] for q in SCRIPT_QUERIES]
     assert after == before and any(before)
 
 

@@ -14,22 +14,13 @@ import uuid
 
 import numpy as np
 import pytest
+from test_memory_db import SCRIPT_EVENTS, SCRIPT_QUERIES
 
 from framework import memory
 from framework.memory import db as db_lib
 from framework.memory import pg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EVENTS = [
-    "set kobu to 12.",
-    "the sky looks grey today.",
-    "set lima to 5.",
-    "change kobu to 40.",
-    "remember to check kobu.",
-    "set pato to 7.",
-    "drop lima.",
-]
-QUERIES = ["what is kobu now?", "what is lima now?", "what was kobu on day 2?"]
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +58,14 @@ def _open(dsn, schema, kind, **kw):
 
 
 def _retrievals(store):
-    return [[(i.id, i.text, round(i.score, 5)) for i in store.retrieve(q, 3)] for q in QUERIES]
+    return [[(i.id, i.text, round(i.score, 5)) for i in store.retrieve(q, 3)] for q in SCRIPT_QUERIES]
 
 
 @pytest.mark.parametrize("kind", sorted(memory.STORES))
 def test_every_store_on_postgres_retrieves_what_sqlite_does_and_after_reopen(dsn, schema, tmp_path, kind):
     cls = memory.STORES[kind]
     lite, post = cls(tmp_path / "m.db"), cls(_open(dsn, schema, kind))
-    for t, text in enumerate(EVENTS):
+    for t, text in enumerate(SCRIPT_EVENTS):
         a, b = (s.write(memory.Event(text, time=float(t), session=t // 3)) for s in (lite, post))
         assert a == b  # the same ids and the same ADD/UPDATE/DELETE/NOOP decisions
     assert post.forget(memory.Capacity(4)) == lite.forget(memory.Capacity(4))
