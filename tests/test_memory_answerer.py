@@ -1,5 +1,7 @@
 """The LM answerer: its training stream (exact read answers), the reader over `generate`, the experiment's checks."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -141,8 +143,35 @@ def test_memory_config_is_checked_before_building():
     first = [staged.example(0, i).prompt.count("\n") for i in range(4)]
     assert first == [2] * 4  # one context line, then "Q: ..." and "A:"
     wide = answerer.reading_source(200, curriculum=(0, 400), max_vars=5)
-    lines = [wide.example(0, i).prompt.count("\n") - 1 for i in range(400)]
-    assert min(lines) == 1 and max(lines) == 5  # plain lookups of 1 to max_vars lines
+    names = [len(_variables(_split(wide.example(0, i).prompt + " x\n")[0])) for i in range(400)]
+    assert max(names) == 5 and set(names) <= set(range(6))  # 1 to max_vars variables (none left if all dropped)
+
+
+def _variables(lines: list[str]) -> set[str]:
+    """The variable names in context lines (event, fact and core lines)."""
+    return {re.search(r"^(?:day [\d.]+: (?:set|change|drop) |core: )?([a-z]+)", x).group(1) for x in lines}
+
+
+def test_plain_drills_ask_every_form_and_the_latest_value_wins():
+    source = answerer.reading_source(128, curriculum=(0, 600))  # plain drills only
+    kinds, multi, first_at = set(), 0, []
+    for i in range(600):
+        ex = source.example(3, i)
+        lines, qa = _split(ex.prompt + ex.completion)
+        assert [answerer.final_answer(a) for _, a in qa] == [harness.rule_reader(q, lines) for q, _ in qa]
+        for q, a in qa:
+            kinds.add(("sum" if " plus " in q else "at" if " on day " in q else "now", a.endswith("unknown")))
+        names = [m.group(1) for x in lines if (m := re.match(r"^day [\d.]+: (?:set|change) ([a-z]+)", x))]
+        multi += len(names) > len(set(names))  # a variable set, then changed: the latest line holds
+        if " on day " in qa[0][0]:
+            first_at.append(qa[0][1])
+    assert kinds >= {(k, False) for k in ("now", "sum", "at")} | {("now", True), ("sum", True)}
+    assert multi > 50
+    # The "as of" drill asks a day inside the variable's history: the answer is a value, never "unknown".
+    assert first_at and not any(a.endswith("unknown") for a in first_at)
+    # The curriculum's first stage: one variable, one value.
+    one = answerer.reading_source(128, curriculum=(50, 50))
+    assert all(len(_split(one.example(3, i).prompt + " x\n")[0]) == 1 for i in range(50))
 
 
 def test_lookup_probe_asks_for_the_asked_variables_value(tiny_lm):

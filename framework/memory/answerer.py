@@ -223,34 +223,86 @@ def _example(lines: list[str], qs: list[str], max_tokens: int) -> TextExample:
     return TextExample(prompt, completion)
 
 
-def _plain_lookup(rng, hist, live, style, budget, questions, max_tokens, max_vars=3) -> TextExample:
-    """1 to `max_vars` variables' current values, one line each in the store's style, and "what is <name> now?".
+# The plain drills' mix (`_plain_lookup`) and the days their histories span (a 1000-event ledger's are 0-125).
+PLAIN_DRILLS = {"now": 0.5, "sum": 0.2, "at": 0.2, "absent": 0.1}
+_DRILL_DAYS = 150
 
-    One variable alone (two examples in five at `max_vars` = 3, else 1 in `max_vars`) can be answered by copying
-    the only value there; with more, only by matching the name. One question in five asks about a variable of the
-    ledger absent from the lines.
+
+def _plain_lookup(
+    rng, hist, live, style, budget, questions, max_tokens, max_vars=3, drills=PLAIN_DRILLS
+) -> TextExample:
+    """A short drill in a store's line style: 1 to `max_vars` variables, each with a history of one to three values
+    (or a drop), and questions of every ledger form about them.
+
+    The four drills (`drills`: name -> probability) are the store-shaped questions' steps in isolation: "now" (the
+    current value: copy the only value, match the name among several, take the latest of a variable's lines),
+    "sum" (two variables' current values and their sum), "at" (the value on an earlier day: the last line on or
+    before it) and "absent" (a variable of the ledger not in the lines, or dropped: "unknown"). Stores that keep
+    only current values (the fact store, core lines) show one line per variable. One variable with one value
+    (`max_vars` = 1, the curriculum's first stage) can be answered by copying the only value there.
     """
-    if max_vars == 3:
-        n = 1 + int(rng.choice(3, p=[0.4, 0.35, 0.25]))
+    if max_vars == 1:
+        n, kind = 1, "now"
     else:
-        n = 1 + int(rng.integers(max_vars))
+        kind = str(rng.choice(list(drills), p=np.asarray(list(drills.values())) / sum(drills.values())))
+        n = 1 + int(rng.integers(max_vars)) if max_vars != 3 else 1 + int(rng.choice(3, p=[0.4, 0.35, 0.25]))
+        if kind == "sum":
+            n = max(n, 2)
+    if kind == "at" and style not in (0, 2):
+        style = int(rng.choice([0, 2]))  # only utterances and validity intervals tell an earlier day's value
     keys = [live[int(j)] for j in rng.permutation(len(live))[:n]]
+    if len(keys) < n:  # a ledger with fewer live variables: fresh names
+        keys += [k for k in _names(rng, n + len(hist)) if k not in hist][: n - len(keys)]
+    histories = {}  # key -> [(day, value or None for a drop)], days increasing
+    for j, k in enumerate(keys):
+        m = 1 if max_vars == 1 else 1 + int(rng.choice(3, p=[0.45, 0.35, 0.2]))
+        if kind == "at" and j == 0:
+            m = max(m, 2)
+        days = np.sort(rng.choice(_DRILL_DAYS, size=m, replace=False))
+        h = [(int(d), int(rng.integers(100))) for d in days]
+        if max_vars > 1 and kind != "at" and m > 1 and rng.random() < 0.1:
+            h[-1] = (h[-1][0], None)  # dropped
+        histories[k] = h
+    absent = [k for k in hist if k not in histories]
+
+    def ask(kind):
+        if kind == "sum" and len(keys) > 1:
+            a, b = (keys[int(j)] for j in rng.permutation(len(keys))[:2])
+            return f"what is {a} plus {b} now?"
+        if kind == "at":
+            k = keys[0] if len(histories[keys[0]]) > 1 else keys[int(rng.integers(len(keys)))]
+            h = histories[k]
+            hi = h[-1][0] if len(h) > 1 else h[0][0] + 10
+            return f"what was {k} on day {int(rng.integers(h[0][0], hi))}?"
+        if kind == "absent" and absent:
+            return f"what is {absent[int(rng.integers(len(absent)))]} now?"
+        return f"what is {keys[int(rng.integers(len(keys)))]} now?"
+
+    first = ask(kind)
+    asked = set(asked_names(first))
+
     items = []
-    for n, k in enumerate(keys):
-        vf, _, v, t = hist[k][-1]
+    for k, h in histories.items():
+        score = 1.0 if k in asked else 0.5  # the first question's lines ranked first: the budget cuts the others
         if style == 0:
-            items.append(Item(n + 1, f"set {k} to {v}.", 1.0, t, "event"))
-        elif style == 3:
-            items.append(Item(0, f"{k} = {v}", 2.0, 0.0, "core"))
-        else:
-            items.append(Item(n + 1, f"{k} = {v}", 1.0, t, "fact", k, vf, None))
-    absent = [k for k in hist if k not in keys] if max_vars > 1 else []
-    qs = []
-    for k in keys[int(rng.integers(len(keys))) :] + keys:
-        if absent and rng.random() < 0.2:
-            qs.append(f"what is {absent[int(rng.integers(len(absent)))]} now?")
-        qs.append(f"what is {k} now?")
-    return _example(render_context(items, budget), qs[: max(1, int(questions))], max_tokens)
+            for i, (d, v) in enumerate(h):
+                text = f"drop {k}." if v is None else (f"set {k} to {v}." if i == 0 else f"change {k} to {v}.")
+                items.append(Item(len(items) + 1, text, score, float(d), "event"))
+        elif style == 2:
+            for i, (d, v) in enumerate(h):
+                if v is not None:
+                    end = None if i + 1 == len(h) else float(h[i + 1][0])
+                    items.append(Item(len(items) + 1, f"{k} = {v}", score, float(d), "fact", k, float(d), end))
+        elif h[-1][1] is not None:  # current values only
+            d, v = h[-1]
+            if style == 3:
+                items.append(Item(0, f"{k} = {v}", 2.0, 0.0, "core"))
+            else:
+                items.append(Item(len(items) + 1, f"{k} = {v}", score, float(d), "fact", k, float(d), None))
+    more = {k: w for k, w in drills.items() if k != "at" or style in (0, 2)}  # core lines have no days
+    p = np.asarray(list(more.values())) / sum(more.values())
+    qs = [first] + [ask(str(rng.choice(list(more), p=p))) for _ in range(int(questions) - 1)]
+    return _example(render_context(items, budget), qs, max_tokens)
 
 
 def _example_at(stream_seed: int, index: int, *, curriculum: tuple[int, int] = (0, 0), **kw) -> TextExample:
