@@ -28,10 +28,19 @@ def test_reading_examples_are_exact_and_deterministic():
     assert exs == [source.example(7, i) for i in range(60)]
     lines = ["day 1: set kobu to 12.", "lima = 7 (day 2-now)"]
     assert [answerer.worked_answer(q, lines) for q in ("what is kobu plus lima now?", "what was kobu on day 3?")] == [
-        "kobu + lima = 12 + 7 = 19",
+        "kobu + lima = 12 + 7: 2+7=9, 1+0+0=1 = 19",
         "kobu on day 3 = 12",
     ]
     assert answerer.worked_answer("what is kobu plus pato now?", lines) == "kobu + pato = 12 + unknown = unknown"
+    # Sums are written in columns, units first, each column with the carry; the total is the last field.
+    assert [answerer.column_sum(a, b) for a, b in ((58, 26), (3, 99), (0, 0))] == [
+        "8+6=14, 5+2+1=8",
+        "3+9=12, 0+9+1=10",
+        "0+0=0",
+    ]
+    for a, b in np.random.default_rng(0).integers(0, 100, (50, 2)):
+        ls = [f"day 1: set kobu to {a}.", f"day 2: set lima to {b}."]
+        assert answerer.final_answer(answerer.worked_answer("what is kobu plus lima now?", ls)) == str(a + b)
     for ex in exs:
         assert ex.prompt.endswith("A:") and ex.completion.startswith(" ")
         lines, qa = _split(ex.prompt + ex.completion)
@@ -153,7 +162,7 @@ def _variables(lines: list[str]) -> set[str]:
 
 
 def test_plain_drills_ask_every_form_and_the_latest_value_wins():
-    source = answerer.reading_source(128, curriculum=(0, 600))  # plain drills only
+    source = answerer.reading_source(128, easy=1.0)  # plain drills only
     kinds, multi, first_at = set(), 0, []
     for i in range(600):
         ex = source.example(3, i)
@@ -169,9 +178,11 @@ def test_plain_drills_ask_every_form_and_the_latest_value_wins():
     assert multi > 50
     # The "as of" drill asks a day inside the variable's history: the answer is a value, never "unknown".
     assert first_at and not any(a.endswith("unknown") for a in first_at)
-    # The curriculum's first stage: one variable, one value.
-    one = answerer.reading_source(128, curriculum=(50, 50))
-    assert all(len(_split(one.example(3, i).prompt + " x\n")[0]) == 1 for i in range(50))
+    # The curriculum: one variable with one value, then lookups among variables with one value each.
+    staged = answerer.reading_source(128, curriculum=(50, 100))
+    contexts = [_split(staged.example(3, i).prompt + " x\n")[0] for i in range(100)]
+    assert all(len(c) == 1 for c in contexts[:50])
+    assert all(len(c) == len(_variables(c)) for c in contexts[50:]) and max(map(len, contexts[50:])) == 3
 
 
 def test_lookup_probe_asks_for_the_asked_variables_value(tiny_lm):
@@ -211,7 +222,7 @@ def test_training_batches_weight_the_answer_and_the_dialogue():
     # several, it holds exactly the answers.
     one = answerer.reading_source(64, (config.task.min_events, config.task.max_events), questions=1)
     for pack in (False, True):
-        kw = dict(seed=0, batch_size=4, seq_len=160, pack=pack, num_batches=1)
+        kw = dict(seed=0, batch_size=4, seq_len=176, pack=pack, num_batches=1)
         done, everything = (
             data.make_text_dataset(one, "text", **kw)[0],
             data.make_text_dataset(one, "text", loss_on="all", **kw)[0],
@@ -219,7 +230,7 @@ def test_training_batches_weight_the_answer_and_the_dialogue():
         got = answerer.answer_mask(everything["tokens"], everything.get("segment_ids"))
         np.testing.assert_array_equal(got, done["loss_mask"])
         assert got.sum() >= 4 * 3
-    rows = data.make_text_dataset(source, "text", seed=0, batch_size=4, seq_len=160, loss_on="all", num_batches=1)[0]
+    rows = data.make_text_dataset(source, "text", seed=0, batch_size=4, seq_len=176, loss_on="all", num_batches=1)[0]
     got = answerer.answer_mask(rows["tokens"])
     for b in range(4):
         text = TEXT_TOKENIZER.decode(rows["tokens"][b][rows["tokens"][b] > 2])

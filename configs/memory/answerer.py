@@ -4,7 +4,7 @@ COMMAND: .venv/bin/python -m scripts.launch --config=configs/memory/answerer.py 
   (variants after a colon: `answerer.py:steps=1600,budget=96,curriculum2=1000,context_weight=0.1,lengths=10/100,
   seeds=0`; `steps=0` runs the study with the rule reader only; scripts/reproduce/memory.py wraps this and prints
   the tables)
-RUNTIME: ~0.12-0.3 s per step for the 4-layer tiny answerer (seq_len 192, packed batches of 16) on a 2-core CPU;
+RUNTIME: ~0.12-0.3 s per step for the 4-layer tiny answerer (seq_len 208, packed batches of 16) on a 2-core CPU;
   the default 6000 steps and the study (6 lengths x 2 seeds x 9 stores, 20 questions per ability) ~25-40 min.
 EXPECT: (docs/results/memory.md) with the curriculum (one-variable lookups to step 500, plain lookups of one to
   three variables to 3000, then the mix) and the whole dialogue in the loss, the answerer copies a lone value by
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None):
     )
     config = common.lm_experiment(size=args.size)
     config.experiment = "memory"
-    seq_len = args.budget + 96  # the longest example: context, a sum question and its worked answer
+    seq_len = args.budget + 112  # the longest example: context, a sum question and its worked (column) answer
     config.model.update(vocab_size=100, max_seq_len=seq_len)
     if args.layers:
         config.model.n_layers = args.layers

@@ -18,9 +18,10 @@ intervals as the temporal store, core lines plus utterances as MemGPT), built wi
 cheap; the target is what the context supports (`harness.rule_reader`), so the model learns to read, not to
 guess: when the asked variable is absent the target is "unknown". A training example may ask up to three
 questions of one context ("Q: ...\nA: ...\n" after the first answer): more lookups per token read. A share of
-plain lookups (one to three variables, one line each) and a curriculum over the stream (one-variable lookups
-first, then plain lookups, then the mix) give the model the copy, then the name match, before the store-shaped
-questions. It trains through the one loop as a `loop.Task` (`experiments.memory.make_task`).
+short drills of every question form (`_plain_lookup`: current values among updates, sums, "as of" days, absent
+variables) and a curriculum over the stream (one-variable lookups first, then lookups among variables with one
+value each, then the mix) give the model the copy, then the name match, before the rest. It trains through the
+one loop as a `loop.Task` (`experiments.memory.make_task`).
 
 `LMReader(params, cfg, decision=...)` is a harness reader: `reader(question, lines)` or
 `reader.answer_batch(pairs)` (one `generate` call per batch, stopping at EOS or the newline), greedy or by the
@@ -56,6 +57,7 @@ __all__ = [
     "LMReader",
     "NoUnknown",
     "answer_mask",
+    "column_sum",
     "final_answer",
     "format_prompt",
     "lookup_probe",
@@ -78,21 +80,40 @@ def format_prompt(question: str, lines: Sequence[str]) -> str:
 def worked_answer(question: str, lines: Sequence[str]) -> str:
     """What the answerer writes after "A:": the asked names restated with the values the lines give, then the answer.
 
-    "kobu = 40", "kobu on day 4 = 12", "kobu + lima = 40 + 7 = 47" ("unknown" for a value the lines lack; a sum
-    with an unknown term is unknown). Restating the name first turns the lookup into a copy: having written
+    "kobu = 40", "kobu on day 4 = 12", "kobu + lima = 48 + 7: 8+7=15, 4+0+1=5 = 55" ("unknown" for a value the
+    lines lack; a sum with an unknown term is unknown; a sum is added in columns, `column_sum`). Restating the
+    name first turns the lookup into a copy: having written
     "kobu = ", the model finds "kobu" in the context and copies what follows it (an induction-style match), instead
     of carrying the name from the question to the answer in one step. The answer is the last field
     (`final_answer`), always what `harness.rule_reader` reads from the same lines.
     """
     if m := _Q_SUM.match(question):
         a, b = (_lookup(lines, m.group(i), None) for i in (1, 2))
-        total = UNKNOWN if a is None or b is None else str(a + b)
-        return f"{m.group(1)} + {m.group(2)} = {_show(a)} + {_show(b)} = {total}"
+        head = f"{m.group(1)} + {m.group(2)} = {_show(a)} + {_show(b)}"
+        return f"{head} = {UNKNOWN}" if a is None or b is None else f"{head}: {column_sum(a, b)} = {a + b}"
     if m := _Q_NOW.match(question):
         return f"{m.group(1)} = {_show(_lookup(lines, m.group(1), None))}"
     if m := _Q_AT.match(question):
         return f"{m.group(1)} on day {m.group(2)} = {_show(_lookup(lines, m.group(1), float(m.group(2))))}"
     raise ValueError(f"question = {question!r}; expected one of the ledger question forms")
+
+
+def column_sum(a: int, b: int) -> str:
+    """Written addition, units first: "8+6=14, 5+2+1=8" for 58 + 26 (each column's digits plus the carry, 0 or 1).
+
+    Each step is a one-digit sum of digits the model copies from fixed places (the numbers' last digits, the
+    previous column's carry); the total is then the last column's sum followed by the other columns' units.
+    """
+    if a < 0 or b < 0:
+        raise ValueError(f"column_sum({a}, {b}): expected non-negative ledger values")
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        x, y = (int(d[i]) if i < len(d) else 0 for d in (xs, ys))
+        total = x + y + carry
+        steps.append(f"{x}+{y}={total}" if i == 0 else f"{x}+{y}+{carry}={total}")
+        carry = total // 10
+    return ", ".join(steps)
 
 
 def _show(v: int | None) -> str:
@@ -152,6 +173,7 @@ def reading_example(
     easy: float = 0.5,
     max_tokens: int = 0,
     max_vars: int = 3,
+    drills: dict | None = None,
 ) -> TextExample:
     """One training example: a random ledger, a store-shaped context and 1 to `questions` questions read from it.
 
@@ -161,7 +183,7 @@ def reading_example(
     supports (`rule_reader`); values are uniform, so the lookup is the only way to predict a number. The first
     question is the one the context was retrieved for; the others (asked while the example fits `max_tokens`)
     read the same lines, adding answer targets at little cost. A fraction `easy` of the examples are plain
-    lookups (`_plain_lookup`): the steps the store-shaped questions build on.
+    drills (`_plain_lookup`, of the forms in `drills`): the steps the store-shaped questions build on.
     """
     rng = np.random.default_rng(seed)
     ledger = make_ledger(
@@ -171,7 +193,7 @@ def reading_example(
     hist = _intervals(ledger.events)
     live = sorted(k for k, h in hist.items() if h and h[-1][1] is None)
     if rng.random() < easy and live:
-        return _plain_lookup(rng, hist, live, style, budget, questions, max_tokens, max_vars)
+        return _plain_lookup(rng, hist, live, style, budget, questions, max_tokens, max_vars, drills or PLAIN_DRILLS)
     # Abstention questions at a lower weight, or "unknown" would be near half the targets.
     weights = np.array([0.4 if q.ability == "abstention" else 1.0 for q in ledger.questions])
     order = rng.choice(len(weights), size=len(weights), replace=False, p=weights / weights.sum())
@@ -223,8 +245,10 @@ def _example(lines: list[str], qs: list[str], max_tokens: int) -> TextExample:
     return TextExample(prompt, completion)
 
 
-# The plain drills' mix (`_plain_lookup`) and the days their histories span (a 1000-event ledger's are 0-125).
+# The plain drills' mix (`_plain_lookup`), the curriculum's lookup stage (one value per variable: match the name)
+# and the days the drills' histories span (a 1000-event ledger's are 0-125).
 PLAIN_DRILLS = {"now": 0.5, "sum": 0.2, "at": 0.2, "absent": 0.1}
+LOOKUP_DRILLS = {"now": 0.85, "absent": 0.15}
 _DRILL_DAYS = 150
 
 
@@ -255,7 +279,7 @@ def _plain_lookup(
         keys += [k for k in _names(rng, n + len(hist)) if k not in hist][: n - len(keys)]
     histories = {}  # key -> [(day, value or None for a drop)], days increasing
     for j, k in enumerate(keys):
-        m = 1 if max_vars == 1 else 1 + int(rng.choice(3, p=[0.45, 0.35, 0.2]))
+        m = 1 if max_vars == 1 or set(drills) <= {"now", "absent"} else 1 + int(rng.choice(3, p=[0.45, 0.35, 0.2]))
         if kind == "at" and j == 0:
             m = max(m, 2)
         days = np.sort(rng.choice(_DRILL_DAYS, size=m, replace=False))
@@ -307,7 +331,7 @@ def _plain_lookup(
 
 def _example_at(stream_seed: int, index: int, *, curriculum: tuple[int, int] = (0, 0), **kw) -> TextExample:
     if index < curriculum[1]:  # the early stream: plain lookups only, one variable alone at first
-        kw.update(easy=1.0, max_vars=1 if index < curriculum[0] else kw.get("max_vars", 3))
+        kw.update(easy=1.0, max_vars=1 if index < curriculum[0] else kw.get("max_vars", 3), drills=LOOKUP_DRILLS)
     return reading_example(int(np.random.SeedSequence([stream_seed, index]).generate_state(1)[0]), **kw)
 
 
@@ -322,8 +346,8 @@ def reading_source(
     """The answerer's training stream (see `reading_example`); `budget` bounds the context's tokens.
 
     `curriculum=(a, b)`: examples before index a are one-variable lookups (copy the only value), before index b
-    plain lookups of one to `max_vars` variables (match the name), then the mix. `curriculum_indices` converts
-    steps.
+    lookups among one to `max_vars` variables with one value each (`LOOKUP_DRILLS`: match the name), then the mix
+    (drills of every form, `PLAIN_DRILLS`, and store-shaped contexts). `curriculum_indices` converts steps.
     """
     if int(budget) <= 0 or not 1 <= events[0] <= events[1] or int(questions) < 1 or not 0.0 <= easy <= 1.0:
         raise ValueError(
@@ -335,7 +359,7 @@ def reading_source(
     if isinstance(max_vars, bool) or int(max_vars) < 1:
         raise ValueError(f"max_vars = {max_vars!r}; expected >= 1 (variables in a plain lookup)")
     longest_q = len("Q: what is abababab plus abababab now?\nA:")
-    longest_a = len(" abababab + abababab = unknown + unknown = unknown\n")
+    longest_a = ANSWER_TOKENS
     max_tokens = 1 + int(budget) + longest_q + longest_a + 1
     return TextSource(
         functools.partial(
@@ -351,11 +375,13 @@ def reading_source(
         name="ledger_reading",
         min_tokens=MIN_TOKENS,
         max_tokens=max_tokens,
-        hint=" (the answerer needs seq_len >= budget + 96)",
+        hint=" (the answerer needs seq_len >= budget + 112)",
     )
 
 
 MIN_TOKENS = 16
+# The longest worked answer (a sum of two 8-letter names' two-digit values) with its leading space and newline.
+ANSWER_TOKENS = len(f" abababab + abababab = 99 + 99: {column_sum(99, 99)} = 198\n")
 
 
 def curriculum_indices(steps: tuple[int, int], batch_size: int, seq_len: int, pack: bool) -> tuple[int, int]:
@@ -475,7 +501,7 @@ class LMReader:
         params,
         cfg,
         *,
-        max_new_tokens: int = 48,
+        max_new_tokens: int = ANSWER_TOKENS,
         batch_size: int = 32,
         decision: str = "greedy",
         tokenizer=TEXT_TOKENIZER,
