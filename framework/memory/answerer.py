@@ -250,26 +250,33 @@ def _example(lines: list[str], qs: list[str], max_tokens: int) -> TextExample:
 PLAIN_DRILLS = {"now": 0.5, "sum": 0.2, "at": 0.2, "absent": 0.1}
 LOOKUP_DRILLS = {"now": 0.85, "absent": 0.15}
 _DRILL_DAYS = 150
+_DRILL_VARS = (0.1, 0.2, 0.25, 0.25, 0.2)  # P(1..5 variables in a drill): the asked one among distractors
 
 
 def _plain_lookup(
     rng, hist, live, style, budget, questions, max_tokens, max_vars=3, drills=PLAIN_DRILLS
 ) -> TextExample:
-    """A short drill in a store's line style: 1 to `max_vars` variables, each with a history of one to three values
-    (or a drop), and questions of every ledger form about them.
+    """A short drill in a store's line style: one to five variables, each with a history of one to three values
+    (or a drop), and questions of every ledger form about them; the budget keeps the first question's lines.
 
     The four drills (`drills`: name -> probability) are the store-shaped questions' steps in isolation: "now" (the
     current value: copy the only value, match the name among several, take the latest of a variable's lines),
     "sum" (two variables' current values and their sum), "at" (the value on an earlier day: the last line on or
     before it) and "absent" (a variable of the ledger not in the lines, or dropped: "unknown"). Stores that keep
-    only current values (the fact store, core lines) show one line per variable. One variable with one value
-    (`max_vars` = 1, the curriculum's first stage) can be answered by copying the only value there.
+    only current values (the fact store, core lines) show one line per variable. With `drills` of "now" and
+    "absent" only (`LOOKUP_DRILLS`, the curriculum's second stage) every variable has one value, 1 to `max_vars`
+    of them; one variable with one value (`max_vars` = 1, the first stage) is answered by copying the only value.
     """
     if max_vars == 1:
         n, kind = 1, "now"
     else:
         kind = str(rng.choice(list(drills), p=np.asarray(list(drills.values())) / sum(drills.values())))
-        n = 1 + int(rng.integers(max_vars)) if max_vars != 3 else 1 + int(rng.choice(3, p=[0.4, 0.35, 0.25]))
+        if set(drills) > {"now", "absent"}:  # the drills: as many variables as a store's context shows
+            n = 1 + int(rng.choice(len(_DRILL_VARS), p=_DRILL_VARS))
+        elif max_vars == 3:
+            n = 1 + int(rng.choice(3, p=[0.4, 0.35, 0.25]))
+        else:
+            n = 1 + int(rng.integers(max_vars))
         if kind == "sum":
             n = max(n, 2)
     if kind == "at" and style not in (0, 2):
