@@ -18,7 +18,7 @@ intervals as the temporal store, core lines plus utterances as MemGPT), built wi
 cheap; the target is what the context supports (`harness.rule_reader`), so the model learns to read, not to
 guess: when the asked variable is absent the target is "unknown". A training example may ask up to three
 questions of one context ("Q: ...\nA: ...\n" after the first answer): more lookups per token read. A share of
-short drills of every question form (`_plain_lookup`: current values among updates, sums, "as of" days, absent
+short drills of every question form (`_drill`: current values among updates, sums, "as of" days, absent
 variables) and a curriculum over the stream (one-variable lookups first, then lookups among variables with one
 value each, then the mix) give the model the copy, then the name match, before the rest. It trains through the
 one loop as a `loop.Task` (`experiments.memory.make_task`).
@@ -183,7 +183,7 @@ def reading_example(
     supports (`rule_reader`); values are uniform, so the lookup is the only way to predict a number. The first
     question is the one the context was retrieved for; the others (asked while the example fits `max_tokens`)
     read the same lines, adding answer targets at little cost. A fraction `easy` of the examples are plain
-    drills (`_plain_lookup`, of the forms in `drills`): the steps the store-shaped questions build on.
+    drills (`_drill`, of the forms in `drills`): the steps the store-shaped questions build on.
     """
     rng = np.random.default_rng(seed)
     ledger = make_ledger(
@@ -193,7 +193,7 @@ def reading_example(
     hist = _intervals(ledger.events)
     live = sorted(k for k, h in hist.items() if h and h[-1][1] is None)
     if rng.random() < easy and live:
-        return _plain_lookup(rng, hist, live, style, budget, questions, max_tokens, max_vars, drills or PLAIN_DRILLS)
+        return _drill(rng, hist, live, style, budget, questions, max_tokens, max_vars, drills or PLAIN_DRILLS)
     # Abstention questions at a lower weight, or "unknown" would be near half the targets.
     weights = np.array([0.4 if q.ability == "abstention" else 1.0 for q in ledger.questions])
     order = rng.choice(len(weights), size=len(weights), replace=False, p=weights / weights.sum())
@@ -245,7 +245,7 @@ def _example(lines: list[str], qs: list[str], max_tokens: int) -> TextExample:
     return TextExample(prompt, completion)
 
 
-# The plain drills' mix (`_plain_lookup`), the curriculum's lookup stage (one value per variable: match the name)
+# The drills' mix (`_drill`), the curriculum's lookup stage (one value per variable: match the name)
 # and the days the drills' histories span (a 1000-event ledger's are 0-125).
 PLAIN_DRILLS = {"now": 0.5, "sum": 0.2, "at": 0.2, "absent": 0.1}
 LOOKUP_DRILLS = {"now": 0.85, "absent": 0.15}
@@ -253,9 +253,7 @@ _DRILL_DAYS = 150
 _DRILL_VARS = (0.1, 0.2, 0.25, 0.25, 0.2)  # P(1..5 variables in a drill): the asked one among distractors
 
 
-def _plain_lookup(
-    rng, hist, live, style, budget, questions, max_tokens, max_vars=3, drills=PLAIN_DRILLS
-) -> TextExample:
+def _drill(rng, hist, live, style, budget, questions, max_tokens, max_vars=3, drills=PLAIN_DRILLS) -> TextExample:
     """A short drill in a store's line style: one to five variables, each with a history of one to three values
     (or a drop), and questions of every ledger form about them; the budget keeps the first question's lines.
 
@@ -267,11 +265,12 @@ def _plain_lookup(
     "absent" only (`LOOKUP_DRILLS`, the curriculum's second stage) every variable has one value, 1 to `max_vars`
     of them; one variable with one value (`max_vars` = 1, the first stage) is answered by copying the only value.
     """
+    lookups = set(drills) <= {"now", "absent"}  # the curriculum's lookup stage: one value per variable
     if max_vars == 1:
         n, kind = 1, "now"
     else:
         kind = str(rng.choice(list(drills), p=np.asarray(list(drills.values())) / sum(drills.values())))
-        if set(drills) > {"now", "absent"}:  # the drills: as many variables as a store's context shows
+        if not lookups:  # the drills: as many variables as a store's context shows
             n = 1 + int(rng.choice(len(_DRILL_VARS), p=_DRILL_VARS))
         elif max_vars == 3:
             n = 1 + int(rng.choice(3, p=[0.4, 0.35, 0.25]))
@@ -286,7 +285,7 @@ def _plain_lookup(
         keys += [k for k in _names(rng, n + len(hist)) if k not in hist][: n - len(keys)]
     histories = {}  # key -> [(day, value or None for a drop)], days increasing
     for j, k in enumerate(keys):
-        m = 1 if max_vars == 1 or set(drills) <= {"now", "absent"} else 1 + int(rng.choice(3, p=[0.45, 0.35, 0.2]))
+        m = 1 if max_vars == 1 or lookups else 1 + int(rng.choice(3, p=[0.45, 0.35, 0.2]))
         if kind == "at" and j == 0:
             m = max(m, 2)
         days = np.sort(rng.choice(_DRILL_DAYS, size=m, replace=False))
