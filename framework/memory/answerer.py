@@ -82,9 +82,9 @@ def worked_answer(question: str, lines: Sequence[str]) -> str:
 
     "kobu = 40", "kobu on day 4 = 12", "kobu + lima = 48 + 7: 8+7=15, 4+0+1=5 = 55" ("unknown" for a value the
     lines lack; a sum with an unknown term is unknown; a sum is added in columns, `column_sum`). Restating the
-    name first turns the lookup into a copy: having written
-    "kobu = ", the model finds "kobu" in the context and copies what follows it (an induction-style match), instead
-    of carrying the name from the question to the answer in one step. The answer is the last field
+    name first turns the lookup into a copy: having written "kobu = ", the model finds "kobu" in the context and
+    copies what follows it (an induction-style match), instead of carrying the name from the question to the
+    answer in one step. The answer is the last field
     (`final_answer`), always what `harness.rule_reader` reads from the same lines.
     """
     if m := _Q_SUM.match(question):
@@ -336,7 +336,7 @@ def _drill(rng, hist, live, style, budget, questions, max_tokens, max_vars=3, dr
 
 
 def _example_at(stream_seed: int, index: int, *, curriculum: tuple[int, int] = (0, 0), **kw) -> TextExample:
-    if index < curriculum[1]:  # the early stream: plain lookups only, one variable alone at first
+    if index < curriculum[1]:  # the early stream: lookups only, one variable alone at first
         kw.update(easy=1.0, max_vars=1 if index < curriculum[0] else kw.get("max_vars", 3), drills=LOOKUP_DRILLS)
     return reading_example(int(np.random.SeedSequence([stream_seed, index]).generate_state(1)[0]), **kw)
 
@@ -386,7 +386,8 @@ def reading_source(
 
 
 MIN_TOKENS = 16
-# The longest worked answer (a sum of two 8-letter names' two-digit values) with its leading space and newline.
+# The longest worked answer (a sum of two 8-letter names' two-digit values) with its leading space and newline, in
+# tokens of the text tokenizer (one per character).
 ANSWER_TOKENS = len(f" abababab + abababab = 99 + 99: {column_sum(99, 99)} = 198\n")
 
 
