@@ -202,3 +202,59 @@ def test_generate_rejects_bad_cache_arguments(model):
         generate(params, cfg, prompts, max_new_tokens=2, kv_dtype="fp8")
     with pytest.raises(ValueError, match="page_size"):
         generate(params, cfg, prompts, max_new_tokens=2, kv_layout="paged", page_size=0)
+
+
+# ------------------------------------------------------------------------------------------- short convolution
+
+
+@pytest.fixture(scope="module")
+def conv_model(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, short_conv=4)
+    params = jax.tree.map(lambda x: 3.0 * x, lm.init(cfg, jax.random.key(0)))
+    taps = params["layers"]["conv"]["taps"]
+    params["layers"]["conv"]["taps"] = 0.5 * jax.random.normal(jax.random.key(1), taps.shape)
+    return cfg, params
+
+
+@pytest.mark.parametrize("layout,dtype", [("dense", "float32"), ("dense", "int8"), ("paged", "float32")])
+def test_short_conv_prefill_chunks_and_decode_equal_full_forward(conv_model, layout, dtype):
+    cfg, params = conv_model
+    B, T, S = 2, 12, 16
+    tokens = jnp.asarray(np.random.RandomState(1).randint(3, cfg.vocab_size, size=(B, T)), jnp.int32)
+    full = lm.forward(params, tokens, cfg).logits
+    if layout == "dense":
+        cache = kv_cache.init_cache(cfg, B, S, dtype)
+    else:
+        cache = _paged_cache_with_scrambled_pool(cfg, B, S, dtype, 4, [T] * B)
+    assert cache.layers.conv.shape[-1] == cfg.d_model
+    atol = ATOL if dtype == "float32" else 5e-2
+    fwd = jax.jit(lm.forward, static_argnames=("cfg",))
+    # two prefill chunks (the second reads the first's last positions through the cache), then one token at a time
+    for lo, hi in [(0, 3), (3, 7)] + [(t, t + 1) for t in range(7, T)]:
+        pos = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (B, hi - lo))
+        out = fwd(params, tokens[:, lo:hi], cfg, positions_BT=pos, kv_cache=cache)
+        cache = out.kv_cache
+        np.testing.assert_allclose(out.logits, full[:, lo:hi], atol=atol, rtol=0, err_msg=f"positions {lo}..{hi}")
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(kv_layout="dense"), dict(kv_layout="paged", page_size=4)], ids=["dense", "paged4"]
+)
+def test_short_conv_generation_equals_reference(conv_model, kwargs):
+    cfg, params = conv_model
+    prompts = _prompts(cfg, LENS)  # ragged: the decode steps overwrite the padded prefill's slots
+    out = generate(params, cfg, prompts, max_new_tokens=N, stop_tokens=(), **kwargs)
+    ref = reference_generate(params, cfg, prompts, max_new_tokens=N, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=ATOL, rtol=0)
+
+
+def test_short_conv_needs_a_cache_built_for_it(conv_model, tiny_cfg):
+    cfg, params = conv_model
+    assert (
+        kv_cache.kv_cache_bytes(cfg, 2, 16, "float32")
+        == kv_cache.kv_cache_bytes(tiny_cfg, 2, 16, "float32") + 4 * cfg.n_layers * 2 * 16 * cfg.d_model
+    )
+    plain = kv_cache.init_cache(tiny_cfg, 1, 8)
+    with pytest.raises(ValueError, match="short_conv=4 needs a KV cache with its conv buffer"):
+        lm.forward(params, jnp.ones((1, 2), jnp.int32), cfg, kv_cache=plain)

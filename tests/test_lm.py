@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from framework.inference import kv_cache
-from framework.models import lm
+from framework.models import hf_families, lm
 
 ATOL = 1e-5  # fp32 paths that differ only in summation order / program structure
 
@@ -357,6 +357,9 @@ def test_logical_axes_mirror_the_params_tree(model):
         (dict(param_dtype="int8"), r"model\.param_dtype must be one of"),
         (dict(attention_impl="flash"), r"model\.attention_impl 'flash'"),
         (dict(pad_id=24), r"special token ids \[24\] are outside \[0, model\.vocab_size=24\)"),
+        (dict(short_conv=1), r"model\.short_conv must be 0 \(none\) or an int >= 2"),
+        (dict(short_conv=-2), r"model\.short_conv must be 0"),
+        (dict(short_conv=True), r"model\.short_conv must be 0"),
     ],
 )
 def test_lmconfig_validation_names_the_field(tiny_cfg, changes, match):
@@ -517,3 +520,42 @@ def test_unstacked_layers_equal_the_scan(model):
     np.testing.assert_allclose(kv_cache.stack(c_flat.kv_cache).layers.k, c_stacked.kv_cache.layers.k, atol=ATOL)
     with pytest.raises(ValueError, match="disagree on the layer layout"):
         lm.forward(flat, tokens, cfg, kv_cache=cache)
+
+
+# ------------------------------------------------------------------------------------------- short convolution
+
+
+def _with_random_taps(cfg, seed=0):
+    params = lm.init(cfg, jax.random.key(seed))
+    taps = params["layers"]["conv"]["taps"]
+    params["layers"]["conv"]["taps"] = 0.5 * jax.random.normal(jax.random.key(seed + 1), taps.shape)
+    return params
+
+
+def test_short_conv_starts_as_the_plain_block_and_reads_only_its_own_sequence(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, short_conv=3)
+    plain = lm.init(tiny_cfg, jax.random.key(0))
+    params = lm.init(cfg, jax.random.key(0))
+    taps = params["layers"]["conv"]["taps"]
+    assert taps.shape == (cfg.n_layers, 3, cfg.d_model) and not np.asarray(taps).any()
+    assert lm.logical_axes(cfg)["layers"]["conv"]["taps"] == P("layers", None, "embed")
+    with pytest.raises(ValueError, match="cannot express model.short_conv=3"):  # no HF family has it
+        hf_families.lm_config_to_hf_config(cfg)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, size=(2, 10)), jnp.int32)
+    # zero taps (the init): exactly the plain model
+    same = {**plain, "layers": {**plain["layers"], "conv": {"taps": taps}}}
+    np.testing.assert_array_equal(lm.apply(same, tokens, cfg), lm.apply(plain, tokens, tiny_cfg))
+    # random taps: a packed row (two segments, positions restarting) equals each sequence alone, and the taps change
+    # the logits (they are read at all)
+    params = _with_random_taps(cfg)
+    a, b = tokens[0, :4], tokens[1, :6]
+    row = jnp.concatenate([a, b])[None]
+    seg = jnp.asarray([[0] * 4 + [1] * 6])
+    pos = jnp.asarray([list(range(4)) + list(range(6))])
+    packed = lm.forward(params, row, cfg, segment_ids_BT=seg, positions_BT=pos).logits[0]
+    np.testing.assert_allclose(packed[:4], lm.apply(params, a[None], cfg)[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(packed[4:], lm.apply(params, b[None], cfg)[0], atol=1e-5, rtol=0)
+    assert np.abs(np.asarray(lm.apply(params, tokens, cfg) - lm.apply(same, tokens, cfg))).max() > 1e-4  # noise: 1e-7
+    # causal: a later token never changes an earlier position's logits
+    changed = tokens.at[:, 6].set((tokens[:, 6] + 1 - 3) % (cfg.vocab_size - 3) + 3)
+    np.testing.assert_array_equal(lm.apply(params, changed, cfg)[:, :6], lm.apply(params, tokens, cfg)[:, :6])

@@ -44,6 +44,7 @@ def get_config(arg: str | None = None):
         curriculum2=3000,
         max_vars=3,
         context_weight=1.0,
+        short_conv=4,
     )
     config = common.lm_experiment(size=args.size)
     config.experiment = "memory"
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None):
         config.model.n_layers = args.layers
     config.model.tokenizer = "text"
     config.model.n_kv_heads = config.model.n_heads  # every head its own keys: the name match is a per-head lookup
+    config.model.short_conv = args.short_conv  # names are several characters: a key carrying the last four matches
     del config.task
     del config.eval
     config.task = dict(

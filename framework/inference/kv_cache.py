@@ -7,6 +7,9 @@ A cache is a pytree (`KVCache`) the model threads through `lm.forward(..., kv_ca
 - `layers`: the per-layer arrays with a leading L axis (`DenseLayer` [L, B, S, K, Dh], or [L, B, K, S, Dh] when
   `heads_major`, or `PagedLayer` [L, P, C, K, Dh]; int8 variants add per-token, per-head fp32 scales). The model's
   layer scan slices them, and each layer calls `layer.attend(...)`: the model never knows which layout it holds.
+- `conv` (models with `short_conv` only): each position's input to the block's causal convolution ([L, B, S, D]
+  dense, [L, P, C, D] paged, in the compute dtype), written at the chunk's positions like K/V; `conv_taps` reads a
+  position's predecessors back, so a chunk or decode step convolves exactly what the cache-free pass does.
 - `page_table` [B, N] (paged only): sequence b's position t lives in page `page_table[b, t // C]`, slot `t % C`;
   -1 = no page (writes there are dropped, reads never happen).
 - `pool` (paged only): the `PagePool` free list the table's pages came from.
@@ -115,7 +118,18 @@ class DenseLayer:
     v: Array
     k_scale: Array | None = None  # int8 only: [B, S, K] ([B, K, S] when heads_major)
     v_scale: Array | None = None
+    conv: Array | None = None  # model.short_conv only: [B, S, D] each position's input to the block's convolution
     heads_major: bool = struct.field(pytree_node=False, default=False)
+
+    def conv_taps(self, x_BTD, pos_BT, page_table, taps: int):
+        """Writes the chunk's convolution inputs at its positions; returns the inputs at pos - 1 .. pos - taps + 1
+        ([taps - 1, B, T, D], zeros before position 0) and the updated layer."""
+        del page_table
+        b_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+        conv = _write(self.conv, x_BTD, (b_B1, pos_BT))
+        back = [pos_BT - j for j in range(1, taps)]
+        read = [jnp.where((p >= 0)[..., None], conv[b_B1, jnp.clip(p, 0, conv.shape[1] - 1)], 0) for p in back]
+        return jnp.stack(read).astype(x_BTD.dtype), self.replace(conv=conv)
 
     @property
     def slots(self) -> int:
@@ -174,6 +188,25 @@ class PagedLayer:
     v: Array
     k_scale: Array | None = None  # [P, C, K] when int8
     v_scale: Array | None = None
+    conv: Array | None = None  # model.short_conv only: [P, C, D] each position's input to the block's convolution
+
+    def conv_taps(self, x_BTD, pos_BT, page_table, taps: int):
+        """As `DenseLayer.conv_taps`, through the page table (positions on missing pages read zeros)."""
+        P, C = self.conv.shape[:2]
+        N = page_table.shape[1]
+
+        def locate(p_BT):
+            page_BT = jnp.take_along_axis(page_table, jnp.clip(p_BT // C, 0, N - 1), axis=1)
+            return page_BT, (page_BT >= 0) & (p_BT >= 0) & (p_BT < N * C)
+
+        page_BT, ok_BT = locate(pos_BT)
+        conv = _write(self.conv, x_BTD, (jnp.where(ok_BT, page_BT, P), pos_BT % C))
+        read = []
+        for j in range(1, taps):
+            page_BT, ok_BT = locate(pos_BT - j)
+            x_BTD_j = conv[jnp.clip(page_BT, 0, P - 1), (pos_BT - j) % C]
+            read.append(jnp.where(ok_BT[..., None], x_BTD_j, 0))
+        return jnp.stack(read).astype(x_BTD.dtype), self.replace(conv=conv)
 
     def attend(self, page_table, q_BTHD, k_BTKD, v_BTKD, pos_BT, *, impl: str, compute_dtype, **attn_kw):
         """Writes the chunk, attends over the cache; attn_kw: window / softcap / sm_scale (Mistral, Gemma-2),
@@ -317,6 +350,8 @@ def _layer_shapes(cfg, lead: tuple[int, ...], dtype: str) -> dict[str, tuple[tup
     shapes = {"k": ((L, *lead, K, Dh), kv_dtype), "v": ((L, *lead, K, Dh), kv_dtype)}
     if dtype == "int8":
         shapes |= {"k_scale": ((L, *lead, K), SCALE_DTYPE), "v_scale": ((L, *lead, K), SCALE_DTYPE)}
+    if cfg.short_conv:  # the convolution's inputs, in the compute dtype whatever the K/V dtype
+        shapes["conv"] = ((L, *lead, cfg.d_model), cfg.compute_dtype)
     return shapes
 
 
@@ -349,7 +384,7 @@ def init_cache(
         heads_major = cfg.attention_impl not in DECODE_KERNEL_IMPLS
         arrays = {}
         for name, (shape, d) in _layer_shapes(cfg, (batch, seq_len), dtype).items():
-            if heads_major:  # [L, B, S, K, ...] -> [L, B, K, S, ...]
+            if heads_major and name != "conv":  # [L, B, S, K, ...] -> [L, B, K, S, ...]
                 shape = (shape[0], shape[1], shape[3], shape[2], *shape[4:])
             arrays[name] = jnp.zeros(shape, d)
         return KVCache(DenseLayer(**arrays, heads_major=heads_major))

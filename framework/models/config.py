@@ -61,6 +61,10 @@ class LMConfig:
     norm_plus_one: bool = False  # RMSNorm multiplies by (1 + scale), scale initialised at 0 (Gemma)
     scale_embeddings: bool = False  # embeddings times sqrt(d_model), rounded to the compute dtype (Gemma)
     post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add (Gemma-2)
+    # A depthwise causal convolution of this many taps (the token and the taps - 1 before it, within its sequence)
+    # added to each block's normalised input before attention: a key or query then carries the last few tokens, so a
+    # multi-token name is matched in one head (H3/Based short convs, Canon layers). 0 = none (every HF family).
+    short_conv: int = 0
     attention_impl: str = "xla"
     scan_layers: bool = True
     remat: str = "none"
@@ -125,6 +129,9 @@ class LMConfig:
                     f"model.sliding_window_layers={self.sliding_window_layers} must be distinct layer indices in "
                     f"[0, model.n_layers={self.n_layers})"
                 )
+        taps = self.short_conv
+        if isinstance(taps, bool) or not isinstance(taps, (int, np.integer)) or taps < 0 or taps == 1:
+            raise ValueError(f"model.short_conv must be 0 (none) or an int >= 2 (taps), got {self.short_conv!r}")
         if self.attention_impl == "cudnn" and self.attn_logit_softcap is not None:
             raise ValueError(
                 f"model.attention_impl='cudnn' has no attention-logit softcap (model.attn_logit_softcap="

@@ -15,8 +15,10 @@ from framework.models.config import LMConfig
 
 
 def _matmul_params(c: LMConfig) -> int:
-    """Weights a token multiplies through: q/k/v/o projections, the gated MLP and the output layer."""
+    """Weights a token multiplies through: q/k/v/o projections, the gated MLP, the output layer (and the taps of a
+    `short_conv`, one multiply-add per tap and channel)."""
     per_layer = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.d_model * c.d_ff
+    per_layer += c.short_conv * c.d_model
     return c.n_layers * per_layer + c.d_model * c.vocab_size
 
 

@@ -202,6 +202,45 @@ class Attention(nn.Module):
         return o_proj(o_BTHD), layer_cache
 
 
+class ShortConv(nn.Module):
+    """x_t + sum_j w_j * x_{t-j} (j = 0 .. taps - 1, per channel) over one sequence's tokens: `cfg.short_conv`.
+
+    The weights start at zero (the block starts as a plain one). Without a cache, a tap reads the token j places
+    back in the row only if it is the same sequence's position p - j (packed segments and padding read zeros). With
+    a cache, the layer cache keeps every position's input (`layer_cache.conv_taps`, written at the chunk's positions
+    like K/V), so prefill chunks and decode steps see the same taps as the cache-free pass.
+    """
+
+    cfg: LMConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, pos_BT, seg_BT, layer_cache, page_table):
+        c = self.cfg
+        W = c.short_conv
+        w_WD = _param(self, "taps", (W, c.d_model), (None, "embed"), nn.initializers.zeros).astype(c.compute_dtype)
+        if layer_cache is not None:
+            if getattr(layer_cache, "conv", None) is None:
+                raise ValueError(
+                    f"model.short_conv={W} needs a KV cache with its conv buffer: build it with "
+                    "kv_cache.init_cache(cfg, ...) for this config"
+                )
+            taps_JBTD, layer_cache = layer_cache.conv_taps(x_BTD, pos_BT, page_table, W)
+        else:
+            taps = []
+            for j in range(1, W):
+                back = lambda a, fill, j=j: jnp.pad(a, ((0, 0), (j, 0)), constant_values=fill)[:, : a.shape[1]]
+                ok_BT = back(pos_BT, -1) == pos_BT - j
+                if seg_BT is not None:
+                    ok_BT &= back(seg_BT, -1) == seg_BT
+                x_j = jnp.pad(x_BTD, ((0, 0), (j, 0), (0, 0)))[:, : x_BTD.shape[1]]
+                taps.append(jnp.where(ok_BT[..., None], x_j, 0))
+            taps_JBTD = jnp.stack(taps)
+        out_BTD = x_BTD * (1 + w_WD[0])
+        for j in range(1, W):  # elementwise, so XLA fuses the taps into one pass (an einsum here is a batched dot)
+            out_BTD = out_BTD + taps_JBTD[j - 1] * w_WD[j]
+        return out_BTD.astype(x_BTD.dtype), layer_cache
+
+
 class MLP(nn.Module):
     cfg: LMConfig
 
@@ -271,8 +310,11 @@ class Block(nn.Module):
     def __call__(self, x_BTD, layer_idx, layer_cache, pos_BT, seg_BT, page_table, rope, prefix_B=None):
         c = self.cfg
         x_BTD = self._hook("resid_pre", x_BTD, layer_idx)
+        n_BTD = RMSNorm(c, name="attn_norm")(x_BTD)
+        if c.short_conv:
+            n_BTD, layer_cache = ShortConv(c, name="conv")(n_BTD, pos_BT, seg_BT, layer_cache, page_table)
         a_BTD, layer_cache = Attention(c, name="attn")(
-            RMSNorm(c, name="attn_norm")(x_BTD), pos_BT, seg_BT, layer_cache, page_table, layer_idx, rope, prefix_B
+            n_BTD, pos_BT, seg_BT, layer_cache, page_table, layer_idx, rope, prefix_B
         )
         if c.post_norms:  # Gemma-2 sandwich: the sublayer output is normalised before the residual add
             a_BTD = RMSNorm(c, name="post_attn_norm")(a_BTD)
