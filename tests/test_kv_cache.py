@@ -90,14 +90,8 @@ def _paged_cache_with_scrambled_pool(cfg, B, seq_len, dtype, page_size, lens):
     return cache.replace(pool=pool, page_table=table)
 
 
-@pytest.mark.parametrize(
-    "layout,dtype", [("dense", "float32"), ("dense", "int8"), ("paged", "float32"), ("paged", "int8")]
-)
-@pytest.mark.parametrize("impl", ["xla", "interpret"])
-def test_prefill_then_decode_equals_full_forward(model, layout, dtype, impl):
-    cfg, params = model
-    cfg = dataclasses.replace(cfg, attention_impl=impl)
-    B, T, prefix, S = 2, 12, 5, 16
+def _tokens_logits_cache(cfg, params, layout, dtype, B=2, T=12, S=16):
+    """Random tokens [B, T], their cache-free logits, an empty cache of the layout, and the logits' tolerance."""
     tokens = jnp.asarray(np.random.RandomState(1).randint(3, cfg.vocab_size, size=(B, T)), jnp.int32)
     full = lm.forward(params, tokens, cfg).logits
     if layout == "dense":
@@ -105,6 +99,18 @@ def test_prefill_then_decode_equals_full_forward(model, layout, dtype, impl):
     else:
         cache = _paged_cache_with_scrambled_pool(cfg, B, S, dtype, 4, [T] * B)
     atol = ATOL if dtype == "float32" else 5e-2  # int8 K/V: the logits move by quantisation noise only
+    return tokens, full, cache, atol
+
+
+@pytest.mark.parametrize(
+    "layout,dtype", [("dense", "float32"), ("dense", "int8"), ("paged", "float32"), ("paged", "int8")]
+)
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_prefill_then_decode_equals_full_forward(model, layout, dtype, impl):
+    cfg, params = model
+    cfg = dataclasses.replace(cfg, attention_impl=impl)
+    tokens, full, cache, atol = _tokens_logits_cache(cfg, params, layout, dtype)
+    (B, T), prefix = tokens.shape, 5
     fwd = jax.jit(lm.forward, static_argnames=("cfg",))
     pos = jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), (B, prefix))
     out = fwd(params, tokens[:, :prefix], cfg, positions_BT=pos, kv_cache=cache)
@@ -219,15 +225,9 @@ def conv_model(tiny_cfg):
 @pytest.mark.parametrize("layout,dtype", [("dense", "float32"), ("dense", "int8"), ("paged", "float32")])
 def test_short_conv_prefill_chunks_and_decode_equal_full_forward(conv_model, layout, dtype):
     cfg, params = conv_model
-    B, T, S = 2, 12, 16
-    tokens = jnp.asarray(np.random.RandomState(1).randint(3, cfg.vocab_size, size=(B, T)), jnp.int32)
-    full = lm.forward(params, tokens, cfg).logits
-    if layout == "dense":
-        cache = kv_cache.init_cache(cfg, B, S, dtype)
-    else:
-        cache = _paged_cache_with_scrambled_pool(cfg, B, S, dtype, 4, [T] * B)
+    tokens, full, cache, atol = _tokens_logits_cache(cfg, params, layout, dtype)
+    B, T = tokens.shape
     assert cache.layers.conv.shape[-1] == cfg.d_model
-    atol = ATOL if dtype == "float32" else 5e-2
     fwd = jax.jit(lm.forward, static_argnames=("cfg",))
     # two prefill chunks (the second reads the first's last positions through the cache), then one token at a time
     for lo, hi in [(0, 3), (3, 7)] + [(t, t + 1) for t in range(7, T)]:
