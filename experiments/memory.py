@@ -99,6 +99,7 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
     )
     req(0.0 <= t.easy <= 1.0, "task.easy", f"must be in [0, 1] (the share of plain lookups), got {t.easy}")
     req(t.max_vars >= 1, "task.max_vars", f"must be >= 1 (variables in a plain lookup), got {t.max_vars}")
+    req(0.0 <= t.near <= 1.0, "task.near", f"must be in [0, 1] (the share among near-namesakes), got {t.near}")
     req(t.questions >= 1, "task.questions", f"must be >= 1 (questions per training context), got {t.questions}")
     req(
         len(t.curriculum_steps) == 2 and 0 <= t.curriculum_steps[0] <= t.curriculum_steps[1],
@@ -118,8 +119,9 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
     model_cfg = validate(config)
     t, tc = config.task, config.train
     stages = answerer.curriculum_indices(t.curriculum_steps, tc.batch_size, tc.seq_len, tc.pack)
-    source = answerer.reading_source(t.budget, (t.min_events, t.max_events), t.questions, t.easy, stages, t.max_vars)
-    one = answerer.reading_source(t.budget, (t.min_events, t.max_events), 1, t.easy)  # eval: the answer only
+    events = (t.min_events, t.max_events)
+    source = answerer.reading_source(t.budget, events, t.questions, t.easy, stages, t.max_vars, t.near)
+    one = answerer.reading_source(t.budget, events, 1, t.easy, near=t.near)  # eval: the answer only
 
     def ds(split, rows=None, num_batches=None, loss_on="completion", pack=False):
         return data.make_text_dataset(

@@ -22,8 +22,27 @@ def _split(text: str) -> tuple[list[str], list[tuple[str, str]]]:
     return rows[:first], [(q[3:], a[3:]) for q, a in zip(qa[::2], qa[1::2])]
 
 
-def test_reading_examples_are_exact_and_deterministic():
-    source = answerer.reading_source(budget=128)
+def _trigrams(name: str) -> set[str]:
+    w = f"#{name}#"
+    return {w[i : i + 3] for i in range(len(w) - 2)}
+
+
+def test_near_names_share_trigrams_with_the_name():
+    rng = np.random.default_rng(0)
+    for name in ("dabo", "tike", "risepa", "kazabo"):
+        got = answerer.near_names(rng, name, 6, avoid={"dazo", "sepa"})
+        assert len(set(got)) == 6 and name not in got and not {"dazo", "sepa"} & set(got)
+        for other in got:  # a ledger name: 2 to 4 consonant-vowel syllables, what a trigram search ranks beside it
+            assert re.fullmatch(r"([bdfgklmnprstvz][aeiou]){2,4}", other) and _trigrams(other) & _trigrams(name)
+    with pytest.raises(ValueError, match="consonant-vowel"):
+        answerer.near_names(rng, "kobuu", 2)
+    with pytest.raises(ValueError, match="near"):
+        answerer.reading_source(128, near=1.5)
+
+
+@pytest.mark.parametrize("near", [0.0, 1.0])
+def test_reading_examples_are_exact_and_deterministic(near):
+    source = answerer.reading_source(budget=128, near=near)
     exs = [source.example(7, i) for i in range(60)]
     assert exs == [source.example(7, i) for i in range(60)]
     lines = ["day 1: set kobu to 12.", "lima = 7 (day 2-now)"]
@@ -54,6 +73,13 @@ def test_reading_examples_are_exact_and_deterministic():
     assert len(answers) > 1.3 * len(exs)  # several questions per context where they fit
     styles = {("fact" if "(day " in ex.prompt else "") + ("core" if "core: " in ex.prompt else "") for ex in exs}
     assert styles == {"", "fact", "core"}  # utterance, fact/interval and MemGPT-shaped contexts all occur
+    # With `near`, the names of a context come in families that a trigram search ranks together.
+    crowded = []
+    for ex in exs:
+        names = set(re.findall(r"\b(?:[bdfgklmnprstvz][aeiou]){2,4}\b", ex.prompt.split("\nQ: ")[0])) - {"fine"}
+        if len(names) > 1:
+            crowded.append(all(any(_trigrams(a) & _trigrams(b) for b in names - {a}) for a in names))
+    assert np.mean(crowded) < 0.1 if near == 0.0 else np.mean(crowded) > 0.4
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +213,7 @@ def test_plain_drills_ask_every_form_and_the_latest_value_wins():
 
 def test_lookup_probe_asks_for_the_asked_variables_value(tiny_lm):
     sets = answerer.lookup_probe_examples((1, 3), count=8)
-    assert sorted(sets) == ["n1_event", "n1_fact", "n3_event", "n3_fact"]
+    assert sorted(sets) == ["n1_event", "n1_fact", "n3_event", "n3_fact", "n3_near"]
     for key, (tokens_BT, at_B, gold_B) in sets.items():
         for row, at, gold in zip(tokens_BT, at_B, gold_B):
             text = TEXT_TOKENIZER.decode(row[1 : at + 1])
@@ -197,6 +223,9 @@ def test_lookup_probe_asks_for_the_asked_variables_value(tiny_lm):
             name = question.split()[3]
             assert answer == f"{name} = "  # scored right after the restated name
             assert TEXT_TOKENIZER.decode([gold]) == harness.rule_reader(question[3:], lines)[0]
+            if key.endswith("near"):  # near-namesakes: one name and two edits of it
+                names = {line.split()[0] for line in lines}
+                assert any(all(_trigrams(k) & _trigrams(c) for k in names - {c}) for c in names)
     cfg, params = tiny_lm
     got = answerer.lookup_probe(cfg, sets)(params)
     assert sorted(got) == [f"lookup_p_{k}" for k in sorted(sets)] and all(0.0 < p < 1.0 for p in got.values())

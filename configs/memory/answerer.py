@@ -44,6 +44,7 @@ def get_config(arg: str | None = None):
         curriculum1=500,
         curriculum2=3000,
         max_vars=3,
+        near=0.5,
         context_weight=1.0,
         short_conv=4,
     )
@@ -67,6 +68,7 @@ def get_config(arg: str | None = None):
         easy=0.8,
         curriculum_steps=(args.curriculum1, args.curriculum2),
         max_vars=args.max_vars,
+        near=args.near,
     )
     config.train.update(
         steps=args.steps,

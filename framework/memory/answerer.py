@@ -32,16 +32,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from framework.memory.base import Item
 from framework.memory.harness import (
+    _CONSONANTS,
     _Q_AT,
     _Q_NOW,
     _Q_SUM,
     UNKNOWN,
+    _VOWELS,
+    Ledger,
+    Question,
     _lookup,
     _names,
     asked_names,
@@ -62,6 +67,7 @@ __all__ = [
     "format_prompt",
     "lookup_probe",
     "lookup_probe_examples",
+    "near_names",
     "reading_example",
     "reading_source",
     "worked_answer",
@@ -174,6 +180,7 @@ def reading_example(
     max_tokens: int = 0,
     max_vars: int = 3,
     drills: dict | None = None,
+    near: float = 0.0,
 ) -> TextExample:
     """One training example: a random ledger, a store-shaped context and 1 to `questions` questions read from it.
 
@@ -183,17 +190,22 @@ def reading_example(
     supports (`rule_reader`); values are uniform, so the lookup is the only way to predict a number. The first
     question is the one the context was retrieved for; the others (asked while the example fits `max_tokens`)
     read the same lines, adding answer targets at little cost. A fraction `easy` of the examples are plain
-    drills (`_drill`, of the forms in `drills`): the steps the store-shaped questions build on.
+    drills (`_drill`, of the forms in `drills`): the steps the store-shaped questions build on. A fraction `near`
+    of the examples (drills and store-shaped) name their variables by near-namesakes (`near_names`): what a
+    similarity search over a long history puts beside the asked name, so the name must match in full.
     """
     rng = np.random.default_rng(seed)
     ledger = make_ledger(
         int(rng.integers(1 << 30)), int(rng.integers(events[0], events[1] + 1)), questions_per_ability=2
     )
+    hard = rng.random() < near
+    if hard:
+        ledger = _with_namesakes(rng, ledger)
     style = int(rng.integers(4))
     hist = _intervals(ledger.events)
     live = sorted(k for k, h in hist.items() if h and h[-1][1] is None)
     if rng.random() < easy and live:
-        return _drill(rng, hist, live, style, budget, questions, max_tokens, max_vars, drills or PLAIN_DRILLS)
+        return _drill(rng, hist, live, style, budget, questions, max_tokens, max_vars, drills or PLAIN_DRILLS, hard)
     # Abstention questions at a lower weight, or "unknown" would be near half the targets.
     weights = np.array([0.4 if q.ability == "abstention" else 1.0 for q in ledger.questions])
     order = rng.choice(len(weights), size=len(weights), replace=False, p=weights / weights.sum())
@@ -233,6 +245,75 @@ def reading_example(
     return _example(render_context(items, budget), [q.text for q in qs], max_tokens)
 
 
+_SYLLABLES = tuple(c + v for c in _CONSONANTS for v in _VOWELS)
+_NOT_NAMES = frozenset({"fine"})  # a word of the ledger's chit-chat with a name's shape
+
+
+def near_names(rng: np.random.Generator, name: str, n: int, avoid=()) -> list[str]:
+    """`n` distinct names that share most of `name`'s character trigrams: the distractors a similarity search over
+    a long history ranks beside it ("zabo" beside "dabo", "risepa" beside "depa").
+
+    Each is `name` with one edit to its syllables (consonant-vowel pairs, two to four of them): a new first or
+    middle syllable or one changed letter (the end kept, which a lookup matching only the last characters
+    confuses), a syllable added in front or the first dropped (one name the other's suffix), or a new last
+    syllable (the start kept). Names in `avoid` are never returned.
+    """
+    syl = [name[i : i + 2] for i in range(0, len(name), 2)]
+    if len(name) % 2 or not all(len(s) == 2 and s[0] in _CONSONANTS and s[1] in _VOWELS for s in syl):
+        raise ValueError(f"name = {name!r}; expected consonant-vowel syllables (a ledger name)")
+    seen, out = set(avoid) | {name} | _NOT_NAMES, []
+    for _ in range(100 * int(n)):
+        if len(out) == n:
+            break
+        s, r = list(syl), rng.random()
+        if r < 0.35 and len(s) > 1:  # a new syllable before the last: the ending kept
+            s[int(rng.integers(len(s) - 1))] = _SYLLABLES[int(rng.integers(len(_SYLLABLES)))]
+        elif r < 0.55 and len(s) < 4:  # a syllable in front: the whole name is the other's ending
+            s.insert(0, _SYLLABLES[int(rng.integers(len(_SYLLABLES)))])
+        elif r < 0.65 and len(s) > 2:
+            s = s[1:]
+        elif r < 0.8:  # a new last syllable: the start kept
+            s[-1] = _SYLLABLES[int(rng.integers(len(_SYLLABLES)))]
+        else:  # one letter changed: a consonant for a consonant or a vowel for a vowel
+            j = int(rng.integers(len(s)))
+            c, v = s[j]
+            if rng.random() < 0.5:
+                s[j] = c + _VOWELS[int(rng.integers(len(_VOWELS)))]
+            else:
+                s[j] = _CONSONANTS[int(rng.integers(len(_CONSONANTS)))] + v
+        cand = "".join(s)
+        if cand not in seen:
+            seen.add(cand)
+            out.append(cand)
+    return out
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def _with_namesakes(rng: np.random.Generator, ledger: Ledger) -> Ledger:
+    """The same ledger with its variables renamed into families of near-namesakes (about four names a family:
+    a fresh name and its `near_names`), as in the context a similarity search over a long history returns."""
+    names = {f.key for e in ledger.events for f in extract_facts(e.text)}
+    names |= {k for q in ledger.questions for k in asked_names(q.text)}
+    names = sorted(names)
+    pool: list[str] = []
+    for seed_name in _names(rng, len(names)):
+        if len(pool) >= len(names):
+            break
+        if seed_name in pool or seed_name in _NOT_NAMES:
+            continue
+        pool += [seed_name, *near_names(rng, seed_name, int(rng.integers(2, 5)), avoid=pool)]
+    pool = [pool[int(j)] for j in rng.permutation(len(pool))[: len(names)]]
+    rename = dict(zip(names, pool))
+
+    def sub(text: str) -> str:
+        return _WORD.sub(lambda m: rename.get(m.group(0), m.group(0)), text)
+
+    events = tuple(dataclasses.replace(e, text=sub(e.text)) for e in ledger.events)
+    return Ledger(ledger.seed, events, tuple(Question(q.ability, sub(q.text), q.answer) for q in ledger.questions))
+
+
 def _example(lines: list[str], qs: list[str], max_tokens: int) -> TextExample:
     """The first question as the prompt, its worked answer and the other questions' while they fit `max_tokens`."""
     prompt = format_prompt(qs[0], lines)
@@ -253,7 +334,9 @@ _DRILL_DAYS = 150
 _DRILL_VARS = (0.1, 0.2, 0.25, 0.25, 0.2)  # P(1..5 variables in a drill): the asked one among distractors
 
 
-def _drill(rng, hist, live, style, budget, questions, max_tokens, max_vars=3, drills=PLAIN_DRILLS) -> TextExample:
+def _drill(
+    rng, hist, live, style, budget, questions, max_tokens, max_vars=3, drills=PLAIN_DRILLS, hard=False
+) -> TextExample:
     """A short drill in a store's line style: one to five variables, each with a history of one to three values
     (or a drop), and questions of every ledger form about them; the budget keeps the first question's lines.
 
@@ -264,6 +347,8 @@ def _drill(rng, hist, live, style, budget, questions, max_tokens, max_vars=3, dr
     only current values (the fact store, core lines) show one line per variable. With `drills` of "now" and
     "absent" only (`LOOKUP_DRILLS`, the curriculum's second stage) every variable has one value, 1 to `max_vars`
     of them; one variable with one value (`max_vars` = 1, the first stage) is answered by copying the only value.
+    `hard`: the variables are near-namesakes of the first (`near_names`), and an absent one is asked by a
+    near-namesake of one shown ("unknown" though a similar name has a value).
     """
     lookups = set(drills) <= {"now", "absent"}  # the curriculum's lookup stage: one value per variable
     if max_vars == 1:
@@ -283,6 +368,8 @@ def _drill(rng, hist, live, style, budget, questions, max_tokens, max_vars=3, dr
     keys = [live[int(j)] for j in rng.permutation(len(live))[:n]]
     if len(keys) < n:  # a ledger with fewer live variables: fresh names
         keys += [k for k in _names(rng, n + len(hist)) if k not in hist][: n - len(keys)]
+    if hard:
+        keys = keys[:1] + near_names(rng, keys[0], n - 1, avoid=hist)
     histories = {}  # key -> [(day, value or None for a drop)], days increasing
     for j, k in enumerate(keys):
         m = 1 if max_vars == 1 or lookups else 1 + int(rng.choice(3, p=[0.45, 0.35, 0.2]))
@@ -293,7 +380,10 @@ def _drill(rng, hist, live, style, budget, questions, max_tokens, max_vars=3, dr
         if max_vars > 1 and kind != "at" and m > 1 and rng.random() < 0.1:
             h[-1] = (h[-1][0], None)  # dropped
         histories[k] = h
-    absent = [k for k in hist if k not in histories]
+    if hard:
+        absent = near_names(rng, keys[int(rng.integers(n))], 2, avoid={*hist, *keys})
+    else:
+        absent = [k for k in hist if k not in histories]
 
     def ask(kind):
         if kind == "sum" and len(keys) > 1:
@@ -348,12 +438,14 @@ def reading_source(
     easy: float = 0.5,
     curriculum: tuple[int, int] = (0, 0),
     max_vars: int = 3,
+    near: float = 0.0,
 ) -> TextSource:
     """The answerer's training stream (see `reading_example`); `budget` bounds the context's tokens.
 
     `curriculum=(a, b)`: examples before index a are one-variable lookups (copy the only value), before index b
     lookups among one to `max_vars` variables with one value each (`LOOKUP_DRILLS`: match the name), then the mix
     (drills of every form, `PLAIN_DRILLS`, and store-shaped contexts). `curriculum_indices` converts steps.
+    `near`: the share of examples among near-namesakes (`reading_example`), in every stage.
     """
     if int(budget) <= 0 or not 1 <= events[0] <= events[1] or int(questions) < 1 or not 0.0 <= easy <= 1.0:
         raise ValueError(
@@ -364,6 +456,8 @@ def reading_source(
         raise ValueError(f"curriculum = {curriculum}; expected 0 <= a <= b (example indices)")
     if isinstance(max_vars, bool) or int(max_vars) < 1:
         raise ValueError(f"max_vars = {max_vars!r}; expected >= 1 (variables in a plain lookup)")
+    if not 0.0 <= near <= 1.0:
+        raise ValueError(f"near = {near!r}; expected a share in [0, 1] (examples among near-namesakes)")
     longest_q = len("Q: what is abababab plus abababab now?\nA:")
     longest_a = ANSWER_TOKENS
     max_tokens = 1 + int(budget) + longest_q + longest_a + 1
@@ -377,6 +471,7 @@ def reading_source(
             max_tokens=max_tokens,
             curriculum=(int(curriculum[0]), int(curriculum[1])),
             max_vars=int(max_vars),
+            near=float(near),
         ),
         name="ledger_reading",
         min_tokens=MIN_TOKENS,
@@ -407,15 +502,20 @@ def lookup_probe_examples(
     For each number of lines n and each line style (utterances "day d: set kobu to 12." or fact lines
     "kobu = 12 (day d-now)"), `count` contexts of n variables with fresh names and uniform values, one asked; the
     tokens run up to the worked answer's "kobu =", `at_B` is the last position and `gold_B` the first token of the
-    value. A reader that copies a value without matching the name scores ~1/n of its one-line score.
+    value. A reader that copies a value without matching the name scores ~1/n of its one-line score. The "near"
+    sets (n >= 2: "n3_near") are fact lines of near-namesakes (`near_names`, "dabo", "zabo", "kazabo"): a reader
+    that matches only a name's last characters falls on them.
     """
     out = {}
     for n in lines_per_context:
-        for style in ("event", "fact"):
-            rng = np.random.default_rng([seed, n, style == "fact"])
+        for style in ("event", "fact", "near")[: 3 if n > 1 else 2]:
+            rng = np.random.default_rng([seed, n, ("event", "fact", "near").index(style)])
             rows, at, gold = [], [], []
             for _ in range(count):
                 names = _names(rng, n)
+                if style == "near":
+                    names = names[:1] + near_names(rng, names[0], n - 1)
+                    names = [names[int(j)] for j in rng.permutation(n)]
                 items = []
                 for j, k in enumerate(names):
                     v, t = int(rng.integers(100)), float(rng.integers(0, 9))

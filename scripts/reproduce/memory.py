@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max_vars", type=int, default=3, help="variables in a plain lookup (1 to this many lines)")
     p.add_argument("--questions", type=int, default=20, help="questions per ability per ledger")
     p.add_argument("--context_weight", type=float, default=1.0, help="loss weight of the dialogue before answers")
+    p.add_argument("--near", type=float, default=0.5, help="share of training examples among near-namesakes")
     p.add_argument("--short_conv", type=int, default=4, help="the answerer's causal convolution taps (0: none)")
     p.add_argument("--table_only", action="store_true", help="print the tables of an existing --workdir")
     args = p.parse_args(argv)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             f"size={args.size},layers={args.layers},budget={args.budget},steps={args.steps},"
             f"lengths={lengths},seeds={seeds},decisions={args.decisions.replace(',', '/')},"
             f"curriculum1={c1},curriculum2={c2},max_vars={args.max_vars},context_weight={args.context_weight},"
-            f"short_conv={args.short_conv}"
+            f"short_conv={args.short_conv},near={args.near}"
         )
         with config.unlocked():
             config.train.progress = False
