@@ -4,6 +4,7 @@ The kill/signal tests run `python -m scripts.launch` as real subprocesses on one
 in test_launch); the checkpoint tests run `loop.train` in-process on a toy task that compiles in a moment.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -273,3 +274,20 @@ def test_async_saves_keep_the_newest_n_and_every_kth(tmp_path):
         restored, meta = ckpt.restore(abstract, step)
         assert int(restored.step) == step and len(meta["checksums"]) == len(jax.tree.leaves(state))
     ckpt.close()
+
+
+def test_a_checkpoint_of_another_model_is_an_error_and_stays_in_place(tmp_path):
+    """A sound checkpoint whose parameters were renamed or reshaped since (a code or config change) is not damage:
+    the run stops naming the differences and moves nothing (no fallback, no training from scratch over it)."""
+    loop.train(_config(steps=4), str(tmp_path), _toy_task())
+    task = dataclasses.replace(
+        _toy_task(),  # "b" renamed "bias", "w" widened
+        init_params=lambda rng: {"w": jnp.zeros((4, 3)), "bias": jnp.zeros((3,))},
+        logical_axes={"w": _AXES["w"], "bias": _AXES["b"]},
+        loss_fn=lambda params, batch: (jnp.sum(params["w"]) + params["bias"][0], {}),
+    )
+    expected = r"checkpoint 4 .* another model: it lacks \['bias'\]; has \['b'\]; holds \['w'\] \(4, 2\) \(the model's"
+    with pytest.raises(checkpoint.CheckpointMismatch, match=expected):
+        loop.train(_config(), str(tmp_path), task)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert not (tmp_path / "checkpoints.corrupt").exists()

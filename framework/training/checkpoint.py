@@ -6,7 +6,9 @@ a digest of the config it was written under, and a checksum of every leaf). Sinc
 
 Restoring verifies the record and the checksums, so a truncated or corrupted checkpoint (a pre-empted copy, a bad
 disk, a half-synced bucket) is detected rather than trained on; `restore_latest` then moves it aside to
-`<directory>.corrupt/` and falls back to the previous good step, with a warning naming what was wrong.
+`<directory>.corrupt/` and falls back to the previous good step, with a warning naming what was wrong. A sound
+checkpoint written for another model (parameters renamed, added or reshaped since: a config or code change) is
+not damage: restoring it raises `CheckpointMismatch` naming the differences and leaves it where it is.
 """
 
 from __future__ import annotations
@@ -63,6 +65,48 @@ class CheckpointError(ValueError):
     """A checkpoint on disk is unusable (truncated, corrupted, inconsistent)."""
 
 
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint written for another model: its parameters' names or shapes differ from the ones asked
+    for. Left in place (it is not damaged): train elsewhere, or restore it with the config and code that wrote it."""
+
+
+def params_mismatch(state_dir: str, abstract_params) -> str | None:
+    """What differs between the parameters saved in `state_dir` (a checkpoint's "state" item) and `abstract_params`
+    (names and shapes), or None where they agree or the saved tree cannot be read (the restore reports that)."""
+    try:
+        with ocp.StandardCheckpointer() as reader:
+            flat = jax.tree_util.tree_flatten_with_path(reader.metadata(state_dir).item_metadata)[0]
+    except Exception:  # no or damaged metadata: not a mismatch, and `restore` names the damage
+        return None
+    prefix = "['params']"
+    saved = {
+        jax.tree_util.keystr(p)[len(prefix) :]: tuple(leaf.shape)
+        for p, leaf in flat
+        if jax.tree_util.keystr(p).startswith(prefix) and hasattr(leaf, "shape")
+    }
+    want = {
+        jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    }
+    if not saved:
+        return None
+
+    def some(xs: list[str]) -> str:
+        return ", ".join(xs[:4]) + (f" and {len(xs) - 4} more" if len(xs) > 4 else "")
+
+    common = sorted(want.keys() & saved.keys())
+    reshaped = [f"{k} {saved[k]} (the model's {want[k]})" for k in common if saved[k] != want[k]]
+    problems = [
+        f"{verb} {some(keys)}"
+        for verb, keys in (
+            ("lacks", sorted(want.keys() - saved.keys())),
+            ("has", sorted(saved.keys() - want.keys())),
+            ("holds", reshaped),
+        )
+        if keys
+    ]
+    return "; ".join(problems) or None
+
+
 class Checkpointer:
     """A `orbax.checkpoint.CheckpointManager` for a TrainState, with verification and fallback on restore.
 
@@ -100,12 +144,21 @@ class Checkpointer:
         """Restores (state, meta) at `step` (default latest) into the shardings of `abstract_state`, verified.
 
         Raises CheckpointError naming the problem if the checkpoint is unreadable, inconsistent, holds non-finite
-        parameters or does not match its recorded checksums.
+        parameters or does not match its recorded checksums, and CheckpointMismatch if it holds other parameters
+        (names or shapes) than `abstract_state`'s.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         where = f"checkpoint {step} in {self.directory}"
+        if hasattr(abstract_state, "params"):
+            diff = params_mismatch(os.path.join(self.directory, str(step), "state"), abstract_state.params)
+            if diff:
+                raise CheckpointMismatch(
+                    f"{where} was written for another model: it {diff}. The config or the code changed since it "
+                    "was written; it is left in place: train in a new workdir, or restore it with the config and "
+                    "code that wrote it"
+                )
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
@@ -133,7 +186,8 @@ class Checkpointer:
         """(state, meta) of the newest checkpoint that verifies, or None if there is none.
 
         A damaged checkpoint is logged (warning naming the step and the problem), moved to `<directory>.corrupt/`
-        and skipped; if checkpoints exist but none verifies, raises CheckpointError listing every problem.
+        and skipped; if checkpoints exist but none verifies, raises CheckpointError listing every problem. One
+        written for another model raises CheckpointMismatch (nothing is moved).
         """
         problems = []
         for step in reversed(self.all_steps()):
