@@ -36,7 +36,7 @@ def test_rule_reader_answers_every_question_from_the_whole_history(n):
 
 
 def test_rule_reader_reads_fact_and_core_lines():
-    lines = ["core: lima = 9", "kobu = 12 (day 1-5)", "kobu = 40 (day 5-now)", "pato = 3 (day 2-4)"]
+    lines = ["core: lima = 9", "day 1-5: kobu = 12", "day 5-now: kobu = 40", "day 2-4: pato = 3"]
     r = harness.rule_reader
     assert (r("what is kobu now?", lines), r("what was kobu on day 4?", lines), r("what is lima now?", lines)) == (
         "40",

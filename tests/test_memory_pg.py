@@ -84,7 +84,7 @@ def test_fact_store_round_trip(dsn, schema):
         store.write(memory.Event("set kobu to 12.", time=1))
         assert store.write(memory.Event("change kobu to 40.", time=5)).decisions[0][0] == "UPDATE"
     with memory.FactStore(_open(dsn, schema, "facts")) as store:
-        assert [i.render() for i in store.retrieve("what is kobu now?", 4)] == ["kobu = 40 (day 5-now)"]
+        assert [i.render() for i in store.retrieve("what is kobu now?", 4)] == ["day 5-now: kobu = 40"]
         assert [a["status"] for a in store.audit()] == ["hidden", "active"]
 
 

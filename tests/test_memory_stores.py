@@ -27,7 +27,7 @@ def test_fact_store_decisions_supersede_and_keep(tmp_path):
         )
         ops = [d[0] for r in res for d in r.decisions]
         assert ops == ["ADD", "NOOP", "UPDATE", "ADD", "DELETE", "NOOP"]
-        assert [i.render() for i in store.retrieve("what is kobu now?", 5)] == ["kobu = 40 (day 3-now)"]
+        assert [i.render() for i in store.retrieve("what is kobu now?", 5)] == ["day 3-now: kobu = 40"]
         audit = {a["text"]: a for a in store.audit()}
         old, new = audit["kobu = 12"], audit["kobu = 40"]
         assert (old["status"], old["hidden_reason"], old["superseded_by"]) == ("hidden", "superseded", new["id"])

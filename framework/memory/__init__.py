@@ -8,7 +8,7 @@ one SQLite file (WAL, transactions, a checked schema version), so it survives a 
   store = memory.FactStore("runs/mem/facts.db")
   store.write(memory.Event("set kobu to 12.", time=1))
   store.write(memory.Event("change kobu to 40.", time=3))        # UPDATE: the old fact is superseded, kept
-  [item.render() for item in store.retrieve("what is kobu now?", k=4)]   # ['kobu = 40 (day 3-now)']
+  [item.render() for item in store.retrieve("what is kobu now?", k=4)]   # ['day 3-now: kobu = 40']
 
 The stores: `FullContextStore`, `RecentWindowStore`, `VectorStore` (embeddings from `LMEmbedder` - a Lumen LM's
 hidden states - or `HashEmbedder`; exact sqlite-vec or approximate usearch search), `FactStore` (mem0),

@@ -6,7 +6,7 @@ The dialogue format of one question (prompt, then the completion the model learn
 
     core: lima = 7                  <- the retrieved context, filled by rank and shown in time order
     day 3: set kobu to 12.             (`harness.render_context`)
-    kobu = 40 (day 5-now)
+    day 5-now: kobu = 40
     Q: what is kobu now?            <- the question right before the answer
     A:                              <- prompt ends here
      kobu = 40                      <- completion: " <worked answer>\n" (`worked_answer`; the answer is its last
@@ -500,7 +500,7 @@ def lookup_probe_examples(
     """Held-out plain lookups that show whether the answerer matches names: {"n2_event": (tokens_BT, at_B, gold_B)}.
 
     For each number of lines n and each line style (utterances "day d: set kobu to 12." or fact lines
-    "kobu = 12 (day d-now)"), `count` contexts of n variables with fresh names and uniform values, one asked; the
+    "day d-now: kobu = 12"), `count` contexts of n variables with fresh names and uniform values, one asked; the
     tokens run up to the worked answer's "kobu =", `at_B` is the last position and `gold_B` the first token of the
     value. A reader that copies a value without matching the name scores ~1/n of its one-line score. The "near"
     sets (n >= 2: "n3_near") are fact lines of near-namesakes (`near_names`, "dabo", "zabo", "kazabo"): a reader

@@ -74,11 +74,15 @@ class Item:
     status: str = "active"
 
     def render(self) -> str:
-        """The line the reader sees: "day 3: set kobu to 12." for events, "kobu = 12 (day 3-7)" for facts."""
+        """The line the reader sees: "day 3: set kobu to 12." for events, "day 3-7: kobu = 12" for facts.
+
+        A fact's validity comes before its value, as an event's day does: a reader reading left to right (a causal
+        LM) has seen whether the value still holds by the time it reads the value.
+        """
         if self.kind in ("fact", "core"):
             lo = "?" if self.valid_from is None else f"{self.valid_from:g}"
             hi = "now" if self.valid_to is None else f"{self.valid_to:g}"
-            return f"{self.text} (day {lo}-{hi})" if self.kind == "fact" else f"core: {self.text}"
+            return f"day {lo}-{hi}: {self.text}" if self.kind == "fact" else f"core: {self.text}"
         return f"day {self.time:g}: {self.text}"
 
 

@@ -15,7 +15,7 @@ ledger. After the history, questions probe LongMemEval's five abilities, each wi
 
 Readers turn (question, retrieved context) into an answer string:
 - `rule_reader` is deterministic and exact about the formats it reads: it replays "day d: <utterance>" lines,
-  reads "key = value (day a-b)" fact lines and "core: key = value" lines. It is the baseline that isolates the
+  reads "day a-b: key = value" fact lines and "core: key = value" lines. It is the baseline that isolates the
   store: a wrong answer means the store did not put the needed lines in the context.
 - The Lumen LM answerer (`framework.memory.answerer`) reads the same context text.
 
@@ -175,7 +175,7 @@ def _questions(rng, hist, live, fresh, n) -> list[Question]:
 
 # ---- the rule-based reader ----
 _EVENT_LINE = re.compile(r"^day (\d+(?:\.\d+)?): (.*)$")
-_FACT_LINE = re.compile(r"^([a-z]+) = (\d+) \(day ([\d.?]+)-([\d.]+|now)\)$")
+_FACT_LINE = re.compile(r"^day ([\d.?]+)-([\d.]+|now): ([a-z]+) = (\d+)$")
 _CORE_LINE = re.compile(r"^core: ([a-z]+) = (\d+)$")
 _Q_NOW = re.compile(r"^what is ([a-z]+) now\?$")
 _Q_SUM = re.compile(r"^what is ([a-z]+) plus ([a-z]+) now\?$")
@@ -189,10 +189,10 @@ def _lookup(lines: Sequence[str], key: str, day: float | None) -> int | None:
             if m.group(1) == key:
                 core = int(m.group(2))
         elif m := _FACT_LINE.match(line):
-            if m.group(1) == key:
-                lo = -np.inf if m.group(3) == "?" else float(m.group(3))
-                hi = np.inf if m.group(4) == "now" else float(m.group(4))
-                facts.append((lo, hi, int(m.group(2))))
+            if m.group(3) == key:
+                lo = -np.inf if m.group(1) == "?" else float(m.group(1))
+                hi = np.inf if m.group(2) == "now" else float(m.group(2))
+                facts.append((lo, hi, int(m.group(4))))
         elif m := _EVENT_LINE.match(line):
             for f in extract_facts(m.group(2)):
                 if f.key == key:
