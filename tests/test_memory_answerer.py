@@ -71,7 +71,10 @@ def test_reading_examples_are_exact_and_deterministic(near):
     answers = [answerer.final_answer(a) for ex in exs for _, a in _split(ex.prompt + ex.completion)[1]]
     assert 0.1 < np.mean([a == "unknown" for a in answers]) < 0.5 and len(set(answers)) > 10
     assert len(answers) > 1.3 * len(exs)  # several questions per context where they fit
-    styles = {("fact" if re.search(r"^day \S+-", ex.prompt, re.M) else "") + ("core" if "core: " in ex.prompt else "") for ex in exs}
+    styles = {
+        ("fact" if re.search(r"^day \S+-", ex.prompt, re.M) else "") + ("core" if "core: " in ex.prompt else "")
+        for ex in exs
+    }
     assert styles == {"", "fact", "core"}  # utterance, fact/interval and MemGPT-shaped contexts all occur
     # With `near`, the names of a context come in families that a trigram search ranks together.
     crowded = []
@@ -210,6 +213,10 @@ def test_plain_drills_ask_every_form_and_the_latest_value_wins():
     contexts = [_split(staged.example(3, i).prompt + " x\n")[0] for i in range(100)]
     assert all(len(c) == 1 for c in contexts[:50])
     assert all(len(c) == len(_variables(c)) for c in contexts[50:]) and max(map(len, contexts[50:])) == 3
+    # Near-namesakes come with the mix only: the lookup stages are those of a stream without them.
+    near = answerer.reading_source(128, curriculum=(50, 100), near=1.0)
+    assert [near.example(3, i) for i in range(100)] == [staged.example(3, i) for i in range(100)]
+    assert [near.example(3, i) for i in range(100, 120)] != [staged.example(3, i) for i in range(100, 120)]
 
 
 def test_lookup_probe_asks_for_the_asked_variables_value(tiny_lm):

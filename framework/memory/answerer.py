@@ -198,7 +198,7 @@ def reading_example(
     ledger = make_ledger(
         int(rng.integers(1 << 30)), int(rng.integers(events[0], events[1] + 1)), questions_per_ability=2
     )
-    hard = rng.random() < near
+    hard = near > 0 and rng.random() < near  # no draw at 0: the stream without near-namesakes is unchanged
     if hard:
         ledger = _with_namesakes(rng, ledger)
     style = int(rng.integers(4))
@@ -426,8 +426,9 @@ def _drill(
 
 
 def _example_at(stream_seed: int, index: int, *, curriculum: tuple[int, int] = (0, 0), **kw) -> TextExample:
-    if index < curriculum[1]:  # the early stream: lookups only, one variable alone at first
+    if index < curriculum[1]:  # the early stream: lookups only, one variable alone at first, names far apart
         kw.update(easy=1.0, max_vars=1 if index < curriculum[0] else kw.get("max_vars", 3), drills=LOOKUP_DRILLS)
+        kw.update(near=0.0)
     return reading_example(int(np.random.SeedSequence([stream_seed, index]).generate_state(1)[0]), **kw)
 
 
@@ -445,7 +446,8 @@ def reading_source(
     `curriculum=(a, b)`: examples before index a are one-variable lookups (copy the only value), before index b
     lookups among one to `max_vars` variables with one value each (`LOOKUP_DRILLS`: match the name), then the mix
     (drills of every form, `PLAIN_DRILLS`, and store-shaped contexts). `curriculum_indices` converts steps.
-    `near`: the share of examples among near-namesakes (`reading_example`), in every stage.
+    `near`: the share of examples among near-namesakes (`reading_example`) in the mix; the lookup stages keep
+    names apart (near-namesakes there slow the name match from forming: docs/results/memory.md).
     """
     if int(budget) <= 0 or not 1 <= events[0] <= events[1] or int(questions) < 1 or not 0.0 <= easy <= 1.0:
         raise ValueError(
