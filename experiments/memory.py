@@ -29,7 +29,7 @@ import numpy as np
 from configs.memory import answerer as answerer_config
 from framework import config as config_lib
 from framework import memory
-from framework.memory import answerer, harness
+from framework.memory import answerer, harness, reading
 from framework.models import lm
 from framework.tasks import data
 from framework.tasks.tokenizer import TEXT_VOCAB_SIZE
@@ -69,7 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
         "task.min_events",
         f"need 1 <= min_events <= max_events, got {t.min_events}, {t.max_events}",
     )
-    need = answerer.reading_source(t.budget).max_tokens
+    need = reading.reading_source(t.budget).max_tokens
     req(
         tc.seq_len >= need,
         "train.seq_len",
@@ -118,10 +118,10 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
     """The answerer's model config and its `loop.Task` (init, loss, reading batches, held-out eval)."""
     model_cfg = validate(config)
     t, tc = config.task, config.train
-    stages = answerer.curriculum_indices(t.curriculum_steps, tc.batch_size, tc.seq_len, tc.pack)
+    stages = reading.curriculum_indices(t.curriculum_steps, tc.batch_size, tc.seq_len, tc.pack)
     events = (t.min_events, t.max_events)
-    source = answerer.reading_source(t.budget, events, t.questions, t.easy, stages, t.max_vars, t.near)
-    one = answerer.reading_source(t.budget, events, 1, t.easy, near=t.near)  # eval: the answer only
+    source = reading.reading_source(t.budget, events, t.questions, t.easy, stages, t.max_vars, t.near)
+    one = reading.reading_source(t.budget, events, 1, t.easy, near=t.near)  # eval: the answer only
 
     def ds(split, rows=None, num_batches=None, loss_on="completion", pack=False):
         return data.make_text_dataset(

@@ -8,7 +8,7 @@ import pytest
 
 from configs.memory import answerer as answerer_config
 from framework import config as config_lib
-from framework.memory import answerer, harness
+from framework.memory import answerer, harness, reading
 from framework.models import lm
 from framework.tasks.tokenizer import TEXT_TOKENIZER
 
@@ -30,19 +30,19 @@ def _trigrams(name: str) -> set[str]:
 def test_near_names_share_trigrams_with_the_name():
     rng = np.random.default_rng(0)
     for name in ("dabo", "tike", "risepa", "kazabo"):
-        got = answerer.near_names(rng, name, 6, avoid={"dazo", "sepa"})
+        got = harness.near_names(rng, name, 6, avoid={"dazo", "sepa"})
         assert len(set(got)) == 6 and name not in got and not {"dazo", "sepa"} & set(got)
         for other in got:  # a ledger name: 2 to 4 consonant-vowel syllables, what a trigram search ranks beside it
             assert re.fullmatch(r"([bdfgklmnprstvz][aeiou]){2,4}", other) and _trigrams(other) & _trigrams(name)
     with pytest.raises(ValueError, match="consonant-vowel"):
-        answerer.near_names(rng, "kobuu", 2)
+        harness.near_names(rng, "kobuu", 2)
     with pytest.raises(ValueError, match="near"):
-        answerer.reading_source(128, near=1.5)
+        reading.reading_source(128, near=1.5)
 
 
 @pytest.mark.parametrize("near", [0.0, 1.0])
 def test_reading_examples_are_exact_and_deterministic(near):
-    source = answerer.reading_source(budget=128, near=near)
+    source = reading.reading_source(budget=128, near=near)
     exs = [source.example(7, i) for i in range(60)]
     assert exs == [source.example(7, i) for i in range(60)]
     lines = ["day 1: set kobu to 12.", "day 2-now: lima = 7"]
@@ -171,16 +171,16 @@ def test_memory_config_is_checked_before_building():
         with pytest.raises(config_lib.ConfigError, match=match):
             experiment.validate(bad)
     with pytest.raises(ValueError, match="budget = 0"):
-        answerer.reading_source(0)
+        reading.reading_source(0)
     with pytest.raises(ValueError, match="curriculum = "):
-        answerer.reading_source(96, curriculum=(5, 2))
+        reading.reading_source(96, curriculum=(5, 2))
     with pytest.raises(ValueError, match="max_vars = 0"):
-        answerer.reading_source(96, max_vars=0)
+        reading.reading_source(96, max_vars=0)
     # The curriculum's first stage is one-variable lookups, then plain lookups, then the mix.
-    staged = answerer.reading_source(96, curriculum=(4, 8))
+    staged = reading.reading_source(96, curriculum=(4, 8))
     first = [staged.example(0, i).prompt.count("\n") for i in range(4)]
     assert first == [2] * 4  # one context line, then "Q: ..." and "A:"
-    wide = answerer.reading_source(200, curriculum=(0, 400), max_vars=5)
+    wide = reading.reading_source(200, curriculum=(0, 400), max_vars=5)
     names = [len(_variables(_split(wide.example(0, i).prompt + " x\n")[0])) for i in range(400)]
     assert max(names) == 5 and set(names) <= set(range(6))  # 1 to max_vars variables (none left if all dropped)
 
@@ -192,7 +192,7 @@ def _variables(lines: list[str]) -> set[str]:
 
 
 def test_plain_drills_ask_every_form_and_the_latest_value_wins():
-    source = answerer.reading_source(128, easy=1.0)  # plain drills only
+    source = reading.reading_source(128, easy=1.0)  # plain drills only
     kinds, multi, first_at = set(), 0, []
     for i in range(600):
         ex = source.example(3, i)
@@ -209,12 +209,12 @@ def test_plain_drills_ask_every_form_and_the_latest_value_wins():
     # The "as of" drill asks a day inside the variable's history: the answer is a value, never "unknown".
     assert first_at and not any(a.endswith("unknown") for a in first_at)
     # The curriculum: one variable with one value, then lookups among variables with one value each.
-    staged = answerer.reading_source(128, curriculum=(50, 100))
+    staged = reading.reading_source(128, curriculum=(50, 100))
     contexts = [_split(staged.example(3, i).prompt + " x\n")[0] for i in range(100)]
     assert all(len(c) == 1 for c in contexts[:50])
     assert all(len(c) == len(_variables(c)) for c in contexts[50:]) and max(map(len, contexts[50:])) == 3
     # Near-namesakes come with the mix only: the lookup stages are those of a stream without them.
-    near = answerer.reading_source(128, curriculum=(50, 100), near=1.0)
+    near = reading.reading_source(128, curriculum=(50, 100), near=1.0)
     assert [near.example(3, i) for i in range(100)] == [staged.example(3, i) for i in range(100)]
     assert [near.example(3, i) for i in range(100, 120)] != [staged.example(3, i) for i in range(100, 120)]
 
@@ -246,7 +246,7 @@ def test_training_batches_weight_the_answer_and_the_dialogue():
     config = answerer_config.get_config("size=tiny,steps=2,budget=64,context_weight=0.1")
     with config.unlocked():
         config.train.batch_size = 4
-    source = answerer.reading_source(64, (config.task.min_events, config.task.max_events))
+    source = reading.reading_source(64, (config.task.min_events, config.task.max_events))
     _, task = experiment.make_task(config)
     b = next(task.batches(0))
     assert set(b) == {"tokens", "loss_mask", "positions", "segment_ids"}  # packed rows
@@ -257,7 +257,7 @@ def test_training_batches_weight_the_answer_and_the_dialogue():
     )
     # With one question per example the answer mask equals the pipeline's completion mask, packed or not; with
     # several, it holds exactly the answers.
-    one = answerer.reading_source(64, (config.task.min_events, config.task.max_events), questions=1)
+    one = reading.reading_source(64, (config.task.min_events, config.task.max_events), questions=1)
     for pack in (False, True):
         kw = dict(seed=0, batch_size=4, seq_len=176, pack=pack, num_batches=1)
         done, everything = (

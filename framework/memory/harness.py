@@ -46,6 +46,7 @@ __all__ = [
     "evaluate",
     "gold_context",
     "make_ledger",
+    "near_names",
     "render_context",
     "rule_reader",
     "score",
@@ -88,6 +89,49 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
         if name not in seen:
             seen.add(name)
             out.append(name)
+    return out
+
+
+_SYLLABLES = tuple(c + v for c in _CONSONANTS for v in _VOWELS)
+_NOT_NAMES = frozenset({"fine"})  # a word of the ledger's chit-chat with a name's shape
+
+
+def near_names(rng: np.random.Generator, name: str, n: int, avoid=()) -> list[str]:
+    """`n` distinct names that share most of `name`'s character trigrams: the distractors a similarity search over
+    a long history ranks beside it ("zabo" beside "dabo", "risepa" beside "depa").
+
+    Each is `name` with one edit to its syllables (consonant-vowel pairs, two to four of them): a new first or
+    middle syllable or one changed letter (the end kept, which a lookup matching only the last characters
+    confuses), a syllable added in front or the first dropped (one name the other's suffix), or a new last
+    syllable (the start kept). Names in `avoid` are never returned.
+    """
+    syl = [name[i : i + 2] for i in range(0, len(name), 2)]
+    if len(name) % 2 or not all(len(s) == 2 and s[0] in _CONSONANTS and s[1] in _VOWELS for s in syl):
+        raise ValueError(f"name = {name!r}; expected consonant-vowel syllables (a ledger name)")
+    seen, out = set(avoid) | {name} | _NOT_NAMES, []
+    for _ in range(100 * int(n)):
+        if len(out) == n:
+            break
+        s, r = list(syl), rng.random()
+        if r < 0.35 and len(s) > 1:  # a new syllable before the last: the ending kept
+            s[int(rng.integers(len(s) - 1))] = _SYLLABLES[int(rng.integers(len(_SYLLABLES)))]
+        elif r < 0.55 and len(s) < 4:  # a syllable in front: the whole name is the other's ending
+            s.insert(0, _SYLLABLES[int(rng.integers(len(_SYLLABLES)))])
+        elif r < 0.65 and len(s) > 2:
+            s = s[1:]
+        elif r < 0.8:  # a new last syllable: the start kept
+            s[-1] = _SYLLABLES[int(rng.integers(len(_SYLLABLES)))]
+        else:  # one letter changed: a consonant for a consonant or a vowel for a vowel
+            j = int(rng.integers(len(s)))
+            c, v = s[j]
+            if rng.random() < 0.5:
+                s[j] = c + _VOWELS[int(rng.integers(len(_VOWELS)))]
+            else:
+                s[j] = _CONSONANTS[int(rng.integers(len(_CONSONANTS)))] + v
+        cand = "".join(s)
+        if cand not in seen:
+            seen.add(cand)
+            out.append(cand)
     return out
 
 
