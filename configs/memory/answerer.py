@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
         max_vars=3,
         near=0.5,
         context_weight=1.0,
-        short_conv=4,
+        short_conv=8,
     )
     config = common.lm_experiment(size=args.size)
     config.experiment = "memory"
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
         config.model.n_layers = args.layers
     config.model.tokenizer = "text"
     config.model.n_kv_heads = config.model.n_heads  # every head its own keys: the name match is a per-head lookup
-    config.model.short_conv = args.short_conv  # names are several characters: a key carrying the last four matches
+    config.model.short_conv = args.short_conv  # a key carrying a name's last characters: up to seven and the one before
     del config.task
     del config.eval
     config.task = dict(

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", type=int, default=20, help="questions per ability per ledger")
     p.add_argument("--context_weight", type=float, default=1.0, help="loss weight of the dialogue before answers")
     p.add_argument("--near", type=float, default=0.5, help="share of training examples among near-namesakes")
-    p.add_argument("--short_conv", type=int, default=4, help="the answerer's causal convolution taps (0: none)")
+    p.add_argument("--short_conv", type=int, default=8, help="the answerer's causal convolution taps (0: none)")
     p.add_argument("--table_only", action="store_true", help="print the tables of an existing --workdir")
     args = p.parse_args(argv)
     result = os.path.join(args.workdir, "results", "memory_study.json")
