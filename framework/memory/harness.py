@@ -103,7 +103,7 @@ def near_names(rng: np.random.Generator, name: str, n: int, avoid=()) -> list[st
     Each is `name` with one edit to its syllables (consonant-vowel pairs, two to four of them): a new first or
     middle syllable or one changed letter (the end kept, which a lookup matching only the last characters
     confuses), a syllable added in front or the first dropped (one name the other's suffix), or a new last
-    syllable (the start kept). Names in `avoid` are never returned.
+    syllable (the start kept). Names in `avoid` are never returned (fewer than `n` only when it leaves too few).
     """
     syl = [name[i : i + 2] for i in range(0, len(name), 2)]
     if len(name) % 2 or not all(len(s) == 2 and s[0] in _CONSONANTS and s[1] in _VOWELS for s in syl):
