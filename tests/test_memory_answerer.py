@@ -221,7 +221,7 @@ def test_plain_drills_ask_every_form_and_the_latest_value_wins():
 
 def test_lookup_probe_asks_for_the_asked_variables_value(tiny_lm):
     sets = answerer.lookup_probe_examples((1, 3), count=8)
-    assert sorted(sets) == ["n1_event", "n1_fact", "n3_event", "n3_fact", "n3_near"]
+    assert sorted(sets) == ["n1_event", "n1_fact", "n3_absent", "n3_event", "n3_fact", "n3_near"]
     for key, (tokens_BT, at_B, gold_B) in sets.items():
         for row, at, gold in zip(tokens_BT, at_B, gold_B):
             text = TEXT_TOKENIZER.decode(row[1 : at + 1])
@@ -230,9 +230,12 @@ def test_lookup_probe_asks_for_the_asked_variables_value(tiny_lm):
             assert len(lines) == int(key[1]) and question.startswith("Q: what is ")
             name = question.split()[3]
             assert answer == f"{name} = "  # scored right after the restated name
-            assert TEXT_TOKENIZER.decode([gold]) == harness.rule_reader(question[3:], lines)[0]
-            if key.endswith("near"):  # near-namesakes: one name and two edits of it
-                names = {line.split()[2] for line in lines}
+            truth = harness.rule_reader(question[3:], lines)
+            assert truth.startswith(TEXT_TOKENIZER.decode([gold]))
+            names = _variables(lines)
+            assert (truth == harness.UNKNOWN) == key.endswith("absent") and (name in names) != key.endswith("absent")
+            if key.endswith(("near", "absent")):  # near-namesakes: one name and edits of it, the asked one among them
+                names |= {name}
                 assert any(all(_trigrams(k) & _trigrams(c) for k in names - {c}) for c in names)
     cfg, params = tiny_lm
     got = answerer.lookup_probe(cfg, sets)(params)

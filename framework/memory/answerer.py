@@ -145,18 +145,24 @@ def lookup_probe_examples(
     tokens run up to the worked answer's "kobu =", `at_B` is the last position and `gold_B` the first token of the
     value. A reader that copies a value without matching the name scores ~1/n of its one-line score. The "near"
     sets (n >= 2: "n3_near") are fact lines of near-namesakes (`near_names`, "dabo", "zabo", "kazabo"): a reader
-    that matches only a name's last characters falls on them.
+    that matches only a name's last characters falls on them. The "absent" sets (n >= 2: "n3_absent") are the
+    same lines asked for one more edit that none of them has: the gold token starts "unknown" (abstention where a
+    similarity search returns only near-namesakes, as the fact store does for a name never set).
     """
+    styles = ("event", "fact", "near", "absent")
     out = {}
     for n in lines_per_context:
-        for style in ("event", "fact", "near")[: 3 if n > 1 else 2]:
-            rng = np.random.default_rng([seed, n, ("event", "fact", "near").index(style)])
+        for style in styles[: 4 if n > 1 else 2]:
+            rng = np.random.default_rng([seed, n, styles.index(style)])
             rows, at, gold = [], [], []
             for _ in range(count):
                 names = _names(rng, n)
-                if style == "near":
-                    names = names[:1] + near_names(rng, names[0], n - 1)
-                    names = [names[int(j)] for j in rng.permutation(n)]
+                if style in ("near", "absent"):
+                    names = names[:1] + near_names(rng, names[0], n - 1 + (style == "absent"))
+                    names = [names[int(j)] for j in rng.permutation(len(names))]
+                if style == "absent":  # one of n + 1 namesakes asked, the other n shown
+                    asked = names[int(rng.integers(n))]
+                    names = [k for k in names if k != asked]
                 items = []
                 for j, k in enumerate(names):
                     v, t = int(rng.integers(100)), float(rng.integers(0, 9))
@@ -166,7 +172,7 @@ def lookup_probe_examples(
                         else Item(j + 1, f"{k} = {v}", 1.0, t, "fact", k, t, None)
                     )
                 lines = render_context(items, None)
-                q = f"what is {names[int(rng.integers(n))]} now?"
+                q = f"what is {asked if style == 'absent' else names[int(rng.integers(n))]} now?"
                 head, value = worked_answer(q, lines).rsplit("= ", 1)
                 prefix = [tokenizer.bos_id, *tokenizer.encode(f"{format_prompt(q, lines)} {head}=")]
                 full = [tokenizer.bos_id, *tokenizer.encode(f"{format_prompt(q, lines)} {head}= {value}")]
