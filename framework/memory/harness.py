@@ -86,7 +86,7 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
         name = "".join(
             _CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(syl)
         )
-        if name not in seen:
+        if name not in seen and name not in _NOT_NAMES:  # "fine" is a word of the chit-chat too
             seen.add(name)
             out.append(name)
     return out
