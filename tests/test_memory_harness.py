@@ -6,6 +6,7 @@ import pytest
 
 from framework import memory
 from framework.memory import harness
+from framework.memory.ledger import extract_facts
 
 
 def _lines(events):
@@ -94,6 +95,16 @@ def test_bad_ledger_arguments():
         harness.make_ledger(0, 5, per_session=0)
 
 
+def test_no_variable_is_named_like_a_word_of_the_chit_chat():
+    # Seed 0's 3000-event history once named a variable "fine", which "lunch was fine." also mentions: its
+    # lines then read as the variable's, and even the rule reader answered it wrong.
+    ledger = harness.make_ledger(0, 3000, questions_per_ability=20)
+    names = {f.key for e in ledger.events for f in extract_facts(e.text)}
+    assert len(names) > 100 and not names & harness._NOT_NAMES
+    lines = _lines(ledger.events)
+    assert [harness.rule_reader(q.text, lines) for q in ledger.questions] == [q.answer for q in ledger.questions]
+
+
 def test_asked_names_and_gold_context_match_names_not_day_numbers():
     assert harness.asked_names("what is kobu plus lima now?") == ["kobu", "lima"]
     assert harness.asked_names("what was kobu on day 4?") == ["kobu"]
@@ -107,3 +118,18 @@ def test_asked_names_and_gold_context_match_names_not_day_numbers():
     q = harness.Question("temporal", "what was kobu on day 4?", "12")
     ledger = harness.Ledger(0, events, (q,))
     assert harness.gold_context(ledger, q, budget=None) == ["day 1: set kobu to 12.", "day 5: change kobu to 40."]
+
+
+def test_error_causes_name_what_a_wrong_answer_read():
+    from scripts.reproduce.memory_errors import cause
+
+    facts = ["day 1-now: zogi = 5", "day 2-now: kobu = 7"]
+    assert cause("what is kobu now?", facts, "7", "7", "kobu = 7") is None
+    assert cause("what is fogi now?", facts, "unknown", "5", "fogi = 5") == "near_namesake"
+    assert cause("what is kobu now?", facts, "7", "unknown", "kobu = unknown") == "abstained"
+    assert cause("what is kobu now?", facts, "7", "77", "kobu = 77") == "other"
+    assert cause("what is lima now?", facts, "3", "unknown", "lima = unknown") == "lost"  # no line holds it
+    events = ["day 100: set kobu to 4.", "day 250: change kobu to 9."]
+    q = "what was kobu on day 203?"
+    assert cause(q, events, "4", "9", "kobu on day 20 = 9") == "wrong_day"
+    assert cause(q, events, "4", "9", "kobu on day 203 = 9") == "wrong_line"
