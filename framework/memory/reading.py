@@ -174,10 +174,11 @@ def _example(lines: list[str], qs: list[str], max_tokens: int) -> TextExample:
 
 
 # The drills' mix (`_drill`), the curriculum's lookup stage (one value per variable: match the name)
-# and the days the drills' histories span (a 1000-event ledger's are 0-125).
-PLAIN_DRILLS = {"now": 0.5, "sum": 0.2, "at": 0.2, "absent": 0.1}
+# and the days the drills' histories span, one of these at random in the mix: a 1000-event ledger's are 0-125,
+# a 3000-event ledger's 0-375 (a reader that never saw a day past 150 copies "day 203" as "day 20").
+PLAIN_DRILLS = {"now": 0.35, "sum": 0.2, "at": 0.25, "absent": 0.2}
 LOOKUP_DRILLS = {"now": 0.85, "absent": 0.15}
-_DRILL_DAYS = 150
+_DRILL_DAYS = (150, 500)
 _DRILL_VARS = (0.1, 0.2, 0.25, 0.25, 0.2)  # P(1..5 variables in a drill): the asked one among distractors
 
 
@@ -218,11 +219,12 @@ def _drill(
     if hard:
         keys = keys[:1] + near_names(rng, keys[0], n - 1, avoid=hist)
     histories = {}  # key -> [(day, value or None for a drop)], days increasing
+    span = _DRILL_DAYS[0] if lookups else int(rng.choice(_DRILL_DAYS))  # no draw in the lookup stages
     for j, k in enumerate(keys):
         m = 1 if max_vars == 1 or lookups else 1 + int(rng.choice(3, p=[0.45, 0.35, 0.2]))
         if kind == "at" and j == 0:
             m = max(m, 2)
-        days = np.sort(rng.choice(_DRILL_DAYS, size=m, replace=False))
+        days = np.sort(rng.choice(span, size=m, replace=False))
         h = [(int(d), int(rng.integers(100))) for d in days]
         if max_vars > 1 and kind != "at" and m > 1 and rng.random() < 0.1:
             h[-1] = (h[-1][0], None)  # dropped
