@@ -4,15 +4,16 @@ COMMAND: .venv/bin/python -m scripts.launch --config=configs/memory/answerer.py 
   (variants after a colon: `answerer.py:steps=1600,budget=96,curriculum2=1000,context_weight=0.1,lengths=10/100,
   seeds=0`; `steps=0` runs the study with the rule reader only; scripts/reproduce/memory.py wraps this and prints
   the tables)
-RUNTIME: ~0.2 s per step for the 4-layer tiny answerer with its 8-tap convolution (seq_len 208, packed batches of
+RUNTIME: ~0.15-0.2 s per step for the 4-layer tiny answerer with its 8-tap convolution (seq_len 208, packed batches of
   16) on a 2-core CPU; the default 6000 steps ~20 min, then the study (6 lengths x 2 seeds x 9 stores, 20
-  questions per ability) ~4 min; `steps=12000` (the results page's reader) ~42 min in all.
+  questions per ability) ~4 min; `steps=12000` (the results page's reader) ~37-42 min in all.
 EXPECT: (docs/results/memory.md) the answerer copies a lone value by step ~1500-2000 and, with the convolution
   (`short_conv=8`; 0 removes it), matches names among three lines by step ~3000 (`eval/lookup_p_n3_*` ~0.9;
   without it ~0.6 after 12,000 steps) and among near-namesakes (`near=0.5`; `eval/lookup_p_n3_near`) by
-  ~9000-12,000 (~0.9); at 12,000 steps it reads gold contexts (extraction and updates ~1.0, abstention ~0.9, sums
-  in columns ~0.7, "as of" days ~0.75) and the fact store's lines (extraction and updates ~0.9, sums ~0.8-0.9,
-  abstention ~0.7-0.8: absent names read as near-namesakes); the rule reader shows the stores' shapes (full
+  ~9000-12,000 (~0.9); at 12,000 steps it reads gold contexts (extraction ~1.0, updates ~0.8-1.0, abstention ~0.9,
+  sums in columns ~0.7, "as of" days ~0.7-0.75) and the fact store's lines (extraction ~0.95, updates ~0.9-1.0,
+  sums ~0.9, abstention ~0.85-0.9: absent names read as near-namesakes; `scripts.reproduce.memory_errors` names
+  each wrong answer's cause); the rule reader shows the stores' shapes (full
   context falls with history length, fact and temporal stores hold up on updates, only temporal on "as of"
   questions, windows fail multi-session).
 """

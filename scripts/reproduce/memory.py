@@ -2,7 +2,7 @@
 length, with the rule reader and the trained LM answerer (docs/results/memory.md).
 
   .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_study            (the full study, ~22 min)
-  .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_study --steps=12000  (the page's reader, ~38 min)
+  .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_study --steps=12000  (the page's reader, ~37-42 min)
   .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_rule --steps=0 --budget=256   (rule reader only)
 
 It runs `experiments.memory.run` with `configs/memory/answerer.py` (train the answerer through the one loop,
