@@ -184,6 +184,15 @@ def _open_store(kind: str, path: str, embedder=None, budget: int = 96):
     return memory.STORES[kind](path)
 
 
+def study_contexts(kind: str, ledger, path: str, *, budget: int, k: int, embedder=None) -> list:
+    """[(question, context lines)] for every question of `ledger`: written into a fresh store of `kind` at `path`
+    and retrieved, or for the pseudo-store "gold" the lines a perfect retriever would bring (the readers' ceiling)."""
+    if kind == "gold":
+        return [(q.text, harness.gold_context(ledger, q, budget)) for q in ledger.questions]
+    with _open_store(kind, path, embedder, budget) as store:
+        return harness.ask(store, ledger, k=k, budget=budget)
+
+
 def run_study(study: ml_collections.ConfigDict, workdir: str, *, budget: int, readers: dict, embedder=None) -> list:
     """Every (seed, length, store) cell: write the ledger, ask, score each reader; returns one row per cell/reader."""
     rows = []
@@ -195,12 +204,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, budget: int, re
                 if kind == "vector_lm" and embedder is None:
                     continue
                 t0 = time.perf_counter()
-                if kind == "gold":  # the reader's ceiling: the right lines, whatever a store would retrieve
-                    contexts = [(q.text, harness.gold_context(ledger, q, budget)) for q in ledger.questions]
-                else:
-                    path = os.path.join(workdir, "stores", f"{kind}-n{n}-s{seed}.db")
-                    with _open_store(kind, path, embedder, budget) as store:
-                        contexts = harness.ask(store, ledger, k=study.k, budget=budget)
+                path = os.path.join(workdir, "stores", f"{kind}-n{n}-s{seed}.db")
+                contexts = study_contexts(kind, ledger, path, budget=budget, k=study.k, embedder=embedder)
                 seconds = time.perf_counter() - t0
                 for name, reader in readers.items():
                     res = harness.score(ledger, contexts, reader)

@@ -101,14 +101,10 @@ def main(argv: list[str] | None = None) -> None:
             for n in map(int, args.lengths.split(",")):
                 ledger = harness.make_ledger(seed, n, questions_per_ability=config.study.questions_per_ability)
                 for kind in args.stores.split(","):
-                    if kind == "gold":
-                        contexts = [
-                            (q.text, harness.gold_context(ledger, q, config.task.budget)) for q in ledger.questions
-                        ]
-                    else:
-                        path = os.path.join(tmp, f"{kind}-n{n}-s{seed}.db")
-                        with experiment._open_store(kind, path, None, config.task.budget) as store:
-                            contexts = harness.ask(store, ledger, k=config.study.k, budget=config.task.budget)
+                    path = os.path.join(tmp, f"{kind}-n{n}-s{seed}.db")
+                    contexts = experiment.study_contexts(
+                        kind, ledger, path, budget=config.task.budget, k=config.study.k
+                    )
                     for q, (_, lines), worked in zip(ledger.questions, contexts, reader.worked_batch(contexts)):
                         counts[kind, q.ability, "asked"] += 1
                         why = cause(q.text, lines, q.answer, answerer.final_answer(worked), worked)
