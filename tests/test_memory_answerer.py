@@ -11,6 +11,7 @@ from framework import config as config_lib
 from framework.memory import answerer, harness, reading
 from framework.models import lm
 from framework.tasks.tokenizer import TEXT_TOKENIZER
+from scripts.reproduce import memory_errors
 
 
 def _split(text: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -193,7 +194,7 @@ def _variables(lines: list[str]) -> set[str]:
 
 def test_plain_drills_ask_every_form_and_the_latest_value_wins():
     source = reading.reading_source(128, easy=1.0)  # plain drills only
-    kinds, multi, first_at = set(), 0, []
+    kinds, multi, first_at, at_last, asides = set(), 0, [], [], 0
     for i in range(600):
         ex = source.example(3, i)
         lines, qa = _split(ex.prompt + ex.completion)
@@ -204,10 +205,18 @@ def test_plain_drills_ask_every_form_and_the_latest_value_wins():
         multi += len(names) > len(set(names))  # a variable set, then changed: the latest line holds
         if " on day " in qa[0][0]:
             first_at.append(qa[0][1])
+            name = harness.asked_names(qa[0][0])[0]
+            values = [v for k, v in memory_errors.line_values(lines) if k == name]
+            at_last.append(answerer.final_answer(qa[0][1]) == values[-1])
+        asides += any(re.match(r"^day \d+: (remember to check [a-z]+|[a-z]+ is still \d+)\.$", x) for x in lines)
     assert kinds >= {(k, False) for k in ("now", "sum", "at")} | {("now", True), ("sum", True)}
     assert multi > 50
-    # The "as of" drill asks a day inside the variable's history: the answer is a value, never "unknown".
+    # The "as of" drill asks a day inside the variable's history: the answer is a value, never "unknown"; any of
+    # the variable's lines can hold it, the last one too (no shortcut "not the latest line").
     assert first_at and not any(a.endswith("unknown") for a in first_at)
+    assert 0.25 < np.mean(at_last) < 0.75
+    # The ledger's utterances that set nothing new ("remember to check kobu.", "kobu is still 4.") are in drills.
+    assert asides > 20
     # The curriculum: one variable with one value, then lookups among variables with one value each.
     staged = reading.reading_source(128, curriculum=(50, 100))
     contexts = [_split(staged.example(3, i).prompt + " x\n")[0] for i in range(100)]

@@ -25,6 +25,7 @@ from framework.memory.answerer import ANSWER_TOKENS, format_prompt, worked_answe
 from framework.memory.base import Item
 from framework.memory.harness import (
     _NOT_NAMES,
+    _Q_AT,
     Ledger,
     Question,
     _names,
@@ -179,6 +180,7 @@ def _example(lines: list[str], qs: list[str], max_tokens: int) -> TextExample:
 PLAIN_DRILLS = {"now": 0.35, "sum": 0.2, "at": 0.25, "absent": 0.2}
 LOOKUP_DRILLS = {"now": 0.85, "absent": 0.15}
 _DRILL_DAYS = (150, 500)
+_DRILL_ASIDES = 0.3  # P(a variable's utterances in a drill add "remember to check" or "is still")
 _DRILL_VARS = (0.1, 0.2, 0.25, 0.25, 0.2)  # P(1..5 variables in a drill): the asked one among distractors
 
 
@@ -191,7 +193,9 @@ def _drill(
     The four drills (`drills`: name -> probability) are the store-shaped questions' steps in isolation: "now" (the
     current value: copy the only value, match the name among several, take the latest of a variable's lines),
     "sum" (two variables' current values and their sum), "at" (the value on an earlier day: the last line on or
-    before it) and "absent" (a variable of the ledger not in the lines, or dropped: "unknown"). Stores that keep
+    before it, which can be any of the variable's lines, its last one too) and "absent" (a variable of the ledger
+    not in the lines, or dropped: "unknown"). In utterances, a variable's lines may add one that sets nothing new
+    ("remember to check kobu.", "kobu is still 40.", as the ledger's do). Stores that keep
     only current values (the fact store, core lines) show one line per variable. With `drills` of "now" and
     "absent" only (`LOOKUP_DRILLS`, the curriculum's second stage) every variable has one value, 1 to `max_vars`
     of them; one variable with one value (`max_vars` = 1, the first stage) is answered by copying the only value.
@@ -229,6 +233,16 @@ def _drill(
         if max_vars > 1 and kind != "at" and m > 1 and rng.random() < 0.1:
             h[-1] = (h[-1][0], None)  # dropped
         histories[k] = h
+    asides = []  # (day, key, line): the ledger's lines that name a variable and set nothing new
+    if style == 0 and not lookups:
+        for k, h in histories.items():
+            if rng.random() >= _DRILL_ASIDES:
+                continue
+            i = int(rng.integers(len(h)))
+            (d, v), nxt = h[i], h[i + 1][0] if i + 1 < len(h) else h[i][0] + 20
+            if v is not None and nxt > d + 1:
+                line = f"{k} is still {v}." if rng.random() < 0.4 else f"remember to check {k}."
+                asides.append((int(rng.integers(d + 1, nxt)), k, line))
     if hard:
         absent = near_names(rng, keys[int(rng.integers(n))], 2, avoid={*hist, *keys})
     else:
@@ -241,7 +255,9 @@ def _drill(
         if kind == "at":
             k = keys[0] if len(histories[keys[0]]) > 1 else keys[int(rng.integers(len(keys)))]
             h = histories[k]
-            hi = h[-1][0] if len(h) > 1 else h[0][0] + 10
+            # Any line's value can be the answer, the last one too (a day past it, as when a retrieval or the
+            # budget leaves out later lines): each line holds for its gap, the last for the mean gap.
+            hi = h[-1][0] + max(1, (h[-1][0] - h[0][0]) // (len(h) - 1)) if len(h) > 1 else h[0][0] + 10
             return f"what was {k} on day {int(rng.integers(h[0][0], hi))}?"
         if kind == "absent" and absent:
             return f"what is {absent[int(rng.integers(len(absent)))]} now?"
@@ -249,19 +265,27 @@ def _drill(
 
     first = ask(kind)
     asked = set(asked_names(first))
+    until = float(m.group(2)) if (m := _Q_AT.match(first)) else np.inf
+
+    def rank(k, d) -> float:  # the first question's lines first (as of a day: those on or before it, as
+        # `gold_context` ranks them), so the budget cuts the others
+        return (1.0 if d <= until else 0.75) if k in asked else 0.5
 
     items = []
     for k, h in histories.items():
-        score = 1.0 if k in asked else 0.5  # the first question's lines ranked first: the budget cuts the others
+        score = 1.0 if k in asked else 0.5
         if style == 0:
             for i, (d, v) in enumerate(h):
                 text = f"drop {k}." if v is None else (f"set {k} to {v}." if i == 0 else f"change {k} to {v}.")
-                items.append(Item(len(items) + 1, text, score, float(d), "event"))
+                items.append(Item(len(items) + 1, text, rank(k, d), float(d), "event"))
+            for d, key, text in asides:
+                if key == k:
+                    items.append(Item(len(items) + 1, text, rank(k, d), float(d), "event"))
         elif style == 2:
             for i, (d, v) in enumerate(h):
                 if v is not None:
                     end = None if i + 1 == len(h) else float(h[i + 1][0])
-                    items.append(Item(len(items) + 1, f"{k} = {v}", score, float(d), "fact", k, float(d), end))
+                    items.append(Item(len(items) + 1, f"{k} = {v}", rank(k, d), float(d), "fact", k, float(d), end))
         elif h[-1][1] is not None:  # current values only
             d, v = h[-1]
             if style == 3:
