@@ -133,3 +133,18 @@ def test_error_causes_name_what_a_wrong_answer_read():
     q = "what was kobu on day 203?"
     assert cause(q, events, "4", "9", "kobu on day 20 = 9") == "wrong_day"
     assert cause(q, events, "4", "9", "kobu on day 203 = 9") == "wrong_line"
+
+
+def test_answer_line_says_where_the_line_holding_the_day_sits():
+    from scripts.reproduce.memory_errors import answer_line
+
+    events = ["day 3: set kobu to 4.", "day 5: remember to check kobu.", "day 8: kobu is still 4.", "day 9: drop kobu."]
+    assert [answer_line(f"what was kobu on day {d}?", events) for d in (2, 4, 8, 30)] == [
+        None,
+        "first",
+        "middle",
+        "last",
+    ]
+    facts = ["day 2-6: kobu = 1", "day 6-now: kobu = 2", "day 1-now: lima = 3"]
+    assert [answer_line(f"what was {k} on day 7?", facts) for k in ("kobu", "lima")] == ["last", "only"]
+    assert answer_line("what is kobu now?", facts) is None

@@ -13,7 +13,10 @@ ledger's, names a cause (`cause`), first match wins:
   abstained       "unknown" where the lines hold the value
   other           anything else (a value no line holds)
 
-It prints counts per store, ability and cause, then up to --show examples per cause with their lines.
+It prints counts per store, ability and cause, then up to --show examples per cause with their lines, and, for
+the "as of" questions, the accuracy by where the line that holds the asked day sits among the asked variable's
+lines (`answer_line`: first, middle, last or only): a reader that compares days is right wherever the line sits,
+one that learnt a position is right only there.
 """
 
 from __future__ import annotations
@@ -48,6 +51,24 @@ def line_values(lines: Sequence[str]) -> list[tuple[str, str]]:
         elif m := _EVENT_LINE.match(line):
             out += [(f.key, str(f.value)) for f in extract_facts(m.group(2)) if f.value is not None]
     return out
+
+
+def answer_line(question: str, lines: Sequence[str]) -> str | None:
+    """For "what was kobu on day d?": where the line holding day d sits among kobu's lines that state a value (or
+    end one: a drop) in the order shown: "first", "middle", "last" or "only"; None when no line holds it."""
+    if not (m := re.search(r"^what was ([a-z]+) on day (\d+)\?$", question)):
+        return None
+    key, day, starts = m.group(1), float(m.group(2)), []
+    for line in lines:
+        if (f := _FACT_LINE.match(line)) and f.group(3) == key:
+            starts.append(-1.0 if f.group(1) == "?" else float(f.group(1)))
+        elif f := _EVENT_LINE.match(line):
+            starts += [float(f.group(1)) for x in extract_facts(f.group(2)) if x.key == key]
+    held = [i for i, d in enumerate(starts) if d <= day]
+    if not held:
+        return None
+    i = held[-1]
+    return "only" if len(starts) == 1 else "first" if i == 0 else "last" if i == len(starts) - 1 else "middle"
 
 
 def cause(question: str, lines: Sequence[str], answer: str, got: str, worked: str) -> str | None:
@@ -95,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.workdir} holds step {done} of {config.train.steps}: train it to the end first")
     state = loop.train(config, args.workdir, task)  # at its last step: restores, trains nothing
     reader = answerer.LMReader(jax.device_get(state.params), model_cfg)
-    counts, examples = collections.Counter(), collections.defaultdict(list)
+    counts, examples, at = collections.Counter(), collections.defaultdict(list), collections.Counter()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in map(int, args.seeds.split(",")):
             for n in map(int, args.lengths.split(",")):
@@ -107,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     for q, (_, lines), worked in zip(ledger.questions, contexts, reader.worked_batch(contexts)):
                         counts[kind, q.ability, "asked"] += 1
+                        if (where := answer_line(q.text, lines)) is not None:
+                            at[kind, where] += 1
+                            at[kind, where, "right"] += answerer.final_answer(worked) == q.answer
                         why = cause(q.text, lines, q.answer, answerer.final_answer(worked), worked)
                         if why is not None:
                             counts[kind, q.ability, why] += 1
@@ -120,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
         wrong = sum(counts[kind, ability, c] for c in CAUSES)
         cells = " | ".join(str(counts[kind, ability, c]) for c in CAUSES)
         print(f"| {kind} | {ability} | {counts[kind, ability, 'asked']} | {wrong} | {cells} |")
+    print("\n\"as of\" accuracy by the answer's line among the asked variable's lines (right / asked):\n")
+    where = ("first", "middle", "last", "only")
+    print("| store | " + " | ".join(where) + " |")
+    print("|---|" + "---:|" * len(where))
+    for kind in dict.fromkeys(k for k, *_ in at):
+        print(f"| {kind} | " + " | ".join(f"{at[kind, w, 'right']} / {at[kind, w]}" for w in where) + " |")
     for why in CAUSES:
         for text in examples[why][: args.show]:
             print(f"\n[{why}] {text}")
