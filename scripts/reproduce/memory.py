@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context_weight", type=float, default=1.0, help="loss weight of the dialogue before answers")
     p.add_argument("--near", type=float, default=0.5, help="share of training examples among near-namesakes")
     p.add_argument("--short_conv", type=int, default=8, help="the answerer's causal convolution taps (0: none)")
-    p.add_argument("--table_only", action="store_true", help="print the tables of an existing --workdir")
+    p.add_argument(
+        "--table_only", action="store_true", help="print the tables of an existing --workdir (writes nothing to --out)"
+    )
     args = p.parse_args(argv)
     result = os.path.join(args.workdir, "results", "memory_study.json")
     if not args.table_only:
@@ -94,11 +96,12 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(out, f, indent=1)
     with open(result) as f:
         out = json.load(f)
-    os.makedirs(args.out, exist_ok=True)
-    shutil.copy(result, os.path.join(args.out, "memory_study.json"))
-    figures = os.path.join(args.workdir, "figures")
-    for name in sorted(os.listdir(figures)) if os.path.isdir(figures) else []:
-        shutil.copy(os.path.join(figures, name), os.path.join(args.out, name))
+    if not args.table_only:  # a finished run's results go to --out; reading an old run's tables writes nothing
+        os.makedirs(args.out, exist_ok=True)
+        shutil.copy(result, os.path.join(args.out, "memory_study.json"))
+        figures = os.path.join(args.workdir, "figures")
+        for name in sorted(os.listdir(figures)) if os.path.isdir(figures) else []:
+            shutil.copy(os.path.join(figures, name), os.path.join(args.out, name))
     print(tables(out["rows"]))
 
 
