@@ -265,10 +265,11 @@ def _drill(
 
     first = ask(kind)
     asked = set(asked_names(first))
-    until = float(m.group(2)) if (m := _Q_AT.match(first)) else np.inf
+    until = float(at.group(2)) if (at := _Q_AT.match(first)) else np.inf
 
-    def rank(k, d) -> float:  # the first question's lines first (as of a day: those on or before it, as
-        # `gold_context` ranks them), so the budget cuts the others
+    def rank(k, d) -> float:
+        """The first question's lines first, so the budget cuts the others; asked as of a day, its lines on or
+        before the day first (as `harness.gold_context` ranks them)."""
         return (1.0 if d <= until else 0.75) if k in asked else 0.5
 
     items = []

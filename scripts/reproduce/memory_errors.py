@@ -29,7 +29,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 
-from framework.memory.harness import _CORE_LINE, _EVENT_LINE, _FACT_LINE, UNKNOWN, asked_names, rule_reader
+from framework.memory.harness import _CORE_LINE, _EVENT_LINE, _FACT_LINE, _Q_AT, UNKNOWN, asked_names, rule_reader
 from framework.memory.ledger import extract_facts
 
 CAUSES = ("lost", "near_namesake", "wrong_day", "wrong_line", "abstained", "other")
@@ -56,7 +56,7 @@ def line_values(lines: Sequence[str]) -> list[tuple[str, str]]:
 def answer_line(question: str, lines: Sequence[str]) -> str | None:
     """For "what was kobu on day d?": where the line holding day d sits among kobu's lines that state a value (or
     end one: a drop) in the order shown: "first", "middle", "last" or "only"; None when no line holds it."""
-    if not (m := re.search(r"^what was ([a-z]+) on day (\d+)\?$", question)):
+    if not (m := _Q_AT.match(question)):
         return None
     key, day, starts = m.group(1), float(m.group(2)), []
     for line in lines:
