@@ -8,7 +8,9 @@ store; each question retrieves k items, filled by rank into at most `task.budget
 and the readers answer from the same contexts: the deterministic `rule` reader (what the context supports, exactly)
 and the trained LM answerer (`lm`: greedy; `lm_scored`: the scored decoding rule; `study.decisions`). The
 pseudo-store `gold` gives each question the lines a perfect retriever would (`harness.gold_context`): the readers'
-ceiling. With `train.steps = 0` (or `study.lm_reader = False`) only the rule reader runs.
+ceiling. A store named with "+time" (`gold+time`, `vector+time`, `temporal+time`) asks its "as of day d" questions
+time-aware (`harness.time_filter`: the temporal store's facts valid at d, an utterance store's lines up to day d).
+With `train.steps = 0` (or `study.lm_reader = False`) only the rule reader runs.
 
 Training the answerer: packed rows of reading examples (`train.pack`; up to `task.questions` questions per context,
 a share `task.easy` of plain lookups), the loss with weight 1 on the answers (`answerer.answer_mask`) and
@@ -86,11 +88,13 @@ def validate(config: ml_collections.ConfigDict) -> lm.LMConfig:
         "study.lengths",
         f"{st.lengths}: expected positive history lengths",
     )
-    unknown = sorted(set(st.stores) - set(memory.STORES) - {"vector_lm", "gold"})
+    plain = set(memory.STORES) | {"vector_lm", "gold"}
+    timed = {f"{s}{TIME_AWARE}" for s in plain if s == "gold" or _store_class(s).time_query is not None}
+    unknown = sorted(set(st.stores) - plain - timed)
     req(
         not unknown,
         "study.stores",
-        f"unknown stores {unknown}; expected some of {sorted(memory.STORES)}, 'vector_lm' or 'gold'",
+        f"unknown stores {unknown}; expected some of {sorted(plain)}, or one of {sorted(timed)} (time-aware)",
     )
     req(
         len(st.decisions) > 0 and set(st.decisions) <= set(answerer.DECISIONS),
@@ -173,6 +177,13 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[lm.LMConfig, loop.Task
     return model_cfg, task
 
 
+TIME_AWARE = "+time"  # a study store name's suffix: "as of day d" questions retrieve with `harness.time_filter`
+
+
+def _store_class(kind: str):
+    return memory.VectorStore if kind == "vector_lm" else memory.STORES[kind]
+
+
 def _open_store(kind: str, path: str, embedder=None, budget: int = 96):
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
@@ -186,11 +197,13 @@ def _open_store(kind: str, path: str, embedder=None, budget: int = 96):
 
 def study_contexts(kind: str, ledger, path: str, *, budget: int, k: int, embedder=None) -> list:
     """[(question, context lines)] for every question of `ledger`: written into a fresh store of `kind` at `path`
-    and retrieved, or for the pseudo-store "gold" the lines a perfect retriever would bring (the readers' ceiling)."""
+    and retrieved, or for the pseudo-store "gold" the lines a perfect retriever would bring (the readers' ceiling).
+    A kind ending in "+time" ("temporal+time") asks "as of day d" questions time-aware (`harness.time_filter`)."""
+    kind, time_aware = kind.removesuffix(TIME_AWARE), kind.endswith(TIME_AWARE)
     if kind == "gold":
-        return [(q.text, harness.gold_context(ledger, q, budget)) for q in ledger.questions]
+        return [(q.text, harness.gold_context(ledger, q, budget, time_aware=time_aware)) for q in ledger.questions]
     with _open_store(kind, path, embedder, budget) as store:
-        return harness.ask(store, ledger, k=k, budget=budget)
+        return harness.ask(store, ledger, k=k, budget=budget, time_aware=time_aware)
 
 
 def run_study(study: ml_collections.ConfigDict, workdir: str, *, budget: int, readers: dict, embedder=None) -> list:
@@ -201,7 +214,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, budget: int, re
         for n in study.lengths:
             ledger = harness.make_ledger(int(seed), int(n), questions_per_ability=study.questions_per_ability)
             for kind in study.stores:
-                if kind == "vector_lm" and embedder is None:
+                if kind.removesuffix(TIME_AWARE) == "vector_lm" and embedder is None:
                     continue
                 t0 = time.perf_counter()
                 path = os.path.join(workdir, "stores", f"{kind}-n{n}-s{seed}.db")

@@ -161,6 +161,7 @@ def test_memory_config_is_checked_before_building():
         (("train", "seq_len"), 150, "train.seq_len"),
         (("task", "context_weight"), 1.5, "task.context_weight"),
         (("study", "stores"), ("vector", "graph"), "unknown stores"),
+        (("study", "stores"), ("temporal+time", "facts+time"), r"unknown stores \['facts\+time'\]"),
         (("task", "budget"), 0, "task.budget"),
         (("task", "curriculum_steps"), (600, 500), "task.curriculum_steps"),
         (("study", "decisions"), ("greedy", "beam"), "study.decisions"),
@@ -194,7 +195,7 @@ def _variables(lines: list[str]) -> set[str]:
 
 def test_plain_drills_ask_every_form_and_the_latest_value_wins():
     source = reading.reading_source(128, easy=1.0)  # plain drills only
-    kinds, multi, first_at, at_last, asides = set(), 0, [], [], 0
+    kinds, multi, first_at, at_last, asides, later, one_fact = set(), 0, [], [], 0, [], 0
     for i in range(600):
         ex = source.example(3, i)
         lines, qa = _split(ex.prompt + ex.completion)
@@ -208,13 +209,20 @@ def test_plain_drills_ask_every_form_and_the_latest_value_wins():
             name = harness.asked_names(qa[0][0])[0]
             values = [v for k, v in memory_errors.line_values(lines) if k == name]
             at_last.append(answerer.final_answer(qa[0][1]) == values[-1])
+            day = harness.asked_day(qa[0][0])
+            mine = [x for x in lines if re.search(rf"\b{name}\b", x)]
+            later.append(any(float(re.match(r"^day ([\d.]+)", x).group(1)) > day for x in mine))
+            spans = [(float(m.group(1)), m.group(2)) for x in mine if (m := re.match(r"^day ([\d.]+)-(\d+|now):", x))]
+            one_fact += len(spans) == 1 and spans[0][0] <= day and (spans[0][1] == "now" or day < float(spans[0][1]))
         asides += any(re.match(r"^day \d+: (remember to check [a-z]+|[a-z]+ is still \d+)\.$", x) for x in lines)
     assert kinds >= {(k, False) for k in ("now", "sum", "at")} | {("now", True), ("sum", True)}
     assert multi > 50
     # The "as of" drill asks a day inside the variable's history: the answer is a value, never "unknown"; any of
-    # the variable's lines can hold it, the last one too (no shortcut "not the latest line").
+    # the variable's lines can hold it, the last one too (no shortcut "not the latest line"). Half its contexts are
+    # what a time-aware retrieval returns (`harness.time_filter`): no line after the day, or, in fact lines, the
+    # one interval holding it; the others also show later lines, which the answer must skip.
     assert first_at and not any(a.endswith("unknown") for a in first_at)
-    assert 0.25 < np.mean(at_last) < 0.75
+    assert 0.5 < np.mean(at_last) < 0.95 and 0.1 < np.mean(later) < 0.5 and one_fact > 10
     # The ledger's utterances that set nothing new ("remember to check kobu.", "kobu is still 4.") are in drills.
     assert asides > 20
     # The curriculum: one variable with one value, then lookups among variables with one value each.
@@ -226,6 +234,17 @@ def test_plain_drills_ask_every_form_and_the_latest_value_wins():
     near = reading.reading_source(128, curriculum=(50, 100), near=1.0)
     assert [near.example(3, i) for i in range(100)] == [staged.example(3, i) for i in range(100)]
     assert [near.example(3, i) for i in range(100, 120)] != [staged.example(3, i) for i in range(100, 120)]
+
+
+def test_time_aware_contexts_change_only_the_as_of_examples(monkeypatch):
+    source = reading.reading_source(128, curriculum=(20, 40), near=0.5)
+    before = [source.example(5, i) for i in range(300)]
+    monkeypatch.setattr(reading, "_TIME_AWARE", 0.0)
+    after = [source.example(5, i) for i in range(300)]
+    assert before[:40] == after[:40]  # the lookup stages ask no "as of" question
+    same = [b == a for b, a in zip(before[40:], after[40:])]
+    first_at = [" on day " in b.prompt.rsplit("Q: ", 1)[1] for b in before[40:]]
+    assert all(s for s, at in zip(same, first_at) if not at) and not all(same)
 
 
 def test_lookup_probe_asks_for_the_asked_variables_value(tiny_lm):

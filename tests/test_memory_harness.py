@@ -83,9 +83,38 @@ def test_evaluate_shows_what_each_store_keeps(tmp_path):
     assert facts["accuracy"]["update"] == 1.0
     temporal = run("temporal")
     assert temporal["accuracy"]["temporal"] == 1.0 and temporal["accuracy"]["update"] == 1.0
+    assert run("temporal", time_aware=True)["accuracy"]["temporal"] == 1.0
     assert run("recent_window")["accuracy"]["multi_session"] == 0.0
     assert facts["tokens_read"]["all"] < full["tokens_read"]["all"]
     assert all(r["tokens_read"] > 0 for r in facts["records"])
+
+
+def test_time_aware_questions_narrow_retrieval_to_the_asked_day(tmp_path):
+    ledger = harness.make_ledger(1, 240)
+    at = [q for q in ledger.questions if q.ability == "temporal"]
+    assert at and harness.asked_day(at[0].text) == float(at[0].text.split()[-1][:-1])
+    assert harness.asked_day("what is kobu now?") is None
+    with memory.TemporalStore(tmp_path / "t.db") as t, memory.FactStore(tmp_path / "f.db") as f:
+        assert harness.time_filter(t, "what was kobu on day 4?") == {"as_of": 4.0}
+        assert harness.time_filter(t, "what is kobu now?") == {}
+        assert harness.time_filter(f, "what was kobu on day 4?") == {}  # it keeps only the present
+        for q, lines in harness.ask(t, ledger, k=8, budget=96, time_aware=True):
+            if harness.asked_day(q) is not None:  # only the interval holding the day: one line of the asked name
+                name = harness.asked_names(q)[0]
+                assert len([x for x in lines if x.endswith(f": {name} = {x.split()[-1]}")]) == 1, (q, lines)
+    with memory.VectorStore(tmp_path / "v.db") as v:
+        assert harness.time_filter(v, "what was kobu on day 4?") == {"until": 4.0}
+        plain = dict(harness.ask(v, ledger, k=8, budget=96))
+        timed = dict(harness.ask(v, ledger, k=8, budget=96, write=False, time_aware=True))
+    for q in ledger.questions:
+        day = harness.asked_day(q.text)
+        if day is None:
+            assert timed[q.text] == plain[q.text]
+        else:
+            assert all(float(x.split(":")[0].split()[1]) <= day for x in timed[q.text])
+            gold = harness.gold_context(ledger, q, 96, time_aware=True)
+            assert gold and all(float(x.split(":")[0].split()[1]) <= day for x in gold)
+            assert harness.rule_reader(q.text, gold) == q.answer
 
 
 def test_bad_ledger_arguments():

@@ -59,6 +59,11 @@ def test_temporal_store_answers_as_of(tmp_path):
         # and 12 still held on day 4.
         assert at(20, known_at=8) == ["kobu = 41"] and at(4, known_at=8) == ["kobu = 12"]
         assert [i.valid_to for i in store.retrieve("kobu", 10, as_of=6, known_at=8)] == [None]
+        for bad in (float("nan"), True, "4"):
+            with pytest.raises(ValueError, match="as_of = .*expected a finite number"):
+                at(bad)
+            with pytest.raises(ValueError, match="known_at = .*expected a finite number"):
+                at(4, known_at=bad)
         audit = store.audit()  # invalidated row versions are kept, never hidden or deleted
         # 12 [1,-), 40 [5,-), 12 [1,5), 41 [5,-), 41 [5,9), 12 [1,3), 3 [3,5): four versions retired on the way.
         assert all(a["status"] == "active" for a in audit) and len(audit) == 7
@@ -141,6 +146,28 @@ def test_window_full_context_and_core_archival(tmp_path):
         assert store.core() == ["pato = 45", "tea"]
         with pytest.raises(ValueError, match="is not a line of the core block"):
             store.core_replace("zzz", "y")
+
+
+@pytest.mark.parametrize("kind", ["full_context", "recent_window", "vector", "vector_approx", "linked_notes"])
+def test_until_keeps_to_what_was_said_by_then(tmp_path, kind):
+    texts = ["set kobu to 1.", "set lima to 2.", "change kobu to 3.", "change kobu to 5.", "drop lima."]
+    store = (
+        memory.VectorStore(tmp_path / "a.db", index="approx")
+        if kind == "vector_approx"
+        else memory.STORES[kind](tmp_path / "s.db")
+    )
+    with store:
+        assert store.time_query == "until"
+        _script(store, texts)  # days 0-4
+        for until in (0, 2, 2.5, 4):
+            got = store.retrieve("what was kobu on day 2?", 8, until=until)
+            assert got and {i.text for i in got} <= set(texts[: int(until) + 1]), (until, got)
+        assert "change kobu to 3." in {i.text for i in store.retrieve("kobu", 8, until=2)}  # day 2 itself
+        assert store.retrieve("kobu", 8, until=-1) == []
+        assert len(store.retrieve("kobu", 8)) == len(store.retrieve("kobu", 8, until=4))
+        for bad in (float("nan"), float("inf"), True, "3"):
+            with pytest.raises(ValueError, match="until = .*expected a finite number"):
+                store.retrieve("kobu", 3, until=bad)
 
 
 def test_linked_notes_link_and_evolve(tmp_path):

@@ -5,7 +5,7 @@ COMMAND: .venv/bin/python -m scripts.launch --config=configs/memory/answerer.py 
   seeds=0`; `steps=0` runs the study with the rule reader only; scripts/reproduce/memory.py wraps this and prints
   the tables)
 RUNTIME: ~0.15-0.2 s per step for the 4-layer tiny answerer with its 8-tap convolution (seq_len 208, packed batches of
-  16) on a 2-core CPU; the default 6000 steps ~20 min, then the study (6 lengths x 2 seeds x 9 stores, 20
+  16) on a 2-core CPU; the default 6000 steps ~20 min, then the study (6 lengths x 2 seeds x 12 stores, 20
   questions per ability) ~4 min; `steps=12000` (the results page's reader) ~37-42 min in all.
 EXPECT: (docs/results/memory.md) the answerer copies a lone value by step ~1500-2000 and, with the convolution
   (`short_conv=8`; 0 removes it), matches names among three lines by step ~3000 (`eval/lookup_p_n3_*` ~0.9;
@@ -31,6 +31,9 @@ STORES = (
     "core_archival",
     "temporal",
     "linked_notes",
+    "gold+time",  # "as of day d" asked time-aware (`harness.time_filter`): gold lines up to day d,
+    "vector+time",  # the vector store's nearest utterances up to day d,
+    "temporal+time",  # the temporal store's facts valid on day d
 )
 
 

@@ -29,6 +29,7 @@ from framework.memory.base import (
     Supersede,
     WriteResult,
     check_k,
+    check_time,
 )
 from framework.memory.db import SCHEMA_VERSION, MemoryDB, MemoryDBError, SchemaVersionError, migrate
 from framework.memory.embed import HashEmbedder, LMEmbedder
@@ -70,6 +71,7 @@ __all__ = [
     "VectorStore",
     "WriteResult",
     "check_k",
+    "check_time",
     "migrate",
     "recall_at_k",
 ]

@@ -44,6 +44,7 @@ __all__ = [
     "TTL",
     "WriteResult",
     "check_k",
+    "check_time",
 ]
 
 HIDDEN_REASONS = ("expired", "evicted", "superseded", "deleted")
@@ -151,6 +152,13 @@ def check_k(k) -> int:
     return int(k)
 
 
+def check_time(t, arg: str) -> float:
+    """A time bound (`until`, `as_of`, `known_at`) as a float, or ValueError unless it is a finite number."""
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)) or not np.isfinite(t):
+        raise ValueError(f"{arg} = {t!r}; expected a finite number (an event time)")
+    return float(t)
+
+
 _COLUMNS = "id, text, time, kind, key, valid_from, valid_to, status"
 
 
@@ -158,6 +166,9 @@ class StoreBase:
     """Shared machinery: the file, text checks, inserting, hiding, policies, use counts and the audit view."""
 
     kind = "base"
+    # How a question about a past time narrows this store's retrieval (`harness.ask(..., time_aware=True)`):
+    # "until" (only memories from events at or before it), "as_of" (only facts valid then), or None.
+    time_query: str | None = None
 
     def __init__(
         self,
@@ -316,8 +327,12 @@ class StoreBase:
         self.db.set_vector_active(ids, False)
         return len(ids)
 
-    def _visible_sql(self, now: float) -> tuple[str, tuple]:
-        return "status = 'active' AND (expires_at IS NULL OR expires_at > ?)", (float(now),)
+    def _visible_sql(self, now: float, until: float | None = None) -> tuple[str, tuple]:
+        """The SQL condition for items visible at `now` (not hidden, not expired); `until`: and no later than it."""
+        where, args = "status = 'active' AND (expires_at IS NULL OR expires_at > ?)", (float(now),)
+        if until is not None:
+            where, args = where + " AND time <= ?", args + (check_time(until, "until"),)
+        return where, args
 
     def _rows(self, where: str, args: tuple = (), order: str = "time, id") -> list[tuple]:
         return self.db.query(f"SELECT {_COLUMNS} FROM items WHERE {where} ORDER BY {order}", args)

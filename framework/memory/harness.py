@@ -19,6 +19,10 @@ Readers turn (question, retrieved context) into an answer string:
   store: a wrong answer means the store did not put the needed lines in the context.
 - The Lumen LM answerer (`framework.memory.answerer`) reads the same context text.
 
+`ask(store, ledger, time_aware=True)` narrows an "as of day d" question's retrieval to that time where the store
+can (`time_filter`: a bi-temporal store's facts valid at d, an utterance store's lines of days up to d), as
+LongMemEval's time-aware query expansion narrows the search to the time a question names.
+
 `evaluate(store, ledger, reader, k=..., budget=...)` writes the history into the store, asks every question with
 `store.retrieve(question, k)`, renders the items oldest first (core lines first) and keeps the most recent lines
 that fit in `budget` tokens of the text tokenizer (the reader's window; a full history longer than it is cut, which
@@ -42,6 +46,7 @@ __all__ = [
     "Ledger",
     "Question",
     "ask",
+    "asked_day",
     "asked_names",
     "evaluate",
     "gold_context",
@@ -50,6 +55,7 @@ __all__ = [
     "render_context",
     "rule_reader",
     "score",
+    "time_filter",
 ]
 
 ABILITIES = ("extraction", "multi_session", "temporal", "update", "abstention")
@@ -296,34 +302,64 @@ def asked_names(question: str) -> list[str]:
     raise ValueError(f"question = {question!r}; expected one of the ledger question forms")
 
 
-def gold_context(ledger: Ledger, question: Question, budget: int | None, tokenizer=TEXT_TOKENIZER) -> list[str]:
+def asked_day(question: str) -> float | None:
+    """The day an "as of" question asks about ("what was kobu on day 4?" -> 4.0); None for the other forms."""
+    return float(m.group(2)) if (m := _Q_AT.match(question)) else None
+
+
+def gold_context(
+    ledger: Ledger, question: Question, budget: int | None, tokenizer=TEXT_TOKENIZER, *, time_aware: bool = False
+) -> list[str]:
     """The lines a perfect retriever would bring for `question`: every utterance naming an asked variable, the most
     recent first into the `budget` (for "as of day d", those on or before d first), shown in time order.
+    `time_aware`: for "as of day d", only those on or before d (a perfect time-aware retriever).
 
     The reader's ceiling: what it answers from the right lines, whatever a store retrieves. The rule reader answers
     from them exactly except where the budget cannot hold a question's lines (sums over two long histories).
     """
     names = set(asked_names(question.text))
-    day = float(m.group(2)) if (m := _Q_AT.match(question.text)) else np.inf
+    day = asked_day(question.text)
+    day = np.inf if day is None else day
     items = [
         Item(n + 1, e.text, 1.0 if e.time <= day else 0.5, e.time, "event")
         for n, e in enumerate(ledger.events)
-        if names & set(e.text[:-1].split())
+        if names & set(e.text[:-1].split()) and (e.time <= day or not time_aware)
     ]
     return render_context(items, budget, tokenizer)
+
+
+def time_filter(store, question: str) -> dict:
+    """The retrieval arguments that narrow `store` to the time `question` asks about: {"as_of": d} for a bi-temporal
+    store, {"until": d} for one that keeps utterances, {} for a question about now or a store that keeps only the
+    present (`store.time_query`). LongMemEval's time-aware query expansion, with the day read exactly."""
+    day, how = asked_day(question), getattr(store, "time_query", None)
+    return {} if day is None or how is None else {how: day}
 
 
 Reader = Callable[[str, Sequence[str]], str]
 
 
 def ask(
-    store, ledger: Ledger, *, k: int = 8, budget: int | None = 1024, tokenizer=TEXT_TOKENIZER, write: bool = True
+    store,
+    ledger: Ledger,
+    *,
+    k: int = 8,
+    budget: int | None = 1024,
+    tokenizer=TEXT_TOKENIZER,
+    write: bool = True,
+    time_aware: bool = False,
 ) -> list[tuple[str, list[str]]]:
-    """Writes `ledger` into `store` (unless `write=False`), then [(question, context lines)] for its questions."""
+    """Writes `ledger` into `store` (unless `write=False`), then [(question, context lines)] for its questions.
+
+    `time_aware`: an "as of day d" question retrieves with the store's time filter (`time_filter`)."""
     if write:
         for event in ledger.events:
             store.write(event)
-    return [(q.text, render_context(store.retrieve(q.text, k), budget, tokenizer)) for q in ledger.questions]
+    out = []
+    for q in ledger.questions:
+        narrow = time_filter(store, q.text) if time_aware else {}
+        out.append((q.text, render_context(store.retrieve(q.text, k, **narrow), budget, tokenizer)))
+    return out
 
 
 def score(
@@ -359,9 +395,11 @@ def evaluate(
     k: int = 8,
     budget: int | None = 1024,
     tokenizer=TEXT_TOKENIZER,
+    time_aware: bool = False,
 ) -> dict:
     """Writes `ledger` into `store`, asks its questions, scores `reader`'s answers (`ask` then `score`)."""
-    return score(ledger, ask(store, ledger, k=k, budget=budget, tokenizer=tokenizer), reader, tokenizer)
+    contexts = ask(store, ledger, k=k, budget=budget, tokenizer=tokenizer, time_aware=time_aware)
+    return score(ledger, contexts, reader, tokenizer)
 
 
 def summarise(records: Sequence[dict]) -> dict:

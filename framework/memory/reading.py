@@ -10,6 +10,8 @@ short drills of every question form (`_drill`: current values among updates, sum
 variables), a share of examples among near-namesakes (`harness.near_names`: what a similarity search over a long
 history returns beside the asked name) and a curriculum over the stream (one-variable lookups first, then lookups
 among variables with one value each, then the mix) give the model the copy, then the name match, before the rest.
+Half the "as of day d" contexts are what a time-aware retrieval returns (`harness.time_filter`): utterances up to
+day d, or the facts valid on it.
 `reading_source` is the stream; `curriculum_indices` converts the curriculum's steps to example indices.
 """
 
@@ -29,6 +31,7 @@ from framework.memory.harness import (
     Ledger,
     Question,
     _names,
+    asked_day,
     asked_names,
     make_ledger,
     near_names,
@@ -77,7 +80,8 @@ def reading_example(
 
     The context is what a store's retrieval brings, filled by rank as `harness.render_context` does: the asked
     variables' items score high, 0-6 others low (a recency-ranked history, as full context and window stores give,
-    in one example of eight), cut to `budget` tokens and shown oldest first. Every answer is what the context
+    in one example of eight), cut to `budget` tokens and shown oldest first; retrieved for an "as of" question, a
+    share `_TIME_AWARE` of utterance and interval contexts keep only what a time-aware retrieval would. Every answer is what the context
     supports (`rule_reader`); values are uniform, so the lookup is the only way to predict a number. The first
     question is the one the context was retrieved for; the others (asked while the example fits `max_tokens`)
     read the same lines, adding answer targets at little cost. A fraction `easy` of the examples are plain
@@ -127,6 +131,8 @@ def reading_example(
         mine = [it for it in items if it.score >= 0.5]
         rest = [it for it in items if it.score < 0.5]
         items = mine + [rest[int(j)] for j in rng.permutation(len(rest))[:n_other]]
+    if (day := asked_day(qs[0].text)) is not None and style in (0, 2) and rng.random() < _TIME_AWARE:
+        items = _as_retrieved_at(items, day)
     if style == 3:  # core lines (MemGPT), always first
         items += [
             Item(0, f"{k} = {h[-1][2]}", 2.0, 0.0, "core")
@@ -137,6 +143,20 @@ def reading_example(
 
 
 _WORD = re.compile(r"[a-z]+")
+
+
+def _as_retrieved_at(items: list[Item], day: float) -> list[Item]:
+    """What a time-aware retrieval for "as of `day`" keeps of `items` (`harness.time_filter`): utterances of days
+    up to it, facts whose validity interval holds it."""
+    return [
+        it
+        for it in items
+        if (
+            it.time <= day
+            if it.kind == "event"
+            else it.valid_from <= day and (it.valid_to is None or day < it.valid_to)
+        )
+    ]
 
 
 def _with_namesakes(rng: np.random.Generator, ledger: Ledger) -> Ledger:
@@ -181,6 +201,8 @@ PLAIN_DRILLS = {"now": 0.35, "sum": 0.2, "at": 0.25, "absent": 0.2}
 LOOKUP_DRILLS = {"now": 0.85, "absent": 0.15}
 _DRILL_DAYS = (150, 500)
 _DRILL_ASIDES = 0.3  # P(a variable's utterances in a drill add "remember to check" or "is still")
+_TIME_AWARE = 0.5  # P(an "as of" context is what a time-aware retrieval returns: lines up to the day, or facts
+# valid on it; `harness.time_filter`), in drills and store-shaped examples
 _DRILL_VARS = (0.1, 0.2, 0.25, 0.25, 0.2)  # P(1..5 variables in a drill): the asked one among distractors
 
 
@@ -195,7 +217,8 @@ def _drill(
     "sum" (two variables' current values and their sum), "at" (the value on an earlier day: the last line on or
     before it, which can be any of the variable's lines, its last one too) and "absent" (a variable of the ledger
     not in the lines, or dropped: "unknown"). In utterances, a variable's lines may add one that sets nothing new
-    ("remember to check kobu.", "kobu is still 40.", as the ledger's do). Stores that keep
+    ("remember to check kobu.", "kobu is still 40.", as the ledger's do). An "as of" drill's lines are, in a
+    share `_TIME_AWARE`, only those a time-aware retrieval keeps (`_as_retrieved_at`). Stores that keep
     only current values (the fact store, core lines) show one line per variable. With `drills` of "now" and
     "absent" only (`LOOKUP_DRILLS`, the curriculum's second stage) every variable has one value, 1 to `max_vars`
     of them; one variable with one value (`max_vars` = 1, the first stage) is answered by copying the only value.
@@ -266,6 +289,7 @@ def _drill(
     first = ask(kind)
     asked = set(asked_names(first))
     until = float(at.group(2)) if (at := _Q_AT.match(first)) else np.inf
+    narrow = kind == "at" and rng.random() < _TIME_AWARE  # no draw for the other forms: their stream is unchanged
 
     def rank(k, d) -> float:
         """The first question's lines first, so the budget cuts the others; asked as of a day, its lines on or
@@ -293,6 +317,8 @@ def _drill(
                 items.append(Item(0, f"{k} = {v}", 2.0, 0.0, "core"))
             else:
                 items.append(Item(len(items) + 1, f"{k} = {v}", score, float(d), "fact", k, float(d), None))
+    if narrow:
+        items = _as_retrieved_at(items, until)
     more = {k: w for k, w in drills.items() if k != "at" or style in (0, 2)}  # core lines have no days
     p = np.asarray(list(more.values())) / sum(more.values())
     qs = [first] + [ask(str(rng.choice(list(more), p=p))) for _ in range(int(questions) - 1)]

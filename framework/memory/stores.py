@@ -14,6 +14,8 @@ Glossary: N items, D embedding width, K items asked for.
   similarity times the link weight, halved), best first.
 
 Each write is one transaction; each retrieval counts a use of every item it returns (least-used eviction).
+`retrieve(..., until=t)` keeps to memories of events at or before t (LongMemEval's time-aware query: a question
+about day t searches what was said by then).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ _STOPWORDS = frozenset(
 
 class _EventStore(StoreBase):
     """A store whose items are the utterances: write = one row (+ its embedding when the store has an embedder)."""
+
+    time_query = "until"
 
     def write(self, event: Event) -> WriteResult:
         """Stores one utterance in one transaction (then evicts beyond `capacity`, if set)."""
@@ -71,11 +75,12 @@ class FullContextStore(_EventStore):
 
     kind = "full_context"
 
-    def retrieve(self, query: str, k: int, *, now: float | None = None) -> list[Item]:
-        """All visible items, oldest first (score 1); `k` must be positive but does not bound the result."""
+    def retrieve(self, query: str, k: int, *, now: float | None = None, until: float | None = None) -> list[Item]:
+        """All visible items (from events at or before `until`, if given), oldest first (score 1); `k` must be
+        positive but does not bound the result."""
         self._check_text(query, "query")
         check_k(k)
-        vis, args = self._visible_sql(self._now(now))
+        vis, args = self._visible_sql(self._now(now), until)
         items = [self._item(r, 1.0) for r in self._rows(vis, args)]
         self._touch([i.id for i in items], self._now(now))
         return items
@@ -92,11 +97,12 @@ class RecentWindowStore(_EventStore):
         self.window = int(window)
         super().__init__(path, **kw)
 
-    def retrieve(self, query: str, k: int, *, now: float | None = None) -> list[Item]:
-        """The most recent min(window, k) visible items, newest first (score 1 / (1 + age rank))."""
+    def retrieve(self, query: str, k: int, *, now: float | None = None, until: float | None = None) -> list[Item]:
+        """The most recent min(window, k) visible items (at or before `until`, if given), newest first (score
+        1 / (1 + age rank))."""
         self._check_text(query, "query")
         n = min(check_k(k), self.window)
-        vis, args = self._visible_sql(self._now(now))
+        vis, args = self._visible_sql(self._now(now), until)
         rows = self._rows(vis, args, order=f"time DESC, id DESC LIMIT {int(n)}")
         items = [self._item(r, 1.0 / (1 + j)) for j, r in enumerate(rows)]
         self._touch([i.id for i in items], self._now(now))
@@ -136,18 +142,21 @@ class VectorStore(_EventStore):
         if self.ann is not None:
             self._sync_ann()
 
-    def retrieve(self, query: str, k: int, *, now: float | None = None) -> list[Item]:
-        """The k visible items most similar to `query`, best first (score = cosine similarity)."""
+    def retrieve(self, query: str, k: int, *, now: float | None = None, until: float | None = None) -> list[Item]:
+        """The k visible items most similar to `query` (among those at or before `until`, if given), best first
+        (score = cosine similarity)."""
         self._check_text(query, "query")
         k = check_k(k)
         q_D = self._embed([query])[0]
-        return self.retrieve_vector(q_D, k, now=now)
+        return self.retrieve_vector(q_D, k, now=now, until=until)
 
-    def retrieve_vector(self, q_D: np.ndarray, k: int, *, now: float | None = None) -> list[Item]:
+    def retrieve_vector(
+        self, q_D: np.ndarray, k: int, *, now: float | None = None, until: float | None = None
+    ) -> list[Item]:
         """Like `retrieve`, from a query embedding."""
         k = check_k(k)
         now = self._now(now)
-        vis, args = self._visible_sql(now)
+        vis, args = self._visible_sql(now, until)
         if self.ann is None:
             found = self._ranked(q_D, k, vis, args)
         else:
@@ -181,6 +190,7 @@ class LinkedNotesStore(StoreBase):
     """A-MEM-style notes: keywords, links to similar notes sharing a keyword, evolving tags (see module docstring)."""
 
     kind = "linked_notes"
+    time_query = "until"
 
     def __init__(self, path, *, embedder=None, links: int = 3, **kw):
         if isinstance(links, bool) or int(links) < 0:
@@ -225,12 +235,13 @@ class LinkedNotesStore(StoreBase):
             raise ValueError(f"item_id = {item_id}: no such note in {self.db.path!r}")
         return json.loads(row[0][0])["tags"]
 
-    def retrieve(self, query: str, k: int, *, now: float | None = None) -> list[Item]:
-        """The nearest notes plus their linked neighbours, best first (see module docstring)."""
+    def retrieve(self, query: str, k: int, *, now: float | None = None, until: float | None = None) -> list[Item]:
+        """The nearest notes plus their linked neighbours (notes at or before `until`, if given), best first (see
+        module docstring)."""
         self._check_text(query, "query")
         k = check_k(k)
         now = self._now(now)
-        vis, args = self._visible_sql(now)
+        vis, args = self._visible_sql(now, until)
         hits = self._ranked(self._embed([query])[0], k, vis, args)
         scores = {int(r[0]): (r, s) for r, s in hits}
         for r, s in hits:

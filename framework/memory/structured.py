@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from framework.memory.base import Event, Item, StoreBase, WriteResult, check_k
+from framework.memory.base import Event, Item, StoreBase, WriteResult, check_k, check_time
 from framework.memory.embed import HashEmbedder
 from framework.memory.ledger import Fact, extract_facts, fact_text
 
@@ -110,6 +110,7 @@ class TemporalStore(_FactStoreBase):
     """Bi-temporal facts: validity intervals, invalidated never deleted, "as of" queries (see module docstring)."""
 
     kind = "temporal"
+    time_query = "as_of"
     _CURRENT = "kind = 'fact' AND key = ? AND status = 'active' AND invalidated_at IS NULL"
 
     def _close(self, row_id: int, end: float, tx: float, event: Event) -> None:
@@ -185,10 +186,10 @@ class TemporalStore(_FactStoreBase):
             where += " AND invalidated_at IS NULL"
         else:
             where += " AND recorded_at <= ? AND (invalidated_at IS NULL OR invalidated_at > ?)"
-            args += (float(known_at), float(known_at))
+            args += (check_time(known_at, "known_at"),) * 2
         if as_of is not None:
             where += " AND valid_from <= ? AND (valid_to IS NULL OR valid_to > ?)"
-            args += (float(as_of), float(as_of))
+            args += (check_time(as_of, "as_of"),) * 2
         items = [self._item(r, s) for r, s in self._ranked(self._embed([query])[0], k, where, args)]
         self._touch([i.id for i in items], now)
         return items
