@@ -40,17 +40,23 @@ def _trigrams(name: str) -> set[str]:
     return {w[i : i + 3] for i in range(len(w) - 2)}
 
 
-def line_values(lines: Sequence[str]) -> list[tuple[str, str]]:
-    """(variable, value) for every value a line states (fact, core and event lines; drops have none)."""
+def line_facts(lines: Sequence[str]) -> list[tuple[str, float | None, int | None]]:
+    """(variable, day, value) for every fact a line states, in the order shown: a fact line's day is where its
+    interval starts (-1 for "?"), a core line's None; a drop's value is None."""
     out = []
     for line in lines:
         if m := _FACT_LINE.match(line):
-            out.append((m.group(3), m.group(4)))
+            out.append((m.group(3), -1.0 if m.group(1) == "?" else float(m.group(1)), int(m.group(4))))
         elif m := _CORE_LINE.match(line):
-            out.append((m.group(1), m.group(2)))
+            out.append((m.group(1), None, int(m.group(2))))
         elif m := _EVENT_LINE.match(line):
-            out += [(f.key, str(f.value)) for f in extract_facts(m.group(2)) if f.value is not None]
+            out += [(f.key, float(m.group(1)), f.value) for f in extract_facts(m.group(2))]
     return out
+
+
+def line_values(lines: Sequence[str]) -> list[tuple[str, str]]:
+    """(variable, value) for every value a line states (fact, core and event lines; drops have none)."""
+    return [(k, str(v)) for k, _, v in line_facts(lines) if v is not None]
 
 
 def answer_line(question: str, lines: Sequence[str]) -> str | None:
@@ -58,12 +64,8 @@ def answer_line(question: str, lines: Sequence[str]) -> str | None:
     end one: a drop) in the order shown: "first", "middle", "last" or "only"; None when no line holds it."""
     if not (m := _Q_AT.match(question)):
         return None
-    key, day, starts = m.group(1), float(m.group(2)), []
-    for line in lines:
-        if (f := _FACT_LINE.match(line)) and f.group(3) == key:
-            starts.append(-1.0 if f.group(1) == "?" else float(f.group(1)))
-        elif f := _EVENT_LINE.match(line):
-            starts += [float(f.group(1)) for x in extract_facts(f.group(2)) if x.key == key]
+    key, day = m.group(1), float(m.group(2))
+    starts = [d for k, d, _ in line_facts(lines) if k == key and d is not None]
     held = [i for i, d in enumerate(starts) if d <= day]
     if not held:
         return None
