@@ -81,11 +81,12 @@ def reading_example(
     The context is what a store's retrieval brings, filled by rank as `harness.render_context` does: the asked
     variables' items score high, 0-6 others low (a recency-ranked history, as full context and window stores give,
     in one example of eight), cut to `budget` tokens and shown oldest first; retrieved for an "as of" question, a
-    share `_TIME_AWARE` of utterance and interval contexts keep only what a time-aware retrieval would. Every answer is what the context
-    supports (`rule_reader`); values are uniform, so the lookup is the only way to predict a number. The first
-    question is the one the context was retrieved for; the others (asked while the example fits `max_tokens`)
-    read the same lines, adding answer targets at little cost. A fraction `easy` of the examples are plain
-    drills (`_drill`, of the forms in `drills`): the steps the store-shaped questions build on. A fraction `near`
+    share `_TIME_AWARE` of utterance and interval contexts keep only what a time-aware retrieval would. Every
+    answer is what the context supports (`rule_reader`); values are uniform, so the lookup is the only way to
+    predict a number. The first question is the one the context was retrieved for; the others (asked while the
+    example fits `max_tokens`) read the same lines, adding answer targets at little cost. A fraction `easy` of the
+    examples are plain drills (`_drill`, of the forms in `drills`): the steps the store-shaped questions build on.
+    A fraction `near`
     of the examples (drills and store-shaped) name their variables by near-namesakes (`near_names`): what a
     similarity search over a long history puts beside the asked name, so the name must match in full.
     """
