@@ -318,8 +318,7 @@ def gold_context(
     from them exactly except where the budget cannot hold a question's lines (sums over two long histories).
     """
     names = set(asked_names(question.text))
-    day = asked_day(question.text)
-    day = np.inf if day is None else day
+    day = np.inf if (asked := asked_day(question.text)) is None else asked
     items = [
         Item(n + 1, e.text, 1.0 if e.time <= day else 0.5, e.time, "event")
         for n, e in enumerate(ledger.events)

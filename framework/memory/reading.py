@@ -27,7 +27,6 @@ from framework.memory.answerer import ANSWER_TOKENS, format_prompt, worked_answe
 from framework.memory.base import Item
 from framework.memory.harness import (
     _NOT_NAMES,
-    _Q_AT,
     Ledger,
     Question,
     _names,
@@ -86,9 +85,9 @@ def reading_example(
     predict a number. The first question is the one the context was retrieved for; the others (asked while the
     example fits `max_tokens`) read the same lines, adding answer targets at little cost. A fraction `easy` of the
     examples are plain drills (`_drill`, of the forms in `drills`): the steps the store-shaped questions build on.
-    A fraction `near`
-    of the examples (drills and store-shaped) name their variables by near-namesakes (`near_names`): what a
-    similarity search over a long history puts beside the asked name, so the name must match in full.
+    A fraction `near` of the examples (drills and store-shaped) name their variables by near-namesakes
+    (`near_names`): what a similarity search over a long history puts beside the asked name, so the name must
+    match in full.
     """
     rng = np.random.default_rng(seed)
     ledger = make_ledger(
@@ -289,7 +288,7 @@ def _drill(
 
     first = ask(kind)
     asked = set(asked_names(first))
-    until = float(at.group(2)) if (at := _Q_AT.match(first)) else np.inf
+    until = np.inf if (day := asked_day(first)) is None else day
     narrow = kind == "at" and rng.random() < _TIME_AWARE  # no draw for the other forms: their stream is unchanged
 
     def rank(k, d) -> float:

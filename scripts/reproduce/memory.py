@@ -1,7 +1,7 @@
 """The memory study: accuracy per LongMemEval ability and tokens read per question, for every store, against history
 length, with the rule reader and the trained LM answerer (docs/results/memory.md).
 
-  .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_study            (the full study, ~22 min)
+  .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_study            (the full study, 12 stores, ~25 min)
   .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_study --steps=12000  (the page's reader, ~37-42 min)
   .venv/bin/python -m scripts.reproduce.memory --workdir=runs/memory_rule --steps=0 --budget=256   (rule reader only)
 
